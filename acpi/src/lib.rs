@@ -1,0 +1,1 @@
+//! ACPI tables of rvmm, built from a plain description of the machine.

@@ -1,0 +1,1 @@
+//! Harness for integration tests that boot rvmm guests in a QEMU test host.

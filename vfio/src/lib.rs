@@ -1,0 +1,1 @@
+//! VFIO passthrough PCI devices of rvmm.
