@@ -1,0 +1,455 @@
+//! Mapping, prefaulting and locking guest RAM.
+
+use std::io;
+use std::time::Instant;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use super::config::host_page_size;
+use super::limits::{preflight, HostProbe, SystemHost};
+use super::size::DisplayBytes;
+use super::{HugepageSize, MemoryConfig, MemoryError, Result};
+use crate::layout::{HIGH_RAM_START, MMIO32_HOLE_START};
+
+/// `madvise` advice that write-faults every page of a range (Linux 5.14+, `<linux/mman.h>`); the
+/// libc crate does not export it.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Splits `size` bytes of guest RAM around the 32-bit MMIO hole: up to
+/// [`MMIO32_HOLE_START`] from address 0, the rest from [`HIGH_RAM_START`].
+///
+/// Returns `(start, length)` pairs in address order; empty for a size of 0. Sizes so large that
+/// the high region would pass the end of the address space are cut at its end (a validated
+/// [`MemoryConfig`] is far below that).
+pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size == 0 {
+        return Vec::new();
+    }
+    let low = size.min(MMIO32_HOLE_START);
+    let mut regions = vec![(GuestAddress(0), low)];
+    let high = (size - low).min(u64::MAX - HIGH_RAM_START);
+    if high > 0 {
+        regions.push((GuestAddress(HIGH_RAM_START), high));
+    }
+    regions
+}
+
+/// Reserves guest RAM of `config` on this host: checks the host ([`preflight`]), then maps,
+/// prefaults and locks every region of [`ram_regions`].
+///
+/// The returned memory owns its mappings: dropping it (and every clone of its regions) unmaps and
+/// unlocks guest RAM. On error nothing stays mapped.
+pub fn reserve(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+    reserve_with(config, &SystemHost)
+}
+
+/// [`reserve`] with the host facts read by `host`.
+pub fn reserve_with(config: &MemoryConfig, host: &dyn HostProbe) -> Result<GuestMemoryMmap> {
+    preflight(config, host)?;
+    let backing = config.hugepages.then_some(config.hugepage_size);
+    let started = Instant::now();
+    let regions = map_regions(&ram_regions(config.size), backing)?;
+    let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
+    log::info!(
+        "reserved {} of guest RAM on {} pages, prefaulted and locked in {:?}",
+        DisplayBytes(config.size),
+        backing.map_or_else(
+            || DisplayBytes(host_page_size()).to_string(),
+            |s| s.to_string()
+        ),
+        started.elapsed()
+    );
+    Ok(memory)
+}
+
+/// Maps, prefaults and locks each of `regions`; on the first failure the regions made so far are
+/// dropped, which unmaps them.
+fn map_regions(
+    regions: &[(GuestAddress, u64)],
+    backing: Option<HugepageSize>,
+) -> Result<Vec<GuestRegionMmap>> {
+    regions
+        .iter()
+        .map(|&(start, size)| map_region(start, size, backing))
+        .collect()
+}
+
+/// Maps one region of guest RAM (anonymous, private, hugetlb if `backing` is set), prefaults it
+/// and locks it.
+fn map_region(
+    start: GuestAddress,
+    size: u64,
+    backing: Option<HugepageSize>,
+) -> Result<GuestRegionMmap> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge {
+        start: start.0,
+        size,
+    })?;
+    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE;
+    if let Some(hugepage) = backing {
+        flags |= libc::MAP_HUGETLB
+            | match hugepage {
+                HugepageSize::Size2M => libc::MAP_HUGE_2MB,
+                HugepageSize::Size1G => libc::MAP_HUGE_1GB,
+            };
+    }
+    // The builder mmaps the region itself, so the MmapRegion owns the mapping and unmaps it on
+    // drop, including when a later step of this function fails.
+    let mapping = MmapRegionBuilder::<()>::new(len)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .with_hugetlbfs(backing.is_some())
+        .build()
+        .map_err(|e| MemoryError::Map {
+            start: start.0,
+            size,
+            source: match e {
+                vm_memory::mmap::MmapRegionError::Mmap(source) => source,
+                other => io::Error::new(io::ErrorKind::InvalidInput, other),
+            },
+        })?;
+    let page_size = backing.map_or_else(host_page_size, HugepageSize::bytes);
+    prefault(&mapping, page_size, populate_write).map_err(|source| MemoryError::Populate {
+        start: start.0,
+        size,
+        source,
+    })?;
+    lock(&mapping).map_err(|source| MemoryError::Lock {
+        start: start.0,
+        size,
+        source,
+    })?;
+    log::debug!(
+        "guest RAM {:#x}..{:#x} at host {:p}",
+        start.0,
+        start.0.saturating_add(size),
+        mapping.as_ptr()
+    );
+    GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
+        start: start.0,
+        size,
+    })
+}
+
+/// Write-faults every page of `mapping` with `populate`, or by touching every `page_size`-th byte
+/// when `populate` reports `EINVAL` (a kernel before 5.14 that does not know the advice).
+fn prefault(
+    mapping: &MmapRegion,
+    page_size: u64,
+    populate: fn(&MmapRegion) -> io::Result<()>,
+) -> io::Result<()> {
+    match populate(mapping) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            log::debug!("MADV_POPULATE_WRITE not supported, touching every page instead");
+            touch_pages(mapping, page_size);
+            Ok(())
+        }
+        result => result,
+    }
+}
+
+/// Prefaults `mapping` with `madvise(MADV_POPULATE_WRITE)`.
+fn populate_write(mapping: &MmapRegion) -> io::Result<()> {
+    // SAFETY: the range is exactly the live mapping owned by `mapping`; the advice only faults
+    // pages in and does not change their contents or the mapping.
+    let ret = unsafe {
+        libc::madvise(
+            mapping.as_ptr().cast::<libc::c_void>(),
+            mapping.size(),
+            MADV_POPULATE_WRITE,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Write-faults every page of `mapping` by rewriting the first byte of each page with its value.
+///
+/// Only used on a fresh mapping nobody else accesses yet; on hugetlb the pool was reserved by
+/// `mmap` (no `MAP_NORESERVE`), so the faults cannot run out of pages.
+fn touch_pages(mapping: &MmapRegion, page_size: u64) {
+    let base = mapping.as_ptr();
+    let step = usize::try_from(page_size).unwrap_or(usize::MAX).max(1);
+    for offset in (0..mapping.size()).step_by(step) {
+        // SAFETY: `offset` is below the size of the live, readable and writable mapping that
+        // `mapping` owns, so the byte is in bounds; rewriting its own value keeps the contents,
+        // and volatile accesses keep the compiler from eliding the write that faults the page in.
+        unsafe {
+            let byte = base.add(offset);
+            byte.write_volatile(byte.read_volatile());
+        }
+    }
+}
+
+/// Locks all of `mapping` in memory.
+fn lock(mapping: &MmapRegion) -> io::Result<()> {
+    // SAFETY: the range is exactly the live mapping owned by `mapping`; mlock does not change its
+    // contents. The lock ends when the mapping is unmapped on drop.
+    let ret = unsafe { libc::mlock(mapping.as_ptr().cast::<libc::c_void>(), mapping.size()) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    use super::*;
+    use crate::memory::limits::tests::FakeHost;
+    use crate::memory::locked_memory;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    /// Serialises the tests that lock memory, so that each sees `VmLck` change by its own
+    /// reservation only.
+    static VMLCK: Mutex<()> = Mutex::new(());
+
+    fn vmlck_guard() -> MutexGuard<'static, ()> {
+        VMLCK.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn config(size: u64) -> MemoryConfig {
+        MemoryConfig {
+            size,
+            hugepages: false,
+            hugepage_size: HugepageSize::Size2M,
+        }
+    }
+
+    /// Whether every page of `mapping` is resident, according to mincore.
+    fn all_resident(mapping: &MmapRegion) -> bool {
+        let page = usize::try_from(host_page_size()).unwrap();
+        let mut residency = vec![0u8; mapping.size().div_ceil(page)];
+        // SAFETY: the range is the live mapping; `residency` has one byte per page of it.
+        let ret = unsafe {
+            libc::mincore(
+                mapping.as_ptr().cast(),
+                mapping.size(),
+                residency.as_mut_ptr(),
+            )
+        };
+        assert_eq!(ret, 0, "mincore: {}", io::Error::last_os_error());
+        residency.iter().all(|r| r & 1 == 1)
+    }
+
+    fn unpopulated(size: usize) -> MmapRegion {
+        MmapRegion::new(size).unwrap()
+    }
+
+    #[test]
+    fn ram_below_hole_is_one_region_at_zero() {
+        assert_eq!(ram_regions(512 * MIB), vec![(GuestAddress(0), 512 * MIB)]);
+    }
+
+    #[test]
+    fn ram_exactly_at_hole_is_one_region() {
+        assert_eq!(
+            ram_regions(MMIO32_HOLE_START),
+            vec![(GuestAddress(0), MMIO32_HOLE_START)]
+        );
+    }
+
+    #[test]
+    fn ram_above_hole_continues_at_4g() {
+        assert_eq!(
+            ram_regions(4 * GIB),
+            vec![
+                (GuestAddress(0), 3 * GIB),
+                (GuestAddress(HIGH_RAM_START), GIB)
+            ]
+        );
+    }
+
+    #[test]
+    fn ram_one_page_above_hole_puts_one_page_high() {
+        assert_eq!(
+            ram_regions(MMIO32_HOLE_START + 4096)[1],
+            (GuestAddress(HIGH_RAM_START), 4096)
+        );
+    }
+
+    #[test]
+    fn zero_ram_has_no_regions() {
+        assert!(ram_regions(0).is_empty());
+    }
+
+    #[test]
+    fn huge_ram_size_does_not_overflow() {
+        let regions = ram_regions(u64::MAX);
+        assert_eq!(regions[1].0 .0.checked_add(regions[1].1), Some(u64::MAX));
+    }
+
+    #[test]
+    fn reserve_locks_the_whole_size() {
+        let _guard = vmlck_guard();
+        let before = locked_memory().unwrap();
+
+        let memory = reserve(&config(64 * MIB)).unwrap();
+
+        assert_eq!(locked_memory().unwrap() - before, 64 * MIB);
+        drop(memory);
+    }
+
+    #[test]
+    fn reserved_memory_is_prefaulted() {
+        let _guard = vmlck_guard();
+        let memory = reserve(&config(64 * MIB)).unwrap();
+
+        let region = memory.iter().next().unwrap();
+
+        assert!(all_resident(&region.get_mmap()));
+    }
+
+    #[test]
+    fn reserved_memory_covers_the_guest_range() {
+        let _guard = vmlck_guard();
+
+        let memory = reserve(&config(64 * MIB)).unwrap();
+
+        assert_eq!(memory.num_regions(), 1);
+        assert_eq!(memory.last_addr(), GuestAddress(64 * MIB - 1));
+        memory
+            .write_obj(0xdead_beef_u32, GuestAddress(64 * MIB - 4))
+            .unwrap();
+        assert_eq!(
+            memory.read_obj::<u32>(GuestAddress(64 * MIB - 4)).unwrap(),
+            0xdead_beef
+        );
+    }
+
+    #[test]
+    fn dropping_reserved_memory_unlocks_it() {
+        let _guard = vmlck_guard();
+        let before = locked_memory().unwrap();
+        let memory = reserve(&config(64 * MIB)).unwrap();
+
+        drop(memory);
+
+        assert_eq!(locked_memory().unwrap(), before);
+    }
+
+    #[test]
+    fn reserve_refuses_before_allocating_when_memlock_is_short() {
+        let _guard = vmlck_guard();
+        let before = locked_memory().unwrap();
+        let host = FakeHost {
+            memlock_limit: Some(8 * MIB),
+            ..FakeHost::roomy()
+        };
+
+        let result = reserve_with(&config(64 * MIB), &host);
+
+        assert!(matches!(
+            result,
+            Err(MemoryError::MemlockTooLow {
+                needed_mib: 64,
+                available_mib: 8,
+                ..
+            })
+        ));
+        assert_eq!(locked_memory().unwrap(), before);
+    }
+
+    #[test]
+    fn reserve_refuses_invalid_config() {
+        assert!(matches!(
+            reserve(&config(crate::memory::MIN_SIZE - 4096)),
+            Err(MemoryError::SizeTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_region_releases_the_regions_already_mapped() {
+        let _guard = vmlck_guard();
+        let before = locked_memory().unwrap();
+        // A zero-length mapping makes mmap fail with EINVAL after the first region was locked.
+        let regions = [
+            (GuestAddress(0), 16 * MIB),
+            (GuestAddress(HIGH_RAM_START), 0),
+        ];
+
+        let result = map_regions(&regions, None);
+
+        assert!(matches!(
+            result,
+            Err(MemoryError::Map { start: HIGH_RAM_START, size: 0, ref source })
+                if source.raw_os_error() == Some(libc::EINVAL)
+        ));
+        assert_eq!(locked_memory().unwrap(), before);
+    }
+
+    #[test]
+    fn map_error_names_region_and_size() {
+        let err = map_regions(&[(GuestAddress(HIGH_RAM_START), 0)], None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot map guest RAM region at 0x100000000 of 0 bytes"
+        );
+    }
+
+    #[test]
+    fn mapped_region_is_owned_by_vm_memory() {
+        let _guard = vmlck_guard();
+
+        let region = map_region(GuestAddress(0), 4 * MIB, None).unwrap();
+
+        assert!(region.owned());
+        assert_eq!(region.start_addr(), GuestAddress(0));
+        assert_eq!(region.len(), 4 * MIB);
+    }
+
+    #[test]
+    fn populate_write_faults_every_page_in() {
+        let mapping = unpopulated(4 * MIB as usize);
+        assert!(!all_resident(&mapping));
+
+        populate_write(&mapping).unwrap();
+
+        assert!(all_resident(&mapping));
+    }
+
+    #[test]
+    fn prefault_falls_back_to_touching_pages_on_einval() {
+        let mapping = unpopulated(4 * MIB as usize);
+        fn unsupported(_: &MmapRegion) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+        assert!(!all_resident(&mapping));
+
+        prefault(&mapping, host_page_size(), unsupported).unwrap();
+
+        assert!(all_resident(&mapping));
+    }
+
+    #[test]
+    fn prefault_reports_other_errors() {
+        let mapping = unpopulated(4 * MIB as usize);
+        fn out_of_memory(_: &MmapRegion) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOMEM))
+        }
+
+        let result = prefault(&mapping, host_page_size(), out_of_memory);
+
+        assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::ENOMEM));
+    }
+
+    #[test]
+    fn touching_pages_keeps_their_contents() {
+        let mapping = unpopulated(64 * 1024);
+        // SAFETY: offset 4097 is inside the 64 KiB mapping owned by `mapping`.
+        unsafe { mapping.as_ptr().add(4097).write(0x5a) };
+
+        touch_pages(&mapping, host_page_size());
+
+        // SAFETY: as above.
+        assert_eq!(unsafe { mapping.as_ptr().add(4097).read() }, 0x5a);
+    }
+}
