@@ -1,1 +1,385 @@
 //! ACPI tables of rvmm, built from a plain description of the machine.
+//!
+//! The VMM describes the machine in a [`MachineDescription`] and calls [`build`] with the guest
+//! address and size of the area reserved for the tables. The result lists each table with the
+//! guest address it must be written to; the VMM copies them into guest memory, reserves the area
+//! (E820 "ACPI") and hands [`AcpiTables::rsdp_address`] to the guest (boot params
+//! `acpi_rsdp_addr`, or by placing the area in the BIOS range 0xE0000..0x100000 where the guest
+//! scans for the RSDP).
+//!
+//! Tables: RSDP (revision 2) → XSDT → FADT (revision 6, hardware-reduced ACPI) → DSDT, plus
+//! MADT and MCFG. They are laid out in that order from the start of the area, the RSDP at the
+//! very start, every table 8-byte aligned:
+//!
+//! ```text
+//! base: RSDP | XSDT | FADT | MADT | MCFG | DSDT
+//! ```
+//!
+//! Limitations: xAPIC only (at most 255 vCPUs), one I/O APIC, one PCI segment with one host
+//! bridge, no host-bridge I/O port window for devices, no `_PRT` (devices must use MSI/MSI-X),
+//! no FACS (hardware-reduced ACPI without waking vectors), S5 is the only sleep state.
+
+mod description;
+mod dsdt;
+mod fadt;
+mod madt;
+mod mcfg;
+
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+
+pub use description::{
+    Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow,
+    PciHostBridge, PowerManagement, RootPort, SerialPort, ECAM_BYTES_PER_BUS, MAX_SLEEP_TYPE,
+    MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
+};
+
+/// OEM id of every table.
+pub const OEM_ID: [u8; 6] = *b"RVMM  ";
+/// OEM revision of every table.
+pub const OEM_REVISION: u32 = 1;
+/// Alignment of the table area's base: the guest finds the RSDP in the BIOS range only on
+/// 16-byte boundaries.
+pub const AREA_ALIGNMENT: u64 = 16;
+/// Alignment of each table inside the area.
+pub const TABLE_ALIGNMENT: u64 = 8;
+
+/// Size of the XSDT with its three entries (FADT, MADT, MCFG).
+const XSDT_LEN: usize = 36 + 3 * 8;
+
+/// The OEM table id of the table with `signature`: "RVMM" followed by the signature.
+fn oem_table_id(signature: &[u8; 4]) -> [u8; 8] {
+    let mut id = *b"RVMM    ";
+    id[4..].copy_from_slice(signature);
+    id
+}
+
+/// Errors of [`build`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The machine description is invalid.
+    #[error("invalid machine description")]
+    Description(#[source] DescriptionError),
+    /// The table area's base is not aligned for the RSDP.
+    #[error("ACPI table area base {base:#x} is not {AREA_ALIGNMENT}-byte aligned")]
+    MisalignedArea {
+        /// Base of the area.
+        base: u64,
+    },
+    /// The table area wraps around the address space.
+    #[error("ACPI table area at {base:#x} with size {size:#x} wraps around the address space")]
+    AreaWraps {
+        /// Base of the area.
+        base: u64,
+        /// Size of the area.
+        size: u64,
+    },
+    /// The tables do not fit in the table area.
+    #[error("ACPI tables need {needed:#x} bytes but the table area holds {size:#x}")]
+    AreaTooSmall {
+        /// Bytes the tables need.
+        needed: u64,
+        /// Size of the area.
+        size: u64,
+    },
+}
+
+/// Result of [`build`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One table and the guest physical address it must be written to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableBlob {
+    /// Guest physical address of the table's first byte.
+    pub address: u64,
+    /// The table, checksummed.
+    pub bytes: Vec<u8>,
+}
+
+/// The ACPI tables of a machine, ready to be copied into guest memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiTables {
+    /// Guest physical address of the RSDP (the base of the table area).
+    pub rsdp_address: u64,
+    /// Every table, RSDP first, in ascending address order, without overlaps, all inside the
+    /// table area. Bytes between tables are padding the VMM should leave zero.
+    pub blobs: Vec<TableBlob>,
+}
+
+impl AcpiTables {
+    /// The table whose bytes start with `signature` (`b"RSD PTR "`, `b"XSDT"`, `b"FACP"`,
+    /// `b"APIC"`, `b"MCFG"`, `b"DSDT"`).
+    pub fn find(&self, signature: &[u8]) -> Option<&TableBlob> {
+        self.blobs
+            .iter()
+            .find(|blob| blob.bytes.starts_with(signature))
+    }
+}
+
+/// Rounds `offset` up to a multiple of [`TABLE_ALIGNMENT`]; offsets are small sums of table
+/// sizes, far from overflowing.
+fn align_table(offset: u64) -> u64 {
+    offset.next_multiple_of(TABLE_ALIGNMENT)
+}
+
+/// Builds the ACPI tables of `desc` for the table area of `size` bytes at guest address `base`.
+///
+/// `base` must be 16-byte aligned; the RSDP goes at `base`, the other tables after it.
+pub fn build(desc: &MachineDescription, base: u64, size: u64) -> Result<AcpiTables> {
+    desc.validate().map_err(Error::Description)?;
+    if base % AREA_ALIGNMENT != 0 {
+        return Err(Error::MisalignedArea { base });
+    }
+    if base.checked_add(size).is_none() {
+        return Err(Error::AreaWraps { base, size });
+    }
+
+    let dsdt = dsdt::build(desc);
+    let madt = madt::build(desc);
+    let mcfg = mcfg::build(desc);
+
+    // Offsets from `base`, in layout order.
+    let lengths = [
+        Rsdp::len(),
+        XSDT_LEN,
+        fadt::len(),
+        madt.len(),
+        mcfg.len(),
+        dsdt.len(),
+    ];
+    let mut offsets = [0u64; 6];
+    let mut end = 0u64;
+    for (offset, len) in offsets.iter_mut().zip(lengths) {
+        *offset = align_table(end);
+        end = *offset + len as u64;
+    }
+    if end > size {
+        return Err(Error::AreaTooSmall { needed: end, size });
+    }
+    // Every offset is below `end` <= `size`, and `base + size` does not wrap.
+    let [rsdp_addr, xsdt_addr, fadt_addr, madt_addr, mcfg_addr, dsdt_addr] =
+        offsets.map(|offset| base + offset);
+
+    let fadt = fadt::build(desc, dsdt_addr);
+
+    let mut xsdt = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
+    for address in [fadt_addr, madt_addr, mcfg_addr] {
+        xsdt.add_entry(address);
+    }
+    let mut xsdt_bytes = Vec::with_capacity(XSDT_LEN);
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+
+    let mut rsdp = Vec::with_capacity(Rsdp::len());
+    Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
+
+    log::debug!(
+        "ACPI tables at {base:#x}: RSDP {rsdp_addr:#x}, XSDT {xsdt_addr:#x}, FADT {fadt_addr:#x}, \
+         MADT {madt_addr:#x}, MCFG {mcfg_addr:#x}, DSDT {dsdt_addr:#x}, {end:#x} bytes"
+    );
+
+    let blobs = [
+        (rsdp_addr, rsdp),
+        (xsdt_addr, xsdt_bytes),
+        (fadt_addr, fadt),
+        (madt_addr, madt),
+        (mcfg_addr, mcfg),
+        (dsdt_addr, dsdt),
+    ]
+    .into_iter()
+    .map(|(address, bytes)| TableBlob { address, bytes })
+    .collect();
+
+    Ok(AcpiTables {
+        rsdp_address: rsdp_addr,
+        blobs,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::description::tests::example;
+
+    /// Wrapping byte sum; 0 for a correctly checksummed table.
+    pub(crate) fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+    }
+
+    pub(crate) fn read_u16(bytes: &[u8], offset: usize) -> u16 {
+        u16::from_le_bytes(bytes[offset..offset + 2].try_into().unwrap())
+    }
+
+    pub(crate) fn read_u32(bytes: &[u8], offset: usize) -> u32 {
+        u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap())
+    }
+
+    pub(crate) fn read_u64(bytes: &[u8], offset: usize) -> u64 {
+        u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap())
+    }
+
+    /// Whether `needle` occurs in `haystack`.
+    pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    const BASE: u64 = 0xe_0000;
+    const SIZE: u64 = 0x2_0000;
+
+    fn tables() -> AcpiTables {
+        build(&example(), BASE, SIZE).unwrap()
+    }
+
+    fn table<'a>(tables: &'a AcpiTables, signature: &[u8]) -> &'a TableBlob {
+        tables.find(signature).unwrap()
+    }
+
+    #[test]
+    fn every_table_length_field_equals_its_blob_length() {
+        let tables = tables();
+        for blob in &tables.blobs[1..] {
+            assert_eq!(read_u32(&blob.bytes, 4) as usize, blob.bytes.len());
+        }
+    }
+
+    #[test]
+    fn every_table_checksum_sums_to_zero() {
+        let tables = tables();
+        for blob in &tables.blobs[1..] {
+            assert_eq!(sum(&blob.bytes), 0, "{:?}", &blob.bytes[0..4]);
+        }
+    }
+
+    #[test]
+    fn rsdp_is_first_at_base_with_valid_checksums() {
+        let tables = tables();
+        let rsdp = &tables.blobs[0];
+        assert_eq!(tables.rsdp_address, BASE);
+        assert_eq!(rsdp.address, BASE);
+        assert_eq!(&rsdp.bytes[0..8], b"RSD PTR ");
+        assert_eq!(&rsdp.bytes[9..15], &OEM_ID);
+        assert_eq!(rsdp.bytes[15], 2, "revision");
+        assert_eq!(read_u32(&rsdp.bytes, 20) as usize, rsdp.bytes.len());
+        assert_eq!(sum(&rsdp.bytes[0..20]), 0, "checksum");
+        assert_eq!(sum(&rsdp.bytes), 0, "extended checksum");
+    }
+
+    #[test]
+    fn rsdp_points_at_xsdt() {
+        let tables = tables();
+        let xsdt = table(&tables, b"XSDT");
+        assert_eq!(read_u32(&tables.blobs[0].bytes, 16), 0, "no RSDT");
+        assert_eq!(read_u64(&tables.blobs[0].bytes, 24), xsdt.address);
+    }
+
+    #[test]
+    fn xsdt_entries_point_at_fadt_madt_and_mcfg() {
+        let tables = tables();
+        let xsdt = &table(&tables, b"XSDT").bytes;
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| read_u64(xsdt, o))
+            .collect();
+        let expected: Vec<u64> = [b"FACP", b"APIC", b"MCFG"]
+            .iter()
+            .map(|s| table(&tables, *s).address)
+            .collect();
+        assert_eq!(entries, expected);
+    }
+
+    #[test]
+    fn fadt_x_dsdt_points_at_dsdt() {
+        let tables = tables();
+        let fadt = &table(&tables, b"FACP").bytes;
+        assert_eq!(read_u64(fadt, 140), table(&tables, b"DSDT").address);
+    }
+
+    #[test]
+    fn every_table_has_rvmm_oem_id() {
+        let tables = tables();
+        assert_eq!(&tables.blobs[0].bytes[9..15], &OEM_ID);
+        for blob in &tables.blobs[1..] {
+            assert_eq!(&blob.bytes[10..16], &OEM_ID);
+            assert_eq!(&blob.bytes[16..20], b"RVMM");
+        }
+    }
+
+    #[test]
+    fn tables_are_aligned_ordered_and_inside_the_area() {
+        let tables = tables();
+        let mut next_free = BASE;
+        for blob in &tables.blobs {
+            assert_eq!(blob.address % TABLE_ALIGNMENT, 0);
+            assert!(blob.address >= next_free, "tables overlap");
+            next_free = blob.address + blob.bytes.len() as u64;
+        }
+        assert!(next_free <= BASE + SIZE);
+    }
+
+    #[test]
+    fn tables_fit_exactly_in_the_needed_size() {
+        let tables = tables();
+        let last = tables.blobs.last().unwrap();
+        let needed = last.address + last.bytes.len() as u64 - BASE;
+        assert!(build(&example(), BASE, needed).is_ok());
+    }
+
+    #[test]
+    fn too_small_area_is_rejected() {
+        let tables = tables();
+        let last = tables.blobs.last().unwrap();
+        let needed = last.address + last.bytes.len() as u64 - BASE;
+        assert_eq!(
+            build(&example(), BASE, needed - 1),
+            Err(Error::AreaTooSmall {
+                needed,
+                size: needed - 1
+            })
+        );
+    }
+
+    #[test]
+    fn misaligned_area_is_rejected() {
+        assert_eq!(
+            build(&example(), BASE + 8, SIZE),
+            Err(Error::MisalignedArea { base: BASE + 8 })
+        );
+    }
+
+    #[test]
+    fn wrapping_area_is_rejected() {
+        let base = u64::MAX - 0xf;
+        assert_eq!(
+            build(&example(), base, SIZE),
+            Err(Error::AreaWraps { base, size: SIZE })
+        );
+    }
+
+    #[test]
+    fn invalid_description_is_rejected() {
+        let mut desc = example();
+        desc.cpus = 0;
+        assert_eq!(
+            build(&desc, BASE, SIZE),
+            Err(Error::Description(DescriptionError::NoCpus))
+        );
+    }
+
+    #[test]
+    fn largest_machine_fits_in_the_bios_area() {
+        let mut desc = example();
+        desc.cpus = 255;
+        desc.pci.root_ports = (0..=255u16)
+            .map(|devfn| RootPort {
+                device: (devfn >> 3) as u8,
+                function: (devfn & 7) as u8,
+                slot_number: devfn,
+            })
+            .collect();
+        let tables = build(&desc, BASE, SIZE).unwrap();
+        for blob in &tables.blobs[1..] {
+            assert_eq!(sum(&blob.bytes), 0);
+            assert_eq!(read_u32(&blob.bytes, 4) as usize, blob.bytes.len());
+        }
+    }
+}

@@ -1,0 +1,648 @@
+//! The plain description of a machine the ACPI tables are built from, and its validation.
+//!
+//! The VMM fills a [`MachineDescription`]; nothing here knows about KVM or guest memory.
+//! [`MachineDescription::validate`] rejects every value the table builders cannot encode or
+//! that would describe an inconsistent machine, so the builders themselves cannot fail.
+
+use std::collections::HashSet;
+
+/// Number of ECAM bytes per PCI bus (32 devices × 8 functions × 4 KiB).
+pub const ECAM_BYTES_PER_BUS: u64 = 1 << 20;
+
+/// Highest PCI device number on a bus.
+const MAX_PCI_DEVICE: u8 = 31;
+/// Highest PCI function number of a device.
+const MAX_PCI_FUNCTION: u8 = 7;
+/// Highest physical slot number: the Slot Capabilities register holds 13 bits.
+pub const MAX_SLOT_NUMBER: u16 = 0x1fff;
+/// Highest sleep type: SLP_TYP is a 3-bit field of the sleep control register.
+pub const MAX_SLEEP_TYPE: u8 = 7;
+/// Number of consecutive I/O ports a 16550 UART decodes.
+pub const SERIAL_PORT_LEN: u16 = 8;
+/// Highest ISA IRQ.
+const MAX_ISA_IRQ: u8 = 15;
+/// End (exclusive) of the 32-bit address space.
+const FOUR_GIB: u64 = 1 << 32;
+
+/// Errors found while validating a [`MachineDescription`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The machine has no vCPU.
+    #[error("machine has no vCPU")]
+    NoCpus,
+    /// The PCI bus range is reversed.
+    #[error("PCI bus range {start:#x}..={end:#x} is reversed")]
+    BusRange {
+        /// First bus number.
+        start: u8,
+        /// Last bus number.
+        end: u8,
+    },
+    /// The ECAM region of the bus range does not fit in the address space.
+    #[error("ECAM at {base:#x} for buses up to {end_bus:#x} wraps around the address space")]
+    EcamWraps {
+        /// ECAM base address (bus 0).
+        base: u64,
+        /// Last bus number.
+        end_bus: u8,
+    },
+    /// An MMIO window is empty or wraps around the address space.
+    #[error("PCI {window} window at {base:#x} with size {size:#x} is empty or wraps around")]
+    EmptyOrWrappingWindow {
+        /// Which window ("mmio32" or "mmio64").
+        window: &'static str,
+        /// Window base address.
+        base: u64,
+        /// Window size in bytes.
+        size: u64,
+    },
+    /// The 32-bit MMIO window does not fit below 4 GiB, or is 4 GiB large.
+    #[error("PCI mmio32 window at {base:#x} with size {size:#x} does not fit in 32 bits")]
+    Mmio32OutOfRange {
+        /// Window base address.
+        base: u64,
+        /// Window size in bytes.
+        size: u64,
+    },
+    /// An MMIO window overlaps the ECAM region.
+    #[error(
+        "PCI {window} window at {base:#x} with size {size:#x} overlaps the ECAM region at \
+         {ecam_base:#x} with size {ecam_size:#x}"
+    )]
+    WindowOverlapsEcam {
+        /// Which window ("mmio32" or "mmio64").
+        window: &'static str,
+        /// Window base address.
+        base: u64,
+        /// Window size in bytes.
+        size: u64,
+        /// Start of the ECAM region of the bus range.
+        ecam_base: u64,
+        /// Size of the ECAM region of the bus range.
+        ecam_size: u64,
+    },
+    /// A root port has a device or function number out of range.
+    #[error("root port {device:#x}.{function} has an invalid PCI device or function number")]
+    RootPortAddress {
+        /// Device number.
+        device: u8,
+        /// Function number.
+        function: u8,
+    },
+    /// Two root ports share a device and function number.
+    #[error("root port {device:#x}.{function} is described twice")]
+    DuplicateRootPort {
+        /// Device number.
+        device: u8,
+        /// Function number.
+        function: u8,
+    },
+    /// A slot number does not fit the 13-bit Physical Slot Number field.
+    #[error("slot number {slot_number} is above the maximum {MAX_SLOT_NUMBER}")]
+    SlotNumberTooLarge {
+        /// The slot number.
+        slot_number: u16,
+    },
+    /// Two root ports share a slot number.
+    #[error("slot number {slot_number} is used by more than one root port")]
+    DuplicateSlotNumber {
+        /// The slot number.
+        slot_number: u16,
+    },
+    /// The S5 sleep type does not fit the 3-bit SLP_TYP field.
+    #[error("S5 sleep type {sleep_type} is above the maximum {MAX_SLEEP_TYPE}")]
+    SleepType {
+        /// The sleep type.
+        sleep_type: u8,
+    },
+    /// The serial port's I/O range wraps around the I/O space.
+    #[error("serial port at I/O port {port:#x} wraps around the I/O space")]
+    SerialPortWraps {
+        /// First I/O port.
+        port: u16,
+    },
+    /// The serial port's IRQ is not a usable ISA IRQ.
+    #[error("serial IRQ {irq} is not an ISA IRQ in 1..=15 other than 2")]
+    SerialIrq {
+        /// The IRQ.
+        irq: u8,
+    },
+}
+
+/// Result of validating a description.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything the ACPI tables say about the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineDescription {
+    /// Number of vCPUs, 1..=255. vCPU `i` has local APIC id and ACPI processor UID `i`
+    /// (xAPIC only: ids stay below the broadcast id 0xff).
+    pub cpus: u8,
+    /// Physical address of the local APICs (normally 0xFEE0_0000).
+    pub lapic_address: u32,
+    /// The single I/O APIC.
+    pub ioapic: IoApic,
+    /// The PCIe host bridge.
+    pub pci: PciHostBridge,
+    /// Hardware-reduced ACPI power management registers.
+    pub pm: PowerManagement,
+    /// COM1, if the machine has one.
+    pub serial: Option<SerialPort>,
+    /// Legacy devices announced in the FADT boot architecture flags.
+    pub legacy: LegacyDevices,
+}
+
+/// The I/O APIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoApic {
+    /// I/O APIC id.
+    pub id: u8,
+    /// Physical address of its registers (normally 0xFEC0_0000).
+    pub address: u32,
+    /// First global system interrupt it serves (normally 0).
+    pub gsi_base: u32,
+}
+
+/// An MMIO address window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioWindow {
+    /// First address.
+    pub base: u64,
+    /// Size in bytes, not zero.
+    pub size: u64,
+}
+
+impl MmioWindow {
+    /// Last address of the window, `None` if it is empty or wraps around.
+    pub fn last(&self) -> Option<u64> {
+        self.size
+            .checked_sub(1)
+            .and_then(|s| self.base.checked_add(s))
+    }
+}
+
+/// The PCIe host bridge and the root ports on its root bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// PCI segment group.
+    pub segment: u16,
+    /// ECAM base address: the address of bus 0's configuration space, as in the MCFG, even when
+    /// `bus_start` is not 0.
+    pub ecam_base: u64,
+    /// Root bus number.
+    pub bus_start: u8,
+    /// Last bus number decoded by the host bridge.
+    pub bus_end: u8,
+    /// Window for non-prefetchable memory BARs, below 4 GiB.
+    pub mmio32: MmioWindow,
+    /// Window for 64-bit prefetchable memory BARs.
+    pub mmio64: MmioWindow,
+    /// Root ports on the root bus.
+    pub root_ports: Vec<RootPort>,
+}
+
+impl PciHostBridge {
+    /// The ECAM region of the bus range: its first address and size.
+    ///
+    /// Returns `None` when the region wraps around the address space or the bus range is reversed.
+    pub fn ecam_region(&self) -> Option<(u64, u64)> {
+        let buses = u64::from(self.bus_end)
+            .checked_sub(u64::from(self.bus_start))?
+            .checked_add(1)?;
+        let start = self
+            .ecam_base
+            .checked_add(u64::from(self.bus_start) * ECAM_BYTES_PER_BUS)?;
+        let size = buses * ECAM_BYTES_PER_BUS;
+        start.checked_add(size - 1)?;
+        Some((start, size))
+    }
+}
+
+/// A PCIe root port with a hot-plug slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootPort {
+    /// Device number on the root bus, 0..=31.
+    pub device: u8,
+    /// Function number, 0..=7.
+    pub function: u8,
+    /// Physical slot number (`_SUN`); must equal the Physical Slot Number the port reports in
+    /// its Slot Capabilities register, and be unique.
+    pub slot_number: u16,
+}
+
+/// Hardware-reduced ACPI power management registers, all 8-bit I/O ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PowerManagement {
+    /// Sleep control register. To enter S5 the guest writes
+    /// `(s5_sleep_type << 2) | (1 << 5)` (SLP_TYP, SLP_EN).
+    pub sleep_control_port: u16,
+    /// Sleep status register (WAK_STS is bit 7).
+    pub sleep_status_port: u16,
+    /// Reset register.
+    pub reset_port: u16,
+    /// Value the guest writes to the reset register to reset the machine.
+    pub reset_value: u8,
+    /// SLP_TYP value the PM device recognises as S5 (soft off), 0..=7.
+    pub s5_sleep_type: u8,
+}
+
+/// A 16550 serial port described as COM1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerialPort {
+    /// First of its eight I/O ports (normally 0x3f8).
+    pub port: u16,
+    /// ISA IRQ (normally 4), identity-mapped to the GSI of the same number: 1..=15, not 2
+    /// (GSI 2 receives ISA IRQ 0).
+    pub irq: u8,
+}
+
+/// Legacy devices the FADT tells the guest about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegacyDevices {
+    /// A CMOS RTC is present at I/O ports 0x70/0x71. When false the FADT says
+    /// "CMOS RTC not present".
+    pub cmos_rtc: bool,
+    /// A full 8042 keyboard controller is present at 0x60/0x64. When false the guest does not
+    /// probe for one (a reset-only 8042 does not count: reset goes through the FADT reset register).
+    pub i8042: bool,
+}
+
+impl MachineDescription {
+    /// Checks that the description is consistent and encodable.
+    pub fn validate(&self) -> Result<()> {
+        if self.cpus == 0 {
+            return Err(Error::NoCpus);
+        }
+        self.pci.validate()?;
+        if self.pm.s5_sleep_type > MAX_SLEEP_TYPE {
+            return Err(Error::SleepType {
+                sleep_type: self.pm.s5_sleep_type,
+            });
+        }
+        if let Some(serial) = &self.serial {
+            serial.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl PciHostBridge {
+    fn validate(&self) -> Result<()> {
+        if self.bus_start > self.bus_end {
+            return Err(Error::BusRange {
+                start: self.bus_start,
+                end: self.bus_end,
+            });
+        }
+        let (ecam_base, ecam_size) = self.ecam_region().ok_or(Error::EcamWraps {
+            base: self.ecam_base,
+            end_bus: self.bus_end,
+        })?;
+        // `ecam_region` checked that the region is non-empty and does not wrap.
+        let ecam_last = ecam_base + (ecam_size - 1);
+        for (window, w) in [("mmio32", &self.mmio32), ("mmio64", &self.mmio64)] {
+            let last = w.last().ok_or(Error::EmptyOrWrappingWindow {
+                window,
+                base: w.base,
+                size: w.size,
+            })?;
+            if w.base <= ecam_last && ecam_base <= last {
+                return Err(Error::WindowOverlapsEcam {
+                    window,
+                    base: w.base,
+                    size: w.size,
+                    ecam_base,
+                    ecam_size,
+                });
+            }
+        }
+        // A DWordMemory descriptor holds the window's last address and its size in 32 bits each.
+        if self.mmio32.last().is_none_or(|last| last >= FOUR_GIB) || self.mmio32.size >= FOUR_GIB {
+            return Err(Error::Mmio32OutOfRange {
+                base: self.mmio32.base,
+                size: self.mmio32.size,
+            });
+        }
+        self.validate_root_ports()
+    }
+
+    fn validate_root_ports(&self) -> Result<()> {
+        let mut addresses = HashSet::new();
+        let mut slots = HashSet::new();
+        for port in &self.root_ports {
+            let (device, function) = (port.device, port.function);
+            if device > MAX_PCI_DEVICE || function > MAX_PCI_FUNCTION {
+                return Err(Error::RootPortAddress { device, function });
+            }
+            if !addresses.insert((device, function)) {
+                return Err(Error::DuplicateRootPort { device, function });
+            }
+            let slot_number = port.slot_number;
+            if slot_number > MAX_SLOT_NUMBER {
+                return Err(Error::SlotNumberTooLarge { slot_number });
+            }
+            if !slots.insert(slot_number) {
+                return Err(Error::DuplicateSlotNumber { slot_number });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SerialPort {
+    fn validate(&self) -> Result<()> {
+        if self.port.checked_add(SERIAL_PORT_LEN - 1).is_none() {
+            return Err(Error::SerialPortWraps { port: self.port });
+        }
+        if self.irq == 0 || self.irq == 2 || self.irq > MAX_ISA_IRQ {
+            return Err(Error::SerialIrq { irq: self.irq });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A description shaped like rvmm's default machine.
+    pub(crate) fn example() -> MachineDescription {
+        MachineDescription {
+            cpus: 4,
+            lapic_address: 0xfee0_0000,
+            ioapic: IoApic {
+                id: 0,
+                address: 0xfec0_0000,
+                gsi_base: 0,
+            },
+            pci: PciHostBridge {
+                segment: 0,
+                ecam_base: 0xe000_0000,
+                bus_start: 0,
+                bus_end: 0xff,
+                mmio32: MmioWindow {
+                    base: 0xc000_0000,
+                    size: 0x2000_0000,
+                },
+                mmio64: MmioWindow {
+                    base: 0x100_0000_0000,
+                    size: 0x100_0000_0000,
+                },
+                root_ports: vec![
+                    RootPort {
+                        device: 1,
+                        function: 0,
+                        slot_number: 1,
+                    },
+                    RootPort {
+                        device: 2,
+                        function: 0,
+                        slot_number: 2,
+                    },
+                ],
+            },
+            pm: PowerManagement {
+                sleep_control_port: 0x600,
+                sleep_status_port: 0x601,
+                reset_port: 0x602,
+                reset_value: 0x1,
+                s5_sleep_type: 5,
+            },
+            serial: Some(SerialPort {
+                port: 0x3f8,
+                irq: 4,
+            }),
+            legacy: LegacyDevices::default(),
+        }
+    }
+
+    #[test]
+    fn example_description_is_valid() {
+        assert_eq!(example().validate(), Ok(()));
+    }
+
+    #[test]
+    fn zero_cpus_are_rejected() {
+        let mut desc = example();
+        desc.cpus = 0;
+        assert_eq!(desc.validate(), Err(Error::NoCpus));
+    }
+
+    #[test]
+    fn reversed_bus_range_is_rejected() {
+        let mut desc = example();
+        desc.pci.bus_start = 2;
+        desc.pci.bus_end = 1;
+        assert_eq!(desc.validate(), Err(Error::BusRange { start: 2, end: 1 }));
+    }
+
+    #[test]
+    fn ecam_region_starts_at_the_first_bus() {
+        let mut desc = example();
+        desc.pci.bus_start = 0x10;
+        desc.pci.bus_end = 0x1f;
+        assert_eq!(
+            desc.pci.ecam_region(),
+            Some((
+                0xe000_0000 + 0x10 * ECAM_BYTES_PER_BUS,
+                0x10 * ECAM_BYTES_PER_BUS
+            ))
+        );
+    }
+
+    #[test]
+    fn wrapping_ecam_is_rejected() {
+        let mut desc = example();
+        desc.pci.ecam_base = u64::MAX - ECAM_BYTES_PER_BUS;
+        assert_eq!(
+            desc.validate(),
+            Err(Error::EcamWraps {
+                base: u64::MAX - ECAM_BYTES_PER_BUS,
+                end_bus: 0xff
+            })
+        );
+    }
+
+    #[test]
+    fn empty_window_is_rejected() {
+        let mut desc = example();
+        desc.pci.mmio64.size = 0;
+        assert!(matches!(
+            desc.validate(),
+            Err(Error::EmptyOrWrappingWindow {
+                window: "mmio64",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn wrapping_window_is_rejected() {
+        let mut desc = example();
+        desc.pci.mmio64.base = u64::MAX;
+        assert!(matches!(
+            desc.validate(),
+            Err(Error::EmptyOrWrappingWindow {
+                window: "mmio64",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn mmio32_window_above_four_gib_is_rejected() {
+        let mut desc = example();
+        desc.pci.mmio32 = MmioWindow {
+            base: 0xf000_0000,
+            size: 0x2000_0000,
+        };
+        assert_eq!(
+            desc.validate(),
+            Err(Error::Mmio32OutOfRange {
+                base: 0xf000_0000,
+                size: 0x2000_0000
+            })
+        );
+    }
+
+    #[test]
+    fn mmio32_window_of_4_gib_is_rejected() {
+        let mut desc = example();
+        desc.pci.ecam_base = 0x1_0000_0000;
+        desc.pci.mmio32 = MmioWindow {
+            base: 0,
+            size: 0x1_0000_0000,
+        };
+        assert_eq!(
+            desc.validate(),
+            Err(Error::Mmio32OutOfRange {
+                base: 0,
+                size: 0x1_0000_0000
+            })
+        );
+    }
+
+    #[test]
+    fn window_overlapping_ecam_is_rejected() {
+        let mut desc = example();
+        desc.pci.mmio32.size = 0x2000_1000;
+        assert!(matches!(
+            desc.validate(),
+            Err(Error::WindowOverlapsEcam {
+                window: "mmio32",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn window_adjacent_to_ecam_is_accepted() {
+        let mut desc = example();
+        desc.pci.mmio32 = MmioWindow {
+            base: 0xd000_0000,
+            size: 0x1000_0000,
+        };
+        assert_eq!(desc.validate(), Ok(()));
+    }
+
+    #[test]
+    fn root_port_device_above_31_is_rejected() {
+        let mut desc = example();
+        desc.pci.root_ports[0].device = 32;
+        assert_eq!(
+            desc.validate(),
+            Err(Error::RootPortAddress {
+                device: 32,
+                function: 0
+            })
+        );
+    }
+
+    #[test]
+    fn root_port_function_above_7_is_rejected() {
+        let mut desc = example();
+        desc.pci.root_ports[0].function = 8;
+        assert_eq!(
+            desc.validate(),
+            Err(Error::RootPortAddress {
+                device: 1,
+                function: 8
+            })
+        );
+    }
+
+    #[test]
+    fn duplicate_root_port_is_rejected() {
+        let mut desc = example();
+        desc.pci.root_ports[1].device = 1;
+        assert_eq!(
+            desc.validate(),
+            Err(Error::DuplicateRootPort {
+                device: 1,
+                function: 0
+            })
+        );
+    }
+
+    #[test]
+    fn slot_number_above_13_bits_is_rejected() {
+        let mut desc = example();
+        desc.pci.root_ports[0].slot_number = 0x2000;
+        assert_eq!(
+            desc.validate(),
+            Err(Error::SlotNumberTooLarge {
+                slot_number: 0x2000
+            })
+        );
+    }
+
+    #[test]
+    fn duplicate_slot_number_is_rejected() {
+        let mut desc = example();
+        desc.pci.root_ports[1].slot_number = 1;
+        assert_eq!(
+            desc.validate(),
+            Err(Error::DuplicateSlotNumber { slot_number: 1 })
+        );
+    }
+
+    #[test]
+    fn sleep_type_above_7_is_rejected() {
+        let mut desc = example();
+        desc.pm.s5_sleep_type = 8;
+        assert_eq!(desc.validate(), Err(Error::SleepType { sleep_type: 8 }));
+    }
+
+    #[test]
+    fn serial_port_wrapping_io_space_is_rejected() {
+        let mut desc = example();
+        desc.serial = Some(SerialPort {
+            port: 0xfffa,
+            irq: 4,
+        });
+        assert_eq!(
+            desc.validate(),
+            Err(Error::SerialPortWraps { port: 0xfffa })
+        );
+    }
+
+    #[test]
+    fn serial_irq_2_is_rejected() {
+        let mut desc = example();
+        desc.serial = Some(SerialPort {
+            port: 0x3f8,
+            irq: 2,
+        });
+        assert_eq!(desc.validate(), Err(Error::SerialIrq { irq: 2 }));
+    }
+
+    #[test]
+    fn serial_irq_above_15_is_rejected() {
+        let mut desc = example();
+        desc.serial = Some(SerialPort {
+            port: 0x3f8,
+            irq: 16,
+        });
+        assert_eq!(desc.validate(), Err(Error::SerialIrq { irq: 16 }));
+    }
+}

@@ -1,0 +1,446 @@
+//! DSDT (Differentiated System Description Table): the AML namespace of the machine.
+//!
+//! ```text
+//! \_SB.PCI0        PCIe host bridge: ids, _SEG/_BBN, _CRS windows, _OSC granting native
+//!                  control (PCIe hot-plug above all) to the OS
+//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR and _SUN
+//! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
+//! \_SB.COM1        PNP0501 16550 UART, when the machine has one
+//! \_S5             soft-off sleep type
+//! ```
+
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else, Equal, If,
+    Interrupt, Memory32Fixed, Method, Name, NotEqual, Or, Package, Path, ResourceTemplate, Return,
+    Scope, Uuid, IO, ZERO,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::{Aml, AmlSink};
+
+use crate::description::{MachineDescription, PciHostBridge, RootPort, SerialPort};
+use crate::{oem_table_id, OEM_ID, OEM_REVISION};
+
+/// DSDT revision 2: AML integers are 64 bits wide.
+const DSDT_REVISION: u8 = 2;
+/// Size of the common table header.
+const HEADER_LEN: u32 = 36;
+
+/// UUID of the PCI host bridge `_OSC` (PCI Firmware Specification 3.3, section 4.5).
+pub(crate) const PCI_HOST_BRIDGE_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
+/// The only `_OSC` revision of the PCI host bridge UUID.
+const OSC_REVISION: u8 = 1;
+/// `_OSC` CDW1 error bit: unrecognised UUID.
+pub(crate) const OSC_UNRECOGNISED_UUID: u8 = 1 << 2;
+/// `_OSC` CDW1 error bit: unrecognised revision.
+pub(crate) const OSC_UNRECOGNISED_REVISION: u8 = 1 << 3;
+
+/// The PCI configuration mechanism #1 ports (0xCF8 address, 0xCFC data).
+const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
+/// Number of PCI configuration mechanism #1 ports.
+const PCI_CONFIG_IO_LEN: u8 = 8;
+
+/// AML already serialised to bytes, so that children can be built in loops without keeping
+/// every borrowed builder alive.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// Serialises one AML object.
+fn serialise(aml: &dyn Aml) -> RawAml {
+    let mut bytes = Vec::new();
+    aml.to_aml_bytes(&mut bytes);
+    RawAml(bytes)
+}
+
+/// `_OSC` of the host bridge: grants every control the OS requests for the PCI host bridge
+/// UUID (Arg3 is returned with CDW3 untouched, so the OS gets native PCIe hot-plug, PME, AER,
+/// ... whatever it asks for), flags an unknown revision, and flags any other UUID as
+/// unrecognised.
+fn osc_method() -> RawAml {
+    let cdw1 = Path::new("CDW1");
+    let create_cdw1 = CreateDWordField::new(&cdw1, &Arg(3), &ZERO);
+
+    let pci_uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
+    let is_pci_uuid = Equal::new(&Arg(0), &pci_uuid);
+    let unknown_revision = NotEqual::new(&Arg(1), &OSC_REVISION);
+    let set_revision_error = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNISED_REVISION);
+    let check_revision = If::new(&unknown_revision, vec![&set_revision_error]);
+    let if_pci_uuid = If::new(&is_pci_uuid, vec![&check_revision]);
+    let set_uuid_error = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNISED_UUID);
+    let else_other_uuid = Else::new(vec![&set_uuid_error]);
+    let return_arg3 = Return::new(&Arg(3));
+
+    // Serialized: CreateDWordField creates a named object in the method's scope.
+    serialise(&Method::new(
+        "_OSC".into(),
+        4,
+        true,
+        vec![&create_cdw1, &if_pci_uuid, &else_other_uuid, &return_arg3],
+    ))
+}
+
+/// The ACPI name of a root port: "RP" and its devfn in hex.
+pub(crate) fn root_port_name(port: &RootPort) -> String {
+    let devfn = (u16::from(port.device) << 3) | u16::from(port.function);
+    format!("RP{devfn:02X}")
+}
+
+/// A root port under the host bridge.
+fn root_port(port: &RootPort) -> RawAml {
+    let address = (u32::from(port.device) << 16) | u32::from(port.function);
+    let adr = Name::new("_ADR".into(), &address);
+    let sun = Name::new("_SUN".into(), &u32::from(port.slot_number));
+    serialise(&Device::new(
+        Path::new(&root_port_name(port)),
+        vec![&adr, &sun],
+    ))
+}
+
+/// `\_SB.PCI0`, the PCIe host bridge with its root ports.
+fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+    let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+    let adr = Name::new("_ADR".into(), &ZERO);
+    let seg = Name::new("_SEG".into(), &pci.segment);
+    let uid = Name::new("_UID".into(), &ZERO);
+    let bbn = Name::new("_BBN".into(), &pci.bus_start);
+
+    let buses = AddressSpace::new_bus_number(u16::from(pci.bus_start), u16::from(pci.bus_end));
+    let config_ports = IO::new(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, PCI_CONFIG_IO_LEN);
+    // The description was validated: the window is non-empty and lies below 4 GiB.
+    let mmio32_base = u32::try_from(pci.mmio32.base).expect("validated mmio32 window");
+    let mmio32_last = pci
+        .mmio32
+        .last()
+        .and_then(|last| u32::try_from(last).ok())
+        .expect("validated mmio32 window");
+    let mmio32 = AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio32_base,
+        mmio32_last,
+        None,
+    );
+    // The description was validated: the window is non-empty and does not wrap.
+    let mmio64_last = pci.mmio64.last().expect("validated mmio64 window");
+    let mmio64 = AddressSpace::new_memory(
+        AddressSpaceCacheable::PreFetchable,
+        true,
+        pci.mmio64.base,
+        mmio64_last,
+        None,
+    );
+    let crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![&buses, &config_ports, &mmio32, &mmio64]),
+    );
+
+    let osc = osc_method();
+    let ports: Vec<RawAml> = pci.root_ports.iter().map(root_port).collect();
+
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc];
+    children.extend(ports.iter().map(|port| port as &dyn Aml));
+    serialise(&Device::new("PCI0".into(), children))
+}
+
+/// A QWordMemory resource descriptor consumed (not produced) by its device, non-cacheable and
+/// read-write, with fixed minimum and maximum. `acpi_tables` only builds producer descriptors,
+/// which Linux ignores in motherboard-resource devices.
+struct QWordMemoryConsumer {
+    base: u64,
+    size: u64,
+}
+
+impl Aml for QWordMemoryConsumer {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        /// Large resource item: QWord address space descriptor.
+        const QWORD_ADDRESS_SPACE: u8 = 0x8a;
+        /// Length of the descriptor after its 3-byte header.
+        const LEN: u16 = 43;
+        /// Resource type: memory range.
+        const MEMORY_RANGE: u8 = 0;
+        /// General flags: consumer, positive decode, minimum and maximum fixed.
+        const CONSUMER_MIN_MAX_FIXED: u8 = 1 | (1 << 2) | (1 << 3);
+        /// Type-specific flags: read-write, non-cacheable.
+        const READ_WRITE_NON_CACHEABLE: u8 = 1;
+
+        sink.byte(QWORD_ADDRESS_SPACE);
+        sink.word(LEN);
+        sink.byte(MEMORY_RANGE);
+        sink.byte(CONSUMER_MIN_MAX_FIXED);
+        sink.byte(READ_WRITE_NON_CACHEABLE);
+        sink.qword(0); // Granularity.
+        sink.qword(self.base);
+        sink.qword(self.base + (self.size - 1));
+        sink.qword(0); // Translation offset.
+        sink.qword(self.size);
+    }
+}
+
+/// `\_SB.MRES`, motherboard resources reserving the ECAM region of the bus range: Linux uses
+/// ECAM only if the MCFG region is reserved by a PNP0C01/PNP0C02 device.
+fn motherboard_resources(pci: &PciHostBridge) -> RawAml {
+    // The description was validated: the ECAM region exists.
+    let (ecam_base, ecam_size) = pci.ecam_region().expect("validated ECAM region");
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
+    let below_4g = (
+        u32::try_from(ecam_base),
+        u32::try_from(ecam_size),
+        ecam_base.checked_add(ecam_size),
+    );
+    let crs = match below_4g {
+        (Ok(base), Ok(size), Some(end)) if end <= 1 << 32 => Name::new(
+            "_CRS".into(),
+            &ResourceTemplate::new(vec![&Memory32Fixed::new(true, base, size)]),
+        ),
+        _ => Name::new(
+            "_CRS".into(),
+            &ResourceTemplate::new(vec![&QWordMemoryConsumer {
+                base: ecam_base,
+                size: ecam_size,
+            }]),
+        ),
+    };
+    serialise(&Device::new("MRES".into(), vec![&hid, &crs]))
+}
+
+/// `\_SB.COM1`, a 16550 UART with its I/O ports and edge-triggered, active-high ISA IRQ.
+fn serial_port(serial: &SerialPort) -> RawAml {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let uid = Name::new("_UID".into(), &ZERO);
+    let ports = IO::new(serial.port, serial.port, 1, 8);
+    let irq = Interrupt::new(true, true, false, false, u32::from(serial.irq));
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ports, &irq]));
+    serialise(&Device::new("COM1".into(), vec![&hid, &uid, &crs]))
+}
+
+/// `\_S5`: SLP_TYPa and SLP_TYPb for soft off.
+fn s5(sleep_type: u8) -> RawAml {
+    serialise(&Name::new(
+        "_S5_".into(),
+        &Package::new(vec![&sleep_type, &sleep_type, &ZERO, &ZERO]),
+    ))
+}
+
+/// Builds the DSDT of a validated description.
+pub(crate) fn build(desc: &MachineDescription) -> Vec<u8> {
+    let pci0 = pci_host_bridge(&desc.pci);
+    let mres = motherboard_resources(&desc.pci);
+    let com1 = desc.serial.as_ref().map(serial_port);
+    let mut devices: Vec<&dyn Aml> = vec![&pci0, &mres];
+    if let Some(com1) = &com1 {
+        devices.push(com1);
+    }
+
+    let mut aml = Vec::new();
+    Scope::new("\\_SB_".into(), devices).to_aml_bytes(&mut aml);
+    s5(desc.pm.s5_sleep_type).to_aml_bytes(&mut aml);
+
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        HEADER_LEN,
+        DSDT_REVISION,
+        OEM_ID,
+        oem_table_id(b"DSDT"),
+        OEM_REVISION,
+    );
+    dsdt.append_slice(&aml);
+    dsdt.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::description::tests::example;
+    use crate::description::MmioWindow;
+    use crate::tests::{contains, read_u32, sum};
+
+    /// NameOp followed by a 4-character name.
+    fn name(n: &[u8; 4]) -> Vec<u8> {
+        let mut v = vec![0x08];
+        v.extend_from_slice(n);
+        v
+    }
+
+    /// `Name(n, EISAID(..))` with the EISA id already compressed to its 4 bytes.
+    fn eisa_name(n: &[u8; 4], id: [u8; 4]) -> Vec<u8> {
+        let mut v = name(n);
+        v.push(0x0c); // DWordPrefix
+        v.extend_from_slice(&id);
+        v
+    }
+
+    const PNP0A08: [u8; 4] = [0x41, 0xd0, 0x0a, 0x08];
+    const PNP0A03: [u8; 4] = [0x41, 0xd0, 0x0a, 0x03];
+    const PNP0C02: [u8; 4] = [0x41, 0xd0, 0x0c, 0x02];
+    const PNP0501: [u8; 4] = [0x41, 0xd0, 0x05, 0x01];
+
+    #[test]
+    fn dsdt_has_revision_2_valid_length_and_checksum() {
+        let dsdt = build(&example());
+        assert_eq!(&dsdt[0..4], b"DSDT");
+        assert_eq!(dsdt[8], DSDT_REVISION);
+        assert_eq!(read_u32(&dsdt, 4) as usize, dsdt.len());
+        assert_eq!(sum(&dsdt), 0);
+    }
+
+    #[test]
+    fn host_bridge_is_pcie_with_pci_compatible_id() {
+        let dsdt = build(&example());
+        assert!(contains(&dsdt, b"PCI0"));
+        assert!(contains(&dsdt, &eisa_name(b"_HID", PNP0A08)));
+        assert!(contains(&dsdt, &eisa_name(b"_CID", PNP0A03)));
+    }
+
+    #[test]
+    fn host_bridge_has_segment_and_base_bus() {
+        let mut desc = example();
+        desc.pci.segment = 2;
+        desc.pci.bus_start = 0x40;
+        let dsdt = build(&desc);
+        assert!(contains(&dsdt, &[name(b"_SEG"), vec![0x0a, 2]].concat()));
+        assert!(contains(&dsdt, &[name(b"_BBN"), vec![0x0a, 0x40]].concat()));
+    }
+
+    #[test]
+    fn host_bridge_crs_has_bus_range_config_ports_and_windows() {
+        let mut desc = example();
+        desc.pci.bus_end = 0x7f;
+        let dsdt = build(&desc);
+        // WordBusNumber 0..=0x7f, 0x80 buses.
+        let buses = [
+            0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0, 0, 0, 0, 0x7f, 0, 0, 0, 0x80, 0,
+        ];
+        assert!(contains(&dsdt, &buses));
+        // IO (Decode16, 0xCF8, 0xCF8, 1, 8).
+        assert!(contains(&dsdt, &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        // DWordMemory, non-cacheable read-write, 0xC000_0000..=0xDFFF_FFFF.
+        let mut mmio32 = vec![0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0];
+        mmio32.extend_from_slice(&0xc000_0000u32.to_le_bytes());
+        mmio32.extend_from_slice(&0xdfff_ffffu32.to_le_bytes());
+        assert!(contains(&dsdt, &mmio32));
+        // QWordMemory, prefetchable read-write.
+        let mut mmio64 = vec![0x8a, 0x2b, 0x00, 0x00, 0x0c, 0x07];
+        mmio64.extend_from_slice(&0u64.to_le_bytes());
+        mmio64.extend_from_slice(&0x100_0000_0000u64.to_le_bytes());
+        mmio64.extend_from_slice(&0x1ff_ffff_ffffu64.to_le_bytes());
+        assert!(contains(&dsdt, &mmio64));
+    }
+
+    #[test]
+    fn host_bridge_has_serialized_osc_with_pci_host_bridge_uuid() {
+        let dsdt = build(&example());
+        assert!(contains(&dsdt, &[b"_OSC".as_slice(), &[0x0c]].concat()));
+        let uuid = [
+            0x5b, 0x4d, 0xdb, 0x33, 0xf7, 0x1f, 0x1c, 0x40, 0x96, 0x57, 0x74, 0x41, 0xc0, 0x3d,
+            0xd7, 0x66,
+        ];
+        assert!(contains(&dsdt, &uuid));
+    }
+
+    #[test]
+    fn each_root_port_has_adr_and_sun() {
+        let mut desc = example();
+        desc.pci.root_ports[1].device = 0x1f;
+        desc.pci.root_ports[1].function = 7;
+        desc.pci.root_ports[1].slot_number = 0x1234;
+        let dsdt = build(&desc);
+        assert!(contains(&dsdt, b"RP08"));
+        assert!(contains(
+            &dsdt,
+            &[name(b"_ADR"), vec![0x0c, 0, 0, 1, 0]].concat()
+        ));
+        assert!(contains(&dsdt, &[name(b"_SUN"), vec![0x01]].concat()));
+        assert!(contains(&dsdt, b"RPFF"));
+        assert!(contains(
+            &dsdt,
+            &[name(b"_ADR"), vec![0x0c, 7, 0, 0x1f, 0]].concat()
+        ));
+        assert!(contains(
+            &dsdt,
+            &[name(b"_SUN"), vec![0x0b, 0x34, 0x12]].concat()
+        ));
+    }
+
+    #[test]
+    fn root_port_name_is_devfn_in_hex() {
+        let port = RootPort {
+            device: 3,
+            function: 2,
+            slot_number: 0,
+        };
+        assert_eq!(root_port_name(&port), "RP1A");
+    }
+
+    #[test]
+    fn motherboard_resources_reserve_ecam_below_4g() {
+        let dsdt = build(&example());
+        assert!(contains(&dsdt, &eisa_name(b"_HID", PNP0C02)));
+        let mut fixed = vec![0x86, 0x09, 0x00, 0x01];
+        fixed.extend_from_slice(&0xe000_0000u32.to_le_bytes());
+        fixed.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+        assert!(contains(&dsdt, &fixed));
+    }
+
+    #[test]
+    fn motherboard_resources_reserve_only_the_bus_range() {
+        let mut desc = example();
+        desc.pci.bus_start = 0x10;
+        desc.pci.bus_end = 0x1f;
+        let dsdt = build(&desc);
+        let mut fixed = vec![0x86, 0x09, 0x00, 0x01];
+        fixed.extend_from_slice(&0xe100_0000u32.to_le_bytes());
+        fixed.extend_from_slice(&0x0100_0000u32.to_le_bytes());
+        assert!(contains(&dsdt, &fixed));
+    }
+
+    #[test]
+    fn motherboard_resources_reserve_ecam_above_4g_as_consumer() {
+        let mut desc = example();
+        desc.pci.ecam_base = 0x8_0000_0000;
+        desc.pci.mmio64 = MmioWindow {
+            base: 0x100_0000_0000,
+            size: 0x1000_0000,
+        };
+        let dsdt = build(&desc);
+        let mut qword = vec![0x8a, 0x2b, 0x00, 0x00, 0x0d, 0x01];
+        qword.extend_from_slice(&0u64.to_le_bytes());
+        qword.extend_from_slice(&0x8_0000_0000u64.to_le_bytes());
+        qword.extend_from_slice(&0x8_0fff_ffffu64.to_le_bytes());
+        qword.extend_from_slice(&0u64.to_le_bytes());
+        qword.extend_from_slice(&0x1000_0000u64.to_le_bytes());
+        assert!(contains(&dsdt, &qword));
+    }
+
+    #[test]
+    fn serial_port_is_described_with_io_and_irq() {
+        let dsdt = build(&example());
+        assert!(contains(&dsdt, b"COM1"));
+        assert!(contains(&dsdt, &eisa_name(b"_HID", PNP0501)));
+        assert!(contains(&dsdt, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 1, 8]));
+        // Extended interrupt: consumer, edge, active high, exclusive, GSI 4.
+        assert!(contains(&dsdt, &[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0]));
+    }
+
+    #[test]
+    fn serial_port_is_absent_without_serial() {
+        let mut desc = example();
+        desc.serial = None;
+        let dsdt = build(&desc);
+        assert!(!contains(&dsdt, b"COM1"));
+        assert!(!contains(&dsdt, &PNP0501));
+    }
+
+    #[test]
+    fn s5_package_holds_the_sleep_type() {
+        let dsdt = build(&example());
+        let s5 = [
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
+        ];
+        assert!(contains(&dsdt, &s5));
+    }
+}
