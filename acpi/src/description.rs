@@ -225,7 +225,7 @@ pub struct RootPort {
     pub device: u8,
     /// Function number, 0..=7.
     pub function: u8,
-    /// Physical slot number (`_SUN`); must equal the Physical Slot Number the port reports in
+    /// Physical slot number; must equal the Physical Slot Number the port reports in
     /// its Slot Capabilities register, and be unique.
     pub slot_number: u16,
 }

@@ -3,7 +3,9 @@
 //! ```text
 //! \_SB.PCI0        PCIe host bridge: ids, _SEG/_BBN, _CRS windows, _OSC granting native
 //!                  control (PCIe hot-plug above all) to the OS
-//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR and _SUN
+//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR (no _SUN: the slot is
+//!                  the port's downstream one, named by pciehp from Slot Capabilities; a _SUN here
+//!                  would make Linux's pci_slot claim the name for the port itself)
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
 //! \_SB.COM1        PNP0501 16550 UART, when the machine has one
 //! \_S5             soft-off sleep type
@@ -93,11 +95,7 @@ pub(crate) fn root_port_name(port: &RootPort) -> String {
 fn root_port(port: &RootPort) -> RawAml {
     let address = (u32::from(port.device) << 16) | u32::from(port.function);
     let adr = Name::new("_ADR".into(), &address);
-    let sun = Name::new("_SUN".into(), &u32::from(port.slot_number));
-    serialise(&Device::new(
-        Path::new(&root_port_name(port)),
-        vec![&adr, &sun],
-    ))
+    serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr]))
 }
 
 /// `\_SB.PCI0`, the PCIe host bridge with its root ports.
@@ -343,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn each_root_port_has_adr_and_sun() {
+    fn each_root_port_has_adr_and_no_sun() {
         let mut desc = example();
         desc.pci.root_ports[1].device = 0x1f;
         desc.pci.root_ports[1].function = 7;
@@ -354,16 +352,12 @@ mod tests {
             &dsdt,
             &[name(b"_ADR"), vec![0x0c, 0, 0, 1, 0]].concat()
         ));
-        assert!(contains(&dsdt, &[name(b"_SUN"), vec![0x01]].concat()));
         assert!(contains(&dsdt, b"RPFF"));
         assert!(contains(
             &dsdt,
             &[name(b"_ADR"), vec![0x0c, 7, 0, 0x1f, 0]].concat()
         ));
-        assert!(contains(
-            &dsdt,
-            &[name(b"_SUN"), vec![0x0b, 0x34, 0x12]].concat()
-        ));
+        assert!(!contains(&dsdt, b"_SUN"));
     }
 
     #[test]

@@ -1,1 +1,22 @@
-//! rvmm library
+//! rvmm: a minimal KVM virtual machine monitor for PCI passthrough with native PCIe hotplug.
+//!
+//! Build a [`VmConfig`], create a [`Vm`] with [`Vm::new`] and [`Vm::run`] it. The `rvmm` binary is
+//! a thin command-line layer over this library.
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod device_manager;
+pub mod event_loop;
+pub mod exit;
+pub mod interrupts;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{SerialConfig, VmConfig};
+pub use exit::VmExit;
+pub use memory::MemoryConfig;
+pub use vm::{Vm, VmError};

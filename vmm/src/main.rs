@@ -1,1 +1,102 @@
-fn main() {}
+//! The `rvmm` command: a thin layer that turns arguments into a [`rvmm::VmConfig`] and runs it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
+use rvmm::{MemoryConfig, SerialConfig, Vm, VmConfig};
+
+/// Exit code of an rvmm error outside the guest (bad input, host not ready).
+const EXIT_ERROR: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "rvmm",
+    version,
+    about = "A minimal KVM VMM for PCI passthrough and hotplug"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until the guest powers off (exit 0), resets (exit 3) or crashes (4).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel: a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux with a PVH entry.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory: size=SIZE[,hugepages=on|off][,hugepage_size=2M|1G].
+    #[arg(long, default_value = "size=512M")]
+    memory: MemoryConfig,
+    /// Number of hotplug-capable PCIe root ports.
+    #[arg(long, default_value_t = DEFAULT_ROOT_PORTS)]
+    root_ports: u8,
+    /// Serial console: stdio, file=PATH or off.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialConfig,
+    /// Unix socket for the control API.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+impl From<RunArgs> for VmConfig {
+    fn from(a: RunArgs) -> Self {
+        VmConfig {
+            kernel: a.kernel,
+            initramfs: a.initramfs,
+            cmdline: a.cmdline,
+            cpus: a.cpus,
+            memory: a.memory,
+            root_ports: a.root_ports,
+            serial: a.serial,
+            api_socket: a.api_socket,
+        }
+    }
+}
+
+/// Prints an error with its chain of causes on one line.
+fn report(err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    eprintln!("rvmm: error: {msg}");
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let config = VmConfig::from(args);
+            match Vm::new(&config).and_then(Vm::run) {
+                Ok(exit) => ExitCode::from(exit.exit_code() as u8),
+                Err(e) => {
+                    report(&e);
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
+    }
+}

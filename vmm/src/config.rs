@@ -1,0 +1,179 @@
+//! The description of a VM: everything `rvmm run` can be told, validated before anything is built.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::memory::MemoryConfig;
+
+/// Default kernel command line when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
+/// Root ports when `--root-ports` is not given.
+pub const DEFAULT_ROOT_PORTS: u8 = 8;
+/// Most root ports a VM can have (each owns one bus number and a slice of the MMIO windows).
+pub const MAX_ROOT_PORTS: u8 = 128;
+/// Most vCPUs rvmm configures (APIC ids fit in 8 bits; x2APIC is not used).
+pub const MAX_CPUS: u8 = 254;
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// rvmm's stdin/stdout.
+    #[default]
+    Stdio,
+    /// Appended to a file; no input.
+    File(PathBuf),
+    /// No serial port at all.
+    Off,
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(SerialConfig::Stdio),
+            "off" => Ok(SerialConfig::Off),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+                _ => Err(ConfigError::Serial(s.to_owned())),
+            },
+        }
+    }
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image: a bzImage or an ELF vmlinux with a PVH entry.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest memory.
+    pub memory: MemoryConfig,
+    /// Number of hotplug-capable PCIe root ports.
+    pub root_ports: u8,
+    /// Serial console.
+    pub serial: SerialConfig,
+    /// Unix socket of the control API.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Errors in a VM description.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--cpus` out of range.
+    #[error("--cpus {given} is not supported: give 1 to {max}")]
+    Cpus {
+        /// The value given.
+        given: u64,
+        /// The largest supported.
+        max: u8,
+    },
+    /// `--root-ports` out of range.
+    #[error("--root-ports {given} is not supported: give 1 to {max}")]
+    RootPorts {
+        /// The value given.
+        given: u64,
+        /// The largest supported.
+        max: u8,
+    },
+    /// `--serial` not understood.
+    #[error("--serial {0:?} is not understood: use stdio, file=PATH or off")]
+    Serial(String),
+    /// The kernel file does not exist.
+    #[error("kernel {0} not found")]
+    KernelNotFound(PathBuf),
+    /// The initramfs file does not exist.
+    #[error("initramfs {0} not found")]
+    InitramfsNotFound(PathBuf),
+}
+
+impl VmConfig {
+    /// Checks ranges and that the files exist; `max_cpus` is what KVM supports on this host.
+    pub fn validate(&self, max_cpus: u8) -> Result<(), ConfigError> {
+        let max = max_cpus.min(MAX_CPUS);
+        if self.cpus == 0 || self.cpus > max {
+            return Err(ConfigError::Cpus {
+                given: u64::from(self.cpus),
+                max,
+            });
+        }
+        if self.root_ports == 0 || self.root_ports > MAX_ROOT_PORTS {
+            return Err(ConfigError::RootPorts {
+                given: u64::from(self.root_ports),
+                max: MAX_ROOT_PORTS,
+            });
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::KernelNotFound(self.kernel.clone()));
+        }
+        if let Some(p) = &self.initramfs {
+            if !p.is_file() {
+                return Err(ConfigError::InitramfsNotFound(p.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/proc/self/exe"),
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            memory: "size=128M".parse().unwrap(),
+            root_ports: DEFAULT_ROOT_PORTS,
+            serial: SerialConfig::Stdio,
+            api_socket: None,
+        }
+    }
+
+    #[test]
+    fn serial_values_parse() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("off".parse(), Ok(SerialConfig::Off));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(SerialConfig::File(PathBuf::from("/tmp/x")))
+        );
+        assert!("file=".parse::<SerialConfig>().is_err());
+        assert!("tty".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn cpus_beyond_host_limit_are_refused() {
+        let mut c = config();
+        c.cpus = 9;
+        assert_eq!(c.validate(8), Err(ConfigError::Cpus { given: 9, max: 8 }));
+        c.cpus = 0;
+        assert!(c.validate(8).is_err());
+        c.cpus = 8;
+        assert!(c.validate(8).is_ok());
+    }
+
+    #[test]
+    fn root_ports_out_of_range_are_refused() {
+        let mut c = config();
+        c.root_ports = 0;
+        assert!(c.validate(8).is_err());
+        c.root_ports = MAX_ROOT_PORTS;
+        assert!(c.validate(8).is_ok());
+    }
+
+    #[test]
+    fn missing_kernel_is_refused() {
+        let mut c = config();
+        c.kernel = PathBuf::from("/nonexistent/vmlinuz");
+        assert!(matches!(c.validate(8), Err(ConfigError::KernelNotFound(_))));
+    }
+}

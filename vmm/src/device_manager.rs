@@ -1,0 +1,180 @@
+//! Creates the platform devices, registers them on the buses and owns them.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use rvmm_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_COUNT};
+use rvmm_devices::cmos::{Cmos, CMOS_PORT_COUNT};
+use rvmm_devices::i8042::{I8042, I8042_PORT_COUNT};
+use rvmm_devices::serial::{Serial, SERIAL_PORT_COUNT};
+use rvmm_devices::{Bus, BusError, Interrupt, SharedBusDevice, VmEvents};
+use thiserror::Error;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi;
+use crate::config::VmConfig;
+use crate::exit::ExitSignal;
+use crate::layout;
+use crate::vm::serial_output;
+
+/// Errors of device creation.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// A device's range could not be registered.
+    #[error("cannot register the {device} at {base:#x}")]
+    Register {
+        /// The device.
+        device: &'static str,
+        /// Its base address or port.
+        base: u64,
+        /// The bus error.
+        #[source]
+        source: BusError,
+    },
+    /// An interrupt line could not be wired.
+    #[error("cannot wire the interrupt of the {device} (GSI {gsi})")]
+    Irq {
+        /// The device.
+        device: &'static str,
+        /// Its GSI.
+        gsi: u32,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ACPI tables could not be created.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// The serial output could not be opened.
+    #[error("cannot open the serial console output")]
+    SerialOutput(#[source] std::io::Error),
+}
+
+/// Result type of device creation.
+pub type Result<T> = std::result::Result<T, DeviceError>;
+
+/// Owns the VM's devices; the buses hold weak references to them.
+pub struct DeviceManager {
+    serial: Option<Arc<Mutex<Serial>>>,
+    owned: Vec<SharedBusDevice>,
+    _irqfds: Vec<EventFd>,
+    rsdp: u64,
+}
+
+impl DeviceManager {
+    /// Creates and registers the platform devices of `config`.
+    pub fn new(
+        vm_fd: &Arc<VmFd>,
+        memory: &GuestMemoryMmap,
+        pio: &Arc<Bus>,
+        _mmio: &Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        config: &VmConfig,
+        phys_bits: u8,
+    ) -> Result<Self> {
+        let mut dm = Self {
+            serial: None,
+            owned: Vec::new(),
+            _irqfds: Vec::new(),
+            rsdp: 0,
+        };
+        if let Some(out) = serial_output(&config.serial).map_err(DeviceError::SerialOutput)? {
+            let irq = dm.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
+            let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+            let shared: SharedBusDevice = serial.clone();
+            dm.register(
+                pio,
+                "serial port",
+                &shared,
+                layout::SERIAL_PORT,
+                SERIAL_PORT_COUNT,
+            )?;
+            dm.serial = Some(serial);
+        }
+        let events: Arc<dyn VmEvents> = exit;
+        let i8042: SharedBusDevice = Arc::new(Mutex::new(I8042::new(events.clone())));
+        dm.register(
+            pio,
+            "i8042",
+            &i8042,
+            layout::I8042_DATA_PORT,
+            I8042_PORT_COUNT,
+        )?;
+        let pm: SharedBusDevice = Arc::new(Mutex::new(AcpiPm::new(events)));
+        dm.register(
+            pio,
+            "ACPI PM registers",
+            &pm,
+            layout::ACPI_PM_PORT,
+            ACPI_PM_PORT_COUNT,
+        )?;
+        let cmos: SharedBusDevice = Arc::new(Mutex::new(Cmos::new()));
+        dm.register(pio, "CMOS RTC", &cmos, layout::CMOS_PORT, CMOS_PORT_COUNT)?;
+
+        let ram_end = memory.last_addr().raw_value() + 1;
+        let ports: Vec<(u8, u8, u16)> = (0..config.root_ports)
+            .map(|i| (1 + i / 8, i % 8, u16::from(i) + 1))
+            .collect();
+        dm.rsdp = acpi::write_tables(
+            memory,
+            &acpi::Machine {
+                cpus: config.cpus,
+                bus_end: config.root_ports,
+                mmio64: layout::mmio64_window(ram_end, phys_bits),
+                root_ports: &ports,
+                serial: dm.serial.is_some(),
+            },
+        )?;
+        Ok(dm)
+    }
+
+    /// An EventFd registered as irqfd on `gsi`, as an [`Interrupt`].
+    fn irqfd(
+        &mut self,
+        vm_fd: &VmFd,
+        device: &'static str,
+        gsi: u32,
+    ) -> Result<Arc<dyn Interrupt>> {
+        let err = |source| DeviceError::Irq {
+            device,
+            gsi,
+            source,
+        };
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
+        vm_fd
+            .register_irqfd(&fd, gsi)
+            .map_err(|e| err(std::io::Error::from_raw_os_error(e.errno())))?;
+        let trigger = fd.try_clone().map_err(err)?;
+        self._irqfds.push(fd);
+        Ok(Arc::new(trigger))
+    }
+
+    fn register(
+        &mut self,
+        bus: &Bus,
+        device: &'static str,
+        dev: &SharedBusDevice,
+        base: u64,
+        len: u64,
+    ) -> Result<()> {
+        bus.insert(dev, base, len)
+            .map_err(|source| DeviceError::Register {
+                device,
+                base,
+                source,
+            })?;
+        self.owned.push(dev.clone());
+        Ok(())
+    }
+
+    /// The serial port, when the VM has one.
+    pub fn serial(&self) -> Option<Arc<Mutex<Serial>>> {
+        self.serial.clone()
+    }
+
+    /// Guest address of the ACPI RSDP.
+    pub fn rsdp_address(&self) -> u64 {
+        self.rsdp
+    }
+}

@@ -1,0 +1,130 @@
+//! vCPU threads: run the vCPU, dispatch port and MMIO exits to the buses, nothing else.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use rvmm_devices::Bus;
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::exit::{ExitSignal, VmExit};
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler of the kick signal; KVM_RUN then returns EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), noop)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// What a vCPU thread shares with the VM.
+pub struct VcpuContext {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where stop requests go.
+    pub exit: Arc<ExitSignal>,
+    /// Set when all vCPUs must leave their loop.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Starts vCPU `index` on its own thread.
+    pub fn spawn(index: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run(index, vcpu, ctx))?;
+        Ok(Self { thread })
+    }
+
+    /// Stops the thread (the caller has set the stop flag) and waits for it.
+    pub fn join(self) {
+        // A signal sent just before the thread enters KVM_RUN is lost, so keep kicking until it
+        // has left its loop.
+        while !self.thread.is_finished() {
+            if let Err(e) = self.thread.kill(kick_signal()) {
+                log::debug!("kicking a vCPU thread: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.thread.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    while !ctx.stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    log::debug!("vcpu{index}: unclaimed MMIO read at {addr:#x}");
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !ctx.mmio.write(addr, data) {
+                    log::debug!("vcpu{index}: unclaimed MMIO write at {addr:#x}");
+                }
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                log::info!("vcpu{index}: triple fault, resetting");
+                ctx.exit.request(VmExit::Reset);
+                break;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(VmExit::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => ctx.exit.request(VmExit::Reset),
+                    other => {
+                        log::error!("vcpu{index}: unexpected system event {other}");
+                        ctx.exit.request(VmExit::Crash);
+                    }
+                }
+                break;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                log::error!("vcpu{index}: VM entry failed (reason {reason:#x}, host cpu {cpu})");
+                ctx.exit.request(VmExit::Crash);
+                break;
+            }
+            Ok(VcpuExit::InternalError) => {
+                log::error!("vcpu{index}: KVM internal error");
+                ctx.exit.request(VmExit::Crash);
+                break;
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                log::warn!("vcpu{index}: unhandled exit {other:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                log::error!("vcpu{index}: KVM_RUN failed: {e}");
+                ctx.exit.request(VmExit::Crash);
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! A VM: KVM objects, guest memory, buses, devices and vCPUs, built from a [`VmConfig`].
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use rvmm_devices::Bus;
+use thiserror::Error;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot::{self, BootSource, EntryPoint};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::cpu;
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::exit::{ExitSignal, VmExit};
+use crate::memory;
+use crate::vcpu::{self, VcpuContext, VcpuHandle};
+
+/// TSS area KVM needs on Intel hosts (3 pages, inside the 32-bit hole, unused by anything else).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Identity-map page KVM needs on Intel hosts (just below the TSS).
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors of building or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// /dev/kvm does not exist.
+    #[error("/dev/kvm not found: KVM is not available on this host (load kvm-intel or kvm-amd, and enable virtualization in the firmware)")]
+    KvmMissing,
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (run as root or add the user to the kvm group)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// KVM refused to create a VM or a core part of it.
+    #[error("/dev/kvm is not usable: {what} failed")]
+    Kvm {
+        /// The call that failed.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM capability rvmm needs is missing.
+    #[error(
+        "/dev/kvm lacks {0:?}, which rvmm needs (an in-kernel IRQ chip host with KVM_CAP_{0:?})"
+    )]
+    KvmCap(Cap),
+    /// Guest memory could not be reserved.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// A vCPU could not be configured.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// A device could not be created.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The event loop failed.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// A thread or fd could not be created.
+    #[error("cannot {what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result type of VM operations.
+pub type Result<T> = std::result::Result<T, VmError>;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens /dev/kvm with a clear error when it is missing or not accessible.
+fn open_kvm() -> Result<Kvm> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err(VmError::KvmMissing);
+    }
+    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+    for cap in [
+        Cap::Irqchip,
+        Cap::Irqfd,
+        Cap::UserMemory,
+        Cap::SignalMsi,
+        Cap::Pit2,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCap(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+/// A VM built and loaded, ready to run.
+pub struct Vm {
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    devices: DeviceManager,
+    vcpus: Vec<VcpuFd>,
+    serial: SerialConfig,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`: reserves and pins memory, creates the devices and
+    /// ACPI tables, loads the kernel and configures every vCPU. Nothing runs yet.
+    pub fn new(config: &VmConfig) -> Result<Self> {
+        let kvm = open_kvm()?;
+        let max_cpus = u8::try_from(kvm.get_max_vcpus()).unwrap_or(u8::MAX);
+        config.validate(max_cpus)?;
+
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let memory = memory::reserve(&config.memory)?;
+        register_memory(&vm_fd, &memory)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(|source| VmError::Io {
+            what: "create the exit event",
+            source,
+        })?);
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let devices = DeviceManager::new(
+            &vm_fd,
+            &memory,
+            &pio,
+            &mmio,
+            exit.clone(),
+            config,
+            phys_bits(&kvm),
+        )?;
+
+        let entry = boot::load(
+            &memory,
+            &BootSource {
+                kernel: &config.kernel,
+                initramfs: config.initramfs.as_deref(),
+                cmdline: &config.cmdline,
+                rsdp: devices.rsdp_address(),
+            },
+        )?;
+        let vcpus = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
+        Ok(Self {
+            vm_fd,
+            memory,
+            pio,
+            mmio,
+            exit,
+            devices,
+            vcpus,
+            serial: config.serial.clone(),
+        })
+    }
+
+    /// The guest memory (pinned, locked).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// Runs the VM until the guest powers off or resets, or a vCPU fails.
+    pub fn run(self) -> Result<VmExit> {
+        vcpu::install_kick_handler().map_err(|source| VmError::Io {
+            what: "install the vCPU kick signal handler",
+            source,
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut event_loop = EventLoop::new(self.exit.clone())?;
+        if self.serial == SerialConfig::Stdio {
+            if let Some(serial) = self.devices.serial() {
+                event_loop.add_stdin_console(serial)?;
+            }
+        }
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+            };
+            // At most MAX_CPUS (254) vCPUs exist.
+            match VcpuHandle::spawn(index as u8, vcpu, ctx) {
+                Ok(h) => handles.push(h),
+                Err(source) => {
+                    stop.store(true, Ordering::Release);
+                    handles.into_iter().for_each(VcpuHandle::join);
+                    return Err(VmError::Io {
+                        what: "start a vCPU thread",
+                        source,
+                    });
+                }
+            }
+        }
+        let result = event_loop.run();
+        stop.store(true, Ordering::Release);
+        handles.into_iter().for_each(VcpuHandle::join);
+        event_loop.restore_terminal();
+        let _ = std::io::stdout().flush();
+        result?;
+        Ok(self.exit.requested().unwrap_or(VmExit::PowerOff))
+    }
+}
+
+/// Registers every guest RAM region as a KVM memory slot (slots 0..n).
+fn register_memory(vm_fd: &VmFd, memory: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::Io {
+                what: "find the host address of guest memory",
+                source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which outlives the VM fd's use of
+        // it: the Vm keeps both and drops the VM fd (and so the slots) no later than the memory.
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// The host's physical address width (CPUID 0x80000008), 36 when unknown.
+fn phys_bits(kvm: &Kvm) -> u8 {
+    kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .ok()
+        .and_then(|c| {
+            c.as_slice()
+                .iter()
+                .find(|e| e.function == 0x8000_0008)
+                .map(|e| (e.eax & 0xff) as u8)
+        })
+        .filter(|&b| b >= 32)
+        .unwrap_or(36)
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    entry: EntryPoint,
+    count: u8,
+) -> Result<Vec<VcpuFd>> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    (0..count)
+        .map(|i| {
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            cpu::configure_cpuid(&vcpu, &supported, i, count)?;
+            cpu::configure_msrs(&vcpu, i)?;
+            cpu::configure_registers(&vcpu, memory, entry, i)?;
+            cpu::configure_fpu(&vcpu, i)?;
+            cpu::configure_lapic(&vcpu, i)?;
+            Ok(vcpu)
+        })
+        .collect()
+}
+
+/// Opens the serial output of `config`.
+pub(crate) fn serial_output(
+    config: &SerialConfig,
+) -> std::io::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match config {
+        SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
+        SerialConfig::File(p) => Some(Box::new(
+            OpenOptions::new().create(true).append(true).open(p)?,
+        )),
+        SerialConfig::Off => None,
+    })
+}
