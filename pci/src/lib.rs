@@ -1,6 +1,31 @@
 //! PCI Express model of rvmm: config space, the host bridge (ECAM and 0xCF8/0xCFC), hotplug-capable
 //! root ports and the allocators for bus numbers and address windows.
+//!
+//! - [`config`]: the 4 KiB configuration space with write masks and the capability builder;
+//!   [`header`]: type 0 / type 1 headers.
+//! - [`root_port`], [`pcie_cap`], [`msi`], [`slot`]: a hot-plug capable PCIe root port, its
+//!   PCI Express and MSI capabilities, and the slot state machine driven by the hot-plug manager
+//!   and the guest's pciehp.
+//! - [`segment`], [`host_bridge`], [`config_access`]: the host bridge and N root ports of
+//!   segment 0, routed by bus number, behind 0xCF8/0xCFC and ECAM front-ends.
+//! - [`allocator`]: address ranges and an aligned allocator for BARs inside a port window.
 
+pub mod allocator;
+pub mod config;
+pub mod config_access;
 pub mod device;
+pub mod header;
+pub mod host_bridge;
+pub mod msi;
+pub mod pcie_cap;
+pub mod root_port;
+pub mod segment;
+pub mod slot;
 
+pub use allocator::{AddressAllocator, AddressRange};
+pub use config_access::{EcamAccess, PioConfigAccess, PIO_CONFIG_BASE, PIO_CONFIG_LEN};
 pub use device::{MsiMessage, MsiSender, PciDevice};
+pub use pcie_cap::{LinkSpeed, LinkWidth};
+pub use root_port::{PortWindows, RootPort, SharedRootPort};
+pub use segment::{PciAddress, PciSegment, PortInfo, SegmentConfig};
+pub use slot::{SlotDevice, SlotError, SlotEvents, SlotState};

@@ -1,0 +1,415 @@
+//! The PCI segment: a host bridge at 00.0 of the root bus and N hot-plug root ports, with
+//! configuration accesses routed by bus number.
+//!
+//! Root port `i` is device `1 + i / 8`, function `i % 8` of the root bus, owns physical slot
+//! `i + 1` and starts with secondary = subordinate = root bus + `i + 1`. The guest may
+//! renumber buses: accesses to other buses go to the port whose *current* secondary..=
+//! subordinate range holds the bus.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::allocator::{align_up, AddressRange};
+use crate::device::{MsiSender, PciDevice};
+use crate::header::{BusNumbers, WINDOW_GRANULARITY};
+use crate::host_bridge::HostBridge;
+use crate::pcie_cap::{LinkSpeed, LinkWidth};
+use crate::root_port::{
+    PortWindows, RootPort, RootPortConfig, RootPortError, SharedRootPort, ABSENT,
+};
+use crate::slot::SlotEvents;
+
+/// Most root ports a segment supports.
+pub const MAX_ROOT_PORTS: usize = 128;
+/// Functions per device.
+const FUNCTIONS_PER_DEVICE: usize = 8;
+/// Bytes of ECAM space per bus.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+/// The address of a PCI function in segment 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PciAddress {
+    /// Bus number.
+    pub bus: u8,
+    /// Device number (0..32).
+    pub device: u8,
+    /// Function number (0..8).
+    pub function: u8,
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
+    }
+}
+
+/// Plain description of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentConfig {
+    /// Guest-physical base of the ECAM window (recorded for ACPI's MCFG).
+    pub ecam_base: u64,
+    /// First bus number (the root bus).
+    pub bus_start: u8,
+    /// Last bus number.
+    pub bus_end: u8,
+    /// The 32-bit MMIO window shared out among the ports.
+    pub mmio32: AddressRange,
+    /// The 64-bit MMIO window shared out among the ports.
+    pub mmio64: AddressRange,
+    /// Number of root ports (1..=128).
+    pub root_ports: usize,
+    /// Link speed of every port.
+    pub link_speed: LinkSpeed,
+    /// Link width of every port.
+    pub link_width: LinkWidth,
+}
+
+/// A root port as the hot-plug manager and ACPI see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Index of the port in the segment.
+    pub index: usize,
+    /// Address of the port on the root bus.
+    pub address: PciAddress,
+    /// Physical Slot Number.
+    pub slot_number: u16,
+    /// Secondary bus assigned at construction.
+    pub secondary_bus: u8,
+    /// Bridge windows assigned at construction.
+    pub windows: PortWindows,
+}
+
+/// Errors of segment construction.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SegmentError {
+    /// The number of root ports is out of range.
+    #[error("{count} root ports requested, supported are 1 to {max}")]
+    InvalidPortCount {
+        /// Requested number.
+        count: usize,
+        /// Largest supported number.
+        max: usize,
+    },
+    /// The bus range is empty or cannot give every port its own bus.
+    #[error("bus range {start}..={end} cannot hold the root bus and {ports} port buses")]
+    TooFewBuses {
+        /// First bus.
+        start: u8,
+        /// Last bus.
+        end: u8,
+        /// Number of ports.
+        ports: usize,
+    },
+    /// The 32-bit window cannot give every port 1 MiB below 4 GiB.
+    #[error("32-bit window {base:#x}+{size:#x} cannot give {ports} ports a 1 MiB-aligned window each below 4 GiB")]
+    Mmio32TooSmall {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+        /// Number of ports.
+        ports: usize,
+    },
+    /// The 64-bit window cannot give every port a size-aligned window of at least 1 MiB.
+    #[error("64-bit window {base:#x}+{size:#x} cannot give {ports} ports a size-aligned window of at least 1 MiB each")]
+    Mmio64TooSmall {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+        /// Number of ports.
+        ports: usize,
+    },
+    /// A root port could not be created.
+    #[error("failed to create root port {index}")]
+    RootPort {
+        /// Index of the port.
+        index: usize,
+        /// What went wrong.
+        #[source]
+        source: RootPortError,
+    },
+}
+
+/// Result type of segment construction.
+pub type Result<T> = std::result::Result<T, SegmentError>;
+
+/// Splits the windows evenly among `ports` ports: 32-bit windows 1 MiB granular and aligned,
+/// 64-bit windows of the largest power-of-two size that fits, aligned to that size.
+pub fn split_windows(
+    mmio32: AddressRange,
+    mmio64: AddressRange,
+    ports: usize,
+) -> Result<Vec<PortWindows>> {
+    let count =
+        u64::try_from(ports)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or(SegmentError::InvalidPortCount {
+                count: ports,
+                max: MAX_ROOT_PORTS,
+            })?;
+    let low = split_mmio32(mmio32, count).ok_or(SegmentError::Mmio32TooSmall {
+        base: mmio32.base,
+        size: mmio32.size,
+        ports,
+    })?;
+    let high = split_mmio64(mmio64, count).ok_or(SegmentError::Mmio64TooSmall {
+        base: mmio64.base,
+        size: mmio64.size,
+        ports,
+    })?;
+    Ok((0..count)
+        .map(|i| PortWindows {
+            mmio32: AddressRange::new(low.0 + i * low.1, low.1),
+            mmio64: AddressRange::new(high.0 + i * high.1, high.1),
+        })
+        .collect())
+}
+
+/// (first base, size per port) of the 32-bit split.
+fn split_mmio32(window: AddressRange, count: u64) -> Option<(u64, u64)> {
+    let end = window
+        .base
+        .checked_add(window.size)
+        .filter(|&end| end <= 1 << 32)?;
+    let start = align_up(window.base, WINDOW_GRANULARITY)?;
+    let per = (end.checked_sub(start)? / count) & !(WINDOW_GRANULARITY - 1);
+    (per != 0).then_some((start, per))
+}
+
+/// (first base, size per port) of the 64-bit split.
+fn split_mmio64(window: AddressRange, count: u64) -> Option<(u64, u64)> {
+    let last = window.last()?;
+    let share = window.size / count;
+    if share < WINDOW_GRANULARITY {
+        return None;
+    }
+    // Largest power of two not above the even share.
+    let mut per = 1u64 << (63 - share.leading_zeros());
+    while per >= WINDOW_GRANULARITY {
+        let fits = align_up(window.base, per)
+            .and_then(|start| Some((start, start.checked_add(count * per - 1)?)))
+            .filter(|&(_, end)| end <= last);
+        if let Some((start, _)) = fits {
+            return Some((start, per));
+        }
+        per /= 2;
+    }
+    None
+}
+
+/// Which function of the root bus an access reaches.
+enum RootFunction {
+    HostBridge,
+    Port(usize),
+}
+
+/// The host bridge and root ports of segment 0.
+pub struct PciSegment {
+    config: SegmentConfig,
+    host_bridge: Mutex<HostBridge>,
+    ports: Vec<SharedRootPort>,
+    infos: Vec<PortInfo>,
+}
+
+impl PciSegment {
+    /// Builds the segment described by `config`. Every port sends its hot-plug MSIs through
+    /// `msi` and reports guest slot changes to `events`.
+    pub fn new(
+        config: SegmentConfig,
+        msi: Arc<dyn MsiSender>,
+        events: Arc<dyn SlotEvents>,
+    ) -> Result<Self> {
+        let n = config.root_ports;
+        if !(1..=MAX_ROOT_PORTS).contains(&n) {
+            return Err(SegmentError::InvalidPortCount {
+                count: n,
+                max: MAX_ROOT_PORTS,
+            });
+        }
+        let bus_count = usize::from(config.bus_end)
+            .checked_sub(usize::from(config.bus_start))
+            .map(|d| d + 1);
+        if bus_count.is_none_or(|buses| buses <= n) {
+            return Err(SegmentError::TooFewBuses {
+                start: config.bus_start,
+                end: config.bus_end,
+                ports: n,
+            });
+        }
+        let windows = split_windows(config.mmio32, config.mmio64, n)?;
+        let mut ports = Vec::with_capacity(n);
+        let mut infos = Vec::with_capacity(n);
+        for (index, windows) in windows.into_iter().enumerate() {
+            // Bounded by the checks above: index < 128 and bus_start + index + 1 <= bus_end.
+            let secondary = config.bus_start + index as u8 + 1;
+            let device = 1 + index / FUNCTIONS_PER_DEVICE;
+            let function = index % FUNCTIONS_PER_DEVICE;
+            let functions_on_device = (n - (device - 1) * FUNCTIONS_PER_DEVICE).min(8);
+            let port_config = RootPortConfig {
+                index,
+                buses: BusNumbers {
+                    primary: config.bus_start,
+                    secondary,
+                    subordinate: secondary,
+                },
+                slot_number: index as u16 + 1,
+                port_number: index as u8 + 1,
+                windows,
+                link_speed: config.link_speed,
+                link_width: config.link_width,
+                multi_function: function == 0 && functions_on_device > 1,
+            };
+            let port = RootPort::new(port_config, msi.clone(), events.clone())
+                .map_err(|source| SegmentError::RootPort { index, source })?;
+            ports.push(Arc::new(Mutex::new(port)));
+            infos.push(PortInfo {
+                index,
+                address: PciAddress {
+                    bus: config.bus_start,
+                    device: device as u8,
+                    function: function as u8,
+                },
+                slot_number: port_config.slot_number,
+                secondary_bus: secondary,
+                windows,
+            });
+        }
+        Ok(Self {
+            config,
+            host_bridge: Mutex::new(HostBridge::new()),
+            ports,
+            infos,
+        })
+    }
+
+    /// The configuration the segment was built from.
+    pub fn config(&self) -> &SegmentConfig {
+        &self.config
+    }
+
+    /// Size of the ECAM window: 1 MiB per bus of the bus range.
+    pub fn ecam_size(&self) -> u64 {
+        (u64::from(self.config.bus_end) - u64::from(self.config.bus_start) + 1) * ECAM_BUS_SIZE
+    }
+
+    /// Root port `index`.
+    pub fn port(&self, index: usize) -> Option<&SharedRootPort> {
+        self.ports.get(index)
+    }
+
+    /// Every root port with its address, slot, bus and windows, in index order.
+    pub fn ports(&self) -> &[PortInfo] {
+        &self.infos
+    }
+
+    /// The port owning physical slot `slot_number`.
+    pub fn port_by_slot(&self, slot_number: u16) -> Option<(&PortInfo, &SharedRootPort)> {
+        let index = self
+            .infos
+            .iter()
+            .position(|info| info.slot_number == slot_number)?;
+        Some((self.infos.get(index)?, self.ports.get(index)?))
+    }
+
+    fn root_function(&self, device: u8, function: u8) -> Option<RootFunction> {
+        match (device, function) {
+            (0, 0) => Some(RootFunction::HostBridge),
+            (0, _) => None,
+            _ => {
+                let index =
+                    (usize::from(device) - 1) * FUNCTIONS_PER_DEVICE + usize::from(function);
+                (index < self.ports.len()).then_some(RootFunction::Port(index))
+            }
+        }
+    }
+
+    fn lock(port: &SharedRootPort) -> std::sync::MutexGuard<'_, RootPort> {
+        port.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the port whose current bus range holds `bus` (a bus other than the root).
+    fn with_port_for_bus<R>(&self, bus: u8, f: impl FnOnce(&RootPort) -> R) -> Option<R> {
+        let n = self.ports.len();
+        // Try the port that owns the bus by default first, then all others.
+        let guess = usize::from(bus.wrapping_sub(self.config.bus_start)).saturating_sub(1) % n;
+        (0..n)
+            .filter_map(|k| self.ports.get((guess + k) % n))
+            .map(Self::lock)
+            .find(|port| port.bus_numbers().routes(bus))
+            .map(|port| f(&port))
+    }
+
+    fn decodes(&self, bus: u8, device: u8, function: u8) -> bool {
+        device < 32 && function < 8 && (self.config.bus_start..=self.config.bus_end).contains(&bus)
+    }
+
+    /// Reads register `reg` of function `bus:device.function`; absent functions read all ones.
+    pub fn read_config(&self, bus: u8, device: u8, function: u8, reg: usize) -> u32 {
+        if !self.decodes(bus, device, function) {
+            return ABSENT;
+        }
+        if bus != self.config.bus_start {
+            return self
+                .with_port_for_bus(bus, |port| port.read_downstream(bus, device, function, reg))
+                .unwrap_or(ABSENT);
+        }
+        match self.root_function(device, function) {
+            Some(RootFunction::HostBridge) => self
+                .host_bridge
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_config_register(reg),
+            Some(RootFunction::Port(i)) => self
+                .ports
+                .get(i)
+                .map_or(ABSENT, |p| Self::lock(p).read_config_register(reg)),
+            None => ABSENT,
+        }
+    }
+
+    /// Writes `data` at byte `offset` of register `reg` of function `bus:device.function`;
+    /// writes to absent functions are dropped.
+    pub fn write_config(
+        &self,
+        bus: u8,
+        device: u8,
+        function: u8,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) {
+        if !self.decodes(bus, device, function) {
+            return;
+        }
+        if bus != self.config.bus_start {
+            self.with_port_for_bus(bus, |port| {
+                port.write_downstream(bus, device, function, reg, offset, data)
+            });
+            return;
+        }
+        match self.root_function(device, function) {
+            Some(RootFunction::HostBridge) => self
+                .host_bridge
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_config_register(reg, offset, data),
+            Some(RootFunction::Port(i)) => {
+                if let Some(port) = self.ports.get(i) {
+                    Self::lock(port).write_config_register(reg, offset, data);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,343 @@
+use super::*;
+use crate::msi::tests::RecordingSender;
+use crate::slot::tests::{NullEvents, TestDevice};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+pub(crate) fn config(ports: usize) -> SegmentConfig {
+    SegmentConfig {
+        ecam_base: 0xe000_0000,
+        bus_start: 0,
+        bus_end: 0xff,
+        mmio32: AddressRange::new(0xc000_0000, 512 * MIB),
+        mmio64: AddressRange::new(0x100_0000_0000, 256 * GIB),
+        root_ports: ports,
+        link_speed: LinkSpeed::Gen4,
+        link_width: LinkWidth::X16,
+    }
+}
+
+pub(crate) fn segment(ports: usize) -> PciSegment {
+    PciSegment::new(
+        config(ports),
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap()
+}
+
+fn assert_split_is_valid(windows: &[PortWindows], cfg: &SegmentConfig) {
+    for (i, w) in windows.iter().enumerate() {
+        assert_eq!(w.mmio32.base % MIB, 0, "port {i}");
+        assert_eq!(w.mmio32.size % MIB, 0, "port {i}");
+        assert!(cfg.mmio32.contains_range(&w.mmio32), "port {i}");
+        assert!(w.mmio64.size.is_power_of_two(), "port {i}");
+        assert_eq!(w.mmio64.base % w.mmio64.size, 0, "port {i}");
+        assert!(cfg.mmio64.contains_range(&w.mmio64), "port {i}");
+        if let Some(next) = windows.get(i + 1) {
+            assert!(w.mmio32.last().unwrap() < next.mmio32.base);
+            assert!(w.mmio64.last().unwrap() < next.mmio64.base);
+        }
+    }
+}
+
+#[test]
+fn split_for_one_port_gives_it_everything() {
+    let cfg = config(1);
+    let w = split_windows(cfg.mmio32, cfg.mmio64, 1).unwrap();
+    assert_eq!(
+        w,
+        vec![PortWindows {
+            mmio32: cfg.mmio32,
+            mmio64: cfg.mmio64
+        }]
+    );
+}
+
+#[test]
+fn split_for_8_ports_is_even_and_aligned() {
+    let cfg = config(8);
+    let w = split_windows(cfg.mmio32, cfg.mmio64, 8).unwrap();
+    assert_eq!(w.len(), 8);
+    assert!(w
+        .iter()
+        .all(|p| p.mmio32.size == 64 * MIB && p.mmio64.size == 32 * GIB));
+    assert_eq!(w[7].mmio32.base, 0xc000_0000 + 7 * 64 * MIB);
+    assert_split_is_valid(&w, &cfg);
+}
+
+#[test]
+fn split_for_32_ports_is_even_and_aligned() {
+    let cfg = config(32);
+    let w = split_windows(cfg.mmio32, cfg.mmio64, 32).unwrap();
+    assert!(w
+        .iter()
+        .all(|p| p.mmio32.size == 16 * MIB && p.mmio64.size == 8 * GIB));
+    assert_split_is_valid(&w, &cfg);
+}
+
+#[test]
+fn split_for_128_ports_is_even_and_aligned() {
+    let cfg = config(128);
+    let w = split_windows(cfg.mmio32, cfg.mmio64, 128).unwrap();
+    assert_eq!(w.len(), 128);
+    assert!(w
+        .iter()
+        .all(|p| p.mmio32.size == 4 * MIB && p.mmio64.size == 2 * GIB));
+    assert_split_is_valid(&w, &cfg);
+}
+
+#[test]
+fn split_rounds_uneven_windows_down() {
+    let mmio32 = AddressRange::new(0xc008_0000, 100 * MIB);
+    let mmio64 = AddressRange::new(0x1_2000_0000, 3 * GIB);
+    let w = split_windows(mmio32, mmio64, 3).unwrap();
+    assert!(w.iter().all(|p| p.mmio32.size == 33 * MIB));
+    assert_eq!(w[0].mmio32.base, 0xc010_0000);
+    assert!(w.iter().all(|p| p.mmio64.size == 512 * MIB));
+    assert_split_is_valid(
+        &w,
+        &SegmentConfig {
+            mmio32,
+            mmio64,
+            ..config(3)
+        },
+    );
+}
+
+#[test]
+fn split_steps_down_when_alignment_wastes_space() {
+    // 4 GiB starting 1 GiB past a 2 GiB boundary: two 2 GiB windows do not fit aligned.
+    let mmio64 = AddressRange::new(0x1_4000_0000, 4 * GIB);
+    let w = split_windows(config(2).mmio32, mmio64, 2).unwrap();
+    assert!(w.iter().all(|p| p.mmio64.size == GIB));
+    assert_eq!(w[0].mmio64.base, 0x1_4000_0000);
+}
+
+#[test]
+fn split_of_too_small_mmio32_window_fails() {
+    let err = split_windows(
+        AddressRange::new(0xc000_0000, 127 * MIB),
+        config(1).mmio64,
+        128,
+    );
+    assert!(matches!(
+        err,
+        Err(SegmentError::Mmio32TooSmall { ports: 128, .. })
+    ));
+}
+
+#[test]
+fn split_of_mmio32_window_crossing_4g_fails() {
+    let err = split_windows(
+        AddressRange::new(0xf000_0000, 512 * MIB),
+        config(1).mmio64,
+        1,
+    );
+    assert!(matches!(err, Err(SegmentError::Mmio32TooSmall { .. })));
+}
+
+#[test]
+fn split_of_too_small_mmio64_window_fails() {
+    let err = split_windows(
+        config(1).mmio32,
+        AddressRange::new(0x1_0000_0000, 100 * MIB),
+        128,
+    );
+    assert!(matches!(err, Err(SegmentError::Mmio64TooSmall { .. })));
+}
+
+#[test]
+fn port_count_out_of_range_is_refused() {
+    for count in [0, 129] {
+        let err = PciSegment::new(
+            config(count),
+            Arc::new(RecordingSender::default()),
+            Arc::new(NullEvents),
+        );
+        assert!(matches!(err, Err(SegmentError::InvalidPortCount { .. })));
+    }
+}
+
+#[test]
+fn bus_range_too_small_for_the_ports_is_refused() {
+    let cfg = SegmentConfig {
+        bus_end: 7,
+        ..config(8)
+    };
+    let err = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    );
+    assert!(matches!(
+        err,
+        Err(SegmentError::TooFewBuses { ports: 8, .. })
+    ));
+    let cfg = SegmentConfig {
+        bus_start: 9,
+        bus_end: 8,
+        ..config(1)
+    };
+    let err = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    );
+    assert!(matches!(err, Err(SegmentError::TooFewBuses { .. })));
+}
+
+#[test]
+fn ecam_size_covers_the_bus_range() {
+    assert_eq!(segment(1).ecam_size(), 256 * MIB);
+    let cfg = SegmentConfig {
+        bus_end: 15,
+        ..config(15)
+    };
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.ecam_size(), 16 * MIB);
+}
+
+#[test]
+fn host_bridge_is_function_0_of_device_0() {
+    let seg = segment(1);
+    assert_eq!(seg.read_config(0, 0, 0, 0), 0x0008_1b36);
+    assert_eq!(seg.read_config(0, 0, 1, 0), ABSENT);
+}
+
+#[test]
+fn ports_are_placed_eight_functions_per_device() {
+    let seg = segment(10);
+    let addresses: Vec<(u8, u8)> = seg
+        .ports()
+        .iter()
+        .map(|p| (p.address.device, p.address.function))
+        .collect();
+    assert_eq!(addresses[0], (1, 0));
+    assert_eq!(addresses[7], (1, 7));
+    assert_eq!(addresses[8], (2, 0));
+    assert_eq!(addresses[9], (2, 1));
+    assert_eq!(seg.read_config(0, 2, 1, 0), 0x000c_1b36);
+    assert_eq!(seg.read_config(0, 2, 2, 0), ABSENT);
+}
+
+#[test]
+fn multi_function_bit_is_set_only_on_function_0_of_shared_devices() {
+    let seg = segment(9);
+    let header_type = |d, f| (seg.read_config(0, d, f, 3) >> 16) as u8;
+    assert_eq!(header_type(1, 0), 0x81);
+    assert_eq!(header_type(1, 1), 0x01);
+    assert_eq!(header_type(2, 0), 0x01);
+}
+
+#[test]
+fn port_info_lists_slot_bus_and_bdf() {
+    let seg = segment(3);
+    let info = seg.ports()[2];
+    assert_eq!(info.index, 2);
+    assert_eq!(info.slot_number, 3);
+    assert_eq!(info.secondary_bus, 3);
+    assert_eq!(info.address.to_string(), "0000:00:01.2");
+    assert_eq!(seg.port_by_slot(3).map(|(i, _)| i.index), Some(2));
+    assert!(seg.port_by_slot(4).is_none());
+    assert!(seg.port(2).is_some() && seg.port(3).is_none());
+}
+
+#[test]
+fn ports_are_pre_programmed_with_their_windows() {
+    let seg = segment(4);
+    for info in seg.ports() {
+        let port = seg.port(info.index).unwrap().lock().unwrap();
+        assert_eq!(
+            port.programmed_windows(),
+            (Some(info.windows.mmio32), Some(info.windows.mmio64))
+        );
+    }
+}
+
+#[test]
+fn absent_functions_read_all_ones() {
+    let seg = segment(2);
+    assert_eq!(seg.read_config(0, 31, 0, 0), ABSENT);
+    assert_eq!(seg.read_config(0, 32, 0, 0), ABSENT);
+    assert_eq!(seg.read_config(0, 1, 8, 0), ABSENT);
+    assert_eq!(seg.read_config(1, 0, 0, 0), ABSENT);
+    assert_eq!(seg.read_config(200, 0, 0, 0), ABSENT);
+}
+
+#[test]
+fn buses_outside_the_segment_read_all_ones() {
+    let cfg = SegmentConfig {
+        bus_start: 0x10,
+        bus_end: 0x1f,
+        ..config(2)
+    };
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.read_config(0, 0, 0, 0), ABSENT);
+    assert_eq!(seg.read_config(0x10, 0, 0, 0), 0x0008_1b36);
+    assert_eq!(seg.ports()[1].secondary_bus, 0x12);
+}
+
+#[test]
+fn writes_to_absent_functions_are_dropped() {
+    let seg = segment(1);
+    seg.write_config(0, 5, 0, 1, 0, &[0xff; 4]);
+    seg.write_config(3, 0, 0, 1, 0, &[0xff; 4]);
+    assert_eq!(seg.read_config(0, 5, 0, 0), ABSENT);
+}
+
+/// Inserts a device in port `index` the way a ready guest allows it.
+pub(crate) fn insert(seg: &PciSegment, index: usize, id: u32) {
+    let mut port = seg.port(index).unwrap().lock().unwrap();
+    port.insert_device_at_boot(TestDevice::shared(id)).unwrap();
+}
+
+#[test]
+fn device_behind_a_port_is_reached_on_its_secondary_bus() {
+    let seg = segment(3);
+    insert(&seg, 1, 0x1111_8086);
+    assert_eq!(seg.read_config(2, 0, 0, 0), 0x1111_8086);
+    assert_eq!(seg.read_config(3, 0, 0, 0), ABSENT);
+    assert_eq!(seg.read_config(2, 0, 1, 0), ABSENT);
+}
+
+#[test]
+fn routing_follows_reprogrammed_bus_numbers() {
+    let seg = segment(3);
+    insert(&seg, 0, 0x2222_8086);
+    // The guest renumbers port 0 to bus 0x20 and port 1 to buses 1..=4.
+    seg.write_config(0, 1, 0, 6, 0, &[0, 0x20, 0x20, 0]);
+    seg.write_config(0, 1, 1, 6, 0, &[0, 1, 4, 0]);
+    assert_eq!(seg.read_config(0x20, 0, 0, 0), 0x2222_8086);
+    assert_eq!(seg.read_config(1, 0, 0, 0), ABSENT);
+    insert(&seg, 1, 0x3333_8086);
+    assert_eq!(seg.read_config(1, 0, 0, 0), 0x3333_8086);
+    assert_eq!(seg.read_config(4, 0, 0, 0), ABSENT);
+}
+
+#[test]
+fn port_with_cleared_bus_numbers_claims_nothing() {
+    let seg = segment(1);
+    insert(&seg, 0, 0x4444_8086);
+    seg.write_config(0, 1, 0, 6, 0, &[0, 0, 0, 0]);
+    assert_eq!(seg.read_config(1, 0, 0, 0), ABSENT);
+}
+
+#[test]
+fn config_writes_reach_the_device_behind_a_port() {
+    let seg = segment(1);
+    insert(&seg, 0, 0x5555_8086);
+    seg.write_config(1, 0, 0, 4, 0, &0xdead_beefu32.to_le_bytes());
+    assert_eq!(seg.read_config(1, 0, 0, 4), 0xdead_beef);
+}
