@@ -16,6 +16,7 @@ use crate::acpi;
 use crate::config::VmConfig;
 use crate::exit::ExitSignal;
 use crate::layout;
+use crate::pci::{self, PciRoot};
 use crate::vm::serial_output;
 
 /// Errors of device creation.
@@ -46,6 +47,9 @@ pub enum DeviceError {
     /// The ACPI tables could not be created.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// The PCIe topology could not be built.
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
     /// The serial output could not be opened.
     #[error("cannot open the serial console output")]
     SerialOutput(#[source] std::io::Error),
@@ -60,6 +64,7 @@ pub struct DeviceManager {
     owned: Vec<SharedBusDevice>,
     _irqfds: Vec<EventFd>,
     rsdp: u64,
+    pci: Option<PciRoot>,
 }
 
 impl DeviceManager {
@@ -68,7 +73,7 @@ impl DeviceManager {
         vm_fd: &Arc<VmFd>,
         memory: &GuestMemoryMmap,
         pio: &Arc<Bus>,
-        _mmio: &Arc<Bus>,
+        mmio: &Arc<Bus>,
         exit: Arc<ExitSignal>,
         config: &VmConfig,
         phys_bits: u8,
@@ -78,6 +83,7 @@ impl DeviceManager {
             owned: Vec::new(),
             _irqfds: Vec::new(),
             rsdp: 0,
+            pci: None,
         };
         if let Some(out) = serial_output(&config.serial).map_err(DeviceError::SerialOutput)? {
             let irq = dm.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
@@ -113,19 +119,20 @@ impl DeviceManager {
         dm.register(pio, "CMOS RTC", &cmos, layout::CMOS_PORT, CMOS_PORT_COUNT)?;
 
         let ram_end = memory.last_addr().raw_value() + 1;
-        let ports: Vec<(u8, u8, u16)> = (0..config.root_ports)
-            .map(|i| (1 + i / 8, i % 8, u16::from(i) + 1))
-            .collect();
+        let mmio64 = layout::mmio64_window(ram_end, phys_bits);
+        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64)?;
+        let ports = pci.acpi_ports();
         dm.rsdp = acpi::write_tables(
             memory,
             &acpi::Machine {
                 cpus: config.cpus,
-                bus_end: config.root_ports,
-                mmio64: layout::mmio64_window(ram_end, phys_bits),
+                bus_end: pci::BUS_END,
+                mmio64,
                 root_ports: &ports,
                 serial: dm.serial.is_some(),
             },
         )?;
+        dm.pci = Some(pci);
         Ok(dm)
     }
 
@@ -171,6 +178,11 @@ impl DeviceManager {
     /// The serial port, when the VM has one.
     pub fn serial(&self) -> Option<Arc<Mutex<Serial>>> {
         self.serial.clone()
+    }
+
+    /// The PCIe segment.
+    pub fn pci(&self) -> Option<&PciRoot> {
+        self.pci.as_ref()
     }
 
     /// Guest address of the ACPI RSDP.

@@ -13,6 +13,7 @@ pub mod exit;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
 pub mod vm;
 
