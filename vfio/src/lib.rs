@@ -1,1 +1,37 @@
 //! VFIO passthrough PCI devices of rvmm.
+//!
+//! - [`container`]: one VFIO container per VM, DMA-mapping guest RAM.
+//! - [`host`]: host-side checks (device, driver, IOMMU group, ownership, memlock) with errors
+//!   that name the device and the fix.
+//! - [`VfioPciDevice`]: the passthrough device model: virtual config space (BARs, MSI, MSI-X,
+//!   hidden capabilities, filtered writes), BAR placement in the guest, interrupt wiring, release.
+//! - [`limit`]: the passthrough device limit.
+//!
+//! The VMM plugs in through two small traits: [`InterruptRouter`] (GSIs, MSI routes, irqfds) and
+//! [`GuestMmio`] (memory slots and trapped ranges).
+
+mod access;
+pub mod backend;
+pub mod bars;
+pub mod caps;
+pub mod config;
+pub mod container;
+pub mod device;
+pub mod host;
+pub mod interrupts;
+pub mod layout;
+pub mod limit;
+pub mod mmio;
+pub mod msi;
+pub mod msix;
+#[cfg(test)]
+mod testing;
+
+pub use backend::{DeviceBackend, MmapArea, RegionInfo, VfioBackend};
+pub use bars::{BarInfo, BarKind};
+pub use container::{Container, ContainerError, IommuBackend, IovaRange, Type1Iommu};
+pub use device::{DeviceConfig, DeviceError, VfioPciDevice};
+pub use host::{HostBdf, HostDevice, HostError, Sysfs};
+pub use interrupts::InterruptRouter;
+pub use limit::{check_passthrough_limit, LimitError, MAX_PASSTHROUGH_DEVICES};
+pub use mmio::{AddressSpace, GuestMmio, SlotId};
