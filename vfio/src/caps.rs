@@ -123,7 +123,8 @@ pub fn walk_ext(cfg: &[u8]) -> Vec<ExtCap> {
 }
 
 /// The byte range each capability occupies: up to the next capability (in address order) or the
-/// end of its config area, bounded by `known_len` when the capability's length is known.
+/// end of its config area, bounded by `known_len` when the capability's length is known (so that
+/// vendor registers after a hidden capability stay visible).
 fn extents(
     offsets: &[usize],
     area_end: usize,
@@ -151,6 +152,7 @@ pub fn cap_extents(cfg: &[u8], caps: &[Cap]) -> Vec<Range<usize>> {
     extents(&offsets, STD_CONFIG_SIZE, |off| {
         match caps.iter().find(|c| c.offset == off).map(|c| c.id) {
             Some(CAP_ID_MSIX) => Some(12),
+            Some(CAP_ID_AF) => Some(8),
             Some(CAP_ID_MSI) => Some(crate::msi::MsiCap::len_from_control(u16::from_le_bytes([
                 byte(cfg, off + 2),
                 byte(cfg, off + 3),
@@ -163,7 +165,18 @@ pub fn cap_extents(cfg: &[u8], caps: &[Cap]) -> Vec<Range<usize>> {
 /// Byte ranges of the extended capabilities, in list order.
 pub fn ext_cap_extents(cfg: &[u8], caps: &[ExtCap]) -> Vec<Range<usize>> {
     let offsets: Vec<usize> = caps.iter().map(|c| c.offset).collect();
-    extents(&offsets, cfg.len().min(EXT_CONFIG_SIZE), |_| None)
+    extents(&offsets, cfg.len().min(EXT_CONFIG_SIZE), |off| {
+        match caps.iter().find(|c| c.offset == off).map(|c| c.id) {
+            Some(EXT_CAP_ID_ARI) => Some(8),
+            Some(EXT_CAP_ID_SRIOV) => Some(0x40),
+            Some(EXT_CAP_ID_REBAR | EXT_CAP_ID_VF_REBAR) => {
+                // Bits 7:5 of the first control register: number of resizable BARs (1..=6).
+                let bars = ((dword(cfg, off + 8) >> 5) & 0x7) as usize;
+                Some(4 + 8 * if (1..=6).contains(&bars) { bars } else { 6 })
+            }
+            _ => None,
+        }
+    })
 }
 
 /// Re-links the standard list of `shadow` so that the capabilities for which `hide` is true are
@@ -354,7 +367,7 @@ pub(crate) mod tests {
         });
         let ids: Vec<u16> = walk_ext(&cfg).iter().map(|c| c.id).collect();
         assert_eq!(ids, [1, 0x19]);
-        assert_eq!(hidden, [0x140..0x150, 0x160..0x1000]);
+        assert_eq!(hidden, [0x140..0x148, 0x160..0x1a0]);
     }
 
     #[test]
@@ -362,9 +375,25 @@ pub(crate) mod tests {
         let mut cfg = config_with(&[], &[(0x100, EXT_CAP_ID_SRIOV), (0x200, 1)]);
         let hidden = hide_ext_caps(&mut cfg, |id| id == EXT_CAP_ID_SRIOV);
         assert_eq!(dword(&cfg, 0x100), 0x200 << 20);
-        assert_eq!(hidden, vec![0x104..0x200]);
+        assert_eq!(hidden, vec![0x104..0x140]);
         let ids: Vec<u16> = walk_ext(&cfg).iter().map(|c| c.id).collect();
         assert_eq!(ids, [0, 1]);
+    }
+
+    #[test]
+    fn hidden_rebar_covers_its_bar_entries_only() {
+        let mut cfg = config_with(&[], &[(0x100, 1), (0x200, EXT_CAP_ID_REBAR)]);
+        set_dword(&mut cfg, 0x208, 2 << 5);
+        assert_eq!(
+            hide_ext_caps(&mut cfg, |id| id == EXT_CAP_ID_REBAR),
+            vec![0x200..0x214]
+        );
+    }
+
+    #[test]
+    fn vendor_registers_after_a_hidden_cap_stay_visible() {
+        let mut cfg = config_with(&[(0x40, CAP_ID_AF)], &[]);
+        assert_eq!(hide_caps(&mut cfg, |id| id == CAP_ID_AF), vec![0x40..0x48]);
     }
 
     #[test]

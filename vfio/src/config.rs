@@ -319,6 +319,14 @@ impl VirtualConfig {
         self.command
     }
 
+    /// The command register value a guest write would produce, if the write touches it.
+    pub fn command_after(&self, reg: usize, offset: u64, data: &[u8]) -> Option<u16> {
+        if reg != COMMAND_REG || byte_mask(offset, data.len()) & 0xffff == 0 {
+            return None;
+        }
+        merge_write(u32::from(self.command), offset, data).map(|v| v as u16)
+    }
+
     /// Number of dword registers.
     pub fn len(&self) -> usize {
         self.policy.len()
@@ -459,8 +467,7 @@ impl VirtualConfig {
             }
             write_runs(backend, reg, forward, value);
         }
-        if reg == COMMAND_REG && mask & 0xffff != 0 {
-            let command = (merge_write(u32::from(self.command), offset, data).unwrap_or(0)) as u16;
+        if let Some(command) = self.command_after(reg, offset, data) {
             result.command = command != self.command;
             self.command = command;
         }

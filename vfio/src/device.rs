@@ -388,6 +388,23 @@ impl PciDevice for VfioPciDevice {
 
 impl Inner {
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        if self.backend.is_none() {
+            return;
+        }
+        // Remove BARs from the guest before the device stops decoding them, so a vCPU never
+        // reaches a disabled BAR through a stale memory slot.
+        if let Some(new) = self.config.command_after(reg, offset, data) {
+            let disabled = self.config.command() & !new;
+            for map in &mut self.maps {
+                let bit = match map.space() {
+                    AddressSpace::Mmio => COMMAND_MEMORY,
+                    AddressSpace::Pio => COMMAND_IO,
+                };
+                if disabled & bit != 0 {
+                    map.unplace(&*self.mmio);
+                }
+            }
+        }
         let Some(backend) = self.backend.as_deref() else {
             return;
         };

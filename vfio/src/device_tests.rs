@@ -369,3 +369,66 @@ fn arbitrary_bar_accesses_do_not_panic() {
         }
     }
 }
+
+/// A guest address space that records the device's command register at each slot removal.
+struct OrderMmio {
+    inner: FakeMmio,
+    dev: FakeDevice,
+    command_at_unmap: Mutex<Vec<u32>>,
+}
+
+impl GuestMmio for OrderMmio {
+    unsafe fn map_direct(
+        &self,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> std::io::Result<crate::SlotId> {
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { self.inner.map_direct(gpa, size, host_addr) }
+    }
+
+    fn unmap_direct(&self, slot: crate::SlotId) -> std::io::Result<()> {
+        let command = get32(&self.dev.config(), 4) & 0xffff;
+        self.command_at_unmap.lock().unwrap().push(command);
+        self.inner.unmap_direct(slot)
+    }
+
+    fn add_trapped(
+        &self,
+        space: AddressSpace,
+        gpa: u64,
+        len: u64,
+        device: &rvmm_devices::SharedBusDevice,
+    ) -> std::io::Result<()> {
+        self.inner.add_trapped(space, gpa, len, device)
+    }
+
+    fn remove_trapped(&self, space: AddressSpace, gpa: u64) -> std::io::Result<()> {
+        self.inner.remove_trapped(space, gpa)
+    }
+}
+
+#[test]
+fn bars_leave_the_guest_before_the_device_stops_decoding() {
+    let dev = FakeDevice::nvme_like();
+    let mmio = Arc::new(OrderMmio {
+        inner: FakeMmio::default(),
+        dev: dev.clone(),
+        command_at_unmap: Mutex::new(Vec::new()),
+    });
+    let mut vfio = VfioPciDevice::with_backend(
+        "0000:01:00.0".to_string(),
+        Box::new(dev),
+        DeviceConfig::default(),
+        Arc::new(FakeRouter::default()),
+        mmio.clone(),
+    )
+    .unwrap();
+    vfio.set_bar_address(0, BAR0);
+    vfio.write_config_register(1, 0, &COMMAND_MEMORY.to_le_bytes());
+    vfio.write_config_register(1, 0, &0u16.to_le_bytes());
+    let seen = mmio.command_at_unmap.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|c| c & u32::from(COMMAND_MEMORY) != 0));
+}

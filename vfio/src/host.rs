@@ -49,21 +49,22 @@ impl fmt::Display for HostBdf {
 impl FromStr for HostBdf {
     type Err = HostError;
 
-    /// Parses `DDDD:BB:DD.F`, `BB:DD.F` (domain 0) or a `/sys/bus/pci/devices/...` path.
+    /// Parses `DDDD:BB:DD.F`, `BB:DD.F` (domain 0) or a sysfs path ending in `DDDD:BB:DD.F`.
     fn from_str(spec: &str) -> Result<Self> {
         let invalid = || HostError::InvalidSpec {
             spec: spec.to_string(),
         };
         let trimmed = spec.trim().trim_end_matches('/');
-        let name = match trimmed.rsplit_once('/') {
-            Some((dir, name)) if dir.trim_end_matches('/').ends_with(SYS_DEVICES) => name,
-            Some(_) => return Err(invalid()),
-            None => trimmed,
+        // A sysfs path (/sys/bus/pci/devices/X or the canonical /sys/devices/pci.../X) must
+        // end in a full address; a bare address may omit the domain.
+        let (name, is_path) = match trimmed.rsplit_once('/') {
+            Some((_, name)) => (name, true),
+            None => (trimmed, false),
         };
         let parts: Vec<&str> = name.split(':').collect();
         let (domain, bus, devfn) = match parts.as_slice() {
             [domain, bus, devfn] => (*domain, *bus, *devfn),
-            [bus, devfn] => ("0", *bus, *devfn),
+            [bus, devfn] if !is_path => ("0", *bus, *devfn),
             _ => return Err(invalid()),
         };
         let (device, function) = devfn.split_once('.').ok_or_else(invalid)?;
@@ -169,6 +170,14 @@ pub enum HostError {
     /// The group's device node is missing.
     #[error("/dev/vfio/{group} (IOMMU group of host device {bdf}) does not exist; check that vfio-pci bound the device and that /dev/vfio is populated")]
     NoGroupNode {
+        /// The address.
+        bdf: HostBdf,
+        /// The group.
+        group: u32,
+    },
+    /// We may not open the group's device node.
+    #[error("no permission to open /dev/vfio/{group} (IOMMU group of host device {bdf}); run as root or give this user the device node (chown or a udev rule)")]
+    GroupPermission {
         /// The address.
         bdf: HostBdf,
         /// The group.
@@ -399,6 +408,14 @@ impl Sysfs {
             return None;
         };
         let busy = match source {
+            VfioError::OpenGroup(e, _)
+                if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            {
+                return Some(HostError::GroupPermission {
+                    bdf: device.bdf,
+                    group: device.group,
+                });
+            }
             VfioError::OpenGroup(e, _) => e.raw_os_error() == Some(libc::EBUSY),
             VfioError::GroupGetDeviceFD(e) => e.errno() == libc::EBUSY,
             VfioError::GroupViable => {

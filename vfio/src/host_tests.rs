@@ -100,6 +100,14 @@ fn sysfs_path_is_parsed() {
 }
 
 #[test]
+fn canonical_sysfs_path_is_parsed() {
+    assert_eq!(
+        bdf("/sys/devices/pci0000:00/0000:00:02.0/0000:01:00.0").to_string(),
+        "0000:01:00.0"
+    );
+}
+
+#[test]
 fn malformed_addresses_are_refused() {
     for spec in [
         "",
@@ -108,7 +116,7 @@ fn malformed_addresses_are_refused() {
         "01:00.8",
         "zz:00.0",
         "1:2:3:4.0",
-        "/tmp/0000:01:00.0",
+        "/sys/bus/pci/devices/01:00.0",
         "00000:01:00.0",
     ] {
         assert!(
@@ -240,7 +248,7 @@ fn busy_group_without_visible_holder_suggests_root() {
 }
 
 #[test]
-fn other_open_errors_are_not_explained() {
+fn permission_denied_on_the_group_names_the_fix() {
     let host = FakeHost::new();
     host.device("0000:01:00.0", Some("vfio-pci"), Some(7));
     let sysfs = host.sysfs();
@@ -248,6 +256,23 @@ fn other_open_errors_are_not_explained() {
     let err = ContainerError::OpenDevice {
         path: String::new(),
         source: VfioError::OpenGroup(io::Error::from_raw_os_error(libc::EACCES), "7".into()),
+    };
+    let explained = sysfs.explain_open_error(&dev, &err).unwrap();
+    assert!(matches!(
+        explained,
+        HostError::GroupPermission { group: 7, .. }
+    ));
+}
+
+#[test]
+fn other_open_errors_are_not_explained() {
+    let host = FakeHost::new();
+    host.device("0000:01:00.0", Some("vfio-pci"), Some(7));
+    let sysfs = host.sysfs();
+    let dev = sysfs.prepare("01:00.0").unwrap();
+    let err = ContainerError::OpenDevice {
+        path: String::new(),
+        source: VfioError::OpenGroup(io::Error::from_raw_os_error(libc::ENOENT), "7".into()),
     };
     assert!(sysfs.explain_open_error(&dev, &err).is_none());
 }

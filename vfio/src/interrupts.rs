@@ -173,6 +173,23 @@ impl Interrupts {
         self.intx.is_some()
     }
 
+    /// What `want` amounts to on this device: vector counts capped by what VFIO offers, INTx
+    /// without a line (or no vectors at all) meaning off.
+    fn effective(&self, want: IrqMode, backend: &dyn DeviceBackend) -> IrqMode {
+        match want {
+            IrqMode::Intx if self.intx.is_none() => IrqMode::Off,
+            IrqMode::Msi(n) => match n.min(backend.irq_count(VFIO_PCI_MSI_IRQ_INDEX)) {
+                0 => IrqMode::Off,
+                n => IrqMode::Msi(n),
+            },
+            IrqMode::Msix(n) => match n.min(backend.irq_count(VFIO_PCI_MSIX_IRQ_INDEX)) {
+                0 => IrqMode::Off,
+                n => IrqMode::Msix(n),
+            },
+            other => other,
+        }
+    }
+
     /// Switches to `want`, tearing down the current mode first. Switching to INTx without a line
     /// switches interrupts off. On error the mode is [`IrqMode::Off`].
     pub fn switch(
@@ -181,6 +198,7 @@ impl Interrupts {
         backend: &dyn DeviceBackend,
         router_: &dyn InterruptRouter,
     ) -> Result<()> {
+        let want = self.effective(want, backend);
         if want == self.mode {
             return Ok(());
         }
@@ -455,6 +473,18 @@ mod tests {
             irqs.mode(),
             IrqMode::Msix(dev.irq_count(VFIO_PCI_MSIX_IRQ_INDEX))
         );
+    }
+
+    #[test]
+    fn switching_to_the_same_capped_mode_keeps_the_vectors() {
+        let dev = FakeDevice::new();
+        let r = FakeRouter::default();
+        let mut irqs = Interrupts::new(None, &dev).unwrap();
+        irqs.switch(IrqMode::Msix(2048), &dev, &r).unwrap();
+        irqs.update_vector(0, unmasked(1), &r).unwrap();
+        irqs.switch(IrqMode::Msix(2048), &dev, &r).unwrap();
+        assert_eq!(r.live_gsis(), [0]);
+        assert!(!r.ops().contains(&RouterOp::Free(0)));
     }
 
     #[test]

@@ -29,9 +29,12 @@ mod testing;
 
 pub use backend::{DeviceBackend, MmapArea, RegionInfo, VfioBackend};
 pub use bars::{BarInfo, BarKind};
-pub use container::{Container, ContainerError, IommuBackend, IovaRange, Type1Iommu};
+pub use container::{
+    create_kvm_vfio_device, Container, ContainerError, DeviceAttachment, IommuBackend, IommuInfo,
+    IovaRange, Type1Iommu,
+};
 pub use device::{DeviceConfig, DeviceError, VfioPciDevice};
-pub use host::{HostBdf, HostDevice, HostError, Sysfs};
-pub use interrupts::InterruptRouter;
+pub use host::{GroupHolder, GroupMember, HostBdf, HostDevice, HostError, Sysfs};
+pub use interrupts::{InterruptError, InterruptRouter, IrqMode};
 pub use limit::{check_passthrough_limit, LimitError, MAX_PASSTHROUGH_DEVICES};
 pub use mmio::{AddressSpace, GuestMmio, SlotId};

@@ -175,6 +175,11 @@ impl BarMap {
         self.bar
     }
 
+    /// The address space the BAR decodes.
+    pub fn space(&self) -> AddressSpace {
+        self.space
+    }
+
     /// Guest address the BAR is placed at, if placed.
     pub fn mapped_at(&self) -> Option<u64> {
         self.mapped_at
