@@ -171,7 +171,8 @@ fn word(buf: &[u8], offset: usize, len: usize) -> Option<u64> {
     Some(u64::from_le_bytes(value))
 }
 
-/// Decodes a `vfio_iommu_type1_info` buffer with its capability chain.
+/// Decodes a `vfio_iommu_type1_info` buffer with its capability chain (as the kernel of a
+/// little-endian host wrote it). Offsets are bounds-checked and the chain is walked once.
 pub fn parse_iommu_info(buf: &[u8]) -> IommuInfo {
     let flags = word(buf, 4, 4).unwrap_or(0) as u32;
     let mut info = IommuInfo::default();
@@ -210,8 +211,11 @@ pub fn parse_iommu_info(buf: &[u8]) -> IommuInfo {
 impl Type1Iommu {
     fn get_info(&self, buf: &mut [u64]) -> io::Result<()> {
         let argsz = u32::try_from(buf.len() * 8).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // `argsz` is the first u32 of the struct, `flags` (zero) the second.
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&argsz.to_ne_bytes());
         if let Some(first) = buf.first_mut() {
-            *first = u64::from(argsz);
+            *first = u64::from_ne_bytes(head);
         }
         // SAFETY: the buffer is `argsz` bytes, 8-byte aligned, and starts with argsz; the kernel
         // writes at most argsz bytes into it.
@@ -252,7 +256,8 @@ impl IommuBackend for Type1Iommu {
         let words = mem::size_of::<vfio_iommu_type1_info>() / 8;
         let mut buf = vec![0u64; words];
         self.get_info(&mut buf)?;
-        let needed = (buf.first().copied().unwrap_or(0) & 0xffff_ffff) as usize;
+        let head = buf.first().copied().unwrap_or(0).to_ne_bytes();
+        let needed = u32::from_ne_bytes([head[0], head[1], head[2], head[3]]) as usize;
         if needed > words * 8 {
             buf = vec![0u64; needed.div_ceil(8)];
             self.get_info(&mut buf)?;

@@ -190,7 +190,7 @@ pub enum HostError {
         bdf: HostBdf,
         /// The group.
         group: u32,
-        /// The processes holding /dev/vfio/<group>.
+        /// The processes holding `/dev/vfio/<group>`.
         holders: Vec<GroupHolder>,
     },
     /// The memlock limit cannot cover guest RAM.
@@ -258,7 +258,7 @@ pub fn check_memlock(required: u64, limit: Option<u64>, cap_ipc_lock: bool) -> R
     }
 }
 
-/// Whether a `CapEff:` line of /proc/<pid>/status includes CAP_IPC_LOCK.
+/// Whether the `CapEff:` line of a `/proc/<pid>/status` text includes `CAP_IPC_LOCK`.
 pub fn has_cap_ipc_lock(status: &str) -> bool {
     status
         .lines()

@@ -233,8 +233,9 @@ impl BarMap {
         let trapped = if aligned {
             for (area, mapping) in &self.direct {
                 let area_gpa = gpa + area.offset;
-                // SAFETY: `mapping` is owned by `self` and is only dropped after `unplace` removed
-                // this slot (in `unplace`, called on every path that drops or replaces it).
+                // SAFETY: `mapping` is owned by `self` and never unmapped while a slot over it
+                // exists: `unplace` keeps slots it could not remove, and `Drop` leaks the mappings
+                // of a BAR that still has slots.
                 let slot = unsafe { mmio.map_direct(area_gpa, area.size, mapping.addr()) }
                     .map_err(|source| MmioError::MapDirect {
                         bar: self.bar,
@@ -269,14 +270,16 @@ impl BarMap {
 
     /// Removes the BAR from the guest. Errors are logged: removal must run to the end.
     pub fn unplace(&mut self, mmio: &dyn GuestMmio) {
-        for slot in self.slots.drain(..) {
-            if let Err(e) = mmio.unmap_direct(slot) {
-                log::error!(
-                    "cannot remove memory slot {slot:?} of BAR {}: {e}",
-                    self.bar
-                );
+        let bar = self.bar;
+        // A slot that cannot be removed stays recorded, so its host mapping is never unmapped
+        // under it (see `Drop`).
+        self.slots.retain(|slot| match mmio.unmap_direct(*slot) {
+            Ok(()) => false,
+            Err(e) => {
+                log::error!("cannot remove memory slot {slot:?} of BAR {bar}: {e}");
+                true
             }
-        }
+        });
         for (gpa, _device) in self.traps.drain(..) {
             if let Err(e) = mmio.remove_trapped(self.space, gpa) {
                 log::error!(
