@@ -206,9 +206,15 @@ mod tests {
         bus.insert(&dev, 0x100, 0x10).unwrap();
         assert!(matches!(
             bus.insert(&dev, 0x10f, 1),
-            Err(BusError::Overlap { other_base: 0x100, .. })
+            Err(BusError::Overlap {
+                other_base: 0x100,
+                ..
+            })
         ));
-        assert!(matches!(bus.insert(&dev, 0xf0, 0x11), Err(BusError::Overlap { .. })));
+        assert!(matches!(
+            bus.insert(&dev, 0xf0, 0x11),
+            Err(BusError::Overlap { .. })
+        ));
         assert!(bus.insert(&dev, 0x110, 1).is_ok());
         assert!(bus.insert(&dev, 0xf0, 0x10).is_ok());
     }
@@ -217,8 +223,14 @@ mod tests {
     fn invalid_ranges_are_refused() {
         let bus = Bus::new();
         let (_rec, dev) = device();
-        assert!(matches!(bus.insert(&dev, 0, 0), Err(BusError::InvalidRange { .. })));
-        assert!(matches!(bus.insert(&dev, u64::MAX, 2), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(&dev, 0, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(&dev, u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(bus.insert(&dev, u64::MAX, 1).is_ok());
     }
 

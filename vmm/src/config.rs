@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::memory::MemoryConfig;
+use crate::passthrough::DeviceSpec;
 
 /// Default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
@@ -61,6 +62,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Unix socket of the control API.
     pub api_socket: Option<PathBuf>,
+    /// Passthrough devices attached at boot, each behind its own root port.
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// Errors in a VM description.
@@ -85,6 +88,14 @@ pub enum ConfigError {
     /// `--serial` not understood.
     #[error("--serial {0:?} is not understood: use stdio, file=PATH or off")]
     Serial(String),
+    /// More boot devices than root ports.
+    #[error("{devices} --device given but only {ports} root ports; raise --root-ports")]
+    TooManyDevices {
+        /// Devices given.
+        devices: usize,
+        /// Root ports.
+        ports: u8,
+    },
     /// The kernel file does not exist.
     #[error("kernel {0} not found")]
     KernelNotFound(PathBuf),
@@ -107,6 +118,12 @@ impl VmConfig {
             return Err(ConfigError::RootPorts {
                 given: u64::from(self.root_ports),
                 max: MAX_ROOT_PORTS,
+            });
+        }
+        if self.devices.len() > usize::from(self.root_ports) {
+            return Err(ConfigError::TooManyDevices {
+                devices: self.devices.len(),
+                ports: self.root_ports,
             });
         }
         if !self.kernel.is_file() {
@@ -135,6 +152,7 @@ mod tests {
             root_ports: DEFAULT_ROOT_PORTS,
             serial: SerialConfig::Stdio,
             api_socket: None,
+            devices: Vec::new(),
         }
     }
 

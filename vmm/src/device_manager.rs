@@ -15,7 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::config::VmConfig;
 use crate::exit::ExitSignal;
+use crate::guest_mmio::KvmGuestMmio;
+use crate::irq_routing::GsiRouter;
 use crate::layout;
+use crate::passthrough::{Passthrough, PassthroughError};
 use crate::pci::{self, PciRoot};
 use crate::vm::serial_output;
 
@@ -50,6 +53,15 @@ pub enum DeviceError {
     /// The PCIe topology could not be built.
     #[error(transparent)]
     Pci(#[from] pci::PciError),
+    /// A passthrough device could not be attached.
+    #[error("cannot attach device {spec}")]
+    Passthrough {
+        /// The device as given.
+        spec: String,
+        /// Why.
+        #[source]
+        source: PassthroughError,
+    },
     /// The serial output could not be opened.
     #[error("cannot open the serial console output")]
     SerialOutput(#[source] std::io::Error),
@@ -65,6 +77,7 @@ pub struct DeviceManager {
     _irqfds: Vec<EventFd>,
     rsdp: u64,
     pci: Option<PciRoot>,
+    passthrough: Option<Passthrough>,
 }
 
 impl DeviceManager {
@@ -77,6 +90,7 @@ impl DeviceManager {
         exit: Arc<ExitSignal>,
         config: &VmConfig,
         phys_bits: u8,
+        max_memslots: u32,
     ) -> Result<Self> {
         let mut dm = Self {
             serial: None,
@@ -84,6 +98,7 @@ impl DeviceManager {
             _irqfds: Vec::new(),
             rsdp: 0,
             pci: None,
+            passthrough: None,
         };
         if let Some(out) = serial_output(&config.serial).map_err(DeviceError::SerialOutput)? {
             let irq = dm.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
@@ -132,7 +147,25 @@ impl DeviceManager {
                 serial: dm.serial.is_some(),
             },
         )?;
+        let router = Arc::new(GsiRouter::new(vm_fd.clone()));
+        let guest_mmio = Arc::new(KvmGuestMmio::new(
+            vm_fd.clone(),
+            pio.clone(),
+            mmio.clone(),
+            memory.num_regions() as u32,
+            max_memslots,
+        ));
+        let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
+        for spec in &config.devices {
+            passthrough
+                .attach_at_boot(spec, &pci.segment)
+                .map_err(|source| DeviceError::Passthrough {
+                    spec: spec.to_string(),
+                    source,
+                })?;
+        }
         dm.pci = Some(pci);
+        dm.passthrough = Some(passthrough);
         Ok(dm)
     }
 
@@ -183,6 +216,11 @@ impl DeviceManager {
     /// The PCIe segment.
     pub fn pci(&self) -> Option<&PciRoot> {
         self.pci.as_ref()
+    }
+
+    /// The passthrough devices.
+    pub fn passthrough(&self) -> Option<&Passthrough> {
+        self.passthrough.as_ref()
     }
 
     /// Guest address of the ACPI RSDP.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
+use rvmm::passthrough::DeviceSpec;
 use rvmm::{MemoryConfig, SerialConfig, Vm, VmConfig};
 
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).
@@ -53,6 +54,9 @@ struct RunArgs {
     /// Unix socket for the control API.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME] or a bare BDF (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<DeviceSpec>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -66,6 +70,7 @@ impl From<RunArgs> for VmConfig {
             root_ports: a.root_ports,
             serial: a.serial,
             api_socket: a.api_socket,
+            devices: a.devices,
         }
     }
 }

@@ -158,6 +158,7 @@ impl Vm {
             exit.clone(),
             config,
             phys_bits(&kvm),
+            kvm.get_nr_memslots() as u32,
         )?;
 
         let entry = boot::load(

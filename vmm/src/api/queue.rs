@@ -1,0 +1,362 @@
+//! The bridge that runs API requests on the VMM's event-loop thread.
+//!
+//! The API server calls a [`QueuedHandler`], which puts each request with a reply channel into
+//! the [`ApiRequestQueue`] and wakes the event loop through the queue's [`EventFd`]. The event
+//! loop takes [`PendingRequest`]s off the queue and answers each through its [`Responder`] —
+//! at once (info, shutdown) or later, when the guest has finished a hotplug (add, remove):
+//! a `Responder` can be stored with the slot's state and answered from a later event.
+//!
+//! Every wait has a deadline, so a wedged event loop answers the client with a 504 instead of
+//! hanging it; a request answered after its client gave up is dropped quietly.
+
+use std::io;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::error::ApiError;
+use crate::api::events::{EventBus, Subscription};
+use crate::api::types::{
+    AddDeviceRequest, DeviceInfo, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo,
+};
+use crate::api::ApiHandler;
+
+/// How long a [`QueuedHandler`] waits for the event loop's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueTimeouts {
+    /// For info.
+    pub info: Duration,
+    /// For add-device. The VMM's own deadlines (e.g. for the guest to power the slot on) must
+    /// be shorter, so the client hears the step the VMM stopped at.
+    pub add: Duration,
+    /// For remove-device: added to the request's own `timeout_ms`, which the VMM escalates at.
+    pub remove_margin: Duration,
+    /// For shutdown.
+    pub shutdown: Duration,
+}
+
+impl Default for QueueTimeouts {
+    fn default() -> Self {
+        Self {
+            info: Duration::from_secs(5),
+            add: Duration::from_secs(60),
+            remove_margin: Duration::from_secs(30),
+            shutdown: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The answering end of one request: reply exactly once, now or later (it may be stored).
+#[derive(Debug)]
+pub struct Responder<T> {
+    tx: Sender<Result<T, ApiError>>,
+    queued_at: Instant,
+}
+
+impl<T> Responder<T> {
+    /// Sends the answer; `false` when the client no longer waits for it (it timed out or went
+    /// away). Dropping a `Responder` unanswered tells the client the VMM gave up on it.
+    pub fn reply(self, result: Result<T, ApiError>) -> bool {
+        self.tx.send(result).is_ok()
+    }
+
+    /// Time since the request was queued (e.g. for `duration_ms` of a removal).
+    pub fn elapsed(&self) -> Duration {
+        self.queued_at.elapsed()
+    }
+}
+
+/// A request waiting for the VMM, with its typed reply channel.
+#[derive(Debug)]
+pub enum PendingRequest {
+    /// `GET /v1/vm/info`.
+    Info(Responder<VmInfo>),
+    /// `PUT /v1/vm/add-device`: answer when the guest has the device.
+    AddDevice(AddDeviceRequest, Responder<DeviceInfo>),
+    /// `PUT /v1/vm/remove-device`: answer when the device is released.
+    RemoveDevice(RemoveDeviceRequest, Responder<RemoveDeviceResponse>),
+    /// `PUT /v1/vm/shutdown`: answer once the shutdown is under way.
+    Shutdown(Responder<()>),
+}
+
+impl PendingRequest {
+    /// The request's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PendingRequest::Info(_) => "info",
+            PendingRequest::AddDevice(..) => "add-device",
+            PendingRequest::RemoveDevice(..) => "remove-device",
+            PendingRequest::Shutdown(_) => "shutdown",
+        }
+    }
+
+    /// Answers with `err`, whatever the request (e.g. [`ApiError::Unavailable`] while the VM
+    /// is stopping). `false` when the client no longer waits.
+    pub fn fail(self, err: ApiError) -> bool {
+        match self {
+            PendingRequest::Info(r) => r.reply(Err(err)),
+            PendingRequest::AddDevice(_, r) => r.reply(Err(err)),
+            PendingRequest::RemoveDevice(_, r) => r.reply(Err(err)),
+            PendingRequest::Shutdown(r) => r.reply(Err(err)),
+        }
+    }
+}
+
+/// The event loop's end of the bridge.
+pub struct ApiRequestQueue {
+    tx: Sender<PendingRequest>,
+    rx: Receiver<PendingRequest>,
+    event: Arc<EventFd>,
+}
+
+impl ApiRequestQueue {
+    /// An empty queue with a non-blocking event fd.
+    pub fn new() -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        Ok(Self {
+            tx,
+            rx,
+            event: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+        })
+    }
+
+    /// The fd the event loop polls for `EPOLLIN`: readable while requests may be queued.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.event
+    }
+
+    /// The next queued request, if any. On a wake-up, read (reset) [`Self::event_fd`] first,
+    /// then call this until `None` — or use [`Self::drain`], which does both.
+    pub fn try_recv(&self) -> Option<PendingRequest> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Resets the event fd and takes every queued request, oldest first.
+    pub fn drain(&self) -> Vec<PendingRequest> {
+        // EAGAIN (nothing signalled) is fine: the queue is checked regardless.
+        let _ = self.event.read();
+        std::iter::from_fn(|| self.try_recv()).collect()
+    }
+
+    /// A handler for the API server that queues every request here; `events` serves
+    /// subscriptions directly (they need no event-loop work).
+    pub fn handler(&self, events: Arc<EventBus>, timeouts: QueueTimeouts) -> QueuedHandler {
+        QueuedHandler {
+            tx: self.tx.clone(),
+            event: self.event.clone(),
+            events,
+            timeouts,
+        }
+    }
+}
+
+/// An [`ApiHandler`] that hands every request to the event loop and waits for its answer.
+pub struct QueuedHandler {
+    tx: Sender<PendingRequest>,
+    event: Arc<EventFd>,
+    events: Arc<EventBus>,
+    timeouts: QueueTimeouts,
+}
+
+impl QueuedHandler {
+    fn call<T>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        make: impl FnOnce(Responder<T>) -> PendingRequest,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = mpsc::channel();
+        let pending = make(Responder {
+            tx,
+            queued_at: Instant::now(),
+        });
+        self.tx
+            .send(pending)
+            .map_err(|_| ApiError::Unavailable("the VM is stopping".into()))?;
+        self.event
+            .write(1)
+            .map_err(|e| ApiError::Internal(format!("cannot wake the VMM event loop: {e}")))?;
+        match rx.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => {
+                log::warn!("API {name}: no answer from the VMM within {timeout:?}");
+                Err(ApiError::Timeout {
+                    step: format!("waiting for the VMM to answer {name}"),
+                    after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(ApiError::Unavailable(format!(
+                "the VMM stopped before answering {name}"
+            ))),
+        }
+    }
+}
+
+impl ApiHandler for QueuedHandler {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.call("info", self.timeouts.info, PendingRequest::Info)
+    }
+
+    fn add_device(&self, req: AddDeviceRequest) -> Result<DeviceInfo, ApiError> {
+        self.call("add-device", self.timeouts.add, |r| {
+            PendingRequest::AddDevice(req, r)
+        })
+    }
+
+    fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError> {
+        let timeout = req.timeout().saturating_add(self.timeouts.remove_margin);
+        self.call("remove-device", timeout, |r| {
+            PendingRequest::RemoveDevice(req, r)
+        })
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.call("shutdown", self.timeouts.shutdown, PendingRequest::Shutdown)
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+    use crate::api::types::RootPortUsage;
+    use crate::api::values::DeviceId;
+
+    fn info() -> VmInfo {
+        VmInfo {
+            version: "test".into(),
+            cpus: 2,
+            memory_bytes: 512 << 20,
+            hugepages: false,
+            root_ports: RootPortUsage { used: 0, total: 8 },
+            devices: Vec::new(),
+        }
+    }
+
+    fn short_timeouts() -> QueueTimeouts {
+        QueueTimeouts {
+            info: Duration::from_millis(100),
+            add: Duration::from_millis(100),
+            remove_margin: Duration::from_millis(100),
+            shutdown: Duration::from_millis(100),
+        }
+    }
+
+    fn setup() -> (ApiRequestQueue, Arc<QueuedHandler>) {
+        let queue = ApiRequestQueue::new().expect("eventfd");
+        let handler = Arc::new(queue.handler(Arc::new(EventBus::new()), short_timeouts()));
+        (queue, handler)
+    }
+
+    /// Plays the event loop once: waits for the wake-up, then answers every request.
+    fn serve_once(queue: &ApiRequestQueue, answer: impl Fn(PendingRequest)) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pending = queue.drain();
+            if !pending.is_empty() {
+                pending.into_iter().for_each(answer);
+                return;
+            }
+            assert!(Instant::now() < deadline, "no request arrived");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn request_is_answered_by_the_event_loop() {
+        let (queue, handler) = setup();
+        let client = thread::spawn(move || handler.info());
+        serve_once(&queue, |p| match p {
+            PendingRequest::Info(r) => assert!(r.reply(Ok(info()))),
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(info()));
+    }
+
+    #[test]
+    fn queued_request_wakes_the_event_fd() {
+        let (queue, handler) = setup();
+        let client = thread::spawn(move || handler.shutdown());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let count = loop {
+            match queue.event_fd().read() {
+                Ok(n) => break n,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the event fd was never signalled");
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        assert_eq!(count, 1);
+        let pending = queue.try_recv().expect("queued before the wake-up");
+        assert!(pending.fail(ApiError::Conflict("no".into())));
+        let _ = client.join();
+    }
+
+    #[test]
+    fn stored_responder_can_answer_later() {
+        let (queue, handler) = setup();
+        let req = RemoveDeviceRequest {
+            id: DeviceId::new("nvme0").expect("valid id"),
+            surprise: false,
+            timeout_ms: 1000,
+        };
+        let client = thread::spawn(move || handler.remove_device(req));
+        let mut stored = Vec::new();
+        serve_once(&queue, |p| stored.push(p));
+        let Some(PendingRequest::RemoveDevice(_, responder)) = stored.pop() else {
+            panic!("no remove request");
+        };
+        thread::sleep(Duration::from_millis(150));
+        assert!(responder.elapsed() >= Duration::from_millis(150));
+        assert!(responder.reply(Err(ApiError::Conflict("busy".into()))));
+        assert_eq!(
+            client.join().expect("client thread"),
+            Err(ApiError::Conflict("busy".into()))
+        );
+    }
+
+    #[test]
+    fn silent_event_loop_gives_a_timeout_with_the_step() {
+        let (_queue, handler) = setup();
+        match handler.info() {
+            Err(ApiError::Timeout { step, .. }) => {
+                assert_eq!(step, "waiting for the VMM to answer info")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn dropped_responder_means_unavailable() {
+        let (queue, handler) = setup();
+        let client = thread::spawn(move || handler.info());
+        serve_once(&queue, drop);
+        assert!(matches!(
+            client.join().expect("client thread"),
+            Err(ApiError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn dropped_queue_means_unavailable() {
+        let (queue, handler) = setup();
+        drop(queue);
+        assert!(matches!(handler.info(), Err(ApiError::Unavailable(_))));
+    }
+
+    #[test]
+    fn reply_after_the_client_gave_up_reports_false() {
+        let (queue, handler) = setup();
+        assert!(handler.info().is_err());
+        let pending = queue.drain().pop().expect("the request stays queued");
+        assert!(!pending.fail(ApiError::Internal("late".into())));
+    }
+}

@@ -1,0 +1,540 @@
+//! Request, response and event types of the control API, one per endpoint. Each is the JSON
+//! document of docs/api.yaml; requests reject unknown fields.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::api::values::{DeviceId, MacAddr, PciBdf, PhysicalFunction, MAX_VLAN};
+use crate::exit::VmExit;
+
+/// Deadline of a graceful removal when the request gives none.
+pub const DEFAULT_REMOVE_TIMEOUT_MS: u64 = 10_000;
+/// Longest deadline a removal may ask for.
+pub const MAX_REMOVE_TIMEOUT_MS: u64 = 600_000;
+
+/// `PUT /v1/vm/add-device`: hot-add exactly one device.
+///
+/// On the wire either `{"path": HOST_DEVICE, "id"?}` or
+/// `{"vf": PF, "id"?, "mac"?, "vlan"?, "trust"?, "spoofchk"?}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "AddDeviceWire", into = "AddDeviceWire")]
+pub struct AddDeviceRequest {
+    /// The name to give the device; the VMM picks one when `None`.
+    pub id: Option<DeviceId>,
+    /// The device.
+    pub device: DeviceSpec,
+}
+
+/// The one device of an add request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// A host PCI function bound to vfio-pci, by address.
+    Host(PciBdf),
+    /// A free VF of an SR-IOV physical function, configured before it is handed over.
+    Vf(VfSpec),
+}
+
+/// Which VF to take and how to set it up (unset settings are left as the host has them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfSpec {
+    /// The physical function whose VF pool to take from.
+    pub pf: PhysicalFunction,
+    /// MAC address to give the VF.
+    pub mac: Option<MacAddr>,
+    /// VLAN id the PF tags the VF's traffic with (0 = none).
+    pub vlan: Option<u16>,
+    /// Whether the VF is trusted (may change its MAC, enter promiscuous mode).
+    pub trust: Option<bool>,
+    /// Whether the PF drops the VF's frames with a foreign source MAC.
+    pub spoofchk: Option<bool>,
+}
+
+/// The JSON shape of [`AddDeviceRequest`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AddDeviceWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) id: Option<DeviceId>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "host_device"
+    )]
+    pub(super) path: Option<PciBdf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) vf: Option<PhysicalFunction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) mac: Option<MacAddr>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "vlan"
+    )]
+    pub(super) vlan: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) trust: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) spoofchk: Option<bool>,
+}
+
+/// `path`: a PCI address or its sysfs directory.
+fn host_device<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PciBdf>, D::Error> {
+    let s = String::deserialize(d)?;
+    PciBdf::from_host_spec(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// `vlan`: 0 to 4094.
+fn vlan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let v = u64::deserialize(d)?;
+    u16::try_from(v)
+        .ok()
+        .filter(|v| *v <= MAX_VLAN)
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("invalid VLAN id {v}: use 0 (no VLAN) to {MAX_VLAN}"))
+        })
+}
+
+impl TryFrom<AddDeviceWire> for AddDeviceRequest {
+    type Error = String;
+
+    fn try_from(w: AddDeviceWire) -> Result<Self, String> {
+        let has_vf_settings =
+            w.mac.is_some() || w.vlan.is_some() || w.trust.is_some() || w.spoofchk.is_some();
+        let device = match (w.path, w.vf) {
+            (Some(_), Some(_)) => {
+                return Err("two devices in one call: give either \"path\" or \"vf\", one device per call".into())
+            }
+            (None, None) => {
+                return Err("no device given: give \"path\" (a host PCI device) or \"vf\" (an SR-IOV physical function to take a VF of)".into())
+            }
+            (Some(_), None) if has_vf_settings => {
+                return Err("\"mac\", \"vlan\", \"trust\" and \"spoofchk\" apply only to a \"vf\" device".into())
+            }
+            (Some(bdf), None) => DeviceSpec::Host(bdf),
+            (None, Some(pf)) => DeviceSpec::Vf(VfSpec {
+                pf,
+                mac: w.mac,
+                vlan: w.vlan,
+                trust: w.trust,
+                spoofchk: w.spoofchk,
+            }),
+        };
+        Ok(AddDeviceRequest { id: w.id, device })
+    }
+}
+
+impl From<AddDeviceRequest> for AddDeviceWire {
+    fn from(r: AddDeviceRequest) -> Self {
+        let mut w = AddDeviceWire {
+            id: r.id,
+            path: None,
+            vf: None,
+            mac: None,
+            vlan: None,
+            trust: None,
+            spoofchk: None,
+        };
+        match r.device {
+            DeviceSpec::Host(bdf) => w.path = Some(bdf),
+            DeviceSpec::Vf(vf) => {
+                w.vf = Some(vf.pf);
+                w.mac = vf.mac;
+                w.vlan = vf.vlan;
+                w.trust = vf.trust;
+                w.spoofchk = vf.spoofchk;
+            }
+        }
+        w
+    }
+}
+
+/// `PUT /v1/vm/remove-device`: hot-remove one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDeviceRequest {
+    /// The device.
+    pub id: DeviceId,
+    /// Remove at once without asking the guest (it sees the device vanish).
+    #[serde(default)]
+    pub surprise: bool,
+    /// How long the guest gets to release the device before the removal turns into a surprise
+    /// removal (1 to 600000 ms; ignored with `surprise`).
+    #[serde(
+        default = "default_remove_timeout",
+        deserialize_with = "remove_timeout"
+    )]
+    pub timeout_ms: u64,
+}
+
+impl RemoveDeviceRequest {
+    /// The graceful-removal deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+fn default_remove_timeout() -> u64 {
+    DEFAULT_REMOVE_TIMEOUT_MS
+}
+
+fn remove_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if (1..=MAX_REMOVE_TIMEOUT_MS).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "invalid timeout_ms {v}: use 1 to {MAX_REMOVE_TIMEOUT_MS}"
+        )))
+    }
+}
+
+/// `PUT /v1/vm/shutdown`: takes no fields (an empty body or `{}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {}
+
+/// Where a passthrough device is in its hotplug life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceState {
+    /// Wired up, waiting for the guest to take it.
+    Adding,
+    /// The guest has it.
+    Present,
+    /// Being taken back from the guest.
+    Removing,
+}
+
+/// A passthrough device: the answer of add-device and an entry of info.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Its name.
+    pub id: DeviceId,
+    /// Its address in the guest.
+    pub bdf: PciBdf,
+    /// Its address on the host.
+    pub host_bdf: PciBdf,
+    /// The Physical Slot Number of the root port it sits behind.
+    pub slot: u16,
+    /// The guest address of that root port.
+    pub root_port: PciBdf,
+    /// Where it is in its hotplug life.
+    pub state: DeviceState,
+    /// Set for a VF taken from an SR-IOV physical function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vf: Option<VfInfo>,
+}
+
+/// How a VF device was set up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfInfo {
+    /// Host address of its physical function.
+    pub pf: PciBdf,
+    /// Its VF index on that physical function.
+    pub index: u16,
+    /// Its MAC address, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// Its VLAN id, when set (0 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// Whether it is trusted, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<bool>,
+    /// Whether spoof checking is on, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spoofchk: Option<bool>,
+}
+
+/// Why a device left the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemovalReason {
+    /// A graceful removal: the guest powered the slot off.
+    GuestEjected,
+    /// A surprise removal asked for through the API.
+    Surprise,
+    /// The host asked for the device back (the VFIO request interrupt).
+    HostRequest,
+    /// The device failed (the VFIO error interrupt).
+    DeviceError,
+    /// The guest did not release the device before the deadline; it was surprise-removed.
+    TimeoutEscalated,
+}
+
+/// `PUT /v1/vm/remove-device` answer: the device is released from the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveDeviceResponse {
+    /// The device.
+    pub id: DeviceId,
+    /// Its former address in the guest.
+    pub bdf: PciBdf,
+    /// Its address on the host, now free.
+    pub host_bdf: PciBdf,
+    /// How the removal ended.
+    pub reason: RemovalReason,
+    /// Milliseconds from the request to the release.
+    pub duration_ms: u64,
+}
+
+/// Use of the hotplug-capable root ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootPortUsage {
+    /// Ports with a device.
+    pub used: u8,
+    /// All ports.
+    pub total: u8,
+}
+
+/// `GET /v1/vm/info` answer: the configuration and every passthrough device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// rvmm's version.
+    pub version: String,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Whether guest RAM is on hugetlb pages.
+    pub hugepages: bool,
+    /// Root port use.
+    pub root_ports: RootPortUsage,
+    /// Every passthrough device, in slot order.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// Why the VM ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownReason {
+    /// The guest powered off, or the API asked for a shutdown.
+    PowerOff,
+    /// The guest asked for a reset (rvmm ends the VM rather than rebooting it).
+    Reset,
+    /// A vCPU failed.
+    Crash,
+}
+
+impl From<VmExit> for ShutdownReason {
+    fn from(exit: VmExit) -> Self {
+        match exit {
+            VmExit::PowerOff => ShutdownReason::PowerOff,
+            VmExit::Reset => ShutdownReason::Reset,
+            VmExit::Crash => ShutdownReason::Crash,
+        }
+    }
+}
+
+/// One line of `GET /v1/events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When it happened: milliseconds since the Unix epoch, UTC.
+    pub timestamp_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// `kind`, stamped with the current time.
+    pub fn now(kind: EventKind) -> Self {
+        let timestamp_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Self { timestamp_ms, kind }
+    }
+}
+
+/// What an [`Event`] reports; the `event` field names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The guest has the device (same fields as the add-device answer).
+    DeviceAdded(DeviceInfo),
+    /// The device is being taken back from the guest.
+    DeviceRemoving {
+        /// The device.
+        id: DeviceId,
+        /// Its guest address.
+        bdf: PciBdf,
+        /// Its host address.
+        host_bdf: PciBdf,
+        /// Whether the guest is not asked first.
+        surprise: bool,
+    },
+    /// The device is released from the VM.
+    DeviceRemoved {
+        /// The device.
+        id: DeviceId,
+        /// Its former guest address.
+        bdf: PciBdf,
+        /// Its host address.
+        host_bdf: PciBdf,
+        /// Why it left.
+        reason: RemovalReason,
+    },
+    /// The VM ended; the stream ends after this event.
+    VmShutdown {
+        /// Why.
+        reason: ShutdownReason,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(json: &str) -> Result<AddDeviceRequest, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    fn remove(json: &str) -> Result<RemoveDeviceRequest, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    fn bdf(s: &str) -> PciBdf {
+        s.parse().expect("valid test address")
+    }
+
+    #[test]
+    fn add_by_sysfs_path_gives_the_host_address() {
+        let req = add(r#"{"path": "/sys/bus/pci/devices/0000:01:00.0", "id": "nvme0"}"#);
+        assert_eq!(
+            req,
+            Ok(AddDeviceRequest {
+                id: Some(DeviceId::new("nvme0").expect("valid id")),
+                device: DeviceSpec::Host(bdf("0000:01:00.0")),
+            })
+        );
+    }
+
+    #[test]
+    fn add_vf_keeps_its_settings() {
+        let req = add(r#"{"vf": "enp1s0", "mac": "52:54:00:00:00:01", "vlan": 10, "trust": true, "spoofchk": false}"#)
+            .expect("valid request");
+        let DeviceSpec::Vf(vf) = req.device else {
+            panic!("not a VF: {:?}", req.device);
+        };
+        assert_eq!(vf.pf, PhysicalFunction::Netdev("enp1s0".into()));
+        assert_eq!(vf.vlan, Some(10));
+        assert_eq!(vf.trust, Some(true));
+        assert_eq!(vf.spoofchk, Some(false));
+        assert_eq!(vf.mac.map(|m| m.to_string()).as_deref(), Some("52:54:00:00:00:01"));
+    }
+
+    #[test]
+    fn add_with_path_and_vf_is_two_devices() {
+        let err = add(r#"{"path": "01:00.0", "vf": "enp1s0"}"#).expect_err("two devices");
+        assert!(err.contains("two devices in one call"), "{err}");
+    }
+
+    #[test]
+    fn add_with_a_repeated_path_is_rejected() {
+        let err = add(r#"{"path": "01:00.0", "path": "02:00.0"}"#).expect_err("two paths");
+        assert!(err.contains("duplicate field `path`"), "{err}");
+    }
+
+    #[test]
+    fn add_with_unknown_field_is_rejected() {
+        let err = add(r#"{"path": "01:00.0", "hotplug": true}"#).expect_err("unknown field");
+        assert!(err.contains("unknown field `hotplug`"), "{err}");
+    }
+
+    #[test]
+    fn add_without_device_is_rejected() {
+        let err = add(r#"{"id": "x"}"#).expect_err("no device");
+        assert!(err.contains("no device given"), "{err}");
+    }
+
+    #[test]
+    fn add_path_with_vf_settings_is_rejected() {
+        let err = add(r#"{"path": "01:00.0", "vlan": 3}"#).expect_err("vlan on a path");
+        assert!(err.contains("apply only to a \"vf\" device"), "{err}");
+    }
+
+    #[test]
+    fn add_with_vlan_4095_is_rejected() {
+        let err = add(r#"{"vf": "enp1s0", "vlan": 4095}"#).expect_err("vlan out of range");
+        assert!(err.contains("invalid VLAN id 4095"), "{err}");
+    }
+
+    #[test]
+    fn add_request_round_trips_through_json() {
+        let req = add(r#"{"vf": "0000:3b:00.0", "id": "vf0", "vlan": 0}"#).expect("valid");
+        let json = serde_json::to_string(&req).expect("serializable");
+        assert_eq!(json, r#"{"id":"vf0","vf":"0000:3b:00.0","vlan":0}"#);
+        assert_eq!(add(&json), Ok(req));
+    }
+
+    #[test]
+    fn remove_defaults_to_graceful_with_ten_seconds() {
+        let req = remove(r#"{"id": "nvme0"}"#).expect("valid");
+        assert!(!req.surprise);
+        assert_eq!(req.timeout_ms, DEFAULT_REMOVE_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn remove_with_zero_timeout_is_rejected() {
+        let err = remove(r#"{"id": "nvme0", "timeout_ms": 0}"#).expect_err("zero timeout");
+        assert!(err.contains("invalid timeout_ms 0"), "{err}");
+    }
+
+    #[test]
+    fn remove_with_unknown_field_is_rejected() {
+        let err = remove(r#"{"id": "nvme0", "force": true}"#).expect_err("unknown field");
+        assert!(err.contains("unknown field `force`"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_takes_an_empty_object_only() {
+        assert!(serde_json::from_str::<ShutdownRequest>("{}").is_ok());
+        assert!(serde_json::from_str::<ShutdownRequest>(r#"{"now": true}"#).is_err());
+    }
+
+    #[test]
+    fn event_serializes_flat_with_its_name_and_timestamp() {
+        let event = Event {
+            timestamp_ms: 1_700_000_000_123,
+            kind: EventKind::DeviceRemoved {
+                id: DeviceId::new("nvme0").expect("valid id"),
+                bdf: bdf("0000:02:00.0"),
+                host_bdf: bdf("0000:01:00.0"),
+                reason: RemovalReason::TimeoutEscalated,
+            },
+        };
+        let json = serde_json::to_string(&event).expect("serializable");
+        assert_eq!(
+            json,
+            r#"{"timestamp_ms":1700000000123,"event":"device-removed","id":"nvme0","bdf":"0000:02:00.0","host_bdf":"0000:01:00.0","reason":"timeout-escalated"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&json).ok(), Some(event));
+    }
+
+    #[test]
+    fn device_added_event_carries_the_device_fields() {
+        let event = Event::now(EventKind::DeviceAdded(DeviceInfo {
+            id: DeviceId::new("nvme0").expect("valid id"),
+            bdf: bdf("0000:02:00.0"),
+            host_bdf: bdf("0000:01:00.0"),
+            slot: 1,
+            root_port: bdf("0000:00:01.0"),
+            state: DeviceState::Present,
+            vf: None,
+        }));
+        let value = serde_json::to_value(&event).expect("serializable");
+        assert_eq!(value["event"], "device-added");
+        assert_eq!(value["slot"], 1);
+        assert_eq!(value["state"], "present");
+        assert!(value["timestamp_ms"].as_u64().is_some_and(|t| t > 0));
+    }
+
+    #[test]
+    fn vm_exit_maps_to_shutdown_reason() {
+        assert_eq!(ShutdownReason::from(VmExit::Reset), ShutdownReason::Reset);
+    }
+}
