@@ -80,18 +80,36 @@ pub struct DeviceManager {
     passthrough: Option<Passthrough>,
 }
 
+/// The parts of the VM the devices are built on.
+pub struct Machine<'a> {
+    /// The KVM VM.
+    pub vm_fd: &'a Arc<VmFd>,
+    /// Guest RAM.
+    pub memory: &'a GuestMemoryMmap,
+    /// Port I/O bus.
+    pub pio: &'a Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: &'a Arc<Bus>,
+    /// Where reset and power-off requests go.
+    pub exit: Arc<ExitSignal>,
+    /// The host's physical address width.
+    pub phys_bits: u8,
+    /// KVM's number of memory slots.
+    pub max_memslots: u32,
+}
+
 impl DeviceManager {
-    /// Creates and registers the platform devices of `config`.
-    pub fn new(
-        vm_fd: &Arc<VmFd>,
-        memory: &GuestMemoryMmap,
-        pio: &Arc<Bus>,
-        mmio: &Arc<Bus>,
-        exit: Arc<ExitSignal>,
-        config: &VmConfig,
-        phys_bits: u8,
-        max_memslots: u32,
-    ) -> Result<Self> {
+    /// Creates and registers the platform devices of `config` on `machine`.
+    pub fn new(machine: Machine, config: &VmConfig) -> Result<Self> {
+        let Machine {
+            vm_fd,
+            memory,
+            pio,
+            mmio,
+            exit,
+            phys_bits,
+            max_memslots,
+        } = machine;
         let mut dm = Self {
             serial: None,
             owned: Vec::new(),

@@ -357,7 +357,7 @@ fn place_bars(
     let mut alloc32 = allocator(windows.mmio32);
     let mut alloc64 = allocator(windows.mmio64);
     let mut bars = device.bars();
-    bars.sort_by(|a, b| b.size.cmp(&a.size));
+    bars.sort_by_key(|b| std::cmp::Reverse(b.size));
     for bar in bars {
         let (alloc, window, name) = match bar.kind {
             BarKind::Io => {

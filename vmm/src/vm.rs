@@ -15,7 +15,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::cpu;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, Machine};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::{ExitSignal, VmExit};
 use crate::memory;
@@ -151,14 +151,16 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let devices = DeviceManager::new(
-            &vm_fd,
-            &memory,
-            &pio,
-            &mmio,
-            exit.clone(),
+            Machine {
+                vm_fd: &vm_fd,
+                memory: &memory,
+                pio: &pio,
+                mmio: &mmio,
+                exit: exit.clone(),
+                phys_bits: phys_bits(&kvm),
+                max_memslots: u32::try_from(kvm.get_nr_memslots()).unwrap_or(0),
+            },
             config,
-            phys_bits(&kvm),
-            kvm.get_nr_memslots() as u32,
         )?;
 
         let entry = boot::load(
