@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that building rvmm and running its test host need.
 # Idempotent: packages already present are left alone. Must run as root (or via sudo).
+# The Debian kernel used inside the test host is not installed here (this machine's /boot stays
+# untouched): resources/guest-kernel.sh downloads and extracts it into build/kernel/.
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-need_backports() {
-  grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null && return 1
-  return 0
+has_backports() {
+  grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null
 }
 
+# shellcheck source=/dev/null
 . /etc/os-release
-if [ "${VERSION_CODENAME:-}" = "bookworm" ] && need_backports; then
+if [ "${VERSION_CODENAME:-}" = "bookworm" ] && ! has_backports; then
   # Same mirror and keyring as the main Debian source, backports suite.
   uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   [ -n "$uri" ] || uri="http://deb.debian.org/debian"
@@ -25,18 +27,31 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-pkgs_base="busybox-static zstd cpio xz-utils kmod gzip e2fsprogs iproute2 python3"
-missing=""
-for p in $pkgs_base qemu-system-x86 linux-image-amd64; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+# Build: gcc and libc6-dev (the Rust linker). Images: busybox-static, cpio, gzip, xz-utils, zstd,
+# kmod (modprobe/depmod on the extracted kernel), python3 (vmlinux extraction).
+# Test host: qemu-system-x86 10.x from bookworm-backports (igb with SR-IOV).
+pkgs_base=(gcc libc6-dev busybox-static zstd cpio xz-utils kmod gzip python3 coreutils)
+missing_base=()
+for p in "${pkgs_base[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing_base+=("$p")
 done
-if [ -n "$missing" ]; then
+qemu_ok=0
+if dpkg -s qemu-system-x86 >/dev/null 2>&1 &&
+  qemu-system-x86_64 -device help 2>/dev/null | grep -q '"igb"'; then
+  qemu_ok=1
+fi
+
+if [ "${#missing_base[@]}" -gt 0 ] || [ "$qemu_ok" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends $pkgs_base
-  if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
-    $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 linux-image-amd64
-  else
-    $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86 linux-image-amd64
+  if [ "${#missing_base[@]}" -gt 0 ]; then
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing_base[@]}"
+  fi
+  if [ "$qemu_ok" = 0 ]; then
+    if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
+      $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86
+    else
+      $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86
+    fi
   fi
 fi

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds build/images/guest-initramfs.cpio.gz: the initramfs of the Linux guest that rvmm boots in
+# the test host. busybox-static, resources/guest/init (markers + scenarios) and the guest kernel
+# modules the scenarios load (NVMe, igbvf), decompressed. Cached on the hash of its inputs.
+set -euo pipefail
+# shellcheck source=resources/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+GUEST_MODULES=(nvme-core nvme igbvf)
+output="$IMAGES_DIR/guest-initramfs.cpio.gz"
+busybox="$(static_busybox)"
+
+rel="$(kernel_release)"
+hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/guest/init" "$busybox" \
+  "$KERNEL_DIR/vmlinuz" "=$rel" "=${GUEST_MODULES[*]}")"
+if stamp_is_current guest-initramfs "$hash" "$output"; then exit 0; fi
+
+log "building $output"
+staging="$IMAGES_DIR/guest-root"
+rm -rf "$staging"
+mkdir -p "$staging"/{bin,sbin,dev,proc,sys,tmp,etc,root}
+install -m 0755 "$busybox" "$staging/bin/busybox"
+for applet in $("$busybox" --list); do
+  [ "$applet" = busybox ] || ln -sf busybox "$staging/bin/$applet"
+done
+install -m 0755 "$RESOURCES_DIR/guest/init" "$staging/init"
+copy_modules "$staging" "${GUEST_MODULES[@]}"
+
+mkdir -p "$IMAGES_DIR"
+(cd "$staging" && find . -print0 | LC_ALL=C sort -z |
+  cpio --null -o -H newc -R 0:0 --quiet) | gzip -6 >"$output.tmp"
+mv "$output.tmp" "$output"
+rm -rf "$staging"
+stamp_write guest-initramfs "$hash"
+log "guest initramfs ready: $(du -h "$output" | cut -f1)"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# THE test command of rvmm (README and CI call it). From a clean clone on a Debian 12 machine,
+# as root: installs the packages, builds rvmm in release mode, prepares the kernel and the
+# images (cached; rebuilt when their inputs change), then runs the unit tests of every crate and
+# the integration tests, which boot the test host under QEMU/TCG one at a time (both cores each).
+# Exits non-zero if anything failed. Extra arguments go to the integration test binaries (a test
+# name filter, --nocapture, ...).
+#
+# Environment: CARGO_TARGET_DIR (default <workspace>/target), RVMM_BIN (default
+# <target>/release/rvmm), RVMM_BUILD_DIR (default <workspace>/build).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null || { echo "run-tests.sh: cargo is not installed (rustup)" >&2; exit 1; }
+
+bash resources/install-deps.sh
+cargo build --release -p rvmm
+target="${CARGO_TARGET_DIR:-$root/target}"
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
+export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
+bash resources/prepare-images.sh
+
+status=0
+cargo test --workspace --exclude rvmm-tests || status=1
+cargo test -p rvmm-tests -- --test-threads=1 "$@" || status=1
+if [ "$status" -ne 0 ]; then
+  echo "run-tests.sh: FAILED (test host console logs: ${RVMM_BUILD_DIR:-$root/build}/logs/)" >&2
+fi
+exit "$status"

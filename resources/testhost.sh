@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Boots the test host: a QEMU q35 machine under TCG with AMD SVM (so /dev/kvm works inside), an
+# Intel IOMMU (a real VFIO stack), N emulated NVMe drives and an igb NIC (SR-IOV), each on its own
+# PCIe root port. Its serial console (and the consoles of the rvmm guests it runs) goes to stdout.
+# The test host runs --scenario FILE as /scenario.sh (appended to the initramfs as a second cpio
+# archive) and powers off; QEMU then exits. This script is the one place that knows the QEMU
+# command line: the Rust harness (tests/src/) and resources/demo.sh call it.
+#
+# Usage: testhost.sh [OPTIONS] [-- EXTRA_QEMU_ARGS...]
+#   --scenario FILE    test host scenario, a busybox sh script (default: none; the host reports
+#                      and powers off)
+#   --memory SIZE      test host RAM (default 3G)
+#   --nvme N           emulated NVMe drives on raw image files (default 1)
+#   --nvme-size SIZE   size of each drive (default 64M)
+#   --igb | --no-igb   an igb NIC (SR-IOV PF, 7 VFs) on its own root port (default: yes)
+#   --spare-ports N    additional empty root ports (default 0)
+#   --timeout SECS     hard limit: QEMU is killed after it (default 600; exit status 124)
+#   --workdir DIR      scratch dir for drive images and the combined initrd
+#                      (default build/run/testhost)
+#   --initramfs FILE   test host initramfs (default build/images/host-initramfs.cpio)
+#   --kernel FILE      test host kernel (default build/kernel/current/vmlinuz)
+#   --append STR       more test host kernel parameters
+# Exit status: QEMU's (0 after the test host powered off), 124 on timeout.
+set -euo pipefail
+# shellcheck source=resources/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+scenario=""
+memory=3G
+nvme=1
+nvme_size=64M
+igb=1
+spare_ports=0
+timeout_s=600
+workdir="$BUILD_DIR/run/testhost"
+initramfs="$IMAGES_DIR/host-initramfs.cpio"
+kernel="$KERNEL_DIR/vmlinuz"
+append=""
+extra=()
+
+usage() { sed -n '/^# Usage:/,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --scenario) scenario="$2"; shift 2 ;;
+    --memory) memory="$2"; shift 2 ;;
+    --nvme) nvme="$2"; shift 2 ;;
+    --nvme-size) nvme_size="$2"; shift 2 ;;
+    --igb) igb=1; shift ;;
+    --no-igb) igb=0; shift ;;
+    --spare-ports) spare_ports="$2"; shift 2 ;;
+    --timeout) timeout_s="$2"; shift 2 ;;
+    --workdir) workdir="$2"; shift 2 ;;
+    --initramfs) initramfs="$2"; shift 2 ;;
+    --kernel) kernel="$2"; shift 2 ;;
+    --append) append="$2"; shift 2 ;;
+    --) shift; extra=("$@"); break ;;
+    -h | --help) usage ;;
+    *) echo "testhost.sh: unknown option $1" >&2; usage ;;
+  esac
+done
+
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing: run resources/install-deps.sh"
+[ -s "$kernel" ] || die "test host kernel $kernel is missing: run resources/guest-kernel.sh"
+[ -s "$initramfs" ] || die "test host initramfs $initramfs is missing: run resources/prepare-images.sh"
+[ -z "$scenario" ] || [ -f "$scenario" ] || die "scenario $scenario does not exist"
+case "$nvme$spare_ports$timeout_s" in *[!0-9]*) die "--nvme, --spare-ports and --timeout take numbers" ;; esac
+
+mkdir -p "$workdir"
+initrd="$workdir/initrd.cpio"
+if [ -n "$scenario" ]; then
+  # The scenario goes into a second archive after the big one: the kernel unpacks both.
+  rm -rf "$workdir/scenario-root"
+  mkdir -p "$workdir/scenario-root"
+  install -m 0755 "$scenario" "$workdir/scenario-root/scenario.sh"
+  (cd "$workdir/scenario-root" && echo scenario.sh | cpio -o -H newc -R 0:0 --quiet) >"$workdir/scenario.cpio"
+  cat "$initramfs" "$workdir/scenario.cpio" >"$initrd"
+  rm -rf "$workdir/scenario-root"
+else
+  cp "$initramfs" "$initrd"
+fi
+
+# shellcheck disable=SC2054 # the commas belong to QEMU option values
+args=(
+  -machine q35,accel=tcg -cpu EPYC-Milan,+svm -smp 2 -m "$memory"
+  -nodefaults -nographic -serial mon:stdio -no-reboot
+  -device intel-iommu,intremap=on,caching-mode=on
+)
+port=0
+add_port() {
+  port=$((port + 1))
+  args+=(-device "pcie-root-port,id=rp$port,slot=$port,chassis=$port")
+}
+for ((i = 0; i < nvme; i++)); do
+  add_port
+  rm -f "$workdir/nvme$i.img"
+  truncate -s "$nvme_size" "$workdir/nvme$i.img"
+  args+=(-drive "file=$workdir/nvme$i.img,if=none,format=raw,id=nv$i"
+    -device "nvme,serial=nvme$i,drive=nv$i,bus=rp$port")
+done
+if [ "$igb" = 1 ]; then
+  add_port
+  # shellcheck disable=SC2054
+  args+=(-device "igb,bus=rp$port,netdev=n0,romfile=" -netdev user,id=n0,restrict=on)
+fi
+for ((i = 0; i < spare_ports; i++)); do add_port; done
+args+=(-kernel "$kernel" -initrd "$initrd"
+  -append "console=ttyS0 quiet intel_iommu=on panic=-1 $append" "${extra[@]}")
+
+log "qemu-system-x86_64 ${args[*]}"
+# --foreground: QEMU keeps the terminal when run interactively (resources/demo.sh).
+status=0
+timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 "${args[@]}" || status=$?
+# The combined initrd is a copy of the big archive: do not keep one per test.
+rm -f "$initrd" "$workdir/scenario.cpio"
+exit "$status"
