@@ -1,0 +1,431 @@
+//! Running a test host: the `TestHost` builder over `resources/testhost.sh`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{chain, Error, Result};
+use crate::output::{clean_line, Line, RunEnd, TestHostOutput};
+use crate::{paths, prepare};
+
+/// Status of `resources/testhost.sh` when its own timeout killed QEMU (GNU timeout).
+const TIMEOUT_STATUS: i32 = 124;
+/// Extra time the harness grants the script beyond its own timeout before killing it.
+const KILL_GRACE: Duration = Duration::from_secs(30);
+
+/// A test host to boot: its hardware and the scenario it runs.
+#[derive(Clone, Debug)]
+pub struct TestHost {
+    name: String,
+    memory: String,
+    nvme_drives: u32,
+    nvme_size: String,
+    igb: bool,
+    spare_root_ports: u32,
+    kernel_args: String,
+    qemu_args: Vec<String>,
+    scenario: String,
+    needs_rvmm: bool,
+}
+
+impl TestHost {
+    /// A test host named `name` (the log is `build/logs/<name>.log`; characters other than
+    /// ASCII letters, digits, `-` and `_` become `_`) with 3 GiB of RAM, one 64 MiB NVMe drive,
+    /// an igb NIC and no scenario.
+    pub fn new(name: &str) -> Self {
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        TestHost {
+            name,
+            memory: "3G".to_string(),
+            nvme_drives: 1,
+            nvme_size: "64M".to_string(),
+            igb: true,
+            spare_root_ports: 0,
+            kernel_args: String::new(),
+            qemu_args: Vec::new(),
+            scenario: String::new(),
+            needs_rvmm: false,
+        }
+    }
+
+    /// Test host RAM in QEMU's syntax (`3G`, `4096M`).
+    pub fn memory(mut self, size: &str) -> Self {
+        self.memory = size.to_string();
+        self
+    }
+
+    /// Number of emulated NVMe drives, each on its own root port.
+    pub fn nvme_drives(mut self, count: u32) -> Self {
+        self.nvme_drives = count;
+        self
+    }
+
+    /// Size of each NVMe drive's (sparse, fresh) image in QEMU's syntax.
+    pub fn nvme_size(mut self, size: &str) -> Self {
+        self.nvme_size = size.to_string();
+        self
+    }
+
+    /// Whether the test host has an igb NIC (SR-IOV PF `8086:10c9`, VFs `8086:10ca`).
+    pub fn igb(mut self, enabled: bool) -> Self {
+        self.igb = enabled;
+        self
+    }
+
+    /// Empty root ports in addition to those of the devices.
+    pub fn spare_root_ports(mut self, count: u32) -> Self {
+        self.spare_root_ports = count;
+        self
+    }
+
+    /// More test host kernel parameters.
+    pub fn kernel_args(mut self, args: &str) -> Self {
+        self.kernel_args = args.to_string();
+        self
+    }
+
+    /// One more QEMU argument.
+    pub fn qemu_arg(mut self, arg: &str) -> Self {
+        self.qemu_args.push(arg.to_string());
+        self
+    }
+
+    /// The scenario: a busybox `sh` script run as `/scenario.sh` in the test host, with the
+    /// helpers of `resources/host/host-lib.sh` loaded.
+    pub fn scenario(mut self, script: &str) -> Self {
+        self.scenario = script.to_string();
+        self
+    }
+
+    /// Whether the scenario runs rvmm: then a missing rvmm binary is an error before the run,
+    /// and a test host that reports `HOST rvmm missing` is unusable.
+    pub fn needs_rvmm(mut self, needed: bool) -> Self {
+        self.needs_rvmm = needed;
+        self
+    }
+
+    /// Boots the test host, runs the scenario and returns the console once QEMU has exited or
+    /// `timeout` has passed. Panics loudly (reason, log path, console tail) if a prerequisite is
+    /// missing or the test host is unusable (no `/dev/kvm`, no rvmm when needed).
+    #[track_caller]
+    pub fn run(&self, timeout: Duration) -> TestHostOutput {
+        match self.try_run(timeout) {
+            Ok(output) => output,
+            Err(error) => panic!("{}", chain(&error)),
+        }
+    }
+
+    /// Like [`TestHost::run`], returning what went wrong instead of panicking.
+    pub fn try_run(&self, timeout: Duration) -> Result<TestHostOutput> {
+        if find_in_path("qemu-system-x86_64").is_none() {
+            return Err(Error::QemuMissing);
+        }
+        let rvmm = paths::rvmm_binary();
+        if self.needs_rvmm && !rvmm.is_file() {
+            return Err(Error::RvmmMissing { path: rvmm });
+        }
+        prepare::prepare_images()?;
+
+        let workdir = paths::run_dir().join(&self.name);
+        create_dir(&workdir)?;
+        create_dir(&paths::logs_dir())?;
+        let scenario = workdir.join("scenario.sh");
+        write_file(&scenario, &self.scenario)?;
+        let log_path = paths::logs_dir().join(format!("{}.log", self.name));
+
+        let _lock = lock_test_hosts()?;
+        let output = self.execute(&workdir, &scenario, &log_path, timeout)?;
+        eprintln!("{}", output.summary());
+        self.check_ready(&output)?;
+        Ok(output)
+    }
+
+    fn command(&self, workdir: &Path, scenario: &Path, timeout: Duration) -> Command {
+        let mut command = Command::new("bash");
+        command
+            .arg(paths::resources_dir().join("testhost.sh"))
+            .arg("--scenario")
+            .arg(scenario)
+            .arg("--workdir")
+            .arg(workdir)
+            .args(["--memory", &self.memory])
+            .args(["--nvme", &self.nvme_drives.to_string()])
+            .args(["--nvme-size", &self.nvme_size])
+            .arg(if self.igb { "--igb" } else { "--no-igb" })
+            .args(["--spare-ports", &self.spare_root_ports.to_string()])
+            .args(["--timeout", &timeout.as_secs().max(1).to_string()])
+            .args(["--append", &self.kernel_args])
+            .arg("--")
+            .args(&self.qemu_args)
+            .env("RVMM_BUILD_DIR", paths::build_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group: a run that outlives the deadline is killed whole.
+            .process_group(0);
+        command
+    }
+
+    fn execute(
+        &self,
+        workdir: &Path,
+        scenario: &Path,
+        log_path: &Path,
+        timeout: Duration,
+    ) -> Result<TestHostOutput> {
+        let mut log = File::create(log_path).map_err(|source| Error::Io {
+            action: "create",
+            path: log_path.to_path_buf(),
+            source,
+        })?;
+        let mut command = self.command(workdir, scenario, timeout);
+        let start = Instant::now();
+        let mut child = command.spawn().map_err(|source| Error::Spawn {
+            command: format!("{command:?}"),
+            source,
+        })?;
+        let (sender, receiver) = mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            forward_lines(stdout, start, sender.clone());
+        }
+        if let Some(stderr) = child.stderr.take() {
+            forward_lines(stderr, start, sender);
+        }
+
+        let deadline = start + timeout + KILL_GRACE;
+        let (lines, killed) = collect_lines(&receiver, &mut child, deadline, &mut log, log_path)?;
+        let status = child.wait().map_err(|source| Error::Io {
+            action: "wait for",
+            path: paths::resources_dir().join("testhost.sh"),
+            source,
+        })?;
+        let end = if killed {
+            RunEnd::TimedOut
+        } else {
+            match status.code() {
+                Some(TIMEOUT_STATUS) => RunEnd::TimedOut,
+                Some(code) => RunEnd::Exited(code),
+                None => RunEnd::Killed,
+            }
+        };
+        let output = TestHostOutput::new(&self.name, log_path, lines, end, start.elapsed());
+        let _ = writeln!(log, "--- {}", output.summary());
+        Ok(output)
+    }
+
+    fn check_ready(&self, output: &TestHostOutput) -> Result<()> {
+        let all = output.all();
+        let reason = if all.host("up").is_none() {
+            Some("the test host never reached its init ('HOST up' is missing)".to_string())
+        } else if all.host("kvm").is_none_or(|marker| marker.value != "ok") {
+            Some("/dev/kvm does not exist in the test host (kvm-amd did not load)".to_string())
+        } else if all.host("ready").is_none() {
+            Some(
+                "the test host init did not finish its checks ('HOST ready' is missing)"
+                    .to_string(),
+            )
+        } else if self.needs_rvmm
+            && all
+                .host("rvmm")
+                .is_none_or(|marker| marker.value != "present")
+        {
+            Some("the test host initramfs has no rvmm binary".to_string())
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::HostNotReady {
+                name: self.name.clone(),
+                reason,
+                context: output.context(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sends each line read from `stream` with its arrival time until the stream ends.
+fn forward_lines(stream: impl Read + Send + 'static, start: Instant, sender: Sender<Line>) {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = clean_line(&String::from_utf8_lossy(&raw));
+                    if sender
+                        .send(Line {
+                            at: start.elapsed(),
+                            text,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Receives console lines, appending each to the log as it arrives, until both streams end or
+/// the deadline passes (then the process group is killed). Returns the lines and whether the
+/// harness had to kill the run.
+fn collect_lines(
+    receiver: &Receiver<Line>,
+    child: &mut Child,
+    deadline: Instant,
+    log: &mut File,
+    log_path: &Path,
+) -> Result<(Vec<Line>, bool)> {
+    let mut lines = Vec::new();
+    let mut killed = false;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match receiver.recv_timeout(wait.max(Duration::from_millis(10))) {
+            Ok(line) => {
+                writeln!(log, "{}", line.text).map_err(|source| Error::Io {
+                    action: "write",
+                    path: log_path.to_path_buf(),
+                    source,
+                })?;
+                lines.push(line);
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                if !killed && Instant::now() >= deadline {
+                    kill_group(child);
+                    killed = true;
+                    let _ = writeln!(log, "--- harness: deadline passed, test host killed");
+                }
+            }
+        }
+    }
+    Ok((lines, killed))
+}
+
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals the process group the child leads (it was
+        // spawned with process_group(0)); it has no memory effects on this process.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
+}
+
+/// Serializes test host runs across threads and processes: each uses both cores of the machine.
+/// The lock is released when the returned file is closed.
+fn lock_test_hosts() -> Result<File> {
+    let path = paths::build_dir().join("testhost.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::Io {
+            action: "open",
+            path: path.clone(),
+            source,
+        })?;
+    loop {
+        // SAFETY: flock(2) on a file descriptor this function owns for the call's duration.
+        let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if result == 0 {
+            return Ok(file);
+        }
+        let source = std::io::Error::last_os_error();
+        if source.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::Io {
+                action: "lock",
+                path,
+                source,
+            });
+        }
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).map_err(|source| Error::Io {
+        action: "create",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<()> {
+    fs::write(path, contents).map_err(|source| Error::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_is_made_safe_for_file_names() {
+        let host = TestHost::new("boot::bz image/1");
+
+        assert_eq!(host.name, "boot__bz_image_1");
+    }
+
+    #[test]
+    fn command_passes_the_hardware_to_the_script() {
+        let host = TestHost::new("x")
+            .memory("4G")
+            .nvme_drives(2)
+            .igb(false)
+            .spare_root_ports(3)
+            .qemu_arg("-d")
+            .qemu_arg("guest_errors");
+
+        let command = host.command(
+            Path::new("/w"),
+            Path::new("/w/s.sh"),
+            Duration::from_secs(90),
+        );
+        let args: Vec<String> = command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+
+        let joined = args.join(" ");
+        assert!(joined.contains("--memory 4G --nvme 2 --nvme-size 64M --no-igb --spare-ports 3"));
+        assert!(joined.contains("--timeout 90"));
+        assert!(joined.ends_with("-- -d guest_errors"));
+    }
+
+    #[test]
+    fn program_in_path_is_found() {
+        assert!(find_in_path("sh").is_some());
+        assert!(find_in_path("no-such-program-rvmm").is_none());
+    }
+}
