@@ -68,7 +68,10 @@ fn assert_clean_boot_and_poweroff(run: &Section<'_>) {
     let exit = run.rvmm_exit();
     run.check(
         exit == 0,
-        &format!("rvmm exited with {exit} after the guest powered off, not 0"),
+        &format!(
+            "rvmm exited with {exit} after the guest powered off, not 0 \
+             (rvmm: 3 = guest reset, e.g. a guest panic with panic=-1; 4 = guest crash)"
+        ),
     );
 }
 
