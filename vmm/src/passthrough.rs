@@ -56,9 +56,7 @@ impl FromStr for DeviceSpec {
             match part.split_once('=') {
                 Some(("path", v)) if !v.is_empty() => path = Some(v.to_owned()),
                 Some(("id", v)) => id = Some(v.to_owned()),
-                None if path.is_none() && !part.is_empty() && !s.contains('=') => {
-                    path = Some(part.to_owned())
-                }
+                None if path.is_none() && !part.is_empty() => path = Some(part.to_owned()),
                 Some((k, _)) if k != "path" => {
                     return Err(DeviceSpecError::UnknownKey {
                         spec: s.to_owned(),
@@ -412,6 +410,12 @@ mod tests {
         let s: DeviceSpec = "0000:01:00.0".parse().unwrap();
         assert_eq!(s.path, "0000:01:00.0");
         assert_eq!(s.id, None);
+    }
+
+    #[test]
+    fn spec_accepts_bare_bdf_with_id() {
+        let s: DeviceSpec = "01:00.0,id=nv".parse().unwrap();
+        assert_eq!((s.path.as_str(), s.id.as_deref()), ("01:00.0", Some("nv")));
     }
 
     #[test]
