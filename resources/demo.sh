@@ -2,11 +2,12 @@
 # Demo: builds rvmm, prepares the images, boots the test host (QEMU/TCG, nested SVM) and in it the
 # Debian guest under rvmm, with the consoles of both shown. Quit QEMU with Ctrl-A X.
 #
-# Usage: demo.sh [--shell] [--passthrough-nvme]
+# Usage: demo.sh [--shell] [--no-passthrough]
 #   --shell             the guest gives an interactive shell (exit it to power off) instead of
 #                       reporting what it sees and powering off
-#   --passthrough-nvme  binds the test host's emulated NVMe to vfio-pci and passes it to the guest
-#                       (rvmm --device), which writes and reads back a pattern on it
+#   --no-passthrough    boot the guest without a passthrough device. By default the test host's
+#                       emulated NVMe is bound to vfio-pci and passed to the guest (rvmm --device),
+#                       which writes and reads back a pattern on it
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,11 +16,11 @@ if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
 fi
 
 guest_scenario=basic
-passthrough=0
+passthrough=1
 for arg in "$@"; do
   case "$arg" in
     --shell) guest_scenario=shell ;;
-    --passthrough-nvme) passthrough=1 ;;
+    --no-passthrough) passthrough=0 ;;
     *) sed -n '/^# Usage:/,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
