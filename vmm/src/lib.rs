@@ -4,6 +4,7 @@
 //! a thin command-line layer over this library.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;

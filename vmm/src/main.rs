@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until the guest powers off (exit 0), resets (exit 3) or crashes (4).
     Run(RunArgs),
+    /// Control a running VM through its API socket (exit 1 when the call fails).
+    Ctl(rvmm::api::ctl::CtlArgs),
 }
 
 #[derive(clap::Args)]
@@ -103,5 +105,12 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ctl(args) => match rvmm::api::ctl::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                report(&e);
+                ExitCode::from(EXIT_ERROR)
+            }
+        },
     }
 }

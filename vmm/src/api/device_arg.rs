@@ -15,7 +15,7 @@ use std::str::FromStr;
 use thiserror::Error;
 
 use crate::api::types::{AddDeviceRequest, AddDeviceWire};
-use crate::api::values::{parse_vlan, DeviceId, PciBdf, ValueError};
+use crate::api::values::{parse_vlan, shown, DeviceId, PciBdf, ValueError};
 
 /// Errors of a device argument.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -66,7 +66,7 @@ fn switch(key: &str, value: &str) -> Result<bool, DeviceArgError> {
         "off" => Ok(false),
         _ => Err(DeviceArgError::Switch {
             key: key.to_string(),
-            value: value.to_string(),
+            value: shown(value),
         }),
     }
 }
@@ -103,7 +103,7 @@ impl FromStr for AddDeviceRequest {
             let (key, v) = entry
                 .split_once('=')
                 .ok_or_else(|| DeviceArgError::NotKeyValue {
-                    entry: entry.to_string(),
+                    entry: shown(entry),
                 })?;
             match key {
                 "path" => set(&mut w.path, key, value("path", PciBdf::from_host_spec(v))?)?,
@@ -113,11 +113,7 @@ impl FromStr for AddDeviceRequest {
                 "vlan" => set(&mut w.vlan, key, value("vlan", parse_vlan(v))?)?,
                 "trust" => set(&mut w.trust, key, switch(key, v)?)?,
                 "spoofchk" => set(&mut w.spoofchk, key, switch(key, v)?)?,
-                _ => {
-                    return Err(DeviceArgError::UnknownKey {
-                        key: key.to_string(),
-                    })
-                }
+                _ => return Err(DeviceArgError::UnknownKey { key: shown(key) }),
             }
         }
         AddDeviceRequest::try_from(w).map_err(DeviceArgError::Device)

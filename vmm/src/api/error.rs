@@ -37,7 +37,9 @@ pub enum ApiError {
         limit_ms: u64,
     },
     /// A body without a Content-Length.
-    #[error("a request body needs a Content-Length header (chunked request bodies are not supported)")]
+    #[error(
+        "a request body needs a Content-Length header (chunked request bodies are not supported)"
+    )]
     LengthRequired,
     /// The body is larger than the server takes.
     #[error("the request body of {length} bytes is larger than the limit of {limit} bytes")]
@@ -166,8 +168,8 @@ mod tests {
 
     #[test]
     fn plain_error_body_has_only_the_message() {
-        let json = serde_json::to_string(&ApiError::Internal("boom".into()).body())
-            .expect("serializable");
+        let json =
+            serde_json::to_string(&ApiError::Internal("boom".into()).body()).expect("serializable");
         assert_eq!(json, r#"{"error":"boom"}"#);
     }
 }

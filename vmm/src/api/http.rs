@@ -68,6 +68,12 @@ impl TimedRead for std::os::unix::net::UnixStream {
     }
 }
 
+impl TimedRead for &std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
 fn io_error(e: &io::Error, limits: &Limits) -> ApiError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ApiError::RequestTimeout {
@@ -194,7 +200,12 @@ pub fn read_request<S: TimedRead>(
     }
     while body.len() < length {
         let want = (length - body.len()).min(READ_CHUNK);
-        let n = read_some(stream, chunk.get_mut(..want).unwrap_or_default(), deadline, limits)?;
+        let n = read_some(
+            stream,
+            chunk.get_mut(..want).unwrap_or_default(),
+            deadline,
+            limits,
+        )?;
         if n == 0 {
             return Err(ApiError::BadRequest(format!(
                 "the body ended after {} of {length} bytes",
@@ -540,7 +551,10 @@ mod tests {
         let text = String::from_utf8(out).expect("ASCII");
         assert!(text.starts_with("HTTP/1.1 409 Conflict\r\n"), "{text}");
         assert!(text.contains("Content-Length: 22\r\n"), "{text}");
-        assert!(text.ends_with("\r\n\r\n{\"error\":\"slot busy\"}\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n{\"error\":\"slot busy\"}\n"),
+            "{text}"
+        );
     }
 
     #[test]

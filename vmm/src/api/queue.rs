@@ -256,7 +256,7 @@ mod tests {
     }
 
     /// Plays the event loop once: waits for the wake-up, then answers every request.
-    fn serve_once(queue: &ApiRequestQueue, answer: impl Fn(PendingRequest)) {
+    fn serve_once(queue: &ApiRequestQueue, answer: impl FnMut(PendingRequest)) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let pending = queue.drain();
@@ -289,7 +289,10 @@ mod tests {
             match queue.event_fd().read() {
                 Ok(n) => break n,
                 Err(_) => {
-                    assert!(Instant::now() < deadline, "the event fd was never signalled");
+                    assert!(
+                        Instant::now() < deadline,
+                        "the event fd was never signalled"
+                    );
                     thread::sleep(Duration::from_millis(5));
                 }
             }

@@ -94,7 +94,9 @@ fn vlan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
         .filter(|v| *v <= MAX_VLAN)
         .map(Some)
         .ok_or_else(|| {
-            serde::de::Error::custom(format!("invalid VLAN id {v}: use 0 (no VLAN) to {MAX_VLAN}"))
+            serde::de::Error::custom(format!(
+                "invalid VLAN id {v}: use 0 (no VLAN) to {MAX_VLAN}"
+            ))
         })
 }
 
@@ -424,7 +426,10 @@ mod tests {
         assert_eq!(vf.vlan, Some(10));
         assert_eq!(vf.trust, Some(true));
         assert_eq!(vf.spoofchk, Some(false));
-        assert_eq!(vf.mac.map(|m| m.to_string()).as_deref(), Some("52:54:00:00:00:01"));
+        assert_eq!(
+            vf.mac.map(|m| m.to_string()).as_deref(),
+            Some("52:54:00:00:00:01")
+        );
     }
 
     #[test]

@@ -66,6 +66,20 @@ pub enum ValueError {
     },
 }
 
+/// Longest piece of user input an error message repeats.
+const MAX_SHOWN: usize = 80;
+
+/// `input` for an error message: cut to [`MAX_SHOWN`] characters, so that a huge value does
+/// not come back in full.
+pub(crate) fn shown(input: &str) -> String {
+    if input.chars().count() <= MAX_SHOWN {
+        return input.to_string();
+    }
+    let mut cut: String = input.chars().take(MAX_SHOWN - 3).collect();
+    cut.push_str("...");
+    cut
+}
+
 /// Parses a hex field of at most `max_len` digits.
 fn hex_field(s: &str, max_len: usize) -> Option<u32> {
     if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -101,9 +115,7 @@ impl PciBdf {
     /// Parses a host device as given by a user: a PCI address or its sysfs directory
     /// (`/sys/bus/pci/devices/0000:01:00.0`, a trailing `/` allowed).
     pub fn from_host_spec(spec: &str) -> Result<Self, ValueError> {
-        let invalid = || ValueError::HostDevice {
-            given: spec.to_string(),
-        };
+        let invalid = || ValueError::HostDevice { given: shown(spec) };
         let name = match spec.strip_prefix(SYSFS_PCI_DEVICES) {
             Some(rest) => rest
                 .strip_prefix('/')
@@ -136,9 +148,7 @@ impl FromStr for PciBdf {
 
     /// Parses `DDDD:BB:DD.F` or `BB:DD.F` (domain 0), hex digits in either case.
     fn from_str(s: &str) -> Result<Self, ValueError> {
-        let invalid = || ValueError::Bdf {
-            given: s.to_string(),
-        };
+        let invalid = || ValueError::Bdf { given: shown(s) };
         let mut parts = s.split(':');
         let (domain, bus, devfn) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some(d), Some(b), Some(df), None) => (d, b, df),
@@ -210,9 +220,7 @@ impl DeviceId {
         if ok {
             Ok(Self(id.to_string()))
         } else {
-            Err(ValueError::DeviceId {
-                given: id.to_string(),
-            })
+            Err(ValueError::DeviceId { given: shown(id) })
         }
     }
 
@@ -254,9 +262,7 @@ impl FromStr for MacAddr {
 
     /// Parses six colon-separated hex octets and refuses addresses a VF cannot use.
     fn from_str(s: &str) -> Result<Self, ValueError> {
-        let invalid = || ValueError::Mac {
-            given: s.to_string(),
-        };
+        let invalid = || ValueError::Mac { given: shown(s) };
         let mut octets = [0u8; 6];
         let mut parts = s.split(':');
         for octet in &mut octets {
@@ -315,9 +321,7 @@ impl FromStr for PhysicalFunction {
     /// A PCI address or sysfs path (anything with `/` or `:`), else a network interface name as
     /// Linux accepts it (1 to 15 bytes, no `/`, `:` or white space, not `.` or `..`).
     fn from_str(s: &str) -> Result<Self, ValueError> {
-        let invalid = || ValueError::PhysicalFunction {
-            given: s.to_string(),
-        };
+        let invalid = || ValueError::PhysicalFunction { given: shown(s) };
         if s.contains(['/', ':']) {
             return PciBdf::from_host_spec(s)
                 .map(PhysicalFunction::Pci)
@@ -343,9 +347,7 @@ pub fn parse_vlan(s: &str) -> Result<u16, ValueError> {
     s.parse::<u16>()
         .ok()
         .filter(|v| *v <= MAX_VLAN)
-        .ok_or_else(|| ValueError::Vlan {
-            given: s.to_string(),
-        })
+        .ok_or_else(|| ValueError::Vlan { given: shown(s) })
 }
 
 #[cfg(test)]
@@ -354,6 +356,13 @@ mod tests {
 
     fn bdf(domain: u16, bus: u8, device: u8, function: u8) -> PciBdf {
         PciBdf::new(domain, bus, device, function).expect("valid test address")
+    }
+
+    #[test]
+    fn long_input_is_cut_in_error_messages() {
+        let err = DeviceId::new(&"x".repeat(1000)).expect_err("too long");
+        assert!(err.to_string().len() < 250, "{err}");
+        assert!(err.to_string().contains("xxx..."), "{err}");
     }
 
     #[test]
@@ -380,8 +389,18 @@ mod tests {
     #[test]
     fn malformed_bdfs_are_rejected() {
         for s in [
-            "", "01", "01:00", "0:0:0:0.0", "00000:01:00.0", "0000:001:00.0", "0000:01:00.",
-            "0000:01:.0", "+0000:01:00.0", "0000:01:00.0 ", "zz:00.0", "01:00.-1",
+            "",
+            "01",
+            "01:00",
+            "0:0:0:0.0",
+            "00000:01:00.0",
+            "0000:001:00.0",
+            "0000:01:00.",
+            "0000:01:.0",
+            "+0000:01:00.0",
+            "0000:01:00.0 ",
+            "zz:00.0",
+            "01:00.-1",
         ] {
             assert!(s.parse::<PciBdf>().is_err(), "{s:?} was accepted");
         }
@@ -422,7 +441,15 @@ mod tests {
 
     #[test]
     fn device_id_rejects_empty_long_and_odd_names() {
-        for s in ["", "-a", ".a", "a b", "a/b", "é", &"x".repeat(MAX_ID_LEN + 1)] {
+        for s in [
+            "",
+            "-a",
+            ".a",
+            "a b",
+            "a/b",
+            "é",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
             assert!(DeviceId::new(s).is_err(), "{s:?} was accepted");
         }
     }
@@ -451,8 +478,13 @@ mod tests {
 
     #[test]
     fn malformed_macs_are_rejected() {
-        for s in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:01:02", "5:54:00:ab:cd:01", "52-54-00-ab-cd-01"]
-        {
+        for s in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "5:54:00:ab:cd:01",
+            "52-54-00-ab-cd-01",
+        ] {
             assert!(s.parse::<MacAddr>().is_err(), "{s:?} was accepted");
         }
     }

@@ -1,0 +1,238 @@
+//! `rvmm ctl`: the command-line client of a running VM's control API. Answers are printed as
+//! pretty JSON on stdout, events as JSON lines; errors go to stderr through the caller.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use crate::api::client::{ApiClient, ClientError};
+use crate::api::types::{
+    AddDeviceRequest, RemoveDeviceRequest, DEFAULT_REMOVE_TIMEOUT_MS, MAX_REMOVE_TIMEOUT_MS,
+};
+use crate::api::values::DeviceId;
+
+/// Help text of the add-device argument.
+const DEVICE_HELP: &str = "path=HOST_DEVICE[,id=NAME] or \
+    vf=PF[,id=NAME][,mac=MAC][,vlan=N][,trust=on|off][,spoofchk=on|off]";
+
+/// `rvmm ctl` arguments.
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The VM's API socket (as given to `rvmm run --api-socket`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `rvmm ctl` verbs.
+#[derive(Debug, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Print the configuration and every passthrough device.
+    Info,
+    /// Hot-add one device; prints it once the guest has it.
+    AddDevice {
+        /// The device, in the form of [`crate::api::device_arg`].
+        #[arg(
+            value_name = "DEVICE",
+            value_parser = parse_device,
+            help = DEVICE_HELP,
+            long_help = DEVICE_HELP
+        )]
+        device: AddDeviceRequest,
+    },
+    /// Hot-remove a device; prints how the removal ended once it is released.
+    RemoveDevice {
+        /// The device id.
+        id: DeviceId,
+        /// Remove at once, without asking the guest.
+        #[arg(long)]
+        surprise: bool,
+        /// How long the guest gets to release the device before a surprise removal.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = DEFAULT_REMOVE_TIMEOUT_MS,
+            value_parser = clap::value_parser!(u64).range(1..=MAX_REMOVE_TIMEOUT_MS)
+        )]
+        timeout_ms: u64,
+    },
+    /// Print events as JSON lines until the VM ends.
+    Events,
+    /// Stop the VM.
+    Shutdown,
+}
+
+/// Parses a device argument, keeping the whole chain of causes in the message clap prints.
+fn parse_device(s: &str) -> Result<AddDeviceRequest, String> {
+    s.parse::<AddDeviceRequest>().map_err(|e| {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        msg
+    })
+}
+
+/// Writes `text` and a newline to stdout; a closed stdout (e.g. `| head`) is not an error.
+fn print_line(text: &str) -> Result<bool, ClientError> {
+    let mut out = io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(source) => Err(ClientError::Io {
+            what: "write to stdout",
+            source,
+        }),
+    }
+}
+
+/// Prints a JSON answer pretty; an empty answer prints nothing.
+fn print_json(body: &[u8]) -> Result<(), ClientError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(ClientError::Decode)?;
+    let text = serde_json::to_string_pretty(&value).map_err(ClientError::Decode)?;
+    print_line(&text).map(drop)
+}
+
+/// Runs one `rvmm ctl` command.
+pub fn run(args: CtlArgs) -> Result<(), ClientError> {
+    let client = ApiClient::new(&args.api_socket);
+    match args.command {
+        CtlCommand::Info => print_json(&client.info_raw()?.body),
+        CtlCommand::AddDevice { device } => print_json(&client.add_device_raw(&device)?.body),
+        CtlCommand::RemoveDevice {
+            id,
+            surprise,
+            timeout_ms,
+        } => {
+            let req = RemoveDeviceRequest {
+                id,
+                surprise,
+                timeout_ms,
+            };
+            print_json(&client.remove_device_raw(&req)?.body)
+        }
+        CtlCommand::Events => {
+            let mut stream = client.events()?;
+            while let Some(line) = stream.next_line()? {
+                if !print_line(&line)? {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        CtlCommand::Shutdown => client.shutdown(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<CtlArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ctl").chain(args.iter().copied())).map(|c| c.ctl)
+    }
+
+    #[test]
+    fn remove_device_defaults_to_ten_seconds_graceful() {
+        let args = parse(&["--api-socket", "/tmp/s", "remove-device", "nvme0"]).expect("valid");
+        match args.command {
+            CtlCommand::RemoveDevice {
+                surprise,
+                timeout_ms,
+                ..
+            } => {
+                assert!(!surprise);
+                assert_eq!(timeout_ms, DEFAULT_REMOVE_TIMEOUT_MS);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn remove_device_takes_surprise_and_timeout() {
+        let args = parse(&[
+            "--api-socket",
+            "/tmp/s",
+            "remove-device",
+            "nvme0",
+            "--surprise",
+            "--timeout-ms",
+            "500",
+        ])
+        .expect("valid");
+        assert!(matches!(
+            args.command,
+            CtlCommand::RemoveDevice {
+                surprise: true,
+                timeout_ms: 500,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn add_device_parses_the_device_string() {
+        let args = parse(&[
+            "--api-socket",
+            "/tmp/s",
+            "add-device",
+            "path=01:00.0,id=nvme0",
+        ])
+        .expect("valid");
+        assert!(matches!(args.command, CtlCommand::AddDevice { .. }));
+    }
+
+    #[test]
+    fn invalid_device_string_is_a_usage_error_with_the_cause() {
+        let err = parse(&[
+            "--api-socket",
+            "/tmp/s",
+            "add-device",
+            "vf=enp1s0,mac=01:00:00:00:00:00",
+        ])
+        .expect_err("multicast MAC");
+        let text = err.to_string();
+        assert!(
+            text.contains("invalid mac: MAC address 01:00:00:00:00:00 cannot be given"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn invalid_device_id_is_a_usage_error() {
+        assert!(parse(&["--api-socket", "/tmp/s", "remove-device", "a/b"]).is_err());
+    }
+
+    #[test]
+    fn zero_timeout_is_a_usage_error() {
+        assert!(parse(&[
+            "--api-socket",
+            "/tmp/s",
+            "remove-device",
+            "a",
+            "--timeout-ms",
+            "0"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn missing_socket_is_a_usage_error() {
+        assert!(parse(&["info"]).is_err());
+    }
+}

@@ -1,0 +1,61 @@
+//! The control API: HTTP/1.1 + JSON on a unix socket, described by docs/api.yaml.
+//!
+//! | endpoint | body | answer |
+//! |---|---|---|
+//! | `GET /v1/vm/info` | – | [`VmInfo`] |
+//! | `PUT /v1/vm/add-device` | [`AddDeviceRequest`] | [`DeviceInfo`], once the guest has the device |
+//! | `PUT /v1/vm/remove-device` | [`RemoveDeviceRequest`] | [`RemoveDeviceResponse`], once released |
+//! | `PUT /v1/vm/shutdown` | none or `{}` | 204 |
+//! | `GET /v1/events` | – | a stream of [`Event`] JSON lines |
+//!
+//! Errors are `{"error": "message"}` with the status of [`ApiError::status`].
+//!
+//! Threads: [`ApiServer`] accepts on its own thread and serves each connection on another, calling
+//! an [`ApiHandler`]. The VMM's handler is a [`QueuedHandler`]: it queues each request into an
+//! [`ApiRequestQueue`] that the event loop polls, so every change of the VM happens on the event
+//! loop, which answers each [`PendingRequest`] when it is done. Events reach open streams through
+//! an [`EventBus`]. [`ApiClient`] is the client `rvmm ctl` uses.
+
+pub mod client;
+pub mod ctl;
+pub mod device_arg;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod queue;
+pub mod server;
+pub mod types;
+pub mod values;
+
+#[cfg(test)]
+mod openapi_tests;
+#[cfg(test)]
+mod server_tests;
+
+pub use client::{ApiClient, ClientError};
+pub use device_arg::DeviceArgError;
+pub use error::{ApiError, ErrorBody};
+pub use events::{EventBus, Received, Subscription};
+pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
+pub use server::{ApiServer, ServerConfig, ServerError};
+pub use types::{
+    AddDeviceRequest, DeviceInfo, DeviceSpec, DeviceState, Event, EventKind, RemovalReason,
+    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VfSpec,
+    VmInfo,
+};
+pub use values::{DeviceId, MacAddr, PciBdf, PhysicalFunction, ValueError};
+
+/// What the API server asks of the VMM. Calls come from the server's connection threads, several
+/// at once; each blocks until its operation is done.
+pub trait ApiHandler: Send + Sync {
+    /// The configuration and every passthrough device.
+    fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Hot-adds one device; returns when the guest has it.
+    fn add_device(&self, req: AddDeviceRequest) -> Result<DeviceInfo, ApiError>;
+    /// Hot-removes one device; returns when it is released from the VM.
+    fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError>;
+    /// Stops the VM; returns once the shutdown is under way.
+    fn shutdown(&self) -> Result<(), ApiError>;
+    /// A stream of every event from now on; it ends when the VM ends.
+    fn subscribe(&self) -> Subscription;
+}

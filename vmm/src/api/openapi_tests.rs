@@ -1,0 +1,389 @@
+//! docs/api.yaml against the code: every route is documented, every answer the types produce
+//! matches its schema (required properties, no undocumented ones, types, enums, ranges,
+//! patterns), and the documented request examples are accepted.
+
+use regex::Regex;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::server::ROUTES;
+use crate::api::types::{
+    AddDeviceRequest, DeviceInfo, DeviceState, Event, EventKind, RemovalReason,
+    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VmInfo,
+};
+use crate::api::values::{DeviceId, PciBdf};
+
+const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.yaml"));
+const SCHEMA_PREFIX: &str = "#/components/schemas/";
+
+fn spec() -> Value {
+    serde_yaml_ng::from_str(SPEC).expect("docs/api.yaml is valid YAML")
+}
+
+/// A minimal JSON Schema (OpenAPI 3.0 subset) checker over the spec's components.
+struct Validator {
+    spec: Value,
+}
+
+impl Validator {
+    fn new() -> Self {
+        Self { spec: spec() }
+    }
+
+    fn schema(&self, name: &str) -> &Value {
+        let s = &self.spec["components"]["schemas"][name];
+        assert!(s.is_object(), "no schema {name} in docs/api.yaml");
+        s
+    }
+
+    fn resolve<'a>(&'a self, schema: &'a Value) -> &'a Value {
+        match schema.get("$ref").and_then(Value::as_str) {
+            Some(r) => self.schema(r.strip_prefix(SCHEMA_PREFIX).unwrap_or(r)),
+            None => schema,
+        }
+    }
+
+    /// Property names a schema documents, through `$ref` and `allOf`.
+    fn documented(&self, schema: &Value, names: &mut Vec<String>) {
+        let schema = self.resolve(schema);
+        if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+            names.extend(props.keys().cloned());
+        }
+        for part in schema["allOf"].as_array().into_iter().flatten() {
+            self.documented(part, names);
+        }
+    }
+
+    fn check(&self, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+        let schema = self.resolve(schema);
+        if let Some(parts) = schema.get("allOf").and_then(Value::as_array) {
+            for part in parts {
+                self.check(part, value, at)?;
+            }
+            let mut names = Vec::new();
+            self.documented(schema, &mut names);
+            for key in value.as_object().into_iter().flat_map(|o| o.keys()) {
+                if !names.contains(key) {
+                    return Err(format!("{at}: property {key} is not documented"));
+                }
+            }
+        }
+        if let Some(options) = schema.get("oneOf").and_then(Value::as_array) {
+            let matching = options
+                .iter()
+                .filter(|o| self.check(o, value, at).is_ok())
+                .count();
+            if matching != 1 {
+                return Err(format!("{at}: {value} matches {matching} of oneOf"));
+            }
+        }
+        if let Some(ty) = schema.get("type").and_then(Value::as_str) {
+            let ok = match ty {
+                "object" => value.is_object(),
+                "array" => value.is_array(),
+                "string" => value.is_string(),
+                "integer" => value.is_u64() || value.is_i64(),
+                "boolean" => value.is_boolean(),
+                other => return Err(format!("{at}: unsupported type {other}")),
+            };
+            if !ok {
+                return Err(format!("{at}: {value} is not {ty}"));
+            }
+        }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+            if !allowed.contains(value) {
+                return Err(format!("{at}: {value} is not one of {allowed:?}"));
+            }
+        }
+        if let (Some(min), Some(v)) = (
+            schema.get("minimum").and_then(Value::as_i64),
+            value.as_i64(),
+        ) {
+            if v < min {
+                return Err(format!("{at}: {v} is below {min}"));
+            }
+        }
+        if let (Some(max), Some(v)) = (
+            schema.get("maximum").and_then(Value::as_i64),
+            value.as_i64(),
+        ) {
+            if v > max {
+                return Err(format!("{at}: {v} is above {max}"));
+            }
+        }
+        if let (Some(p), Some(v)) = (
+            schema.get("pattern").and_then(Value::as_str),
+            value.as_str(),
+        ) {
+            if !Regex::new(p).map_err(|e| e.to_string())?.is_match(v) {
+                return Err(format!("{at}: {v:?} does not match {p}"));
+            }
+        }
+        if let Some(obj) = value.as_object() {
+            for req in schema["required"].as_array().into_iter().flatten() {
+                let name = req.as_str().unwrap_or_default();
+                if !obj.contains_key(name) {
+                    return Err(format!("{at}: required property {name} is missing"));
+                }
+            }
+            let props = schema.get("properties").and_then(Value::as_object);
+            for (key, v) in obj {
+                match props.and_then(|p| p.get(key)) {
+                    Some(s) => self.check(s, v, &format!("{at}.{key}"))?,
+                    None if schema.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                        return Err(format!("{at}: property {key} is not allowed"))
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
+            for (i, v) in values.iter().enumerate() {
+                self.check(items, v, &format!("{at}[{i}]"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate<T: Serialize>(&self, name: &str, value: &T) -> Result<(), String> {
+        let json = serde_json::to_value(value).map_err(|e| e.to_string())?;
+        self.check(self.schema(name), &json, name)
+    }
+}
+
+fn bdf(s: &str) -> PciBdf {
+    s.parse().expect("valid test address")
+}
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).expect("valid test id")
+}
+
+fn host_device() -> DeviceInfo {
+    DeviceInfo {
+        id: id("nvme0"),
+        bdf: bdf("0000:02:00.0"),
+        host_bdf: bdf("0000:01:00.0"),
+        slot: 1,
+        root_port: bdf("0000:00:01.0"),
+        state: DeviceState::Present,
+        vf: None,
+    }
+}
+
+fn vf_device() -> DeviceInfo {
+    DeviceInfo {
+        id: id("vf0"),
+        bdf: bdf("0000:03:00.0"),
+        host_bdf: bdf("0000:3b:02.1"),
+        slot: 2,
+        root_port: bdf("0000:00:01.1"),
+        state: DeviceState::Adding,
+        vf: Some(VfInfo {
+            pf: bdf("0000:3b:00.0"),
+            index: 9,
+            mac: Some("52:54:00:12:34:56".parse().expect("valid MAC")),
+            vlan: Some(100),
+            trust: Some(false),
+            spoofchk: Some(true),
+        }),
+    }
+}
+
+fn vm_info() -> VmInfo {
+    VmInfo {
+        version: "0.1.0".into(),
+        cpus: 4,
+        memory_bytes: 2 << 30,
+        hugepages: true,
+        root_ports: RootPortUsage { used: 2, total: 8 },
+        devices: vec![host_device(), vf_device()],
+    }
+}
+
+fn events() -> Vec<Event> {
+    let d = host_device();
+    vec![
+        Event::now(EventKind::DeviceAdded(vf_device())),
+        Event::now(EventKind::DeviceRemoving {
+            id: d.id.clone(),
+            bdf: d.bdf,
+            host_bdf: d.host_bdf,
+            surprise: false,
+        }),
+        Event::now(EventKind::DeviceRemoved {
+            id: d.id,
+            bdf: d.bdf,
+            host_bdf: d.host_bdf,
+            reason: RemovalReason::HostRequest,
+        }),
+        Event::now(EventKind::VmShutdown {
+            reason: ShutdownReason::Crash,
+        }),
+    ]
+}
+
+#[test]
+fn spec_is_openapi_3_0() {
+    let spec = spec();
+    assert!(spec["openapi"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("3.0.")));
+}
+
+#[test]
+fn every_route_is_documented_with_its_method_and_nothing_else() {
+    let spec = spec();
+    let paths = spec["paths"].as_object().expect("paths");
+    for (path, method, _) in ROUTES {
+        let ops = paths.get(path).and_then(Value::as_object);
+        let ops = ops.unwrap_or_else(|| panic!("{path} is not documented"));
+        let methods: Vec<&String> = ops.keys().collect();
+        assert_eq!(methods, vec![&method.to_lowercase()], "{path}");
+    }
+    assert_eq!(paths.len(), ROUTES.len());
+}
+
+#[test]
+fn vm_info_matches_its_schema() {
+    Validator::new()
+        .validate("VmInfo", &vm_info())
+        .expect("valid");
+}
+
+#[test]
+fn device_info_with_and_without_vf_matches_its_schema() {
+    let v = Validator::new();
+    v.validate("DeviceInfo", &host_device())
+        .expect("host device");
+    v.validate("DeviceInfo", &vf_device()).expect("VF device");
+}
+
+#[test]
+fn remove_response_with_every_reason_matches_its_schema() {
+    let v = Validator::new();
+    for reason in [
+        RemovalReason::GuestEjected,
+        RemovalReason::Surprise,
+        RemovalReason::HostRequest,
+        RemovalReason::DeviceError,
+        RemovalReason::TimeoutEscalated,
+    ] {
+        let r = RemoveDeviceResponse {
+            id: id("nvme0"),
+            bdf: bdf("0000:02:00.0"),
+            host_bdf: bdf("0000:01:00.0"),
+            reason,
+            duration_ms: 5200,
+        };
+        v.validate("RemoveDeviceResponse", &r)
+            .unwrap_or_else(|e| panic!("{reason:?}: {e}"));
+    }
+}
+
+#[test]
+fn every_event_kind_matches_the_event_schema() {
+    let v = Validator::new();
+    for event in events() {
+        v.validate("Event", &event)
+            .unwrap_or_else(|e| panic!("{event:?}: {e}"));
+    }
+}
+
+#[test]
+fn error_bodies_match_the_error_schema() {
+    let v = Validator::new();
+    for err in [
+        ApiError::UnknownDevice { id: id("nvme0") },
+        ApiError::Timeout {
+            step: "waiting for the guest to power the slot on".into(),
+            after_ms: 30000,
+        },
+    ] {
+        v.validate("Error", &err.body()).expect("valid");
+    }
+}
+
+#[test]
+fn requests_the_types_send_match_their_schemas() {
+    let v = Validator::new();
+    for s in [
+        "path=01:00.0,id=nvme0",
+        "vf=enp59s0f0,mac=52:54:00:00:00:02,vlan=0,trust=off,spoofchk=on",
+    ] {
+        let req: AddDeviceRequest = s.parse().expect("valid");
+        v.validate("AddDeviceRequest", &req)
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+    let remove = RemoveDeviceRequest {
+        id: id("nvme0"),
+        surprise: true,
+        timeout_ms: 100,
+    };
+    v.validate("RemoveDeviceRequest", &remove).expect("valid");
+}
+
+fn request_examples(spec: &Value, path: &str) -> Vec<Value> {
+    let examples =
+        &spec["paths"][path]["put"]["requestBody"]["content"]["application/json"]["examples"];
+    let examples = examples.as_object().expect("request examples");
+    examples.values().map(|e| e["value"].clone()).collect()
+}
+
+#[test]
+fn documented_add_examples_are_accepted() {
+    for example in request_examples(&spec(), "/v1/vm/add-device") {
+        serde_json::from_value::<AddDeviceRequest>(example.clone())
+            .unwrap_or_else(|e| panic!("{example}: {e}"));
+    }
+}
+
+#[test]
+fn documented_remove_examples_are_accepted() {
+    for example in request_examples(&spec(), "/v1/vm/remove-device") {
+        serde_json::from_value::<RemoveDeviceRequest>(example.clone())
+            .unwrap_or_else(|e| panic!("{example}: {e}"));
+    }
+}
+
+#[test]
+fn device_info_fields_for_events_match_device_info() {
+    let v = Validator::new();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    v.documented(v.schema("DeviceInfo"), &mut a);
+    v.documented(v.schema("DeviceInfoFields"), &mut b);
+    assert_eq!(a, b);
+    assert_eq!(
+        v.schema("DeviceInfo")["required"],
+        v.schema("DeviceInfoFields")["required"]
+    );
+}
+
+#[test]
+fn validator_catches_a_missing_required_property() {
+    let v = Validator::new();
+    let mut json = serde_json::to_value(host_device()).expect("serializable");
+    json.as_object_mut().expect("object").remove("slot");
+    assert!(v
+        .check(v.schema("DeviceInfo"), &json, "DeviceInfo")
+        .is_err());
+}
+
+#[test]
+fn validator_catches_an_undocumented_event_property() {
+    let v = Validator::new();
+    let mut json = serde_json::to_value(&events()[3]).expect("serializable");
+    json["extra"] = Value::Bool(true);
+    assert!(v.check(v.schema("Event"), &json, "Event").is_err());
+}
+
+#[test]
+fn documented_error_example_matches_the_error_type() {
+    let spec = spec();
+    let example = spec["components"]["responses"]["Timeout"]["content"]["application/json"]
+        ["example"]
+        .clone();
+    let body: ErrorBody = serde_json::from_value(example).expect("an ErrorBody");
+    assert!(body.step.is_some());
+}

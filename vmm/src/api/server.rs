@@ -1,0 +1,608 @@
+//! The API server: a unix socket, one thread accepting connections and one thread per
+//! connection (an events stream keeps its thread for as long as it runs), each request routed to
+//! the [`ApiHandler`].
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::error::ApiError;
+use crate::api::events::{Received, Subscription};
+use crate::api::http::{self, Limits, LineStream, Request, Response};
+use crate::api::types::{AddDeviceRequest, RemoveDeviceRequest, ShutdownRequest};
+use crate::api::ApiHandler;
+
+/// `GET`: the configuration and every device.
+pub const INFO_PATH: &str = "/v1/vm/info";
+/// `PUT`: hot-add one device.
+pub const ADD_DEVICE_PATH: &str = "/v1/vm/add-device";
+/// `PUT`: hot-remove one device.
+pub const REMOVE_DEVICE_PATH: &str = "/v1/vm/remove-device";
+/// `PUT`: stop the VM.
+pub const SHUTDOWN_PATH: &str = "/v1/vm/shutdown";
+/// `GET`: the event stream.
+pub const EVENTS_PATH: &str = "/v1/events";
+
+/// How often an idle events stream checks whether its client left or the server stops.
+const STREAM_TICK: Duration = Duration::from_millis(250);
+/// Write timeout of the refusal sent when there are too many connections.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long the accept thread drains a refused connection before closing it.
+const REFUSAL_DRAIN: Duration = Duration::from_millis(50);
+/// How long a connection thread drains unread request bytes before closing.
+const CLOSE_DRAIN: Duration = Duration::from_millis(200);
+/// Most unread bytes drained before closing.
+const MAX_DRAIN: usize = 1 << 20;
+/// How long stopping waits for connections in progress to finish their answers.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v1/vm/info`.
+    Info,
+    /// `PUT /v1/vm/add-device`.
+    AddDevice,
+    /// `PUT /v1/vm/remove-device`.
+    RemoveDevice,
+    /// `PUT /v1/vm/shutdown`.
+    Shutdown,
+    /// `GET /v1/events`.
+    Events,
+}
+
+/// Every endpoint with its path and method.
+pub const ROUTES: [(&str, &str, Endpoint); 5] = [
+    (INFO_PATH, "GET", Endpoint::Info),
+    (ADD_DEVICE_PATH, "PUT", Endpoint::AddDevice),
+    (REMOVE_DEVICE_PATH, "PUT", Endpoint::RemoveDevice),
+    (SHUTDOWN_PATH, "PUT", Endpoint::Shutdown),
+    (EVENTS_PATH, "GET", Endpoint::Events),
+];
+
+/// The endpoint of `method target`.
+pub fn route(method: &str, target: &str) -> Result<Endpoint, ApiError> {
+    if target.contains('?') {
+        return Err(ApiError::BadRequest(
+            "query parameters are not supported: put the request in the JSON body".into(),
+        ));
+    }
+    let (_, allowed, endpoint) = ROUTES
+        .iter()
+        .find(|(path, ..)| *path == target)
+        .ok_or_else(|| ApiError::UnknownPath {
+            path: target.to_string(),
+        })?;
+    if method != *allowed {
+        return Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: target.to_string(),
+            allowed,
+        });
+    }
+    Ok(*endpoint)
+}
+
+/// Errors of starting the server.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// A live server answers on the socket.
+    #[error("the API socket {path} is in use by another running rvmm (pick another path or stop that one)")]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Something other than a socket is at the path.
+    #[error("{path} exists and is not a socket: refusing to replace it with the API socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A system call failed.
+    #[error("cannot {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Tunables of the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Request size and time limits.
+    pub limits: Limits,
+    /// Connections served at once; more are answered 503.
+    pub max_connections: usize,
+    /// Time a client gets to take each write of a response.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            max_connections: 32,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every connection thread shares.
+struct Shared {
+    handler: Arc<dyn ApiHandler>,
+    config: ServerConfig,
+    stopping: AtomicBool,
+    connections: AtomicUsize,
+}
+
+/// A running API server; stopping or dropping it closes the socket and removes its file.
+pub struct ApiServer {
+    path: PathBuf,
+    /// Device and inode of the socket file we created, to remove only our own.
+    file_id: (u64, u64),
+    stop: Arc<EventFd>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `socket_path` with the default [`ServerConfig`].
+    pub fn start(
+        socket_path: &Path,
+        handler: Arc<dyn ApiHandler>,
+    ) -> Result<ApiServer, ServerError> {
+        Self::start_with(socket_path, handler, ServerConfig::default())
+    }
+
+    /// Listens on `socket_path` (owner-only access). A stale socket file left by a dead rvmm is
+    /// replaced; a socket a live process answers on, or any other file, is refused.
+    pub fn start_with(
+        socket_path: &Path,
+        handler: Arc<dyn ApiHandler>,
+        config: ServerConfig,
+    ) -> Result<ApiServer, ServerError> {
+        let io_err = |what| {
+            move |source| ServerError::Io {
+                what,
+                path: socket_path.to_path_buf(),
+                source,
+            }
+        };
+        remove_stale_socket(socket_path)?;
+        let listener = UnixListener::bind(socket_path).map_err(io_err("bind the API socket"))?;
+        std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("restrict access to the API socket"))?;
+        let meta =
+            std::fs::symlink_metadata(socket_path).map_err(io_err("inspect the API socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("configure the API socket"))?;
+        let stop = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the stop event for"))?,
+        );
+        let shared = Arc::new(Shared {
+            handler,
+            config,
+            stopping: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+        });
+        let thread = {
+            let (stop, shared) = (stop.clone(), shared.clone());
+            thread::Builder::new()
+                .name("rvmm-api".into())
+                .spawn(move || accept_loop(&listener, &stop, &shared))
+                .map_err(io_err("start the thread serving"))?
+        };
+        log::info!("control API listening on {}", socket_path.display());
+        Ok(ApiServer {
+            path: socket_path.to_path_buf(),
+            file_id: (meta.dev(), meta.ino()),
+            stop,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, ends open events streams (properly, after the events already
+    /// published) and removes the socket file. Waits up to 2 s for connections in progress to
+    /// send their answers, so that e.g. the answer to a shutdown request reaches its client
+    /// before rvmm exits; later ones finish on their own threads.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Err(e) = self.stop.write(1) {
+            log::error!("cannot stop the API server thread: {e}");
+            return;
+        }
+        if thread.join().is_err() {
+            log::error!("the API server thread panicked");
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while self.shared.connections.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
+        if ours {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                log::warn!("cannot remove the API socket {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::Io {
+                what: "inspect",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServerError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            log::info!("removing the stale API socket {}", path.display());
+            std::fs::remove_file(path).map_err(|source| ServerError::Io {
+                what: "remove the stale socket",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(ServerError::Io {
+            what: "check whether another rvmm listens on",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Waits until `fd` is readable or `stop` is signalled; returns whether `stop` was.
+fn wait_for(fd: RawFd, stop: &EventFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call, and its
+        // length is passed with it.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r >= 0 {
+            return Ok(fds[1].revents != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Whether the client of `stream` has hung up (checked without reading or blocking).
+fn peer_gone(stream: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut fd, 1, 0) };
+    r > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Ends our side of the connection and reads away what the client still sends (within `budget`),
+/// so that closing does not reset the connection and lose the response: a unix socket closed
+/// with unread data makes the peer's next read fail with ECONNRESET.
+fn close_gracefully(stream: &UnixStream, budget: Duration) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + budget;
+    let mut buf = [0u8; 4096];
+    let mut drained = 0usize;
+    while drained < MAX_DRAIN {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match (&*stream).read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => drained = drained.saturating_add(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn accept_loop(listener: &UnixListener, stop: &EventFd, shared: &Arc<Shared>) {
+    loop {
+        match wait_for(listener.as_raw_fd(), stop) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                log::error!("control API stopped: waiting for connections failed: {e}");
+                return;
+            }
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => spawn_connection(stream, shared),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // E.g. EMFILE: back off instead of spinning on the readable listener.
+                    log::warn!("control API: cannot accept a connection: {e}");
+                    thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Decrements the connection count when a connection thread ends.
+struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn spawn_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
+    let active = shared.connections.fetch_add(1, Ordering::AcqRel);
+    let slot = ConnectionSlot(shared.clone());
+    if active >= shared.config.max_connections {
+        drop(slot);
+        let err = ApiError::Unavailable(format!(
+            "too many API connections (at most {}): try again later",
+            shared.config.max_connections
+        ));
+        let _ = stream.set_write_timeout(Some(REFUSAL_WRITE_TIMEOUT));
+        let _ = Response::error(&err).write_to(&mut stream);
+        close_gracefully(&stream, REFUSAL_DRAIN);
+        return;
+    }
+    let spawned = thread::Builder::new()
+        .name("rvmm-api-conn".into())
+        .spawn(move || {
+            let slot = slot;
+            serve_connection(stream, &slot.0);
+        });
+    if let Err(e) = spawned {
+        log::warn!("control API: cannot start a connection thread: {e}");
+    }
+}
+
+/// What a request results in.
+enum Outcome {
+    Reply(Response),
+    Stream(Subscription),
+}
+
+fn serve_connection(stream: UnixStream, shared: &Shared) {
+    serve_request(&stream, shared);
+    close_gracefully(&stream, CLOSE_DRAIN);
+}
+
+fn serve_request(mut stream: &UnixStream, shared: &Shared) {
+    if let Err(e) = stream.set_write_timeout(Some(shared.config.write_timeout)) {
+        log::warn!("control API: cannot set a write timeout: {e}");
+        return;
+    }
+    let request = match http::read_request(&mut stream, &shared.config.limits) {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            log::info!("control API: rejected a request: {e}");
+            let _ = Response::error(&e).write_to(&mut stream);
+            return;
+        }
+    };
+    let outcome = dispatch(&request, shared.handler.as_ref())
+        .unwrap_or_else(|e| Outcome::Reply(Response::error(&e)));
+    match outcome {
+        Outcome::Reply(response) => {
+            log::info!(
+                "control API: {} {} -> {}",
+                request.method,
+                request.target,
+                response.status
+            );
+            if let Err(e) = response.write_to(&mut stream) {
+                log::info!("control API: the client left before the answer: {e}");
+            }
+        }
+        Outcome::Stream(subscription) => {
+            log::info!("control API: events stream opened");
+            if let Err(e) = stream_events(stream, &subscription, request.http11, shared) {
+                log::info!("control API: events stream closed: {e}");
+            }
+        }
+    }
+}
+
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "the request body is empty: expected a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+}
+
+fn no_body(request: &Request) -> Result<(), ApiError> {
+    if request.body.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{} {} takes no request body",
+            request.method, request.target
+        )))
+    }
+}
+
+fn dispatch(request: &Request, handler: &dyn ApiHandler) -> Result<Outcome, ApiError> {
+    let reply = |value: Result<_, ApiError>| value.map(Outcome::Reply);
+    match route(&request.method, &request.target)? {
+        Endpoint::Info => {
+            no_body(request)?;
+            reply(handler.info().map(|i| Response::json(200, &i)))
+        }
+        Endpoint::AddDevice => {
+            let req: AddDeviceRequest = json_body(&request.body)?;
+            reply(handler.add_device(req).map(|d| Response::json(200, &d)))
+        }
+        Endpoint::RemoveDevice => {
+            let req: RemoveDeviceRequest = json_body(&request.body)?;
+            reply(handler.remove_device(req).map(|r| Response::json(200, &r)))
+        }
+        Endpoint::Shutdown => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                json_body::<ShutdownRequest>(&request.body)?;
+            }
+            reply(handler.shutdown().map(|()| Response::no_content()))
+        }
+        Endpoint::Events => {
+            no_body(request)?;
+            Ok(Outcome::Stream(handler.subscribe()))
+        }
+    }
+}
+
+/// Sends every event of `subscription` as a JSON line until the bus ends it, the client leaves
+/// or the server stops.
+fn stream_events(
+    stream: &UnixStream,
+    subscription: &Subscription,
+    http11: bool,
+    shared: &Shared,
+) -> io::Result<()> {
+    let mut out = LineStream::start(stream, http11)?;
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        match subscription.recv_timeout(STREAM_TICK) {
+            Received::Event(event) => {
+                let line = serde_json::to_vec(&event).map_err(io::Error::other)?;
+                out.send_line(&line)?;
+            }
+            Received::Idle => {
+                if peer_gone(stream) {
+                    return Ok(());
+                }
+            }
+            Received::Ended => {
+                if subscription.lagged() {
+                    let err = ApiError::Unavailable(
+                        "this events stream fell too far behind and missed events: reconnect"
+                            .into(),
+                    );
+                    let line = serde_json::to_vec(&err.body()).map_err(io::Error::other)?;
+                    out.send_line(&line)?;
+                }
+                break;
+            }
+        }
+    }
+    out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_found_with_its_method() {
+        for (path, method, endpoint) in ROUTES {
+            assert_eq!(route(method, path), Ok(endpoint));
+        }
+    }
+
+    #[test]
+    fn unknown_path_is_404() {
+        assert_eq!(route("GET", "/v1/nope").map_err(|e| e.status()), Err(404));
+    }
+
+    #[test]
+    fn wrong_method_is_405() {
+        assert_eq!(
+            route("POST", ADD_DEVICE_PATH).map_err(|e| e.status()),
+            Err(405)
+        );
+    }
+
+    #[test]
+    fn query_string_is_refused() {
+        assert_eq!(
+            route("GET", "/v1/vm/info?x=1").map_err(|e| e.status()),
+            Err(400)
+        );
+    }
+
+    #[test]
+    fn whitespace_body_is_empty() {
+        let err = json_body::<ShutdownRequest>(b" \r\n").expect_err("empty");
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_names_the_position() {
+        let err = json_body::<ShutdownRequest>(b"{").expect_err("malformed");
+        assert!(
+            err.to_string().starts_with("invalid request body: EOF"),
+            "{err}"
+        );
+    }
+}
