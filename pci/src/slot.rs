@@ -121,6 +121,17 @@ pub enum SlotError {
     },
 }
 
+impl SlotError {
+    /// Whether the same request can succeed later without the caller changing anything: the
+    /// guest has not enabled the slot yet, or has not acknowledged an earlier event.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            SlotError::NotReady { .. } | SlotError::EventPending { .. }
+        )
+    }
+}
+
 /// Result type of slot operations.
 pub type Result<T> = std::result::Result<T, SlotError>;
 

@@ -241,6 +241,11 @@ impl DeviceManager {
         self.passthrough.as_ref()
     }
 
+    /// Hands the passthrough devices to the VM controller (once).
+    pub fn take_passthrough(&mut self) -> Option<Passthrough> {
+        self.passthrough.take()
+    }
+
     /// Guest address of the ACPI RSDP.
     pub fn rsdp_address(&self) -> u64 {
         self.rsdp

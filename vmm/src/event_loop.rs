@@ -28,7 +28,8 @@ pub enum EventLoopError {
     },
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// A subscriber of the loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// The event loop of one VM.
 pub struct EventLoop {
@@ -66,6 +67,11 @@ impl EventLoop {
         self.manager.add_subscriber(console.clone());
         self.console = Some(console);
         Ok(())
+    }
+
+    /// Adds a subscriber (e.g. the VM controller) to the loop.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
     }
 
     /// Runs until a VM exit is requested.

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use rvmm_pci::{AddressAllocator, AddressRange, PciAddress, PciSegment, SlotError, SlotState};
+use rvmm_pci::{
+    AddressAllocator, AddressRange, PciAddress, PciSegment, SlotDevice, SlotError, SlotState,
+};
 use rvmm_vfio::container::{create_kvm_vfio_device, Container, ContainerError, Type1Iommu};
 use rvmm_vfio::{
     check_passthrough_limit, BarKind, DeviceConfig, DeviceError, HostDevice, HostError, LimitError,
@@ -141,6 +143,12 @@ pub enum PassthroughError {
         /// Size of that window.
         window_size: u64,
     },
+    /// No device has this id.
+    #[error("no device with id {0:?}")]
+    UnknownId(String),
+    /// The segment has no such port (an internal inconsistency).
+    #[error("root port {0} does not exist")]
+    NoSuchPort(usize),
     /// The slot refused the device.
     #[error("root port {port} refused the device")]
     Slot {
@@ -166,6 +174,19 @@ pub struct AttachedDevice {
     pub guest_bdf: PciAddress,
     /// The device model.
     pub device: VfioPciDevice,
+    /// Where it is in its hotplug life.
+    pub state: DeviceState,
+}
+
+/// Hotplug state of an attached device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Opened and placed; the guest has not taken it yet.
+    Adding,
+    /// The guest has it.
+    Present,
+    /// Removal under way (attention button pressed, waiting for the guest).
+    Removing,
 }
 
 /// The passthrough devices of one VM and what they share.
@@ -283,21 +304,42 @@ impl Passthrough {
         spec: &DeviceSpec,
         segment: &PciSegment,
     ) -> Result<&AttachedDevice, PassthroughError> {
+        let index = self.attach(spec, segment)?;
+        let d = &self.devices[index];
+        let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
+        let inserted = match segment.port(d.port) {
+            Some(p) => p
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert_device_at_boot(slot_device)
+                .map_err(|source| PassthroughError::Slot {
+                    port: d.port,
+                    source,
+                }),
+            None => Err(PassthroughError::NoSuchPort(d.port)),
+        };
+        if let Err(e) = inserted {
+            let d = self.devices.remove(index);
+            d.device.release();
+            return Err(e);
+        }
+        let d = &mut self.devices[index];
+        d.state = DeviceState::Present;
+        Ok(d)
+    }
+
+    /// Opens a device for hot-add and reserves a port for it; the caller puts it into the slot
+    /// (see [`Passthrough::insert_into_slot`]) when the slot is ready. Returns its index.
+    pub fn attach(
+        &mut self,
+        spec: &DeviceSpec,
+        segment: &PciSegment,
+    ) -> Result<usize, PassthroughError> {
         let (id, host, port, device) = self.prepare(spec, segment)?;
         let info = segment.ports()[port];
-        let root_port = segment
-            .port(port)
-            .ok_or(PassthroughError::NoFreePort { used: 0, total: 0 })?;
-        let slot_device: rvmm_pci::SlotDevice = Arc::new(Mutex::new(device.clone()));
-        root_port
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert_device_at_boot(slot_device)
-            .map_err(|source| PassthroughError::Slot { port, source })?;
         log::info!(
-            "passthrough {id}: host {} at guest {:04x}:{:02x}:00.0 (slot {})",
+            "passthrough {id}: host {} for guest 0000:{:02x}:00.0 (slot {})",
             host.bdf,
-            0,
             info.secondary_bus,
             info.slot_number
         );
@@ -312,8 +354,48 @@ impl Passthrough {
                 function: 0,
             },
             device,
+            state: DeviceState::Adding,
         });
-        Ok(self.devices.last().expect("just pushed"))
+        Ok(self.devices.len() - 1)
+    }
+
+    /// Tells the guest about device `id` (presence detect + link up on its slot).
+    pub fn insert_into_slot(&self, id: &str, segment: &PciSegment) -> Result<(), PassthroughError> {
+        let d = self
+            .get(id)
+            .ok_or_else(|| PassthroughError::UnknownId(id.to_owned()))?;
+        let port = segment
+            .port(d.port)
+            .ok_or(PassthroughError::NoSuchPort(d.port))?;
+        let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
+        let r = port
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert_device(slot_device)
+            .map_err(|source| PassthroughError::Slot {
+                port: d.port,
+                source,
+            });
+        r
+    }
+
+    /// The device with id `id`.
+    pub fn get(&self, id: &str) -> Option<&AttachedDevice> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+
+    /// The device with id `id`, mutable.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut AttachedDevice> {
+        self.devices.iter_mut().find(|d| d.id == id)
+    }
+
+    /// Takes device `id` out of the VM's list and releases it (unmap, interrupts off, reset,
+    /// fds closed); its port, GSIs and memory slots are free again when this returns.
+    pub fn detach(&mut self, id: &str) -> Option<AttachedDevice> {
+        let pos = self.devices.iter().position(|d| d.id == id)?;
+        let d = self.devices.remove(pos);
+        d.device.release();
+        Some(d)
     }
 
     fn memory_size(&self) -> u64 {

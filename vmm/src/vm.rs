@@ -2,9 +2,9 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -12,8 +12,12 @@ use rvmm_devices::Bus;
 use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::api::{
+    ApiRequestQueue, ApiServer, Event, EventBus, EventKind, QueueTimeouts, ServerError,
+};
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::controller::{Controller, VmSummary};
 use crate::cpu;
 use crate::device_manager::{DeviceError, DeviceManager, Machine};
 use crate::event_loop::{EventLoop, EventLoopError};
@@ -67,6 +71,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The control API could not be started.
+    #[error(transparent)]
+    Api(#[from] ServerError),
     /// A thread or fd could not be created.
     #[error("cannot {what}")]
     Io {
@@ -115,6 +122,9 @@ pub struct Vm {
     devices: DeviceManager,
     vcpus: Vec<VcpuFd>,
     serial: SerialConfig,
+    summary: VmSummary,
+    api_socket: Option<PathBuf>,
+    events: Arc<EventBus>,
 }
 
 impl Vm {
@@ -182,6 +192,13 @@ impl Vm {
             devices,
             vcpus,
             serial: config.serial.clone(),
+            summary: VmSummary {
+                cpus: config.cpus,
+                memory_bytes: config.memory.size,
+                hugepages: config.memory.hugepages,
+            },
+            api_socket: config.api_socket.clone(),
+            events: Arc::new(EventBus::new()),
         })
     }
 
@@ -195,8 +212,14 @@ impl Vm {
         &self.vm_fd
     }
 
+    /// The VM's event stream (device-added, device-removed, vm-shutdown, ...); library users
+    /// subscribe here, the control API serves the same stream.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
     /// Runs the VM until the guest powers off or resets, or a vCPU fails.
-    pub fn run(self) -> Result<VmExit> {
+    pub fn run(mut self) -> Result<VmExit> {
         vcpu::install_kick_handler().map_err(|source| VmError::Io {
             what: "install the vCPU kick signal handler",
             source,
@@ -208,8 +231,36 @@ impl Vm {
                 event_loop.add_stdin_console(serial)?;
             }
         }
-        let mut handles = Vec::with_capacity(self.vcpus.len());
-        for (index, vcpu) in self.vcpus.into_iter().enumerate() {
+        let queue = match &self.api_socket {
+            Some(_) => Some(ApiRequestQueue::new().map_err(|source| VmError::Io {
+                what: "create the control API queue",
+                source,
+            })?),
+            None => None,
+        };
+        let server = match (&self.api_socket, &queue) {
+            (Some(path), Some(q)) => Some(ApiServer::start(
+                path,
+                Arc::new(q.handler(self.events.clone(), QueueTimeouts::default())),
+            )?),
+            _ => None,
+        };
+        let passthrough = self.devices.take_passthrough();
+        if let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) {
+            let controller = Controller::new(
+                pci.segment.clone(),
+                passthrough,
+                pci.notifier.clone(),
+                self.exit.clone(),
+                self.events.clone(),
+                queue,
+                self.summary,
+            );
+            event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
+        }
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -233,9 +284,19 @@ impl Vm {
         stop.store(true, Ordering::Release);
         handles.into_iter().for_each(VcpuHandle::join);
         event_loop.restore_terminal();
+        // Drops the controller: pending API calls are refused, devices released.
+        drop(event_loop);
+        if let Some(server) = server {
+            server.stop();
+        }
         let _ = std::io::stdout().flush();
         result?;
-        Ok(self.exit.requested().unwrap_or(VmExit::PowerOff))
+        let exit = self.exit.requested().unwrap_or(VmExit::PowerOff);
+        self.events.publish(Event::now(EventKind::VmShutdown {
+            reason: exit.into(),
+        }));
+        self.events.close();
+        Ok(exit)
     }
 }
 

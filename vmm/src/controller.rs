@@ -1,0 +1,723 @@
+//! The VM controller: the event-loop subscriber that changes the device tree. It answers the
+//! control API, drives hotplug through the root-port slots (waiting for the guest's pciehp at every
+//! step) and removes a device at once when the host takes it back or reports it failed.
+//!
+//! Nothing here blocks: a hot-add or graceful removal is an operation with a deadline that advances
+//! whenever the guest touches a slot (the slot notifier), a VFIO interrupt arrives, or the
+//! operation timer fires.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use rvmm_pci::{PciSegment, SlotState};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::api::types::{
+    DeviceSpec as ApiDeviceSpec, DeviceState as ApiDeviceState, RootPortUsage,
+};
+use crate::api::{
+    AddDeviceRequest, ApiError, ApiRequestQueue, DeviceId, DeviceInfo, Event, EventBus, EventKind,
+    PciBdf, PendingRequest, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder,
+    VmInfo,
+};
+use crate::exit::{ExitSignal, VmExit};
+use crate::passthrough::{AttachedDevice, DeviceSpec, DeviceState, Passthrough, PassthroughError};
+use crate::pci::SlotNotifier;
+
+/// How long a hot-add waits for the guest to enable hotplug on the slot (e.g. while it boots).
+pub const ADD_SLOT_READY_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long a hot-add waits for the guest to power the slot on and enable the device.
+pub const ADD_GUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most vCPUs a VM may have for hotplug (as in vSphere).
+pub const MAX_HOTPLUG_CPUS: u8 = 128;
+/// How often pending operations are checked against their deadlines.
+const OP_TICK: Duration = Duration::from_millis(20);
+
+const TOKEN_QUEUE: u32 = 0;
+const TOKEN_SLOTS: u32 = 1;
+const TOKEN_TIMER: u32 = 2;
+/// VFIO interrupt tokens start here: token = FIRST + 2 * n (+1 for the error interrupt).
+const TOKEN_VFIO_FIRST: u32 = 16;
+
+/// What the controller reports about the VM itself.
+#[derive(Clone, Copy, Debug)]
+pub struct VmSummary {
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Whether RAM is on hugepages.
+    pub hugepages: bool,
+}
+
+enum Op {
+    /// Opened and placed; the slot has not accepted it yet (guest not ready, event pending).
+    WaitingForSlot {
+        deadline: Instant,
+        reply: Option<Responder<DeviceInfo>>,
+    },
+    /// In the slot; waiting for the guest to power it on and enable it.
+    WaitingForGuest {
+        deadline: Instant,
+        reply: Option<Responder<DeviceInfo>>,
+    },
+    /// Attention button pressed; waiting for the guest to power the slot off.
+    Removing {
+        deadline: Instant,
+        started: Instant,
+        reply: Option<Responder<RemoveDeviceResponse>>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VfioIrq {
+    Request,
+    Error,
+}
+
+/// The event-loop subscriber that owns the passthrough devices.
+pub struct Controller {
+    segment: Arc<PciSegment>,
+    passthrough: Passthrough,
+    notifier: Arc<SlotNotifier>,
+    exit: Arc<ExitSignal>,
+    events: Arc<EventBus>,
+    queue: Option<ApiRequestQueue>,
+    summary: VmSummary,
+    ops: BTreeMap<String, Op>,
+    timer: Option<TimerFd>,
+    timer_armed: bool,
+    /// VFIO request/error fds in epoll: token → (device id, raw fd, kind).
+    watched: HashMap<u32, (String, i32, VfioIrq)>,
+    next_token: u32,
+}
+
+fn now_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Controller {
+    /// Creates the controller; `queue` is the control API's request queue when the API is on.
+    pub fn new(
+        segment: Arc<PciSegment>,
+        passthrough: Passthrough,
+        notifier: Arc<SlotNotifier>,
+        exit: Arc<ExitSignal>,
+        events: Arc<EventBus>,
+        queue: Option<ApiRequestQueue>,
+        summary: VmSummary,
+    ) -> Self {
+        let timer = TimerFd::new()
+            .and_then(|t| {
+                // Non-blocking: an expiry already reported by epoll may be gone by the time it is
+                // read (the timer was disarmed in between), and a read must never block the loop.
+                // SAFETY: fcntl on a timerfd we own; only the status flags change.
+                let r = unsafe { libc::fcntl(t.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+                if r < 0 {
+                    Err(vmm_sys_util::errno::Error::last())
+                } else {
+                    Ok(t)
+                }
+            })
+            .map_err(|e| log::error!("no hotplug timer, deadlines are checked on events only: {e}"))
+            .ok();
+        Self {
+            segment,
+            passthrough,
+            notifier,
+            exit,
+            events,
+            queue,
+            summary,
+            ops: BTreeMap::new(),
+            timer,
+            timer_armed: false,
+            watched: HashMap::new(),
+            next_token: TOKEN_VFIO_FIRST,
+        }
+    }
+
+    /// Everything the guest would see in `info` for device `d`.
+    fn device_info(&self, d: &AttachedDevice) -> DeviceInfo {
+        let port = self.segment.ports().get(d.port).map(|p| p.address);
+        DeviceInfo {
+            id: device_id(&d.id),
+            bdf: PciBdf::from(d.guest_bdf),
+            host_bdf: host_bdf(d),
+            slot: d.slot,
+            root_port: port
+                .map(PciBdf::from)
+                .unwrap_or_else(|| PciBdf::from(d.guest_bdf)),
+            state: match d.state {
+                DeviceState::Adding => ApiDeviceState::Adding,
+                DeviceState::Present => ApiDeviceState::Present,
+                DeviceState::Removing => ApiDeviceState::Removing,
+            },
+            vf: None,
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        let total = self.segment.ports().len();
+        let used = self
+            .segment
+            .ports()
+            .iter()
+            .filter(|p| {
+                self.passthrough.devices().iter().any(|d| d.port == p.index)
+                    || self
+                        .segment
+                        .port(p.index)
+                        .map(|port| lock(port).slot_state() != SlotState::Empty)
+                        .unwrap_or(false)
+            })
+            .count();
+        VmInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            cpus: self.summary.cpus,
+            memory_bytes: self.summary.memory_bytes,
+            hugepages: self.summary.hugepages,
+            root_ports: RootPortUsage {
+                used: u8::try_from(used).unwrap_or(u8::MAX),
+                total: u8::try_from(total).unwrap_or(u8::MAX),
+            },
+            devices: self
+                .passthrough
+                .devices()
+                .iter()
+                .map(|d| self.device_info(d))
+                .collect(),
+        }
+    }
+
+    fn handle_request(&mut self, req: PendingRequest, ops: &mut EventOps) {
+        match req {
+            PendingRequest::Info(r) => {
+                r.reply(Ok(self.info()));
+            }
+            PendingRequest::Shutdown(r) => {
+                self.exit.request(VmExit::PowerOff);
+                r.reply(Ok(()));
+            }
+            PendingRequest::AddDevice(add, r) => self.start_add(add, r, ops),
+            PendingRequest::RemoveDevice(rm, r) => self.start_remove(rm, r, ops),
+        }
+        self.advance(ops);
+    }
+
+    fn start_add(
+        &mut self,
+        req: AddDeviceRequest,
+        reply: Responder<DeviceInfo>,
+        ops: &mut EventOps,
+    ) {
+        if self.summary.cpus > MAX_HOTPLUG_CPUS {
+            reply.reply(Err(ApiError::Conflict(format!(
+                "hotplug is not supported on a VM with more than {MAX_HOTPLUG_CPUS} vCPUs (this VM has {})",
+                self.summary.cpus
+            ))));
+            return;
+        }
+        let path = match req.device {
+            ApiDeviceSpec::Host(bdf) => bdf.to_string(),
+            ApiDeviceSpec::Vf(_) => {
+                reply.reply(Err(ApiError::BadRequest(
+                    "adding a VF from a PF's pool (vf=PF) is not supported by this rvmm; bind a VF to vfio-pci and add it by path".into(),
+                )));
+                return;
+            }
+        };
+        let spec = DeviceSpec {
+            path,
+            id: req.id.map(|id| id.as_str().to_owned()),
+        };
+        match self.passthrough.attach(&spec, &self.segment) {
+            Ok(index) => {
+                let id = self.passthrough.devices()[index].id.clone();
+                self.watch_vfio(&id, ops);
+                self.ops.insert(
+                    id,
+                    Op::WaitingForSlot {
+                        deadline: Instant::now() + ADD_SLOT_READY_TIMEOUT,
+                        reply: Some(reply),
+                    },
+                );
+            }
+            Err(e) => {
+                reply.reply(Err(api_error(&spec.to_string(), e)));
+            }
+        }
+    }
+
+    fn start_remove(
+        &mut self,
+        req: RemoveDeviceRequest,
+        reply: Responder<RemoveDeviceResponse>,
+        ops: &mut EventOps,
+    ) {
+        let id = req.id.as_str().to_owned();
+        let Some(d) = self.passthrough.get(&id) else {
+            reply.reply(Err(ApiError::UnknownDevice { id: req.id }));
+            return;
+        };
+        if let Some(op) = self.ops.get(&id) {
+            let what = match op {
+                Op::Removing { .. } => "being removed",
+                _ => "being added",
+            };
+            reply.reply(Err(ApiError::Conflict(format!(
+                "device {id} is {what}; wait for that to finish"
+            ))));
+            return;
+        }
+        let port = d.port;
+        self.publish(EventKind::DeviceRemoving {
+            id: req.id.clone(),
+            bdf: PciBdf::from(d.guest_bdf),
+            host_bdf: host_bdf(d),
+            surprise: req.surprise,
+        });
+        let started = Instant::now();
+        if req.surprise {
+            let r = self.remove_now(&id, RemovalReason::Surprise, true, started, ops);
+            reply.reply(r.ok_or(ApiError::UnknownDevice { id: req.id }));
+            return;
+        }
+        let pressed = self
+            .segment
+            .port(port)
+            .map(|p| lock(p).press_attention_button());
+        match pressed {
+            Some(Ok(())) => {
+                if let Some(d) = self.passthrough.get_mut(&id) {
+                    d.state = DeviceState::Removing;
+                }
+                self.ops.insert(
+                    id,
+                    Op::Removing {
+                        deadline: started + req.timeout(),
+                        started,
+                        reply: Some(reply),
+                    },
+                );
+            }
+            Some(Err(e)) => {
+                reply.reply(Err(ApiError::Conflict(format!(
+                    "cannot ask the guest to release device {id}: {e}; use --surprise to remove it anyway"
+                ))));
+            }
+            None => {
+                reply.reply(Err(ApiError::Internal(format!(
+                    "root port {port} of device {id} does not exist"
+                ))));
+            }
+        }
+    }
+
+    /// Removes device `id` from its slot (surprise removal when `surprise`, else the guest has
+    /// powered the slot off), releases it, publishes `device-removed` and returns the answer for a
+    /// removal request. `None` when there is no such device.
+    fn remove_now(
+        &mut self,
+        id: &str,
+        reason: RemovalReason,
+        surprise: bool,
+        started: Instant,
+        ops: &mut EventOps,
+    ) -> Option<RemoveDeviceResponse> {
+        let d = self.passthrough.get(id)?;
+        if let Some(port) = self.segment.port(d.port) {
+            let mut port = lock(port);
+            let taken = if surprise {
+                port.surprise_remove()
+            } else {
+                port.take_device()
+            };
+            if let Err(e) = taken {
+                // Not in the slot yet (an add that never got there) or already out.
+                log::debug!("device {id}: slot removal: {e}");
+            }
+        }
+        // Out of epoll before the device's fds are closed.
+        self.unwatch_vfio(id, ops);
+        let d = self.passthrough.detach(id)?;
+        self.ops.remove(id);
+        let device_id = device_id(&d.id);
+        let bdf = PciBdf::from(d.guest_bdf);
+        let host = host_bdf(&d);
+        log::info!("device {id} (host {}) removed: {reason:?}", d.host.bdf);
+        self.publish(EventKind::DeviceRemoved {
+            id: device_id.clone(),
+            bdf,
+            host_bdf: host,
+            reason,
+        });
+        Some(RemoveDeviceResponse {
+            id: device_id,
+            bdf,
+            host_bdf: host,
+            reason,
+            duration_ms: now_ms(started.elapsed()),
+        })
+    }
+
+    /// Advances every pending operation: slot accepted, guest took the device, guest powered the
+    /// slot off, or a deadline passed.
+    fn advance(&mut self, ops: &mut EventOps) {
+        let now = Instant::now();
+        let ids: Vec<String> = self.ops.keys().cloned().collect();
+        for id in ids {
+            let Some(op) = self.ops.remove(&id) else {
+                continue;
+            };
+            if let Some(op) = self.advance_one(&id, op, now, ops) {
+                self.ops.insert(id, op);
+            }
+        }
+        self.arm_timer();
+    }
+
+    /// One step of one operation; returns it when it is still pending.
+    fn advance_one(&mut self, id: &str, op: Op, now: Instant, ops: &mut EventOps) -> Option<Op> {
+        let port_index = self.passthrough.get(id).map(|d| d.port)?;
+        let port = self.segment.port(port_index)?.clone();
+        match op {
+            Op::WaitingForSlot { deadline, reply } => {
+                match self.passthrough.insert_into_slot(id, &self.segment) {
+                    Ok(()) => Some(Op::WaitingForGuest {
+                        deadline: now + ADD_GUEST_TIMEOUT,
+                        reply,
+                    }),
+                    Err(PassthroughError::Slot { source, .. })
+                        if now < deadline && source.is_retryable() =>
+                    {
+                        Some(Op::WaitingForSlot { deadline, reply })
+                    }
+                    Err(e) => {
+                        let step = format!(
+                            "waiting for the guest to enable hotplug on slot {} ({e})",
+                            port_index + 1
+                        );
+                        self.fail_add(id, reply, step, ADD_SLOT_READY_TIMEOUT, ops);
+                        None
+                    }
+                }
+            }
+            Op::WaitingForGuest { deadline, reply } => {
+                if lock(&port).slot_state() == SlotState::Present {
+                    if let Some(d) = self.passthrough.get_mut(id) {
+                        d.state = DeviceState::Present;
+                    }
+                    let info = self.passthrough.get(id).map(|d| self.device_info(d))?;
+                    log::info!("device {id} added at {}", info.bdf);
+                    self.publish(EventKind::DeviceAdded(info.clone()));
+                    if let Some(r) = reply {
+                        r.reply(Ok(info));
+                    }
+                    None
+                } else if now >= deadline {
+                    let step = format!(
+                        "waiting for the guest to power on slot {} and enable the device",
+                        port_index + 1
+                    );
+                    self.fail_add(id, reply, step, ADD_GUEST_TIMEOUT, ops);
+                    None
+                } else {
+                    Some(Op::WaitingForGuest { deadline, reply })
+                }
+            }
+            Op::Removing {
+                deadline,
+                started,
+                reply,
+            } => {
+                let powered_off = lock(&port).guest_powered_off();
+                let outcome = if powered_off {
+                    Some((RemovalReason::GuestEjected, false))
+                } else if now >= deadline {
+                    log::warn!(
+                        "device {id}: the guest did not release it in time, surprise-removing"
+                    );
+                    Some((RemovalReason::TimeoutEscalated, true))
+                } else {
+                    None
+                };
+                match outcome {
+                    Some((reason, surprise)) => {
+                        let r = self.remove_now(id, reason, surprise, started, ops);
+                        if let (Some(reply), Some(r)) = (reply, r) {
+                            reply.reply(Ok(r));
+                        }
+                        None
+                    }
+                    None => Some(Op::Removing {
+                        deadline,
+                        started,
+                        reply,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Gives up a hot-add: takes the device back out of its slot (if it got there), releases it
+    /// and tells the client where it stopped.
+    fn fail_add(
+        &mut self,
+        id: &str,
+        reply: Option<Responder<DeviceInfo>>,
+        step: String,
+        waited: Duration,
+        ops: &mut EventOps,
+    ) {
+        log::warn!("hot-add of {id} failed while {step}");
+        if let Some(d) = self.passthrough.get(id) {
+            if let Some(port) = self.segment.port(d.port) {
+                let mut port = lock(port);
+                if port.slot_state() != SlotState::Empty {
+                    let _ = port.surprise_remove();
+                }
+            }
+        }
+        self.unwatch_vfio(id, ops);
+        self.passthrough.detach(id);
+        if let Some(r) = reply {
+            r.reply(Err(ApiError::Timeout {
+                step,
+                after_ms: now_ms(waited),
+            }));
+        }
+    }
+
+    /// The host asked for device `id` back (VFIO request interrupt) or reported it failed.
+    fn host_event(&mut self, id: &str, kind: VfioIrq, ops: &mut EventOps) {
+        let reason = match kind {
+            VfioIrq::Request => RemovalReason::HostRequest,
+            VfioIrq::Error => RemovalReason::DeviceError,
+        };
+        log::warn!("device {id}: {reason:?}, surprise-removing it from the guest");
+        let pending = self.ops.remove(id);
+        let r = self.remove_now(id, reason, true, Instant::now(), ops);
+        match pending {
+            Some(Op::WaitingForSlot { reply, .. }) | Some(Op::WaitingForGuest { reply, .. }) => {
+                if let Some(reply) = reply {
+                    reply.reply(Err(ApiError::Conflict(format!(
+                        "the host took device {id} back while it was being added ({reason:?})"
+                    ))));
+                }
+            }
+            Some(Op::Removing { reply, .. }) => {
+                if let (Some(reply), Some(r)) = (reply, r) {
+                    reply.reply(Ok(r));
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn publish(&self, kind: EventKind) {
+        self.events.publish(Event::now(kind));
+    }
+
+    /// Puts device `id`'s VFIO request and error interrupts into the event loop.
+    fn watch_vfio(&mut self, id: &str, ops: &mut EventOps) {
+        let Some(d) = self.passthrough.get(id) else {
+            return;
+        };
+        let fds = [
+            (
+                d.device.request_event().map(|e| e.as_raw_fd()),
+                VfioIrq::Request,
+            ),
+            (
+                d.device.error_event().map(|e| e.as_raw_fd()),
+                VfioIrq::Error,
+            ),
+        ];
+        for (fd, kind) in fds {
+            let Some(fd) = fd else { continue };
+            let token = self.next_token;
+            self.next_token = self.next_token.wrapping_add(1).max(TOKEN_VFIO_FIRST);
+            match ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                Ok(()) => {
+                    self.watched.insert(token, (id.to_owned(), fd, kind));
+                }
+                Err(e) => log::warn!("device {id}: cannot watch its VFIO interrupt: {e:?}"),
+            }
+        }
+    }
+
+    /// Takes device `id`'s VFIO interrupts out of the event loop.
+    fn unwatch_vfio(&mut self, id: &str, ops: &mut EventOps) {
+        let tokens: Vec<u32> = self
+            .watched
+            .iter()
+            .filter(|(_, (dev, _, _))| dev == id)
+            .map(|(&t, _)| t)
+            .collect();
+        for t in tokens {
+            if let Some((_, fd, _)) = self.watched.remove(&t) {
+                if let Err(e) = ops.remove(Events::with_data_raw(fd, t, EventSet::IN)) {
+                    log::debug!("device {id}: removing its VFIO interrupt from epoll: {e:?}");
+                }
+            }
+        }
+    }
+
+    fn arm_timer(&mut self) {
+        let want = !self.ops.is_empty();
+        if want == self.timer_armed {
+            return;
+        }
+        if let Some(t) = self.timer.as_mut() {
+            let r = if want {
+                t.reset(OP_TICK, Some(OP_TICK))
+            } else {
+                t.clear()
+            };
+            match r {
+                Ok(()) => self.timer_armed = want,
+                Err(e) => log::warn!("hotplug timer: {e}"),
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_QUEUE => {
+                let requests = self.queue.as_ref().map(|q| q.drain()).unwrap_or_default();
+                for req in requests {
+                    self.handle_request(req, ops);
+                }
+            }
+            TOKEN_SLOTS => {
+                let _ = self.notifier.event().read();
+                self.advance(ops);
+            }
+            TOKEN_TIMER => {
+                if let Some(t) = self.timer.as_mut() {
+                    let _ = t.wait();
+                }
+                self.advance(ops);
+            }
+            token => {
+                let Some((id, fd, kind)) = self.watched.get(&token).cloned() else {
+                    return;
+                };
+                // Consume the eventfd counter so a level-triggered epoll does not spin.
+                let mut buf = [0u8; 8];
+                // SAFETY: reading 8 bytes from an eventfd we registered into a stack buffer.
+                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                self.host_event(&id, kind, ops);
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Some(q) = &self.queue {
+            if let Err(e) = ops.add(Events::with_data(q.event_fd(), TOKEN_QUEUE, EventSet::IN)) {
+                log::error!("cannot watch the control API queue: {e:?}");
+            }
+        }
+        if let Err(e) = ops.add(Events::with_data(
+            self.notifier.event(),
+            TOKEN_SLOTS,
+            EventSet::IN,
+        )) {
+            log::error!("cannot watch hotplug slot changes: {e:?}");
+        }
+        if let Some(t) = &self.timer {
+            if let Err(e) = ops.add(Events::with_data(t, TOKEN_TIMER, EventSet::IN)) {
+                log::error!("cannot watch the hotplug timer: {e:?}");
+            }
+        }
+        let ids: Vec<String> = self
+            .passthrough
+            .devices()
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        for id in ids {
+            self.watch_vfio(&id, ops);
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        // Refuse what is still waiting; the devices are released when `passthrough` drops.
+        for (id, op) in std::mem::take(&mut self.ops) {
+            let err =
+                ApiError::Unavailable(format!("the VM stopped while device {id} was changing"));
+            match op {
+                Op::WaitingForSlot { reply, .. } | Op::WaitingForGuest { reply, .. } => {
+                    if let Some(r) = reply {
+                        r.reply(Err(err));
+                    }
+                }
+                Op::Removing { reply, .. } => {
+                    if let Some(r) = reply {
+                        r.reply(Err(err));
+                    }
+                }
+            }
+        }
+        if let Some(q) = &self.queue {
+            for req in q.drain() {
+                req.fail(ApiError::Unavailable("the VM is stopping".into()));
+            }
+        }
+    }
+}
+
+fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn device_id(id: &str) -> DeviceId {
+    // Ids are validated when a device is attached; a generated one is always valid.
+    DeviceId::new(id).unwrap_or_else(|_| DeviceId::new("device").expect("valid literal id"))
+}
+
+fn host_bdf(d: &AttachedDevice) -> PciBdf {
+    d.host
+        .bdf
+        .to_string()
+        .parse()
+        .unwrap_or_else(|_| PciBdf::from(d.guest_bdf))
+}
+
+/// The API error for a failed attach: conflicts (409) for what another owner or the VM's
+/// limits hold, bad requests (400) for what the caller must fix, the rest internal.
+fn api_error(spec: &str, e: PassthroughError) -> ApiError {
+    let msg = format!("cannot add device {spec}: {}", error_chain(&e));
+    match e {
+        PassthroughError::Limit(_)
+        | PassthroughError::DuplicateId(_)
+        | PassthroughError::AlreadyAttached { .. }
+        | PassthroughError::NoFreePort { .. } => ApiError::Conflict(msg),
+        PassthroughError::Host(rvmm_vfio::HostError::GroupBusy { .. }) => ApiError::Conflict(msg),
+        PassthroughError::Host(_) | PassthroughError::BarDoesNotFit { .. } => {
+            ApiError::BadRequest(msg)
+        }
+        _ => ApiError::Internal(msg),
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
