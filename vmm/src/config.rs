@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::api::AddDeviceRequest;
 use crate::memory::MemoryConfig;
-use crate::passthrough::DeviceSpec;
 
 /// Default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
@@ -63,7 +63,7 @@ pub struct VmConfig {
     /// Unix socket of the control API.
     pub api_socket: Option<PathBuf>,
     /// Passthrough devices attached at boot, each behind its own root port.
-    pub devices: Vec<DeviceSpec>,
+    pub devices: Vec<AddDeviceRequest>,
 }
 
 /// Errors in a VM description.

@@ -16,9 +16,7 @@ use rvmm_pci::{PciSegment, SlotState};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::types::{
-    DeviceSpec as ApiDeviceSpec, DeviceState as ApiDeviceState, RootPortUsage,
-};
+use crate::api::types::{DeviceState as ApiDeviceState, RootPortUsage};
 use crate::api::{
     AddDeviceRequest, ApiError, ApiRequestQueue, DeviceId, DeviceInfo, Event, EventBus, EventKind,
     PciBdf, PendingRequest, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder,
@@ -191,6 +189,7 @@ impl Controller {
                 .iter()
                 .map(|d| self.device_info(d))
                 .collect(),
+            resources: self.passthrough.resources(),
         }
     }
 
@@ -222,18 +221,12 @@ impl Controller {
             ))));
             return;
         }
-        let path = match req.device {
-            ApiDeviceSpec::Host(bdf) => bdf.to_string(),
-            ApiDeviceSpec::Vf(_) => {
-                reply.reply(Err(ApiError::BadRequest(
-                    "adding a VF from a PF's pool (vf=PF) is not supported by this rvmm; bind a VF to vfio-pci and add it by path".into(),
-                )));
+        let spec = match DeviceSpec::from_request(&req) {
+            Ok(spec) => spec,
+            Err(e) => {
+                reply.reply(Err(ApiError::BadRequest(e.to_string())));
                 return;
             }
-        };
-        let spec = DeviceSpec {
-            path,
-            id: req.id.map(|id| id.as_str().to_owned()),
         };
         match self.passthrough.attach(&spec, &self.segment) {
             Ok(index) => {

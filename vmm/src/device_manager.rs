@@ -18,7 +18,7 @@ use crate::exit::ExitSignal;
 use crate::guest_mmio::KvmGuestMmio;
 use crate::irq_routing::GsiRouter;
 use crate::layout;
-use crate::passthrough::{Passthrough, PassthroughError};
+use crate::passthrough::{DeviceSpec, Passthrough, PassthroughError};
 use crate::pci::{self, PciRoot};
 use crate::vm::serial_output;
 
@@ -174,9 +174,14 @@ impl DeviceManager {
             max_memslots,
         ));
         let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
-        for spec in &config.devices {
+        for req in &config.devices {
+            let spec =
+                DeviceSpec::from_request(req).map_err(|source| DeviceError::Passthrough {
+                    spec: "vf=...".into(),
+                    source,
+                })?;
             passthrough
-                .attach_at_boot(spec, &pci.segment)
+                .attach_at_boot(&spec, &pci.segment)
                 .map_err(|source| DeviceError::Passthrough {
                     spec: spec.to_string(),
                     source,

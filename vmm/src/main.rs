@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rvmm::api::AddDeviceRequest;
 use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
-use rvmm::passthrough::DeviceSpec;
 use rvmm::{MemoryConfig, SerialConfig, Vm, VmConfig};
 
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).
@@ -58,7 +58,7 @@ struct RunArgs {
     api_socket: Option<PathBuf>,
     /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME] or a bare BDF (repeatable).
     #[arg(long = "device")]
-    devices: Vec<DeviceSpec>,
+    devices: Vec<AddDeviceRequest>,
 }
 
 impl From<RunArgs> for VmConfig {

@@ -2,7 +2,6 @@
 //! device model, its root port and BAR placement inside that port's windows.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -17,6 +16,8 @@ use rvmm_vfio::{
 use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::api::types::{DeviceSpec as ApiDeviceSpec, VmResources};
+use crate::api::AddDeviceRequest;
 use crate::guest_mmio::KvmGuestMmio;
 use crate::irq_routing::GsiRouter;
 
@@ -29,57 +30,17 @@ pub struct DeviceSpec {
     pub id: Option<String>,
 }
 
-/// Errors in a device spec.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum DeviceSpecError {
-    /// No `path=`.
-    #[error("device {0:?} has no path: use path=/sys/bus/pci/devices/BDF[,id=NAME] or a bare BDF")]
-    NoPath(String),
-    /// A key that is not known.
-    #[error("device {spec:?}: unknown key {key:?} (known: path, id)")]
-    UnknownKey {
-        /// The whole spec.
-        spec: String,
-        /// The key.
-        key: String,
-    },
-    /// An id that is empty or has characters outside [A-Za-z0-9_.-].
-    #[error("device id {0:?} is invalid: use 1 to 64 of A-Z a-z 0-9 _ . -")]
-    BadId(String),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = DeviceSpecError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut path = None;
-        let mut id = None;
-        for part in s.split(',') {
-            match part.split_once('=') {
-                Some(("path", v)) if !v.is_empty() => path = Some(v.to_owned()),
-                Some(("id", v)) => id = Some(v.to_owned()),
-                None if path.is_none() && !part.is_empty() => path = Some(part.to_owned()),
-                Some((k, _)) if k != "path" => {
-                    return Err(DeviceSpecError::UnknownKey {
-                        spec: s.to_owned(),
-                        key: k.to_owned(),
-                    })
-                }
-                _ => return Err(DeviceSpecError::NoPath(s.to_owned())),
-            }
+impl DeviceSpec {
+    /// The passthrough device of an add request (API or `--device`); VF pool requests are
+    /// refused until rvmm manages VF pools.
+    pub fn from_request(req: &AddDeviceRequest) -> Result<Self, PassthroughError> {
+        match &req.device {
+            ApiDeviceSpec::Host(bdf) => Ok(Self {
+                path: bdf.to_string(),
+                id: req.id.as_ref().map(|id| id.as_str().to_owned()),
+            }),
+            ApiDeviceSpec::Vf(_) => Err(PassthroughError::VfPoolUnsupported),
         }
-        if let Some(id) = &id {
-            let ok = !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-            if !ok {
-                return Err(DeviceSpecError::BadId(id.clone()));
-            }
-        }
-        let path = path.ok_or_else(|| DeviceSpecError::NoPath(s.to_owned()))?;
-        Ok(Self { path, id })
     }
 }
 
@@ -143,6 +104,9 @@ pub enum PassthroughError {
         /// Size of that window.
         window_size: u64,
     },
+    /// `vf=PF` requests need VF pool management.
+    #[error("adding a VF from a PF's pool (vf=PF) is not supported by this rvmm yet; bind a VF to vfio-pci and give its address with path=")]
+    VfPoolUnsupported,
     /// No device has this id.
     #[error("no device with id {0:?}")]
     UnknownId(String),
@@ -224,6 +188,19 @@ impl Passthrough {
     /// The attached devices.
     pub fn devices(&self) -> &[AttachedDevice] {
         &self.devices
+    }
+
+    /// What the VM holds on the host: fds, device memory slots, MSI routes and GSIs.
+    pub fn resources(&self) -> VmResources {
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        VmResources {
+            open_fds,
+            memory_slots: self.guest_mmio.slots_in_use() as u64,
+            msi_routes: self.router.msi_routes() as u64,
+            msi_gsis: self.router.allocated() as u64,
+        }
     }
 
     /// The VM's container, created (with every RAM region registered for DMA) on first use.
@@ -472,69 +449,4 @@ fn allocator(range: AddressRange) -> Option<AddressAllocator> {
     (range.size > 0)
         .then(|| AddressAllocator::new(range).ok())
         .flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spec_accepts_path_and_id() {
-        let s: DeviceSpec = "path=/sys/bus/pci/devices/0000:01:00.0,id=nvme0"
-            .parse()
-            .unwrap();
-        assert_eq!(s.path, "/sys/bus/pci/devices/0000:01:00.0");
-        assert_eq!(s.id.as_deref(), Some("nvme0"));
-    }
-
-    #[test]
-    fn spec_accepts_bare_bdf() {
-        let s: DeviceSpec = "0000:01:00.0".parse().unwrap();
-        assert_eq!(s.path, "0000:01:00.0");
-        assert_eq!(s.id, None);
-    }
-
-    #[test]
-    fn spec_accepts_bare_bdf_with_id() {
-        let s: DeviceSpec = "01:00.0,id=nv".parse().unwrap();
-        assert_eq!((s.path.as_str(), s.id.as_deref()), ("01:00.0", Some("nv")));
-    }
-
-    #[test]
-    fn spec_without_path_is_refused() {
-        assert!(matches!(
-            "id=x".parse::<DeviceSpec>(),
-            Err(DeviceSpecError::NoPath(_))
-        ));
-        assert!(matches!(
-            "".parse::<DeviceSpec>(),
-            Err(DeviceSpecError::NoPath(_))
-        ));
-    }
-
-    #[test]
-    fn spec_with_unknown_key_is_refused() {
-        assert!(matches!(
-            "path=01:00.0,mac=1".parse::<DeviceSpec>(),
-            Err(DeviceSpecError::UnknownKey { .. })
-        ));
-    }
-
-    #[test]
-    fn spec_with_bad_id_is_refused() {
-        assert!(matches!(
-            "path=01:00.0,id=a b".parse::<DeviceSpec>(),
-            Err(DeviceSpecError::BadId(_))
-        ));
-        assert!(matches!(
-            "path=01:00.0,id=".parse::<DeviceSpec>(),
-            Err(DeviceSpecError::BadId(_))
-        ));
-    }
-
-    #[test]
-    fn spec_round_trips_through_display() {
-        let s: DeviceSpec = "path=01:00.0,id=a".parse().unwrap();
-        assert_eq!(s.to_string().parse::<DeviceSpec>().unwrap(), s);
-    }
 }

@@ -99,12 +99,17 @@ impl FromStr for AddDeviceRequest {
             trust: None,
             spoofchk: None,
         };
-        for entry in s.split(',') {
-            let (key, v) = entry
-                .split_once('=')
-                .ok_or_else(|| DeviceArgError::NotKeyValue {
-                    entry: shown(entry),
-                })?;
+        for (i, entry) in s.split(',').enumerate() {
+            // A bare BDF or sysfs path may stand first, for `path=`.
+            let (key, v) = match entry.split_once('=') {
+                Some(kv) => kv,
+                None if i == 0 && !entry.is_empty() => ("path", entry),
+                None => {
+                    return Err(DeviceArgError::NotKeyValue {
+                        entry: shown(entry),
+                    })
+                }
+            };
             match key {
                 "path" => set(&mut w.path, key, value("path", PciBdf::from_host_spec(v))?)?,
                 "vf" => set(&mut w.vf, key, value("vf", v.parse())?)?,
@@ -149,6 +154,24 @@ mod tests {
             req.device,
             DeviceSpec::Host("0000:01:00.0".parse().expect("valid address"))
         );
+    }
+
+    #[test]
+    fn leading_bare_address_is_the_path() {
+        let req = parse("0000:01:00.0,id=nv").expect("valid");
+        assert_eq!(req.id, Some(DeviceId::new("nv").expect("valid id")));
+        assert_eq!(
+            req.device,
+            DeviceSpec::Host("0000:01:00.0".parse().expect("valid address"))
+        );
+    }
+
+    #[test]
+    fn bare_entry_after_the_first_is_refused() {
+        assert!(matches!(
+            parse("id=nv,0000:01:00.0"),
+            Err(DeviceArgError::NotKeyValue { .. })
+        ));
     }
 
     #[test]

@@ -199,6 +199,7 @@ fn vm_info() -> VmInfo {
         hugepages: true,
         root_ports: RootPortUsage { used: 2, total: 8 },
         devices: vec![host_device(), vf_device()],
+        resources: Default::default(),
     }
 }
 

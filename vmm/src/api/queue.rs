@@ -237,6 +237,7 @@ mod tests {
             hugepages: false,
             root_ports: RootPortUsage { used: 0, total: 8 },
             devices: Vec::new(),
+            resources: Default::default(),
         }
     }
 

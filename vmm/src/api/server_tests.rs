@@ -68,6 +68,7 @@ impl ApiHandler for FakeVmm {
                 total: 8,
             },
             devices,
+            resources: Default::default(),
         })
     }
 

@@ -307,6 +307,21 @@ pub struct VmInfo {
     pub root_ports: RootPortUsage,
     /// Every passthrough device, in slot order.
     pub devices: Vec<DeviceInfo>,
+    /// What the VM holds on the host.
+    pub resources: VmResources,
+}
+
+/// What the VM holds on the host right now (for leak checks after hotplug cycles).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmResources {
+    /// File descriptors open in the rvmm process.
+    pub open_fds: u64,
+    /// KVM memory slots used for device memory.
+    pub memory_slots: u64,
+    /// MSI routes in the KVM GSI routing table.
+    pub msi_routes: u64,
+    /// GSIs allocated for MSI routes.
+    pub msi_gsis: u64,
 }
 
 /// Why the VM ended.
