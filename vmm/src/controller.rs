@@ -99,14 +99,15 @@ fn now_ms(d: Duration) -> u64 {
 }
 
 impl Controller {
-    /// Creates the controller; `queue` is the control API's request queue when the API is on.
+    /// Creates the controller; `queue` carries the requests of every [`crate::vm::Vm::handle`]
+    /// (the control API server is one of them).
     pub fn new(
         segment: Arc<PciSegment>,
         passthrough: Passthrough,
         notifier: Arc<SlotNotifier>,
         exit: Arc<ExitSignal>,
         events: Arc<EventBus>,
-        queue: Option<ApiRequestQueue>,
+        queue: ApiRequestQueue,
         summary: VmSummary,
     ) -> Self {
         let timer = TimerFd::new()
@@ -129,7 +130,7 @@ impl Controller {
             notifier,
             exit,
             events,
-            queue,
+            queue: Some(queue),
             summary,
             ops: BTreeMap::new(),
             timer,

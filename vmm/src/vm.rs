@@ -13,7 +13,8 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::api::{
-    ApiRequestQueue, ApiServer, Event, EventBus, EventKind, QueueTimeouts, ServerError,
+    ApiRequestQueue, ApiServer, Event, EventBus, EventKind, QueueTimeouts, QueuedHandler,
+    ServerError,
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
@@ -125,6 +126,7 @@ pub struct Vm {
     summary: VmSummary,
     api_socket: Option<PathBuf>,
     events: Arc<EventBus>,
+    control: ApiRequestQueue,
 }
 
 impl Vm {
@@ -199,6 +201,10 @@ impl Vm {
             },
             api_socket: config.api_socket.clone(),
             events: Arc::new(EventBus::new()),
+            control: ApiRequestQueue::new().map_err(|source| VmError::Io {
+                what: "create the control queue",
+                source,
+            })?,
         })
     }
 
@@ -218,6 +224,14 @@ impl Vm {
         &self.events
     }
 
+    /// A handle to control the VM from other threads while [`Vm::run`] runs: add and remove
+    /// devices, read its info, subscribe to its events, shut it down. The control API server is
+    /// a thin layer over the same handle. Take handles before calling `run`.
+    pub fn handle(&self) -> QueuedHandler {
+        self.control
+            .handler(self.events.clone(), QueueTimeouts::default())
+    }
+
     /// Runs the VM until the guest powers off or resets, or a vCPU fails.
     pub fn run(mut self) -> Result<VmExit> {
         vcpu::install_kick_handler().map_err(|source| VmError::Io {
@@ -231,19 +245,9 @@ impl Vm {
                 event_loop.add_stdin_console(serial)?;
             }
         }
-        let queue = match &self.api_socket {
-            Some(_) => Some(ApiRequestQueue::new().map_err(|source| VmError::Io {
-                what: "create the control API queue",
-                source,
-            })?),
+        let server = match &self.api_socket {
+            Some(path) => Some(ApiServer::start(path, Arc::new(self.handle()))?),
             None => None,
-        };
-        let server = match (&self.api_socket, &queue) {
-            (Some(path), Some(q)) => Some(ApiServer::start(
-                path,
-                Arc::new(q.handler(self.events.clone(), QueueTimeouts::default())),
-            )?),
-            _ => None,
         };
         let passthrough = self.devices.take_passthrough();
         if let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) {
@@ -253,7 +257,13 @@ impl Vm {
                 pci.notifier.clone(),
                 self.exit.clone(),
                 self.events.clone(),
-                queue,
+                std::mem::replace(
+                    &mut self.control,
+                    ApiRequestQueue::new().map_err(|source| VmError::Io {
+                        what: "create the control queue",
+                        source,
+                    })?,
+                ),
                 self.summary,
             );
             event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
