@@ -20,13 +20,16 @@ HOST_MODULES=(irqbypass kvm ccp kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio
 output="$IMAGES_DIR/host-initramfs.cpio"
 guest_initramfs="$IMAGES_DIR/guest-initramfs.cpio.gz"
 rvmm_bin="$(rvmm_binary)"
+# The embedding example (cargo build --release -p rvmm --examples), when built.
+example_bin="$(dirname "$rvmm_bin")/examples/hotplug"
 busybox="$(static_busybox)"
 rel="$(kernel_release)"
 [ -s "$guest_initramfs" ] || die "$guest_initramfs is missing: run resources/build-guest-initramfs.sh"
 
 hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/host/init" \
   "$RESOURCES_DIR/host/host-lib.sh" "$busybox" "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR/vmlinux" \
-  "$guest_initramfs" "$rvmm_bin" "=$rel" "=${HOST_MODULES[*]}")"
+  "$guest_initramfs" "$rvmm_bin" "=$rel" "=${HOST_MODULES[*]}" \
+  "$example_bin")"
 if stamp_is_current host-initramfs "$hash" "$output"; then exit 0; fi
 
 log "building $output"
@@ -54,6 +57,9 @@ if [ -x "$rvmm_bin" ]; then
   copy_binary "$staging" "$rvmm_bin" rvmm
 else
   log "warning: no rvmm binary at $rvmm_bin; the test host will report 'HOST rvmm missing'"
+fi
+if [ -x "$example_bin" ]; then
+  copy_binary "$staging" "$example_bin" rvmm-example-hotplug
 fi
 
 mkdir -p "$IMAGES_DIR"

@@ -17,7 +17,7 @@ fi
 command -v cargo >/dev/null || { echo "run-tests.sh: cargo is not installed (rustup)" >&2; exit 1; }
 
 bash resources/install-deps.sh
-cargo build --release -p rvmm
+cargo build --release -p rvmm --bins --examples
 target="${CARGO_TARGET_DIR:-$root/target}"
 case "$target" in /*) ;; *) target="$root/$target" ;; esac
 export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
