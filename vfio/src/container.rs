@@ -420,6 +420,7 @@ impl Container {
         if state.mapped {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let mut done = Vec::new();
         for (&gpa, region) in &state.regions {
             // SAFETY: `map_guest_ram`'s caller guaranteed the invariants for every registered
@@ -440,6 +441,13 @@ impl Container {
             done.push((gpa, region.size));
         }
         state.mapped = true;
+        let bytes: u64 = done.iter().map(|&(_, size)| size).sum();
+        log::info!(
+            "DMA-mapped {} MiB of guest RAM in {} regions in {:?}",
+            bytes >> 20,
+            done.len(),
+            started.elapsed()
+        );
         Ok(())
     }
 }

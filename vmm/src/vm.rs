@@ -127,12 +127,14 @@ pub struct Vm {
     api_socket: Option<PathBuf>,
     events: Arc<EventBus>,
     control: ApiRequestQueue,
+    created: std::time::Instant,
 }
 
 impl Vm {
     /// Builds the VM described by `config`: reserves and pins memory, creates the devices and
     /// ACPI tables, loads the kernel and configures every vCPU. Nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self> {
+        let created = std::time::Instant::now();
         let kvm = open_kvm()?;
         let max_cpus = u8::try_from(kvm.get_max_vcpus()).unwrap_or(u8::MAX);
         config.validate(max_cpus)?;
@@ -205,6 +207,7 @@ impl Vm {
                 what: "create the control queue",
                 source,
             })?,
+            created,
         })
     }
 
@@ -290,6 +293,11 @@ impl Vm {
                 }
             }
         }
+        log::info!(
+            "{} vCPUs running {:?} after the VM began to be built",
+            handles.len(),
+            self.created.elapsed()
+        );
         let result = event_loop.run();
         stop.store(true, Ordering::Release);
         handles.into_iter().for_each(VcpuHandle::join);
