@@ -6,6 +6,8 @@
 //! - [`VfioPciDevice`]: the passthrough device model: virtual config space (BARs, MSI, MSI-X,
 //!   hidden capabilities, filtered writes), BAR placement in the guest, interrupt wiring, release.
 //! - [`limit`]: the passthrough device limit.
+//! - [`sriov`]: SR-IOV VF pools: taking a free VF of a PF, its port policy (MAC address, VLAN,
+//!   spoof checking, trust) through rtnetlink, vfio-pci binding, and giving it back.
 //!
 //! The VMM plugs in through two small traits: [`InterruptRouter`] (GSIs, MSI routes, irqfds) and
 //! [`GuestMmio`] (memory slots and trapped ranges).
@@ -24,6 +26,7 @@ pub mod limit;
 pub mod mmio;
 pub mod msi;
 pub mod msix;
+pub mod sriov;
 #[cfg(test)]
 mod testing;
 

@@ -1,0 +1,268 @@
+//! Port policy of a VF: the MAC address, VLAN, spoof checking and trust that the PF driver
+//! enforces for it, and the stable MAC address rvmm derives when none is given.
+
+use std::fmt;
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl MacAddress {
+    /// Whether this is 00:00:00:00:00:00 (a VF without an administrative MAC address).
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
+impl fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// One setting the PF applies to one of its VFs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VfSetting {
+    /// The administrative MAC address (00:00:00:00:00:00 removes it).
+    Mac(MacAddress),
+    /// The port VLAN the PF tags the VF's traffic with (0: none) and its 802.1p priority.
+    Vlan {
+        /// VLAN id, 0 to 4094.
+        vlan: u16,
+        /// Priority, 0 to 7.
+        qos: u8,
+    },
+    /// Whether the PF drops frames the VF sends with a source MAC other than its own.
+    SpoofCheck(bool),
+    /// Whether the VF may change its MAC address and enter promiscuous mode.
+    Trust(bool),
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+impl fmt::Display for VfSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VfSetting::Mac(mac) => write!(f, "mac {mac}"),
+            VfSetting::Vlan { vlan, qos: 0 } => write!(f, "vlan {vlan}"),
+            VfSetting::Vlan { vlan, qos } => write!(f, "vlan {vlan} qos {qos}"),
+            VfSetting::SpoofCheck(on) => write!(f, "spoofchk {}", on_off(*on)),
+            VfSetting::Trust(on) => write!(f, "trust {}", on_off(*on)),
+        }
+    }
+}
+
+/// Everything the PF reports about one VF's port settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfSettings {
+    /// Administrative MAC address (zero when none is set).
+    pub mac: MacAddress,
+    /// Port VLAN (0: none).
+    pub vlan: u16,
+    /// Port VLAN priority.
+    pub qos: u8,
+    /// Spoof checking.
+    pub spoofchk: bool,
+    /// Trust.
+    pub trust: bool,
+}
+
+impl VfSettings {
+    /// These settings with `setting` applied.
+    pub fn with(mut self, setting: VfSetting) -> Self {
+        match setting {
+            VfSetting::Mac(mac) => self.mac = mac,
+            VfSetting::Vlan { vlan, qos } => {
+                self.vlan = vlan;
+                self.qos = qos;
+            }
+            VfSetting::SpoofCheck(on) => self.spoofchk = on,
+            VfSetting::Trust(on) => self.trust = on,
+        }
+        self
+    }
+
+    /// The setting of the same kind as `setting` that these settings hold (what restores it).
+    pub fn same_kind_as(&self, setting: VfSetting) -> VfSetting {
+        match setting {
+            VfSetting::Mac(_) => VfSetting::Mac(self.mac),
+            VfSetting::Vlan { .. } => VfSetting::Vlan {
+                vlan: self.vlan,
+                qos: self.qos,
+            },
+            VfSetting::SpoofCheck(_) => VfSetting::SpoofCheck(self.spoofchk),
+            VfSetting::Trust(_) => VfSetting::Trust(self.trust),
+        }
+    }
+}
+
+/// What a VM asks of its VF's port; `None` leaves the host's setting as it is, except the MAC
+/// address, which is always set (derived from the VM and device when not given).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfPolicy {
+    /// MAC address.
+    pub mac: Option<MacAddress>,
+    /// Port VLAN (0: none).
+    pub vlan: Option<u16>,
+    /// Trust.
+    pub trust: Option<bool>,
+    /// Spoof checking.
+    pub spoofchk: Option<bool>,
+}
+
+impl VfPolicy {
+    /// The settings to apply for device `device` of VM `vm`, in the order they are applied: MAC,
+    /// VLAN, spoof checking, trust.
+    pub fn settings(&self, vm: &str, device: &str) -> Vec<VfSetting> {
+        let mut settings = vec![VfSetting::Mac(
+            self.mac.unwrap_or_else(|| derive_mac(vm, device)),
+        )];
+        if let Some(vlan) = self.vlan {
+            settings.push(VfSetting::Vlan { vlan, qos: 0 });
+        }
+        if let Some(on) = self.spoofchk {
+            settings.push(VfSetting::SpoofCheck(on));
+        }
+        if let Some(on) = self.trust {
+            settings.push(VfSetting::Trust(on));
+        }
+        settings
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a over `bytes` from `hash`.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
+/// The stable MAC address of device `device` of VM `vm`: a locally administered unicast address
+/// (first octet `x2`, `x6`, `xa` or `xe`) from a fixed hash of both names, the same in every
+/// rvmm version and on every host.
+pub fn derive_mac(vm: &str, device: &str) -> MacAddress {
+    // Lengths first, so ("ab", "c") and ("a", "bc") differ.
+    let mut hash = fnv1a(FNV_OFFSET, &(vm.len() as u64).to_le_bytes());
+    hash = fnv1a(hash, vm.as_bytes());
+    hash = fnv1a(hash, &(device.len() as u64).to_le_bytes());
+    hash = fnv1a(hash, device.as_bytes());
+    // Final avalanche (the splitmix64 finalizer): every input bit reaches every output octet.
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    let b = hash.to_be_bytes();
+    MacAddress([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_mac_is_locally_administered_unicast() {
+        for (vm, device) in [("vm1", "net0"), ("", ""), ("a", "b"), ("vm-42", "dev7")] {
+            let mac = derive_mac(vm, device);
+            assert_eq!(mac.0[0] & 0x01, 0, "{mac} is multicast");
+            assert_eq!(mac.0[0] & 0x02, 0x02, "{mac} is not locally administered");
+        }
+    }
+
+    #[test]
+    fn derived_mac_is_stable_across_builds() {
+        // A fixed value: a change here changes every guest's MAC address.
+        assert_eq!(derive_mac("vm1", "net0").to_string(), "a6:0e:34:7f:8d:6c");
+    }
+
+    #[test]
+    fn derived_mac_differs_per_device_and_per_vm() {
+        let base = derive_mac("vm1", "net0");
+        assert_ne!(base, derive_mac("vm1", "net1"));
+        assert_ne!(base, derive_mac("vm2", "net0"));
+    }
+
+    #[test]
+    fn derived_mac_separates_the_two_names() {
+        assert_ne!(derive_mac("ab", "c"), derive_mac("a", "bc"));
+    }
+
+    #[test]
+    fn policy_always_sets_a_mac_and_only_the_given_rest() {
+        let policy = VfPolicy {
+            vlan: Some(100),
+            ..VfPolicy::default()
+        };
+
+        let settings = policy.settings("vm1", "net0");
+
+        assert_eq!(
+            settings,
+            vec![
+                VfSetting::Mac(derive_mac("vm1", "net0")),
+                VfSetting::Vlan { vlan: 100, qos: 0 }
+            ]
+        );
+    }
+
+    #[test]
+    fn given_mac_wins_over_the_derived_one() {
+        let mac = MacAddress([0x52, 0x54, 0, 0, 0, 1]);
+        let policy = VfPolicy {
+            mac: Some(mac),
+            trust: Some(true),
+            spoofchk: Some(false),
+            ..VfPolicy::default()
+        };
+
+        assert_eq!(
+            policy.settings("vm1", "net0"),
+            vec![
+                VfSetting::Mac(mac),
+                VfSetting::SpoofCheck(false),
+                VfSetting::Trust(true)
+            ]
+        );
+    }
+
+    #[test]
+    fn previous_settings_give_the_setting_that_restores() {
+        let previous = VfSettings {
+            vlan: 7,
+            qos: 3,
+            spoofchk: true,
+            ..VfSettings::default()
+        };
+
+        assert_eq!(
+            previous.same_kind_as(VfSetting::Vlan { vlan: 100, qos: 0 }),
+            VfSetting::Vlan { vlan: 7, qos: 3 }
+        );
+        assert_eq!(
+            previous.same_kind_as(VfSetting::SpoofCheck(false)),
+            VfSetting::SpoofCheck(true)
+        );
+    }
+
+    #[test]
+    fn settings_print_like_ip_link() {
+        assert_eq!(VfSetting::Trust(false).to_string(), "trust off");
+        assert_eq!(VfSetting::Vlan { vlan: 5, qos: 0 }.to_string(), "vlan 5");
+        assert_eq!(
+            VfSetting::Mac(MacAddress([0x52, 0x54, 0, 0xab, 0, 1])).to_string(),
+            "mac 52:54:00:ab:00:01"
+        );
+    }
+}
