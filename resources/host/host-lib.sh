@@ -19,6 +19,13 @@
 #                                       as HOST stdout / HOST stderr; RVMM_AS_USER=nobody runs it
 #                                       without root's capabilities
 #   vfio_bind BDF, sriov_enable PF N, pci_find VENDOR:DEVICE, hugepages_set N
+#   host_driver_bind BDF                gives a device back to the host driver (HOST host_bind)
+#   nvme_host_namespace BDF [SECS], nvme_host_readback BDF
+#                                       an NVMe's namespace / the MiB the guest's nvme scenarios
+#                                       write, read through the host nvme driver
+#   netdev_of BDF, link_up IF [ADDR/LEN], vf_of PF INDEX, vf_set_mac PF INDEX MAC, vf_report PF
+#   kvm_stat NAME STAT, kvm_report NAME LABEL
+#                                       KVM debugfs counters (exits, ...) of the VM of run NAME
 # shellcheck disable=SC3043,SC3045 # busybox sh has local and ulimit -l
 # shellcheck disable=SC2034 # the constants are for the scenarios
 
@@ -29,6 +36,9 @@ GUEST_INITRAMFS=/guest/initramfs.cpio.gz
 # Seconds after which an rvmm run is killed (rvmm_run, rvmm_start) / a quick run is (rvmm_capture).
 RVMM_TIMEOUT=${RVMM_TIMEOUT:-300}
 RVMM_CAPTURE_TIMEOUT=${RVMM_CAPTURE_TIMEOUT:-60}
+# iproute2's ip (busybox ip cannot configure virtual functions), put into the test host by
+# build-host-initramfs.sh.
+IPROUTE2=${IPROUTE2:-/usr/sbin/ip}
 
 hmark() { echo "HOST $*"; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
@@ -82,6 +92,155 @@ vfio_bind() {
     hmark vfio_bind "$bdf" fail "driver=$driver" "group=$group"
     return 1
   fi
+}
+
+# host_driver_bind BDF: gives the device back to the driver the host kernel picks for it (clears
+# driver_override, unbinds, drivers_probe): HOST host_bind BDF driver=<driver>.
+host_driver_bind() {
+  local bdf="$1" dev="/sys/bus/pci/devices/$1"
+  if [ ! -e "$dev" ]; then
+    hmark host_bind "$bdf" fail no_such_device
+    return 1
+  fi
+  # An empty line clears the override.
+  echo >"$dev/driver_override"
+  if [ -e "$dev/driver" ]; then echo "$bdf" >"$dev/driver/unbind"; fi
+  echo "$bdf" >/sys/bus/pci/drivers_probe 2>/dev/null
+  hmark host_bind "$bdf" "driver=$(driver_of "$dev")"
+}
+
+# nvme_host_namespace BDF [SECS]: prints the namespace block device of the NVMe controller at BDF
+# once its /dev node exists, waiting up to SECS seconds (default 30). The controller's sysfs
+# directory holds nvme<ctrl>n<ns> without native multipath, the path devices
+# nvme<subsys>c<ctrl>n<ns> with it (whose block device is the head nvme<subsys>n<ns>).
+nvme_host_namespace() {
+  local dev="/sys/bus/pci/devices/$1" deadline entry name
+  deadline=$(($(date +%s) + ${2:-30}))
+  while [ "$(date +%s)" -le "$deadline" ]; do
+    for entry in "$dev"/nvme/nvme*/nvme*; do
+      [ -e "$entry" ] || continue
+      name=$(basename "$entry")
+      case "$name" in
+        nvme*c*n*) name="${name%%c*}n${name##*n}" ;;
+        nvme*n*) ;;
+        *) continue ;;
+      esac
+      if [ -b "/dev/$name" ]; then
+        echo "$name"
+        return 0
+      fi
+    done
+    sleep 0.2
+  done
+  return 1
+}
+
+# nvme_host_readback BDF: reads the MiB at offset 1 MiB (where the guest's nvme scenarios write
+# their pattern) of the NVMe at BDF through the host's nvme driver, uncached:
+# HOST nvme_readback BDF dev=<name> md5=<md5> and HOST nvme_readback_head BDF <first line>.
+nvme_host_readback() {
+  local name
+  if ! name=$(nvme_host_namespace "$1"); then
+    hmark nvme_readback "$1" fail no_namespace "driver=$(driver_of "/sys/bus/pci/devices/$1")"
+    return 1
+  fi
+  if ! dd if="/dev/$name" of=/tmp/readback bs=1048576 skip=1 count=1 iflag=direct 2>/tmp/dd.err; then
+    hmark nvme_readback "$1" fail "$(tail -n1 /tmp/dd.err)"
+    return 1
+  fi
+  hmark nvme_readback "$1" "dev=$name" "md5=$(md5sum </tmp/readback | cut -d' ' -f1)"
+  hmark nvme_readback_head "$1" "$(head -n1 /tmp/readback)"
+}
+
+# netdev_of BDF: prints the network interface of the PCI device at BDF.
+netdev_of() {
+  local net
+  for net in /sys/bus/pci/devices/"$1"/net/*; do
+    [ -e "$net" ] || continue
+    basename "$net"
+    return 0
+  done
+  return 1
+}
+
+# link_up IF [ADDR/LEN]: sets interface IF up (with that address), waits up to 10 s for carrier:
+# HOST link IF carrier=<0|1> operstate=<state> mac=<mac>.
+link_up() {
+  local net="/sys/class/net/$1" deadline
+  ip link set "$1" up || return 1
+  if [ -n "${2:-}" ]; then ip addr add "$2" dev "$1" || return 1; fi
+  deadline=$(($(date +%s) + 10))
+  while [ "$(cat "$net/carrier" 2>/dev/null)" != 1 ] && [ "$(date +%s)" -le "$deadline" ]; do
+    sleep 0.2
+  done
+  hmark link "$1" "carrier=$(cat "$net/carrier" 2>/dev/null || echo 0)" \
+    "operstate=$(cat "$net/operstate")" "mac=$(cat "$net/address")"
+}
+
+# vf_of PF INDEX: prints the BDF of virtual function INDEX (from 0) of PF.
+vf_of() {
+  local link="/sys/bus/pci/devices/$1/virtfn$2"
+  [ -e "$link" ] || return 1
+  basename "$(readlink "$link")"
+}
+
+# vf_set_mac PF INDEX MAC: has the PF driver assign MAC to its virtual function INDEX (netlink
+# IFLA_VF_MAC, through iproute2): HOST vf_mac PF INDEX MAC ok, or fail with the reason.
+vf_set_mac() {
+  local pf="$1" index="$2" mac="$3" net
+  if [ ! -x "$IPROUTE2" ]; then
+    hmark vf_mac "$pf" "$index" "$mac" fail "no_iproute2 ($IPROUTE2 is missing)"
+    return 1
+  fi
+  if ! net=$(netdev_of "$pf"); then
+    hmark vf_mac "$pf" "$index" "$mac" fail no_pf_interface
+    return 1
+  fi
+  if "$IPROUTE2" link set dev "$net" vf "$index" mac "$mac" 2>/tmp/ip.err; then
+    hmark vf_mac "$pf" "$index" "$mac" ok
+  else
+    hmark vf_mac "$pf" "$index" "$mac" fail "$(cat /tmp/ip.err)"
+    return 1
+  fi
+}
+
+# vf_report PF: the PF driver's view of its virtual functions (iproute2's ip link show):
+# HOST vf_view PF INDEX mac=<mac> for each.
+vf_report() {
+  local net
+  if [ ! -x "$IPROUTE2" ] || ! net=$(netdev_of "$1"); then
+    hmark vf_view "$1" none "no iproute2 or no PF interface"
+    return 1
+  fi
+  "$IPROUTE2" link show dev "$net" | awk -v pf="$1" \
+    '$1 == "vf" { print "HOST vf_view " pf " " $2 " mac=" $4 }'
+}
+
+# kvm_stat NAME STAT: prints the KVM debugfs counter STAT (exits, mmio_exits, io_exits,
+# halt_exits, irq_exits, ...) of the VM of the running rvmm run NAME, summed over its vCPUs by
+# KVM (directory /sys/kernel/debug/kvm/<pid>-<vm fd>). Mounts debugfs if needed.
+kvm_stat() {
+  local pid dir
+  [ -d /sys/kernel/debug/kvm ] || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+  pid=$(cat "/tmp/rvmm-$1.pid")
+  for dir in /sys/kernel/debug/kvm/"$pid"-*; do
+    if [ -r "$dir/$2" ]; then
+      cat "$dir/$2"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# kvm_report NAME LABEL: HOST kvm_stats LABEL uptime=<test host uptime> exits=<n> mmio_exits=<n>
+# io_exits=<n> halt_exits=<n> irq_exits=<n> for the VM of run NAME.
+kvm_report() {
+  local stat line
+  line="uptime=$(uptime_s)"
+  for stat in exits mmio_exits io_exits halt_exits irq_exits; do
+    line="$line $stat=$(kvm_stat "$1" "$stat" || echo none)"
+  done
+  hmark kvm_stats "$2" "$line"
 }
 
 # sriov_enable PF N: creates N virtual functions on the PF and reports each (HOST vf ...).

@@ -117,7 +117,14 @@ impl GuestRun {
 
     /// More rvmm arguments, quoted for the shell.
     pub fn arg(mut self, arg: &str) -> Self {
-        self.extra_args.push(arg.to_string());
+        self.extra_args.push(shell_quote(arg));
+        self
+    }
+
+    /// One more rvmm argument written into the scenario as the shell word `word`, unquoted, so
+    /// that it can expand scenario variables: `.shell_arg("\"path=/sys/bus/pci/devices/$NVME\"")`.
+    pub fn shell_arg(mut self, word: &str) -> Self {
+        self.extra_args.push(word.to_string());
         self
     }
 
@@ -173,7 +180,7 @@ impl GuestRun {
         }
         words.push("--serial".to_string());
         words.push("stdio".to_string());
-        words.extend(self.extra_args.iter().map(|arg| shell_quote(arg)));
+        words.extend(self.extra_args.iter().cloned());
         words.join(" ")
     }
 
@@ -245,6 +252,16 @@ mod tests {
         assert!(args.contains("--cmdline \"$(guest_cmdline hold rvmm.hold=8)\""));
         assert!(args.contains("--cpus 2 --memory size=512M --root-ports 4 --serial stdio"));
         assert!(args.ends_with("--api-socket '/tmp/a b'"));
+    }
+
+    #[test]
+    fn shell_args_are_written_unquoted_after_quoted_ones() {
+        let args = GuestRun::new("x")
+            .arg("--device")
+            .shell_arg("\"$NVME0,id=disk0\"")
+            .rvmm_args();
+
+        assert!(args.ends_with("--serial stdio --device \"$NVME0,id=disk0\""));
     }
 
     #[test]
