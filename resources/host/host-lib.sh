@@ -377,3 +377,155 @@ rvmm_capture() {
   hmark end "$name"
   return "$rc"
 }
+
+# --- hotplug: whole-line consoles, the control API, timings ----------------------------------
+#   api_socket NAME                     the control API socket of run NAME (for --api-socket)
+#   rvmm_start_lines NAME ARG... / rvmm_wait_lines NAME
+#                                       rvmm_start / rvmm_wait for runs the scenario talks to
+#                                       while the guest prints: whole console lines only
+#   rvmm_ctl NAME LABEL ARG...          `rvmm ctl` on run NAME: HOST ctl / ctl_out / ctl_err
+#   ctl_events NAME                     follows run NAME's events: HOST event <json>
+#   rvmm_count NAME TEXT, rvmm_wait_more NAME TEXT COUNT [SECS]
+#                                       lines of run NAME's console with TEXT / waits for more
+#   rvmm_fds NAME LABEL                 open fds of run NAME's rvmm process
+#   uptime_ms, timed LABEL COMMAND      wall time of a command (10 ms resolution)
+#   pci_rescan BDF                      brings a removed host device back
+
+# uptime_ms: the test host's uptime in milliseconds (10 ms resolution; shell builtins only).
+uptime_ms() {
+  local up
+  read -r up _ </proc/uptime
+  echo $((${up%.*} * 1000 + (1${up#*.} - 100) * 10))
+}
+
+# api_socket NAME: the control API socket of run NAME.
+api_socket() { echo "/tmp/rvmm-$1.sock"; }
+
+# rvmm_start_lines NAME ARG...: rvmm_start for a run during which the scenario prints markers
+# while the guest prints its own. rvmm writes the guest's console a byte at a time, so a marker
+# printed meanwhile could land inside a guest line; here the guest's console reaches ours (and
+# /tmp/rvmm-NAME.out) one whole line at a time, and rvmm's stderr comes as HOST rvmm_log lines.
+# End the run with rvmm_wait_lines.
+rvmm_start_lines() {
+  local name="$1" run="/tmp/rvmm-$1"
+  shift
+  rvmm_stdin
+  hmark begin "$name"
+  hmark rvmm_args "$*"
+  rm -f "$run.fifo" "$run.errfifo" "$run.events.pid" "$(api_socket "$name")"
+  : >"$run.out"
+  mkfifo "$run.fifo" "$run.errfifo"
+  awk -v out="$run.out" '{ print; fflush(); print >>out; fflush(out) }' <"$run.fifo" &
+  echo $! >"$run.tee"
+  awk '{ print "HOST rvmm_log " $0; fflush() }' <"$run.errfifo" &
+  echo $! >"$run.errtee"
+  timeout -s KILL "$RVMM_TIMEOUT" "$RVMM" "$@" >"$run.fifo" 2>"$run.errfifo" <&9 &
+  echo $! >"$run.pid"
+  hmark rvmm_pid "$!"
+}
+
+# rvmm_wait_lines NAME: waits for the run started by rvmm_start_lines, its console and its events
+# follower to end: HOST rvmm_exit <code>, HOST end NAME. Returns rvmm's exit code.
+rvmm_wait_lines() {
+  local run="/tmp/rvmm-$1" rc
+  wait "$(cat "$run.pid")"
+  rc=$?
+  wait "$(cat "$run.tee")"
+  wait "$(cat "$run.errtee")"
+  if [ -f "$run.events.pid" ]; then wait "$(cat "$run.events.pid")"; fi
+  hmark rvmm_exit "$rc"
+  hmark end "$1"
+  return "$rc"
+}
+
+# rvmm_ctl NAME LABEL ARG...: runs `rvmm ctl --api-socket <socket of run NAME> ARG...`:
+# HOST ctl LABEL rc=<exit status> ms=<wall time>, the answer on one line as HOST ctl_out LABEL
+# <json>, each stderr line as HOST ctl_err LABEL <line>. Returns ctl's exit status.
+rvmm_ctl() {
+  local name="$1" label="$2" start rc line
+  shift 2
+  start=$(uptime_ms)
+  "$RVMM" ctl --api-socket "$(api_socket "$name")" "$@" >/tmp/ctl.out 2>/tmp/ctl.err
+  rc=$?
+  hmark ctl "$label" "rc=$rc" "ms=$(($(uptime_ms) - start))"
+  # Pretty JSON never has a line break inside a string: joined lines are the same JSON.
+  if [ -s /tmp/ctl.out ]; then hmark ctl_out "$label" "$(sed 's/^ *//' /tmp/ctl.out | tr -d '\n')"; fi
+  while IFS= read -r line || [ -n "$line" ]; do hmark ctl_err "$label" "$line"; done </tmp/ctl.err
+  return "$rc"
+}
+
+# ctl_events NAME: once run NAME's API socket exists (at most 30 s), follows its events until the
+# VM ends, each as HOST event <json>; rvmm_wait_lines waits for the follower.
+ctl_events() {
+  local sock deadline
+  sock=$(api_socket "$1")
+  deadline=$(($(uptime_ms) + 30000))
+  until [ -S "$sock" ]; do
+    if [ "$(uptime_ms)" -gt "$deadline" ]; then
+      hmark events "$1" no_socket
+      return 1
+    fi
+    sleep 0.1
+  done
+  "$RVMM" ctl --api-socket "$sock" events 2>&1 | awk '{ print "HOST event " $0; fflush() }' &
+  echo $! >"/tmp/rvmm-$1.events.pid"
+}
+
+# rvmm_count NAME TEXT: how many lines of run NAME's console contain TEXT (fixed string).
+rvmm_count() { grep -cF -- "$2" "/tmp/rvmm-$1.out" 2>/dev/null || true; }
+
+# rvmm_wait_more NAME TEXT COUNT [SECS]: waits until more than COUNT lines of run NAME's console
+# contain TEXT, at most SECS seconds (default 60) or until rvmm exits: HOST wait_more ok
+# ms=<waited> <TEXT>, or HOST wait_more timeout <TEXT>.
+rvmm_wait_more() {
+  local name="$1" text="$2" count="$3" start deadline pid
+  pid=$(cat "/tmp/rvmm-$name.pid")
+  start=$(uptime_ms)
+  deadline=$((start + ${4:-60} * 1000))
+  while [ "$(rvmm_count "$name" "$text")" -le "$count" ]; do
+    if [ "$(uptime_ms)" -gt "$deadline" ] || [ ! -d "/proc/$pid" ]; then
+      hmark wait_more timeout "$text"
+      return 1
+    fi
+    sleep 0.05
+  done
+  hmark wait_more ok "ms=$(($(uptime_ms) - start))" "$text"
+}
+
+# rvmm_fds NAME LABEL: HOST rvmm_fds LABEL <file descriptors open in run NAME's rvmm process>.
+rvmm_fds() {
+  local fd count=0
+  for fd in /proc/"$(cat "/tmp/rvmm-$1.pid")"/fd/*; do
+    [ -e "$fd" ] || [ -L "$fd" ] || continue
+    count=$((count + 1))
+  done
+  hmark rvmm_fds "$2" "$count"
+}
+
+# timed LABEL COMMAND: runs the shell command line COMMAND in this shell: HOST timed LABEL
+# rc=<status> ms=<wall time>, and its stderr as HOST timed_err LABEL <line>.
+timed() {
+  local start rc line
+  start=$(uptime_ms)
+  eval "$2" 2>/tmp/timed.err
+  rc=$?
+  hmark timed "$1" "rc=$rc" "ms=$(($(uptime_ms) - start))"
+  while IFS= read -r line || [ -n "$line" ]; do hmark timed_err "$1" "$line"; done </tmp/timed.err
+  return "$rc"
+}
+
+# pci_rescan BDF: rescans the host's PCI buses until device BDF is back (at most 10 s), e.g. after
+# echo 1 >.../remove: HOST rescan BDF driver=<the driver that took it>.
+pci_rescan() {
+  local dev="/sys/bus/pci/devices/$1" deadline
+  echo 1 >/sys/bus/pci/rescan
+  deadline=$(($(uptime_ms) + 10000))
+  until [ -e "$dev" ]; do
+    if [ "$(uptime_ms)" -gt "$deadline" ]; then
+      hmark rescan "$1" fail no_such_device
+      return 1
+    fi
+    sleep 0.1
+  done
+  hmark rescan "$1" "driver=$(driver_of "$dev")"
+}
