@@ -46,6 +46,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
         serial: SerialConfig::Stdio,
         api_socket: None,
         devices: Vec::new(),
+        seccomp: Default::default(),
     };
     let vm = Vm::new(&config).map_err(|e| format!("cannot build the VM: {e}"))?;
     let handle = vm.handle();

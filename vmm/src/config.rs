@@ -6,6 +6,7 @@ use thiserror::Error;
 
 use crate::api::AddDeviceRequest;
 use crate::memory::MemoryConfig;
+use crate::seccomp::SeccompMode;
 
 /// Default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
@@ -64,6 +65,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Passthrough devices attached at boot, each behind its own root port.
     pub devices: Vec<AddDeviceRequest>,
+    /// Seccomp filters of the VM's threads (on by default).
+    pub seccomp: SeccompMode,
 }
 
 /// Errors in a VM description.
@@ -153,6 +156,7 @@ mod tests {
             serial: SerialConfig::Stdio,
             api_socket: None,
             devices: Vec::new(),
+            seccomp: SeccompMode::On,
         }
     }
 

@@ -19,10 +19,12 @@ pub mod layout;
 pub mod memory;
 pub mod passthrough;
 pub mod pci;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{SerialConfig, VmConfig};
 pub use exit::VmExit;
 pub use memory::MemoryConfig;
+pub use seccomp::SeccompMode;
 pub use vm::{Vm, VmError};

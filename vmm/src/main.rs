@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use rvmm::api::AddDeviceRequest;
 use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
-use rvmm::{MemoryConfig, SerialConfig, Vm, VmConfig};
+use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).
 const EXIT_ERROR: u8 = 1;
@@ -59,6 +59,10 @@ struct RunArgs {
     /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME] or a bare BDF (repeatable).
     #[arg(long = "device")]
     devices: Vec<AddDeviceRequest>,
+    /// Seccomp filters of rvmm's threads: on (a forbidden syscall is reported by name and ends
+    /// rvmm), log (allowed and logged by the kernel) or off.
+    #[arg(long, default_value = "on")]
+    seccomp: SeccompMode,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -73,6 +77,7 @@ impl From<RunArgs> for VmConfig {
             serial: a.serial,
             api_socket: a.api_socket,
             devices: a.devices,
+            seccomp: a.seccomp,
         }
     }
 }

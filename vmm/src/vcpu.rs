@@ -11,6 +11,7 @@ use rvmm_devices::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::exit::{ExitSignal, VmExit};
+use crate::seccomp::ThreadFilter;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> libc::c_int {
@@ -34,6 +35,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// Set when all vCPUs must leave their loop.
     pub stop: Arc<AtomicBool>,
+    /// The vCPU seccomp filter, installed first thing in the thread.
+    pub seccomp: Arc<ThreadFilter>,
 }
 
 /// A running vCPU thread.
@@ -42,12 +45,33 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread.
+    /// Starts vCPU `index` on its own thread, which installs its seccomp filter before it runs
+    /// the vCPU; an error installing it is returned here and the vCPU never runs.
     pub fn spawn(index: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
+        let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run(index, vcpu, ctx))?;
-        Ok(Self { thread })
+            .spawn(move || {
+                let filtered = ctx.seccomp.apply();
+                let ok = filtered.is_ok();
+                let _ = filtered_tx.send(filtered);
+                if ok {
+                    run(index, vcpu, ctx);
+                }
+            })?;
+        match filtered_rx.recv() {
+            Ok(Ok(())) => Ok(Self { thread }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(std::io::Error::other(e))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(std::io::Error::other(format!(
+                    "vCPU thread {index} ended before installing its seccomp filter"
+                )))
+            }
+        }
     }
 
     /// Stops the thread (the caller has set the stop flag) and waits for it.

@@ -14,7 +14,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 
 use crate::api::{
     ApiRequestQueue, ApiServer, Event, EventBus, EventKind, QueueTimeouts, QueuedHandler,
-    ServerError,
+    ServerConfig, ServerError,
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
@@ -24,6 +24,7 @@ use crate::device_manager::{DeviceError, DeviceManager, Machine};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::{ExitSignal, VmExit};
 use crate::memory;
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
 
 /// TSS area KVM needs on Intel hosts (3 pages, inside the 32-bit hole, unused by anything else).
@@ -75,6 +76,9 @@ pub enum VmError {
     /// The control API could not be started.
     #[error(transparent)]
     Api(#[from] ServerError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A thread or fd could not be created.
     #[error("cannot {what}")]
     Io {
@@ -125,6 +129,7 @@ pub struct Vm {
     serial: SerialConfig,
     summary: VmSummary,
     api_socket: Option<PathBuf>,
+    seccomp: SeccompMode,
     events: Arc<EventBus>,
     control: ApiRequestQueue,
     created: std::time::Instant,
@@ -202,6 +207,7 @@ impl Vm {
                 hugepages: config.memory.hugepages,
             },
             api_socket: config.api_socket.clone(),
+            seccomp: config.seccomp,
             events: Arc::new(EventBus::new()),
             control: ApiRequestQueue::new().map_err(|source| VmError::Io {
                 what: "create the control queue",
@@ -241,6 +247,9 @@ impl Vm {
             what: "install the vCPU kick signal handler",
             source,
         })?;
+        // Built before any thread starts, so a filter that cannot be built stops nothing.
+        let vcpu_filter = Arc::new(ThreadFilter::new(ThreadKind::Vcpu, self.seccomp)?);
+        let loop_filter = ThreadFilter::new(ThreadKind::EventLoop, self.seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut event_loop = EventLoop::new(self.exit.clone())?;
         if self.serial == SerialConfig::Stdio {
@@ -249,7 +258,14 @@ impl Vm {
             }
         }
         let server = match &self.api_socket {
-            Some(path) => Some(ApiServer::start(path, Arc::new(self.handle()))?),
+            Some(path) => Some(ApiServer::start_with(
+                path,
+                Arc::new(self.handle()),
+                ServerConfig {
+                    seccomp: self.seccomp,
+                    ..ServerConfig::default()
+                },
+            )?),
             None => None,
         };
         let passthrough = self.devices.take_passthrough();
@@ -279,6 +295,7 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
                 stop: stop.clone(),
+                seccomp: vcpu_filter.clone(),
             };
             // At most MAX_CPUS (254) vCPUs exist.
             match VcpuHandle::spawn(index as u8, vcpu, ctx) {
@@ -298,7 +315,7 @@ impl Vm {
             handles.len(),
             self.created.elapsed()
         );
-        let result = event_loop.run();
+        let result = run_event_loop(&mut event_loop, &loop_filter);
         stop.store(true, Ordering::Release);
         handles.into_iter().for_each(VcpuHandle::join);
         event_loop.restore_terminal();
@@ -316,6 +333,34 @@ impl Vm {
         self.events.close();
         Ok(exit)
     }
+}
+
+/// Runs the event loop on its own thread, `rvmm-vmm`, under the event-loop seccomp filter, which
+/// lives and ends with that thread: the caller's thread is never filtered. With
+/// [`seccomp::SELFTEST_ENV`] set, the thread first makes a syscall its filter forbids.
+fn run_event_loop(event_loop: &mut EventLoop, filter: &ThreadFilter) -> Result<()> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("rvmm-vmm".into())
+            .spawn_scoped(scope, || -> Result<()> {
+                let selftest = seccomp::selftest_requested();
+                filter.apply()?;
+                if selftest {
+                    seccomp::run_selftest();
+                }
+                Ok(event_loop.run()?)
+            })
+            .map_err(|source| VmError::Io {
+                what: "start the event loop thread",
+                source,
+            })?;
+        thread.join().unwrap_or_else(|_| {
+            Err(VmError::Io {
+                what: "run the event loop",
+                source: std::io::Error::other("the event loop thread panicked"),
+            })
+        })
+    })
 }
 
 /// Registers every guest RAM region as a KVM memory slot (slots 0..n).

@@ -22,6 +22,7 @@ use crate::api::events::{Received, Subscription};
 use crate::api::http::{self, Limits, LineStream, Request, Response};
 use crate::api::types::{AddDeviceRequest, RemoveDeviceRequest, ShutdownRequest};
 use crate::api::ApiHandler;
+use crate::seccomp::{SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 
 /// `GET`: the configuration and every device.
 pub const INFO_PATH: &str = "/v1/vm/info";
@@ -109,6 +110,9 @@ pub enum ServerError {
         /// The path.
         path: PathBuf,
     },
+    /// The API threads' seccomp filters could not be built or installed.
+    #[error("cannot filter the API threads")]
+    Seccomp(#[source] SeccompError),
     /// A system call failed.
     #[error("cannot {what} {path}")]
     Io {
@@ -131,6 +135,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time a client gets to take each write of a response.
     pub write_timeout: Duration,
+    /// Seccomp filters of the accept and connection threads. Off by default: a server started
+    /// on its own calls a handler whose syscalls rvmm cannot know; a [`crate::Vm`] starts its
+    /// server with the VM's mode.
+    pub seccomp: SeccompMode,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +147,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             max_connections: 32,
             write_timeout: Duration::from_secs(10),
+            seccomp: SeccompMode::Off,
         }
     }
 }
@@ -149,6 +158,8 @@ struct Shared {
     config: ServerConfig,
     stopping: AtomicBool,
     connections: AtomicUsize,
+    /// Installed first thing in each connection thread.
+    connection_filter: ThreadFilter,
 }
 
 /// A running API server; stopping or dropping it closes the socket and removes its file.
@@ -196,19 +207,42 @@ impl ApiServer {
         let stop = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the stop event for"))?,
         );
+        let filter = |kind| ThreadFilter::new(kind, config.seccomp).map_err(ServerError::Seccomp);
+        let accept_filter = filter(ThreadKind::ApiAccept)?;
         let shared = Arc::new(Shared {
             handler,
             config,
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            connection_filter: filter(ThreadKind::ApiConnection)?,
         });
+        let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
             let (stop, shared) = (stop.clone(), shared.clone());
             thread::Builder::new()
                 .name("rvmm-api".into())
-                .spawn(move || accept_loop(&listener, &stop, &shared))
+                .spawn(move || {
+                    let filtered = accept_filter.apply();
+                    let ok = filtered.is_ok();
+                    let _ = filtered_tx.send(filtered);
+                    if ok {
+                        accept_loop(&listener, &stop, &shared);
+                    }
+                })
                 .map_err(io_err("start the thread serving"))?
         };
+        let filtered = filtered_rx.recv().unwrap_or_else(|_| {
+            Err(SeccompError::Apply {
+                thread: "rvmm-api".into(),
+                call: "starting the thread",
+                source: io::Error::other("the API thread ended before installing its filter"),
+            })
+        });
+        if let Err(e) = filtered {
+            let _ = thread.join();
+            let _ = std::fs::remove_file(socket_path);
+            return Err(ServerError::Seccomp(e));
+        }
         log::info!("control API listening on {}", socket_path.display());
         Ok(ApiServer {
             path: socket_path.to_path_buf(),
@@ -416,7 +450,10 @@ fn spawn_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
         .name("rvmm-api-conn".into())
         .spawn(move || {
             let slot = slot;
-            serve_connection(stream, &slot.0);
+            match slot.0.connection_filter.apply() {
+                Ok(()) => serve_connection(stream, &slot.0),
+                Err(e) => log::error!("control API: connection dropped: {e}"),
+            }
         });
     if let Err(e) = spawned {
         log::warn!("control API: cannot start a connection thread: {e}");
