@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds build/images/host-initramfs.cpio: the initramfs of the QEMU test host. It holds busybox,
 # the host kernel modules (KVM on nested SVM, VFIO, igb, NVMe) decompressed, the rvmm binary with
-# its shared libraries, the guest kernel (bzImage and vmlinux) and the guest initramfs, and
+# its shared libraries, iproute2's ip as /usr/sbin/ip (busybox ip cannot show or set a PF's VF
+# settings), the guest kernel (bzImage and vmlinux) and the guest initramfs, and
 # resources/host/init. The per-test /scenario.sh is not in it: resources/testhost.sh appends it as
 # a second small archive. Uncompressed (the kernel unpacks it faster under TCG); cached on the
 # hash of its inputs.
@@ -24,12 +25,16 @@ rvmm_bin="$(rvmm_binary)"
 example_bin="$(dirname "$rvmm_bin")/examples/hotplug"
 busybox="$(static_busybox)"
 rel="$(kernel_release)"
+iproute2="$(readlink -f /usr/sbin/ip 2>/dev/null || true)"
+if [ ! -x "$iproute2" ] || "$iproute2" -V 2>&1 | grep -q BusyBox; then
+  die "iproute2's ip is missing (/usr/sbin/ip): run resources/install-deps.sh"
+fi
 [ -s "$guest_initramfs" ] || die "$guest_initramfs is missing: run resources/build-guest-initramfs.sh"
 
 hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/host/init" \
   "$RESOURCES_DIR/host/host-lib.sh" "$busybox" "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR/vmlinux" \
   "$guest_initramfs" "$rvmm_bin" "=$rel" "=${HOST_MODULES[*]}" \
-  "$example_bin")"
+  "$example_bin" "$iproute2")"
 if stamp_is_current host-initramfs "$hash" "$output"; then exit 0; fi
 
 log "building $output"
@@ -53,6 +58,12 @@ copy_modules "$staging" "${HOST_MODULES[@]}"
 install -m 0644 "$KERNEL_DIR/vmlinuz" "$staging/guest/vmlinuz"
 install -m 0644 "$KERNEL_DIR/vmlinux" "$staging/guest/vmlinux"
 install -m 0644 "$guest_initramfs" "$staging/guest/initramfs.cpio.gz"
+# iproute2's ip and its libraries (paths kept, as copy_binary does), beside busybox's ip applet.
+install -D -m 0755 "$iproute2" "$staging/usr/sbin/ip"
+for lib in $(ldd "$iproute2" | grep -o '/[^ ]*'); do
+  mkdir -p "$staging$(dirname "$lib")"
+  cp -L "$lib" "$staging$lib"
+done
 if [ -x "$rvmm_bin" ]; then
   copy_binary "$staging" "$rvmm_bin" rvmm
 else

@@ -28,9 +28,10 @@ SRC
 fi
 
 # Build: gcc and libc6-dev (the Rust linker). Images: busybox-static, cpio, gzip, xz-utils, zstd,
-# kmod (modprobe/depmod on the extracted kernel), python3 (vmlinux extraction).
+# kmod (modprobe/depmod on the extracted kernel), python3 (vmlinux extraction), iproute2 (its ip
+# goes into the test host, for VF settings).
 # Test host: qemu-system-x86 10.x from bookworm-backports (igb with SR-IOV).
-pkgs_base=(gcc libc6-dev busybox-static zstd cpio xz-utils kmod gzip python3 coreutils)
+pkgs_base=(gcc libc6-dev busybox-static zstd cpio xz-utils kmod gzip python3 coreutils iproute2)
 missing_base=()
 for p in "${pkgs_base[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing_base+=("$p")

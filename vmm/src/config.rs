@@ -92,7 +92,7 @@ pub enum ConfigError {
     #[error("--serial {0:?} is not understood: use stdio, file=PATH or off")]
     Serial(String),
     /// More boot devices than root ports.
-    #[error("{devices} --device given but only {ports} root ports; raise --root-ports")]
+    #[error("{devices} devices given (--device and --vf) but only {ports} root ports; raise --root-ports")]
     TooManyDevices {
         /// Devices given.
         devices: usize,

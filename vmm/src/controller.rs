@@ -156,7 +156,7 @@ impl Controller {
                 DeviceState::Present => ApiDeviceState::Present,
                 DeviceState::Removing => ApiDeviceState::Removing,
             },
-            vf: None,
+            vf: d.vf_info(),
         }
     }
 

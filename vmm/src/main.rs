@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rvmm::api::AddDeviceRequest;
+use rvmm::api::{AddDeviceRequest, DeviceSpec};
 use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
@@ -59,10 +59,31 @@ struct RunArgs {
     /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME] or a bare BDF (repeatable).
     #[arg(long = "device")]
     devices: Vec<AddDeviceRequest>,
+    /// SR-IOV VF taken from a PF's pool (PF: BDF or interface name), configured and passed
+    /// through: pf=PF[,id=NAME][,mac=MAC][,vlan=N][,trust=on|off][,spoofchk=on|off] (repeatable).
+    #[arg(long = "vf", value_parser = parse_vf)]
+    vfs: Vec<AddDeviceRequest>,
     /// Seccomp filters of rvmm's threads: on (a forbidden syscall is reported by name and ends
     /// rvmm), log (allowed and logged by the kernel) or off.
     #[arg(long, default_value = "on")]
     seccomp: SeccompMode,
+}
+
+/// `--vf`: the `pf=` form of a device argument (a bare PF first stands for `pf=PF`).
+fn parse_vf(arg: &str) -> Result<AddDeviceRequest, String> {
+    let first = arg.split(',').next().unwrap_or_default();
+    let arg = if first.contains('=') {
+        arg.to_owned()
+    } else {
+        format!("pf={arg}")
+    };
+    let req: AddDeviceRequest = arg.parse().map_err(|e| format!("{e}"))?;
+    match req.device {
+        DeviceSpec::Vf(_) => Ok(req),
+        DeviceSpec::Host(_) => {
+            Err("--vf takes pf=PF[,...]; give a host device with --device".to_owned())
+        }
+    }
 }
 
 impl From<RunArgs> for VmConfig {
@@ -76,7 +97,7 @@ impl From<RunArgs> for VmConfig {
             root_ports: a.root_ports,
             serial: a.serial,
             api_socket: a.api_socket,
-            devices: a.devices,
+            devices: a.devices.into_iter().chain(a.vfs).collect(),
             seccomp: a.seccomp,
         }
     }
@@ -117,5 +138,46 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_ERROR)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vf_flag_takes_the_pf_form() {
+        let req = parse_vf("pf=eth0,id=net0,vlan=5").expect("valid");
+
+        assert!(matches!(req.device, DeviceSpec::Vf(ref vf) if vf.vlan == Some(5)));
+    }
+
+    #[test]
+    fn vf_flag_takes_a_bare_pf_first() {
+        assert_eq!(parse_vf("eth0,vlan=5"), parse_vf("pf=eth0,vlan=5"));
+        assert_eq!(parse_vf("0000:3b:00.0"), parse_vf("pf=0000:3b:00.0"));
+    }
+
+    #[test]
+    fn vf_flag_refuses_a_host_device() {
+        let err = parse_vf("path=0000:01:00.0").expect_err("not a VF");
+
+        assert!(err.contains("--device"), "{err}");
+    }
+
+    #[test]
+    fn vf_flags_join_the_boot_devices_after_device_flags() {
+        let cli = Cli::try_parse_from([
+            "rvmm", "run", "--kernel", "/k", "--vf", "pf=eth0", "--device", "01:00.0",
+        ])
+        .expect("valid command line");
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+
+        let config = VmConfig::from(args);
+
+        assert!(matches!(config.devices[0].device, DeviceSpec::Host(_)));
+        assert!(matches!(config.devices[1].device, DeviceSpec::Vf(_)));
     }
 }

@@ -1,5 +1,7 @@
 //! Passthrough devices of a VM: host checks, the VFIO container with guest RAM mapped for DMA, the
-//! device model, its root port and BAR placement inside that port's windows.
+//! device model, its root port and BAR placement inside that port's windows. A device is a given
+//! host device (`path=`) or a VF taken from an SR-IOV PF's pool (`vf=`), whose lease (claim,
+//! port policy, vfio-pci binding) lives as long as the device.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -9,6 +11,9 @@ use rvmm_pci::{
     AddressAllocator, AddressRange, PciAddress, PciSegment, SlotDevice, SlotError, SlotState,
 };
 use rvmm_vfio::container::{create_kvm_vfio_device, Container, ContainerError, Type1Iommu};
+use rvmm_vfio::sriov::{
+    MacAddress, PfSpec, Sriov, SriovError, VfLease, VfOwner, VfPolicy, VfRequest,
+};
 use rvmm_vfio::{
     check_passthrough_limit, BarKind, DeviceConfig, DeviceError, HostDevice, HostError, LimitError,
     Sysfs, VfioPciDevice,
@@ -16,39 +21,92 @@ use rvmm_vfio::{
 use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::api::types::{DeviceSpec as ApiDeviceSpec, VmResources};
-use crate::api::AddDeviceRequest;
+use crate::api::types::{DeviceSpec as ApiDeviceSpec, VfInfo, VfSpec, VmResources};
+use crate::api::{AddDeviceRequest, MacAddr, PhysicalFunction};
 use crate::guest_mmio::KvmGuestMmio;
 use crate::irq_routing::GsiRouter;
 
-/// A passthrough device as asked for: `path=/sys/bus/pci/devices/BDF[,id=NAME]` or a bare BDF.
+/// A passthrough device as asked for: `path=/sys/bus/pci/devices/BDF[,id=NAME]` (or a bare BDF)
+/// or `vf=PF[,id=NAME][,mac=..][,vlan=..][,trust=..][,spoofchk=..]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSpec {
-    /// Host device: sysfs path or BDF.
-    pub path: String,
+    /// The host device.
+    pub source: DeviceSource,
     /// Name in the VM; generated when absent.
     pub id: Option<String>,
 }
 
+/// Where a passthrough device comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSource {
+    /// A host device bound to vfio-pci: sysfs path or BDF.
+    Path(String),
+    /// A free VF of an SR-IOV PF, set up with a port policy.
+    Vf(VfRequest),
+}
+
+/// The vfio crate's form of a `vf=` request.
+fn vf_request(spec: &VfSpec) -> Result<VfRequest, PassthroughError> {
+    let pf = match &spec.pf {
+        PhysicalFunction::Pci(bdf) => PfSpec::Pci(bdf.to_string().parse()?),
+        PhysicalFunction::Netdev(name) => PfSpec::Netdev(name.clone()),
+    };
+    Ok(VfRequest {
+        pf,
+        policy: VfPolicy {
+            mac: spec.mac.map(|m| MacAddress(m.0)),
+            vlan: spec.vlan,
+            trust: spec.trust,
+            spoofchk: spec.spoofchk,
+        },
+    })
+}
+
 impl DeviceSpec {
-    /// The passthrough device of an add request (API or `--device`); VF pool requests are
-    /// refused until rvmm manages VF pools.
+    /// The passthrough device of an add request (API, `--device` or `--vf`).
     pub fn from_request(req: &AddDeviceRequest) -> Result<Self, PassthroughError> {
-        match &req.device {
-            ApiDeviceSpec::Host(bdf) => Ok(Self {
-                path: bdf.to_string(),
-                id: req.id.as_ref().map(|id| id.as_str().to_owned()),
-            }),
-            ApiDeviceSpec::Vf(_) => Err(PassthroughError::VfPoolUnsupported),
-        }
+        let source = match &req.device {
+            ApiDeviceSpec::Host(bdf) => DeviceSource::Path(bdf.to_string()),
+            ApiDeviceSpec::Vf(vf) => DeviceSource::Vf(vf_request(vf)?),
+        };
+        Ok(Self {
+            source,
+            id: req.id.as_ref().map(|id| id.as_str().to_owned()),
+        })
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "path={}", self.path)?;
+        match &self.source {
+            DeviceSource::Path(path) => write!(f, "path={path}")?,
+            DeviceSource::Vf(vf) => write!(f, "vf={}", vf.pf)?,
+        }
         if let Some(id) = &self.id {
             write!(f, ",id={id}")?;
+        }
+        if let DeviceSource::Vf(vf) = &self.source {
+            let p = &vf.policy;
+            if let Some(mac) = p.mac {
+                write!(f, ",mac={mac}")?;
+            }
+            if let Some(vlan) = p.vlan {
+                write!(f, ",vlan={vlan}")?;
+            }
+            if let Some(trust) = p.trust {
+                write!(f, ",trust={}", on_off(trust))?;
+            }
+            if let Some(spoofchk) = p.spoofchk {
+                write!(f, ",spoofchk={}", on_off(spoofchk))?;
+            }
         }
         Ok(())
     }
@@ -104,9 +162,9 @@ pub enum PassthroughError {
         /// Size of that window.
         window_size: u64,
     },
-    /// `vf=PF` requests need VF pool management.
-    #[error("adding a VF from a PF's pool (vf=PF) is not supported by this rvmm yet; bind a VF to vfio-pci and give its address with path=")]
-    VfPoolUnsupported,
+    /// No VF could be taken from the PF's pool (or given back).
+    #[error(transparent)]
+    Vf(#[from] SriovError),
     /// No device has this id.
     #[error("no device with id {0:?}")]
     UnknownId(String),
@@ -140,6 +198,47 @@ pub struct AttachedDevice {
     pub device: VfioPciDevice,
     /// Where it is in its hotplug life.
     pub state: DeviceState,
+    /// For a VF taken from a PF's pool: the lease that gives it back on release.
+    pub vf: Option<VfLease>,
+}
+
+impl AttachedDevice {
+    /// How its VF was set up, for a VF taken from a PF's pool.
+    pub fn vf_info(&self) -> Option<VfInfo> {
+        let lease = self.vf.as_ref()?;
+        let settings = lease.settings();
+        Some(VfInfo {
+            pf: lease.pf().to_string().parse().ok()?,
+            index: lease.vf().index,
+            mac: Some(MacAddr(settings.mac.0)),
+            vlan: Some(settings.vlan),
+            trust: Some(settings.trust),
+            spoofchk: Some(settings.spoofchk),
+        })
+    }
+
+    /// Releases a VF's lease (settings restored, previous driver, claim dropped) after closing
+    /// the device, which must let go of the VF before it changes driver.
+    fn release_vf(&mut self) {
+        let Some(lease) = self.vf.take() else {
+            return;
+        };
+        self.device.release();
+        if let Err(e) = lease.release() {
+            log::warn!(
+                "device {}: giving VF {} back: {}",
+                self.id,
+                self.host.bdf,
+                crate::controller::error_chain(&e)
+            );
+        }
+    }
+}
+
+impl Drop for AttachedDevice {
+    fn drop(&mut self) {
+        self.release_vf();
+    }
 }
 
 /// Hotplug state of an attached device.
@@ -163,6 +262,17 @@ pub struct Passthrough {
     container: Option<Arc<Container>>,
     devices: Vec<AttachedDevice>,
     next_id: usize,
+    sriov: Sriov,
+    vm_name: String,
+}
+
+/// What [`Passthrough::prepare`] opened and placed.
+struct Prepared {
+    id: String,
+    host: HostDevice,
+    port: usize,
+    device: VfioPciDevice,
+    vf: Option<VfLease>,
 }
 
 impl Passthrough {
@@ -182,7 +292,15 @@ impl Passthrough {
             container: None,
             devices: Vec::new(),
             next_id: 0,
+            sriov: Sriov::new(),
+            vm_name: format!("rvmm-{}", std::process::id()),
         }
+    }
+
+    /// Names the VM for its VF claims and the MAC addresses derived for VFs given without one
+    /// (default `rvmm-<pid>`; a stable name gives stable addresses across restarts).
+    pub fn set_vm_name(&mut self, name: &str) {
+        self.vm_name = name.to_owned();
     }
 
     /// The attached devices.
@@ -232,13 +350,14 @@ impl Passthrough {
         Ok(container)
     }
 
-    /// Checks the host device and the VM's limits, opens the device, places its BARs in a free
-    /// root port's windows and returns it with its port; the caller puts it in the slot.
+    /// Checks the host device and the VM's limits (for a VF: takes one from the PF's pool),
+    /// opens the device, places its BARs in a free root port's windows and returns it with its
+    /// port; the caller puts it in the slot.
     fn prepare(
         &mut self,
         spec: &DeviceSpec,
         segment: &PciSegment,
-    ) -> Result<(String, HostDevice, usize, VfioPciDevice), PassthroughError> {
+    ) -> Result<Prepared, PassthroughError> {
         check_passthrough_limit(self.devices.len())?;
         let id = match &spec.id {
             Some(id) => id.clone(),
@@ -253,7 +372,22 @@ impl Passthrough {
         if self.devices.iter().any(|d| d.id == id) {
             return Err(PassthroughError::DuplicateId(id));
         }
-        let host = self.sysfs.prepare(&spec.path)?;
+        let (host, vf) = match &spec.source {
+            DeviceSource::Path(path) => (self.sysfs.prepare(path)?, None),
+            DeviceSource::Vf(request) => {
+                // The VM's own limits first: a VF is configured only if it can be attached.
+                self.sysfs.check_memlock(self.memory_size())?;
+                self.free_port(segment)?;
+                let owner = VfOwner {
+                    vm: self.vm_name.clone(),
+                    device: id.clone(),
+                };
+                let lease = self.sriov.take(request, &owner)?;
+                // Dropping the lease on an error below gives the VF back.
+                let host = self.sysfs.prepare(&lease.vf().bdf.to_string())?;
+                (host, Some(lease))
+            }
+        };
         if let Some(d) = self.devices.iter().find(|d| d.host.bdf == host.bdf) {
             return Err(PassthroughError::AlreadyAttached {
                 bdf: host.bdf.to_string(),
@@ -272,7 +406,13 @@ impl Passthrough {
             self.guest_mmio.clone(),
         )?;
         place_bars(&device, &host, port, segment)?;
-        Ok((id, host, port, device))
+        Ok(Prepared {
+            id,
+            host,
+            port,
+            device,
+            vf,
+        })
     }
 
     /// Attaches a device before the guest starts: it is present and powered in its slot.
@@ -312,7 +452,13 @@ impl Passthrough {
         spec: &DeviceSpec,
         segment: &PciSegment,
     ) -> Result<usize, PassthroughError> {
-        let (id, host, port, device) = self.prepare(spec, segment)?;
+        let Prepared {
+            id,
+            host,
+            port,
+            device,
+            vf,
+        } = self.prepare(spec, segment)?;
         let info = segment.ports()[port];
         log::info!(
             "passthrough {id}: host {} for guest 0000:{:02x}:00.0 (slot {})",
@@ -332,6 +478,7 @@ impl Passthrough {
             },
             device,
             state: DeviceState::Adding,
+            vf,
         });
         Ok(self.devices.len() - 1)
     }
@@ -367,11 +514,13 @@ impl Passthrough {
     }
 
     /// Takes device `id` out of the VM's list and releases it (unmap, interrupts off, reset,
-    /// fds closed); its port, GSIs and memory slots are free again when this returns.
+    /// fds closed); its port, GSIs and memory slots are free again when this returns. A VF taken
+    /// from a PF's pool has its previous settings and driver back and is free for others.
     pub fn detach(&mut self, id: &str) -> Option<AttachedDevice> {
         let pos = self.devices.iter().position(|d| d.id == id)?;
-        let d = self.devices.remove(pos);
+        let mut d = self.devices.remove(pos);
         d.device.release();
+        d.release_vf();
         Some(d)
     }
 
@@ -449,4 +598,57 @@ fn allocator(range: AddressRange) -> Option<AddressAllocator> {
     (range.size > 0)
         .then(|| AddressAllocator::new(range).ok())
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arg: &str) -> DeviceSpec {
+        let req: AddDeviceRequest = arg.parse().expect("valid device argument");
+        DeviceSpec::from_request(&req).expect("a passthrough device")
+    }
+
+    #[test]
+    fn vf_request_keeps_pf_and_policy() {
+        let s = spec("vf=0000:3b:00.0,id=net0,mac=52:54:00:00:00:02,vlan=100,trust=on");
+
+        assert_eq!(s.id.as_deref(), Some("net0"));
+        assert_eq!(
+            s.source,
+            DeviceSource::Vf(VfRequest {
+                pf: PfSpec::Pci("0000:3b:00.0".parse().expect("valid address")),
+                policy: VfPolicy {
+                    mac: Some(MacAddress([0x52, 0x54, 0, 0, 0, 2])),
+                    vlan: Some(100),
+                    trust: Some(true),
+                    spoofchk: None,
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn vf_by_interface_name_names_the_netdev() {
+        let DeviceSource::Vf(vf) = spec("vf=enp59s0f0").source else {
+            panic!("not a VF");
+        };
+
+        assert_eq!(vf.pf, PfSpec::Netdev("enp59s0f0".into()));
+    }
+
+    #[test]
+    fn vf_spec_prints_as_its_argument() {
+        let arg = "vf=eth0,id=net0,mac=52:54:00:00:00:02,vlan=7,trust=off,spoofchk=on";
+
+        assert_eq!(spec(arg).to_string(), arg);
+    }
+
+    #[test]
+    fn host_spec_prints_its_path() {
+        assert_eq!(
+            spec("0000:01:00.0,id=disk0").to_string(),
+            "path=0000:01:00.0,id=disk0"
+        );
+    }
 }

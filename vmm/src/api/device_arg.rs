@@ -1,5 +1,5 @@
-//! The command-line form of an add-device request, shared by `rvmm ctl add-device` and (later)
-//! `rvmm run --device`:
+//! The command-line form of an add-device request, shared by `rvmm ctl add-device`,
+//! `rvmm run --device` and `rvmm run --vf`:
 //!
 //! ```text
 //! path=HOST_DEVICE[,id=NAME]
@@ -7,7 +7,8 @@
 //! ```
 //!
 //! `HOST_DEVICE` is a PCI address or its `/sys/bus/pci/devices/...` directory; `PF` is the same
-//! or a network interface name. The result is the [`AddDeviceRequest`] the API takes, checked by
+//! or a network interface name. `pf=PF` is another spelling of `vf=PF` (the form `--vf` uses).
+//! The result is the [`AddDeviceRequest`] the API takes, checked by
 //! the same rules as the JSON body.
 
 use std::str::FromStr;
@@ -27,7 +28,7 @@ pub enum DeviceArgError {
         entry: String,
     },
     /// A key the form does not have.
-    #[error("unknown key '{key}': use path, vf, id, mac, vlan, trust or spoofchk")]
+    #[error("unknown key '{key}': use path, vf (or pf), id, mac, vlan, trust or spoofchk")]
     UnknownKey {
         /// The key.
         key: String,
@@ -112,7 +113,7 @@ impl FromStr for AddDeviceRequest {
             };
             match key {
                 "path" => set(&mut w.path, key, value("path", PciBdf::from_host_spec(v))?)?,
-                "vf" => set(&mut w.vf, key, value("vf", v.parse())?)?,
+                "vf" | "pf" => set(&mut w.vf, key, value("vf", v.parse())?)?,
                 "id" => set(&mut w.id, key, value("id", DeviceId::new(v))?)?,
                 "mac" => set(&mut w.mac, key, value("mac", v.parse())?)?,
                 "vlan" => set(&mut w.vlan, key, value("vlan", parse_vlan(v))?)?,
@@ -187,6 +188,22 @@ mod tests {
                 trust: Some(true),
                 spoofchk: Some(false),
             })
+        );
+    }
+
+    #[test]
+    fn pf_is_another_spelling_of_vf() {
+        assert_eq!(
+            parse("pf=0000:3b:00.0,id=net0,vlan=7"),
+            parse("vf=0000:3b:00.0,id=net0,vlan=7")
+        );
+    }
+
+    #[test]
+    fn pf_and_vf_together_are_two_devices() {
+        assert_eq!(
+            parse("vf=eth0,pf=eth1"),
+            Err(DeviceArgError::Repeated { key: "pf".into() })
         );
     }
 
