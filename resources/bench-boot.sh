@@ -28,14 +28,16 @@ cat >"$scenario" <<SCENARIO
 RUNS=$runs
 SCENARIO
 cat >>"$scenario" <<'SCENARIO'
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# Milliseconds of uptime (10 ms resolution); busybox date has no %N.
+now_ms() { uptime_ms; }
+# The FIFO every rvmm run reads as stdin, opened once in this shell (fd 9).
+rvmm_stdin
 # ms_of DURATION: "12.3ms" / "1.2s" / "850µs" (Rust Debug of Duration) -> integer ms.
 ms_of() { awk -v d="$1" 'BEGIN { v=d+0; if (d ~ /µs$/) v/=1000; else if (d ~ /ms$/) ; else if (d ~ /s$/) v*=1000; printf "%d\n", v }'; }
 
 # One boot: time to "vCPUs running" (rvmm's log) and to the guest's "GUEST up" line, and VmRSS.
 boot_once() {
   local kernel="$1" out=/tmp/bench.out t0 t_up pid rss
-  rvmm_stdin
   t0=$(now_ms)
   RUST_LOG=rvmm=info "$RVMM" run --kernel "$kernel" --initramfs "$GUEST_INITRAMFS" \
     --cmdline "$(guest_cmdline hold rvmm.hold=4)" --memory size=512M --serial stdio <&9 >"$out" 2>&1 &
@@ -45,6 +47,9 @@ boot_once() {
     sleep 0.01
   done
   t_up=$(now_ms)
+  if ! grep -q '^GUEST up' "$out"; then
+    hmark bench_error "$(basename "$kernel")" "$(grep -E 'error|panic' "$out" | tail -n 2 | tr '\n' ' ')" >&2
+  fi
   sleep 1
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
   wait "$pid" || true
@@ -74,7 +79,6 @@ for pages in 4k 2m; do
   : >/tmp/res; : >/tmp/dma
   if [ "$pages" = 2m ]; then hugepages_set $((size_mib / 2 + 8)) >/dev/null; mem="size=${size_mib}M,hugepages=on"; else mem="size=${size_mib}M"; fi
   for i in $(seq "$RUNS"); do
-    rvmm_stdin
     RUST_LOG=rvmm=info,rvmm_vfio=info "$RVMM" run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
       --cmdline "$(guest_cmdline basic)" --memory "$mem" --device "$nvme" --serial off <&9 >/tmp/res.out 2>&1 || true
     ms_of "$(sed -n 's/.*prefaulted and locked in \([^ ]*\).*/\1/p' /tmp/res.out | head -n1)" >>/tmp/res
