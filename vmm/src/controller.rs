@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use rvmm_pci::{PciSegment, SlotState};
+use rvmm_vfio::sriov::SriovError;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -700,6 +701,14 @@ fn api_error(spec: &str, e: PassthroughError) -> ApiError {
         PassthroughError::Host(_) | PassthroughError::BarDoesNotFit { .. } => {
             ApiError::BadRequest(msg)
         }
+        // No free VF: another VM holds them all.
+        PassthroughError::Vf(SriovError::NoFreeVf { .. }) => ApiError::Conflict(msg),
+        PassthroughError::Vf(SriovError::Claim(_) | SriovError::ReadSettings { .. }) => {
+            ApiError::Internal(msg)
+        }
+        // PF not found / not SR-IOV / no VFs, a setting the PF refused, a VF that won't bind:
+        // the caller must change the request or prepare the host.
+        PassthroughError::Vf(_) => ApiError::BadRequest(msg),
         _ => ApiError::Internal(msg),
     }
 }
