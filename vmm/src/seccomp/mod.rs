@@ -9,11 +9,11 @@
 //! | `rvmm-api-conn` | [`ThreadKind::ApiConnection`] (on top of the inherited accept filter) | first thing in the thread |
 //!
 //! Filters are on by default ([`SeccompMode::On`]): a syscall outside the list raises SIGSYS and
-//! [`reporter`]'s handler prints e.g. `rvmm: seccomp blocked syscall openat (257) on thread
-//! vcpu0; run with --seccomp log to find every missing syscall` and exits with code 1.
-//! [`SeccompMode::Log`] lets such syscalls through and has the kernel log them (audit type 1326
-//! in the kernel log); [`SeccompMode::Off`] installs nothing. docs/seccomp.md lists what each
-//! thread may do and why.
+//! rvmm's handler (`reporter.rs`) prints e.g. `rvmm: seccomp blocked syscall openat (257) on
+//! thread vcpu0; run with --seccomp log to find every missing syscall` and exits with code 1.
+//! [`SeccompMode::Log`] lets such syscalls through and has the kernel's audit subsystem record
+//! them (type 1326, when audit is enabled); [`SeccompMode::Off`] installs nothing.
+//! docs/seccomp.md lists what each thread may do and why.
 //!
 //! The thread that builds the VM and calls [`crate::Vm::run`] is never filtered: filters belong
 //! to threads rvmm starts, so a program embedding rvmm keeps its own threads as they were.
