@@ -27,8 +27,8 @@ pub mod mmio;
 pub mod msi;
 pub mod msix;
 pub mod sriov;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use backend::{DeviceBackend, MmapArea, RegionInfo, VfioBackend};
 pub use bars::{BarInfo, BarKind};

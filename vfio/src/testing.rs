@@ -1,4 +1,5 @@
-//! Fakes of the device, the interrupt router and the guest address space for unit tests.
+//! Fakes of the device, the interrupt router and the guest address space for unit tests, and
+//! (with the `testing` feature) for the fuzz targets in tests/fuzz.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,19 +31,27 @@ struct DeviceState {
 
 /// A fake VFIO PCI device: config space and BARs are plain memory.
 #[derive(Clone)]
-pub(crate) struct FakeDevice(Arc<Mutex<DeviceState>>);
+pub struct FakeDevice(Arc<Mutex<DeviceState>>);
 
-pub(crate) fn put32(cfg: &mut [u8], offset: usize, value: u32) {
+/// Stores `value` little-endian at `offset` of `cfg` (test helper: panics out of bounds).
+pub fn put32(cfg: &mut [u8], offset: usize, value: u32) {
     cfg[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
 }
 
-pub(crate) fn get32(cfg: &[u8], offset: usize) -> u32 {
+/// Loads the little-endian dword at `offset` of `cfg` (test helper: panics out of bounds).
+pub fn get32(cfg: &[u8], offset: usize) -> u32 {
     u32::from_le_bytes(cfg[offset..offset + 4].try_into().unwrap())
+}
+
+impl Default for FakeDevice {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FakeDevice {
     /// An endpoint with no BARs and no capabilities, 4 KiB config space, INTA.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         let mut config = vec![0u8; 0x1000];
         put32(&mut config, 0, 0x10ca_8086);
         put32(&mut config, 8, 0x0200_0001);
@@ -78,7 +87,7 @@ impl FakeDevice {
     /// 32 bytes, a 64 KiB ROM; capabilities PM 0x40, MSI 0x50 (64-bit, per-vector mask, 8
     /// vectors), PCIe 0x70, MSI-X 0xb0, AF 0xc0; extended AER 0x100, SR-IOV 0x140, ARI 0x180,
     /// ReBAR 0x1c0, DSN 0x200.
-    pub(crate) fn nvme_like() -> Self {
+    pub fn nvme_like() -> Self {
         let dev = Self::new();
         {
             let mut s = dev.0.lock().unwrap();
@@ -132,19 +141,23 @@ impl FakeDevice {
         dev
     }
 
-    pub(crate) fn with_config(&self, f: impl FnOnce(&mut Vec<u8>)) {
+    /// Runs `f` on the device's config space bytes.
+    pub fn with_config(&self, f: impl FnOnce(&mut Vec<u8>)) {
         f(&mut self.0.lock().unwrap().config);
     }
 
-    pub(crate) fn config(&self) -> Vec<u8> {
+    /// A copy of the device's config space bytes.
+    pub fn config(&self) -> Vec<u8> {
         self.0.lock().unwrap().config.clone()
     }
 
-    pub(crate) fn config_writes(&self) -> Vec<(u64, Vec<u8>)> {
+    /// Every config region write that reached the device: (offset, bytes).
+    pub fn config_writes(&self) -> Vec<(u64, Vec<u8>)> {
         self.0.lock().unwrap().config_writes.clone()
     }
 
-    pub(crate) fn memory(&self, index: u32) -> Vec<u8> {
+    /// A copy of region `index`'s bytes (empty for a region without memory).
+    pub fn memory(&self, index: u32) -> Vec<u8> {
         self.0
             .lock()
             .unwrap()
@@ -154,15 +167,18 @@ impl FakeDevice {
             .unwrap_or_default()
     }
 
-    pub(crate) fn enabled_irq(&self, index: u32) -> Option<usize> {
+    /// The number of eventfds enabled on VFIO IRQ index `index`, if enabled.
+    pub fn enabled_irq(&self, index: u32) -> Option<usize> {
         self.0.lock().unwrap().enabled.get(&index).copied()
     }
 
-    pub(crate) fn resets(&self) -> u32 {
+    /// How many times the device was reset.
+    pub fn resets(&self) -> u32 {
         self.0.lock().unwrap().resets
     }
 
-    pub(crate) fn set_irq_count(&self, index: u32, count: u32) {
+    /// Sets the number of interrupts VFIO IRQ index `index` reports.
+    pub fn set_irq_count(&self, index: u32, count: u32) {
         self.0.lock().unwrap().irq_counts.insert(index, count);
     }
 }
@@ -263,12 +279,18 @@ impl DeviceBackend for FakeDevice {
 
 /// What the fake router was asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum RouterOp {
+pub enum RouterOp {
+    /// `allocate_gsi` returned this GSI.
     Allocate(u32),
+    /// `set_msi_route(gsi, message)`.
     Route(u32, MsiMessage),
+    /// `free_gsi(gsi)`.
     Free(u32),
+    /// `add_irqfd(gsi, _)`.
     AddIrqfd(u32),
+    /// `add_resample_irqfd(gsi, _, _)`.
     AddResampleIrqfd(u32),
+    /// `remove_irqfd(gsi, _)`.
     RemoveIrqfd(u32),
 }
 
@@ -282,22 +304,26 @@ struct RouterState {
 
 /// A fake interrupt router recording its calls.
 #[derive(Default)]
-pub(crate) struct FakeRouter(Mutex<RouterState>);
+pub struct FakeRouter(Mutex<RouterState>);
 
 impl FakeRouter {
-    pub(crate) fn ops(&self) -> Vec<RouterOp> {
+    /// Every call so far, in order.
+    pub fn ops(&self) -> Vec<RouterOp> {
         self.0.lock().unwrap().ops.clone()
     }
 
-    pub(crate) fn live_gsis(&self) -> Vec<u32> {
+    /// The GSIs allocated and not freed yet.
+    pub fn live_gsis(&self) -> Vec<u32> {
         self.0.lock().unwrap().live.clone()
     }
 
-    pub(crate) fn fail_allocation(&self) {
+    /// Makes every later GSI allocation fail.
+    pub fn fail_allocation(&self) {
         self.0.lock().unwrap().fail_allocation = true;
     }
 
-    pub(crate) fn route(&self, gsi: u32) -> Option<MsiMessage> {
+    /// The last MSI route set for `gsi`.
+    pub fn route(&self, gsi: u32) -> Option<MsiMessage> {
         self.ops().iter().rev().find_map(|op| match op {
             RouterOp::Route(g, msg) if *g == gsi => Some(*msg),
             _ => None,
@@ -351,10 +377,14 @@ impl InterruptRouter for FakeRouter {
 
 /// What the fake guest address space was asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum MmioOp {
+pub enum MmioOp {
+    /// `map_direct(gpa, size, _)`.
     Map(u64, u64),
+    /// `unmap_direct` of the slot at this guest address.
     Unmap(u64),
+    /// `add_trapped(_, gpa, len, _)`.
     Trap(u64, u64),
+    /// `remove_trapped(_, gpa)`.
     Untrap(u64),
 }
 
@@ -369,40 +399,47 @@ struct MmioState {
 
 /// A fake guest address space: slots are recorded, trapped ranges go on a real [`Bus`].
 #[derive(Default)]
-pub(crate) struct FakeMmio {
+pub struct FakeMmio {
     state: Mutex<MmioState>,
     bus: Bus,
     pio: Bus,
 }
 
 impl FakeMmio {
-    pub(crate) fn ops(&self) -> Vec<MmioOp> {
+    /// Every call so far, in order.
+    pub fn ops(&self) -> Vec<MmioOp> {
         self.state.lock().unwrap().ops.clone()
     }
 
-    pub(crate) fn live_slots(&self) -> Vec<u64> {
+    /// Guest addresses of the memory slots mapped and not unmapped yet.
+    pub fn live_slots(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self.state.lock().unwrap().slots.values().copied().collect();
         v.sort_unstable();
         v
     }
 
-    pub(crate) fn live_traps(&self) -> Vec<u64> {
+    /// Guest addresses of the trapped ranges added and not removed yet.
+    pub fn live_traps(&self) -> Vec<u64> {
         self.state.lock().unwrap().traps.clone()
     }
 
-    pub(crate) fn fail_traps(&self) {
+    /// Makes every later trapped-range registration fail.
+    pub fn fail_traps(&self) {
         self.state.lock().unwrap().fail_traps = true;
     }
 
-    pub(crate) fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+    /// A guest MMIO read at `addr` through the trapped ranges; false when nothing is there.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         self.bus.read(addr, data)
     }
 
-    pub(crate) fn write(&self, addr: u64, data: &[u8]) -> bool {
+    /// A guest MMIO write at `addr` through the trapped ranges; false when nothing is there.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         self.bus.write(addr, data)
     }
 
-    pub(crate) fn pio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+    /// A guest port read at `addr` through the trapped ranges; false when nothing is there.
+    pub fn pio_read(&self, addr: u64, data: &mut [u8]) -> bool {
         self.pio.read(addr, data)
     }
 }
