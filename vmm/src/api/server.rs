@@ -508,7 +508,10 @@ fn serve_request(mut stream: &UnixStream, shared: &Shared) {
     }
 }
 
-fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Decodes a request body into `T` as every endpoint with a body does: an empty (or
+/// whitespace-only) body and malformed JSON are [`ApiError::BadRequest`]. Public for the fuzz
+/// targets (tests/fuzz), which feed it what [`http::read_request`] parsed.
+pub fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest(
             "the request body is empty: expected a JSON object".into(),
