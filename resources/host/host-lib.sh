@@ -388,6 +388,7 @@ rvmm_capture() {
 #   rvmm_count NAME TEXT, rvmm_wait_more NAME TEXT COUNT [SECS]
 #                                       lines of run NAME's console with TEXT / waits for more
 #   rvmm_fds NAME LABEL                 open fds of run NAME's rvmm process
+#   guest_input LINE                    types LINE on the running guest's console (rvmm's stdin)
 #   uptime_ms, timed LABEL COMMAND      wall time of a command (10 ms resolution)
 #   pci_rescan BDF                      brings a removed host device back
 
@@ -438,6 +439,10 @@ rvmm_wait_lines() {
   return "$rc"
 }
 
+# Seconds after which an `rvmm ctl` call of rvmm_ctl is killed (exit status 137): longer than any
+# answer rvmm may take (a hot-add waits up to 55 s), shorter than ctl's own 300 s.
+RVMM_CTL_TIMEOUT=${RVMM_CTL_TIMEOUT:-90}
+
 # rvmm_ctl NAME LABEL ARG...: runs `rvmm ctl --api-socket <socket of run NAME> ARG...`:
 # HOST ctl LABEL rc=<exit status> ms=<wall time>, the answer on one line as HOST ctl_out LABEL
 # <json>, each stderr line as HOST ctl_err LABEL <line>. Returns ctl's exit status.
@@ -445,7 +450,8 @@ rvmm_ctl() {
   local name="$1" label="$2" start rc line
   shift 2
   start=$(uptime_ms)
-  "$RVMM" ctl --api-socket "$(api_socket "$name")" "$@" >/tmp/ctl.out 2>/tmp/ctl.err
+  timeout -s KILL "$RVMM_CTL_TIMEOUT" "$RVMM" ctl --api-socket "$(api_socket "$name")" "$@" \
+    >/tmp/ctl.out 2>/tmp/ctl.err
   rc=$?
   hmark ctl "$label" "rc=$rc" "ms=$(($(uptime_ms) - start))"
   # Pretty JSON never has a line break inside a string: joined lines are the same JSON.
@@ -500,6 +506,14 @@ rvmm_fds() {
     count=$((count + 1))
   done
   hmark rvmm_fds "$2" "$count"
+}
+
+# guest_input LINE: types LINE on the console of the guest that runs now (rvmm's stdin, the
+# FIFO of rvmm_stdin), e.g. "stop" for the guest's monitor scenario: HOST guest_input LINE.
+guest_input() {
+  rvmm_stdin
+  echo "$1" >/run/rvmm-stdin
+  hmark guest_input "$1"
 }
 
 # timed LABEL COMMAND: runs the shell command line COMMAND in this shell: HOST timed LABEL
