@@ -87,6 +87,14 @@ pub enum SlotError {
         /// Whether the port's MSI is enabled.
         msi_enabled: bool,
     },
+    /// The guest has not yet powered the empty slot down (it is still finishing a removal).
+    #[error("slot {slot} is still powered by the guest after its last device left (slot control {control:#06x})")]
+    NotPoweredDown {
+        /// Physical slot number.
+        slot: u16,
+        /// Current Slot Control value.
+        control: u16,
+    },
     /// Enabled events are still set in Slot Status: the guest has not handled them yet.
     #[error(
         "slot {slot} has hot-plug events the guest has not handled yet (slot status {status:#06x})"
@@ -127,7 +135,9 @@ impl SlotError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            SlotError::NotReady { .. } | SlotError::EventPending { .. }
+            SlotError::NotReady { .. }
+                | SlotError::EventPending { .. }
+                | SlotError::NotPoweredDown { .. }
         )
     }
 }
@@ -236,6 +246,14 @@ impl RootPort {
         let status = self.slot_status();
         if status & enabled_events(control) != 0 {
             return Err(SlotError::EventPending { slot, status });
+        }
+        // After a removal the guest acknowledges the events first and only then powers the slot
+        // down and turns the indicator off; a device inserted in between would have its link
+        // taken down by that late power-off and its presence event swallowed.
+        if powered_on(control)
+            || matches!(Indicator::power(control), Indicator::On | Indicator::Blink)
+        {
+            return Err(SlotError::NotPoweredDown { slot, control });
         }
         Ok(())
     }

@@ -231,6 +231,18 @@ fn insert_with_unhandled_link_change_is_refused() {
 }
 
 #[test]
+fn insert_before_guest_powers_down_after_removal_is_refused() {
+    let mut h = Harness::present();
+    h.port.surprise_remove().unwrap();
+    h.clear_status(SLTSTA_PDC | SLTSTA_DLLSC | SLTSTA_CC);
+    // The guest acknowledged the removal but still has the slot powered with the indicator on.
+    assert!(matches!(h.insert(), Err(SlotError::NotPoweredDown { .. })));
+    h.command(SLTCTL_PCC | PIC_OFF, SLTCTL_PCC | SLTCTL_PIC);
+    h.clear_status(SLTSTA_CC);
+    assert!(h.insert().is_ok());
+}
+
+#[test]
 fn insert_ignores_events_the_guest_did_not_enable() {
     let mut h = Harness::ready();
     h.port.cfg.set_u16(h.port.pcie + SLTSTA, SLTSTA_PDC);
