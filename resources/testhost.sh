@@ -107,7 +107,7 @@ if [ "$igb" = 1 ]; then
 fi
 for ((i = 0; i < spare_ports; i++)); do add_port; done
 args+=(-kernel "$kernel" -initrd "$initrd"
-  -append "console=ttyS0 quiet intel_iommu=on panic=-1 $append" "${extra[@]}")
+  -append "console=ttyS0 quiet intel_iommu=on no_timer_check panic=-1 $append" "${extra[@]}")
 
 log "qemu-system-x86_64 ${args[*]}"
 # --foreground: QEMU keeps the terminal when run interactively (resources/demo.sh).

@@ -521,6 +521,12 @@ impl Passthrough {
         let mut d = self.devices.remove(pos);
         d.device.release();
         d.release_vf();
+        if self.devices.is_empty() {
+            // The kernel dropped the IOMMU domain with the last group; dropping the container too
+            // forgets groups that died under us (a host unbind or remove), so the next device,
+            // even the same one rebound, gets a fresh container instead of a stale group fd.
+            self.container = None;
+        }
         Some(d)
     }
 
