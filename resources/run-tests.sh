@@ -7,7 +7,8 @@
 # name filter, --nocapture, ...).
 #
 # Environment: CARGO_TARGET_DIR (default <workspace>/target), RVMM_BIN (default
-# <target>/release/rvmm), RVMM_BUILD_DIR (default <workspace>/build).
+# <target>/release/rvmm), RVMM_BUILD_DIR (default <workspace>/build), FUZZ_SECONDS (seconds per
+# fuzz target, default 20 here; 0 skips fuzzing).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,6 +26,11 @@ bash resources/prepare-images.sh
 
 status=0
 cargo test --workspace --exclude rvmm-tests || status=1
+# A short run of every fuzz target (tests/fuzz, docs/fuzzing.md); FUZZ_SECONDS=0 skips it.
+export FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+if [ "$FUZZ_SECONDS" != 0 ]; then
+  bash resources/fuzz.sh || status=1
+fi
 cargo test -p rvmm-tests -- --test-threads=1 "$@" || status=1
 if [ "$status" -ne 0 ]; then
   echo "run-tests.sh: FAILED (test host console logs: ${RVMM_BUILD_DIR:-$root/build}/logs/)" >&2

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Builds rvmm's libFuzzer targets (tests/fuzz, a cargo-fuzz project) and runs each for
+# FUZZ_SECONDS seconds (default 30), one after the other. Fails (non-zero) if a target does not
+# build or any input crashes one; the crashing input is saved and its path printed.
+#
+# Usage: resources/fuzz.sh [TARGET...]   (default: every target)
+#
+# Environment:
+#   FUZZ_SECONDS      seconds per target (default 30)
+#   FUZZ_SANITIZER    address (default) or none; `none` builds and runs faster but only catches
+#                     panics, not memory errors in unsafe code
+#   FUZZ_TARGET_DIR   cargo target directory of the fuzz build (default <target>/fuzz, where
+#                     <target> is CARGO_TARGET_DIR or <workspace>/target)
+#   RVMM_BUILD_DIR    the git-ignored build directory (default <workspace>/build): corpora are kept
+#                     in <build>/fuzz/corpus/<target> across runs, crashes go to
+#                     <build>/fuzz/artifacts/<target>/, logs to <build>/fuzz/logs/<target>.log
+#
+# cargo-fuzz needs nightly-only rustc flags (-Zsanitizer, sanitizer coverage passes). Only stable
+# is installed here, so the build runs with RUSTC_BOOTSTRAP=1, which lets stable rustc accept
+# them. cargo-fuzz itself is installed from crates.io when missing.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null || { echo "fuzz.sh: cargo is not installed (rustup)" >&2; exit 1; }
+
+ALL_TARGETS=(api_request pci_config slot_registers msix_table vfio_config)
+seconds="${FUZZ_SECONDS:-30}"
+sanitizer="${FUZZ_SANITIZER:-address}"
+fuzz_dir="$root/tests/fuzz"
+cargo_target="${CARGO_TARGET_DIR:-$root/target}"
+case "$cargo_target" in /*) ;; *) cargo_target="$root/$cargo_target" ;; esac
+target_dir="${FUZZ_TARGET_DIR:-$cargo_target/fuzz}"
+build="${RVMM_BUILD_DIR:-$root/build}/fuzz"
+triple="$(rustc -vV | sed -n 's/^host: //p')"
+
+case "$seconds" in '' | *[!0-9]*) echo "fuzz.sh: FUZZ_SECONDS must be a number of seconds" >&2; exit 2 ;; esac
+case "$sanitizer" in address | none) ;; *) echo "fuzz.sh: FUZZ_SANITIZER must be address or none" >&2; exit 2 ;; esac
+targets=("$@")
+[ "${#targets[@]}" -gt 0 ] || targets=("${ALL_TARGETS[@]}")
+for t in "${targets[@]}"; do
+  [ -f "$fuzz_dir/fuzz_targets/$t.rs" ] || { echo "fuzz.sh: no fuzz target $t (have: ${ALL_TARGETS[*]})" >&2; exit 2; }
+done
+
+log() { echo "fuzz.sh: $*" >&2; }
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz from crates.io"
+  cargo install cargo-fuzz --locked
+fi
+
+export RUSTC_BOOTSTRAP=1
+started=$(date +%s)
+log "building ${targets[*]} (sanitizer $sanitizer) in $target_dir"
+if [ "$*" = "" ]; then
+  cargo fuzz build --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" --sanitizer "$sanitizer"
+else
+  for t in "${targets[@]}"; do
+    cargo fuzz build --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" --sanitizer "$sanitizer" "$t"
+  done
+fi
+log "built in $(($(date +%s) - started)) s"
+
+# What cargo fuzz run would set: ASan's ODR check trips over Rust's duplicate symbols.
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}"
+mkdir -p "$build/logs"
+failed=()
+for t in "${targets[@]}"; do
+  corpus="$build/corpus/$t"
+  artifacts="$build/artifacts/$t"
+  mkdir -p "$corpus" "$artifacts"
+  # Seeds (hand-written valid inputs) join the corpus; libFuzzer keeps what adds coverage.
+  if [ -d "$fuzz_dir/seeds/$t" ]; then cp -n "$fuzz_dir/seeds/$t"/* "$corpus"/ 2>/dev/null || true; fi
+  args=(-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+    -artifact_prefix="$artifacts/")
+  [ -f "$fuzz_dir/dict/$t.dict" ] && args+=(-dict="$fuzz_dir/dict/$t.dict")
+  log "running $t for ${seconds} s (corpus $corpus)"
+  if "$target_dir/$triple/release/$t" "${args[@]}" "$corpus" >"$build/logs/$t.log" 2>&1; then
+    log "$t: $(grep -E '^stat::number_of_executed_units' "$build/logs/$t.log" | awk '{print $2}') inputs, no crash"
+  else
+    failed+=("$t")
+    log "$t: CRASH (log: $build/logs/$t.log)"
+    grep -E '^(thread .* panicked|==[0-9]+==ERROR|SUMMARY|artifact_prefix|Test unit written)' \
+      "$build/logs/$t.log" | head -n 20 >&2 || true
+    log "reproduce: $target_dir/$triple/release/$t <crash file above>"
+  fi
+done
+
+log "total $(($(date +%s) - started)) s"
+if [ "${#failed[@]}" -gt 0 ]; then
+  log "FAILED: ${failed[*]}"
+  exit 1
+fi

@@ -1,0 +1,168 @@
+//! Control API requests from a hostile client: the bytes of one connection go through the
+//! server's own functions, [`read_request`] (HTTP/1.1 within the limits), [`route`] and
+//! [`json_body`] into the typed requests, exactly as `serve_request` / `dispatch` do; the
+//! body is also parsed as an `rvmm run --device` argument, the other way a device request enters.
+//!
+//! Input: the first byte sets how many bytes each read of the fake connection returns (the
+//! request may arrive in pieces), the rest is what the client sends.
+//!
+//! Invariants: a rejected request gets a 4xx/5xx response whose body is `{"error": ...}`; an
+//! accepted body is within the limit; every request type that decodes serializes back to JSON
+//! that decodes to the same request.
+
+#![no_main]
+
+use std::io::{self, Cursor, Read, Write};
+use std::str::FromStr;
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use rvmm::api::error::ErrorBody;
+use rvmm::api::http::{read_request, Limits, Request, Response, TimedRead};
+use rvmm::api::server::{json_body, route, Endpoint};
+use rvmm::api::types::ShutdownRequest;
+use rvmm::api::{AddDeviceRequest, ApiError, RemoveDeviceRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A connection that returns at most `step` bytes per read and records what the server writes.
+struct Connection {
+    input: Cursor<Vec<u8>>,
+    step: usize,
+    output: Vec<u8>,
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.step);
+        self.input.read(buf.get_mut(..n).unwrap_or_default())
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TimedRead for Connection {
+    fn set_read_timeout(&self, _timeout: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The response the server sends for `err`: a 4xx/5xx with an `{"error": ...}` body.
+fn check_error(err: &ApiError) {
+    let status = err.status();
+    assert!((400..600).contains(&status), "status {status} for {err:?}");
+    let mut out = Vec::new();
+    if let Err(e) = Response::error(err).write_to(&mut out) {
+        panic!("the error response cannot be written: {e}");
+    }
+    let text = String::from_utf8_lossy(&out);
+    let Some((_, body)) = text.split_once("\r\n\r\n") else {
+        panic!("the error response has no end of head: {text:?}");
+    };
+    match serde_json::from_str::<ErrorBody>(body) {
+        Ok(parsed) => assert_eq!(parsed, err.body(), "error body"),
+        Err(e) => panic!("the error body {body:?} is not JSON: {e}"),
+    }
+}
+
+/// Decodes `body` as the server does; a request that decodes must survive a JSON round trip.
+fn decode<T>(body: &[u8]) -> Option<T>
+where
+    T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug,
+{
+    match json_body::<T>(body) {
+        Ok(value) => {
+            let json = match serde_json::to_vec(&value) {
+                Ok(json) => json,
+                Err(e) => panic!("{value:?} does not serialize: {e}"),
+            };
+            match serde_json::from_slice::<T>(&json) {
+                Ok(again) => assert_eq!(again, value, "JSON round trip"),
+                Err(e) => panic!("{value:?} serializes to JSON it refuses: {e}"),
+            }
+            Some(value)
+        }
+        Err(e) => {
+            check_error(&e);
+            None
+        }
+    }
+}
+
+/// What `dispatch` does before it calls the VMM.
+fn dispatch(request: &Request) {
+    let endpoint = match route(&request.method, &request.target) {
+        Ok(endpoint) => endpoint,
+        Err(e) => return check_error(&e),
+    };
+    match endpoint {
+        Endpoint::Info | Endpoint::Events => {}
+        Endpoint::AddDevice => {
+            decode::<AddDeviceRequest>(&request.body);
+        }
+        Endpoint::RemoveDevice => {
+            if let Some(req) = decode::<RemoveDeviceRequest>(&request.body) {
+                assert!(
+                    (1..=600_000).contains(&req.timeout_ms),
+                    "timeout {} accepted",
+                    req.timeout_ms
+                );
+            }
+        }
+        Endpoint::Shutdown => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                decode::<ShutdownRequest>(&request.body);
+            }
+        }
+    }
+}
+
+/// The body as an `rvmm run --device` argument: what parses must mean the same as its JSON.
+fn device_argument(body: &[u8]) {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return;
+    };
+    if let Ok(req) = AddDeviceRequest::from_str(text) {
+        let json = match serde_json::to_vec(&req) {
+            Ok(json) => json,
+            Err(e) => panic!("{req:?} does not serialize: {e}"),
+        };
+        match json_body::<AddDeviceRequest>(&json) {
+            Ok(again) => assert_eq!(again, req, "--device argument vs its JSON"),
+            Err(e) => panic!("--device {text:?} gives JSON the API refuses: {e}"),
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&step, bytes)) = data.split_first() else {
+        return;
+    };
+    let limits = Limits::default();
+    let mut conn = Connection {
+        input: Cursor::new(bytes.to_vec()),
+        step: usize::from(step).max(1),
+        output: Vec::new(),
+    };
+    match read_request(&mut conn, &limits) {
+        Ok(Some(request)) => {
+            assert!(
+                request.body.len() <= limits.max_body,
+                "a body of {} bytes was accepted",
+                request.body.len()
+            );
+            dispatch(&request);
+            device_argument(&request.body);
+        }
+        Ok(None) => assert!(bytes.is_empty(), "a request was dropped silently"),
+        Err(e) => check_error(&e),
+    }
+});
