@@ -1,6 +1,6 @@
-//! The `hotplug_misc` run: an igb virtual function hot-added and removed (`vf`), an NVMe drive
-//! cold-plugged with `--device` and removed at runtime (`cold`), and requests rvmm must refuse
-//! without changing anything (`errors`).
+//! The `hotplug_misc` run: an igb virtual function hot-added and removed (`vf`), then an NVMe
+//! drive cold-plugged with `--device` (`cold`): requests rvmm must refuse without changing
+//! anything while the VM has it, then its removal at runtime.
 
 use super::*;
 
@@ -12,8 +12,9 @@ fn cold() -> Section<'static> {
     misc_run().section("cold")
 }
 
+/// The refused requests happen in the `cold` run, while the cold-plugged drive is present.
 fn errors() -> Section<'static> {
-    misc_run().section("errors")
+    misc_run().section("cold")
 }
 
 // --- an igb virtual function ----------------------------------------------------------------
@@ -246,7 +247,7 @@ fn adding_a_path_that_is_no_pci_device_is_refused_with_the_expected_form() {
 
 #[test]
 fn adding_a_device_this_vm_already_has_is_refused_with_409() {
-    assert_refused("in_use", &["already attached", "disk0", "(HTTP 409)"]);
+    assert_refused("in_use", &["already attached", "cold0", "(HTTP 409)"]);
 }
 
 #[test]
@@ -269,7 +270,7 @@ fn adding_a_device_not_bound_to_vfio_pci_is_refused_with_400_and_the_bind_comman
 fn refused_requests_leave_info_unchanged() {
     let run = errors();
 
-    let before = ctl_ok(&run, "info_before");
+    let before = ctl_ok(&run, "info_boot");
     let after = ctl_ok(&run, "info_after");
 
     run.check(
@@ -303,7 +304,7 @@ fn refused_requests_leave_the_rvmm_fd_count_unchanged() {
 fn guest_keeps_its_device_through_refused_requests() {
     let run = errors();
 
-    let markers = between(&run, "refusals", "end");
+    let markers = between(&run, "refusals", "remove");
 
     run.check(
         guest_marker(&markers, "block-removed", "").is_none()
