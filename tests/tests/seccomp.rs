@@ -36,7 +36,10 @@ seccomp_threads() {
 static RUN: SharedRun = SharedRun::new();
 
 fn guest(name: &str) -> GuestRun {
-    GuestRun::new(name).cpus(2).memory("size=256M").timeout_secs(150)
+    GuestRun::new(name)
+        .cpus(2)
+        .memory("size=256M")
+        .timeout_secs(150)
 }
 
 fn run() -> &'static TestHostOutput {
