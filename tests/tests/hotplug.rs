@@ -1,0 +1,495 @@
+//! Runtime hotplug through the control API (`rvmm run --api-socket`, `rvmm ctl`), proven from
+//! the guest's own view inside the test host. The guest runs the `monitor` scenario of
+//! `resources/guest/init`: it stays up and prints `GUEST pci-added` / `pci-bound` /
+//! `pci-removed`, `GUEST block-added` / `block-removed` and `GUEST net-added` / `net-removed` as
+//! devices come and go, and acts on each new NVMe namespace as `rvmm.io=` says (`pattern`: write
+//! and read back a pattern; `load`: read it over and over). The test host drives rvmm with
+//! `rvmm ctl` (`HOST ctl <label> rc= ms=`, `HOST ctl_out <label> <json>`, `HOST ctl_err`), follows
+//! its events (`HOST event <json>`), marks each step (`HOST step <name>`) and times what it does
+//! itself (`HOST timed <label> rc= ms=`).
+//!
+//! Two test host runs: `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
+//! then host-initiated removals while the guest reads the drive) and `hotplug_misc` (an igb VF;
+//! a cold-plugged drive, requests
+//! the API must refuse while the VM has it, and its removal at runtime). Each test asserts one
+//! behaviour.
+//!
+//! Not covered: a malformed JSON body and two devices in one JSON body sent as raw HTTP. The
+//! test host's busybox `nc` cannot connect to a unix socket (no `-U`), so requests only reach
+//! rvmm through `rvmm ctl`, which refuses two devices itself (tested) and never sends malformed
+//! JSON. The API server's own refusals are covered by its unit tests.
+
+use std::process;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rvmm_tests::{GuestRun, Marker, Section, SharedRun, Source, TestHost, TestHostOutput};
+
+/// Where the guest finds a device hot-added into the first free root port (secondary bus 1).
+const GUEST_BDF: &str = "0000:01:00.0";
+/// Root ports of every VM (hotplug slots 1 to 4).
+const ROOT_PORTS: u64 = 4;
+/// How long the test host's own command may take when it takes a device back from a VM.
+const HOST_REMOVAL_LIMIT_MS: u64 = 1000;
+/// The default graceful removal timeout of `rvmm ctl remove-device`.
+const REMOVE_TIMEOUT_MS: u64 = 10_000;
+/// A PCI address the test host does not have.
+const ABSENT_BDF: &str = "0000:7e:1f.7";
+
+static NVME_RUN: SharedRun = SharedRun::new();
+static MISC_RUN: SharedRun = SharedRun::new();
+
+/// A token unique to this test process: the NVMe pattern contains it, so data found on the
+/// drive cannot be left over from an earlier run.
+fn token() -> &'static str {
+    static TOKEN: OnceLock<String> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos());
+        format!("{nanos:x}-{:x}", process::id())
+    })
+}
+
+// --- scenarios ------------------------------------------------------------------------------
+
+/// The scenario lines that start VM `name` (guest scenario `monitor` with `params`, its API
+/// socket at `/tmp/rvmm-<name>.sock`, `extra` appended to the command line unquoted), follow its
+/// events and open an `if` that runs the steps once the monitor is ready; [`finish_shutdown`] or
+/// [`finish_stop`] closes it.
+fn start(name: &str, params: &[&str], extra: &str, timeout_secs: u32) -> String {
+    let args = GuestRun::new(name)
+        .cpus(2)
+        .memory("size=512M")
+        .root_ports(4)
+        .guest_scenario("monitor", params)
+        .arg("--api-socket")
+        .arg(&format!("/tmp/rvmm-{name}.sock"))
+        .rvmm_args();
+    format!(
+        "RVMM_TIMEOUT={timeout_secs}\n\
+         rvmm_start_lines {name} {args} {extra}\n\
+         ctl_events {name}\n\
+         if rvmm_wait_output {name} 'GUEST monitor ready' 120; then\n"
+    )
+}
+
+/// Closes [`start`]: shuts the VM down through the API and waits for rvmm to end.
+fn finish_shutdown(name: &str) -> String {
+    format!("fi\nrvmm_ctl {name} shutdown shutdown\nrvmm_wait_lines {name}\n")
+}
+
+/// Closes [`start`]: tells the guest's monitor to stop (it reports its kernel log, and the guest
+/// powers off), or shuts the VM down through the API if the guest does not end within 60 s.
+fn finish_stop(name: &str) -> String {
+    format!(
+        "fi\nguest_input stop\n\
+         rvmm_wait_output {name} 'GUEST done' 60 || rvmm_ctl {name} shutdown shutdown\n\
+         rvmm_wait_lines {name}\n"
+    )
+}
+
+/// Hot-add, graceful removal and re-add of the NVMe drive (`add`), the drive read back through
+/// the test host's nvme driver (`readback`), then removals the test host starts itself while
+/// the guest reads the drive (`host_remove`): sysfs `remove`, then an unbind from vfio-pci.
+fn nvme_scenario() -> String {
+    let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
+    let pattern = format!("rvmm.pattern={}", token());
+    let mut s = String::from(
+        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n",
+    );
+    s += &start(
+        "add",
+        &["rvmm.hold=300", "rvmm.io=pattern", &pattern],
+        "",
+        330,
+    );
+    s += &format!(
+        "hmark step add\n\
+         rvmm_ctl add add {add_device}\n\
+         rvmm_wait_more add 'GUEST nvme_pattern ' 0 60\n\
+         rvmm_ctl add info_added info\n\
+         hmark step graceful\n\
+         rvmm_ctl add remove remove-device disk0\n\
+         rvmm_wait_more add 'GUEST block-removed' 0 30\n\
+         rvmm_ctl add info_removed info\n\
+         hmark step readd\n\
+         rvmm_ctl add readd {add_device}\n\
+         rvmm_wait_more add 'GUEST nvme_pattern ' 1 60\n\
+         hmark step end\n"
+    );
+    s += &finish_shutdown("add");
+    s += "hmark begin readback\n\
+          host_driver_bind \"$NVME\"\n\
+          nvme_host_readback \"$NVME\"\n\
+          vfio_bind \"$NVME\"\n\
+          hmark end readback\n";
+    s += &start(
+        "host_remove",
+        &["rvmm.hold=300", "rvmm.io=load", "rvmm.alive=2"],
+        "",
+        330,
+    );
+    s += &format!(
+        "rvmm_ctl host_remove add {add_device}\n\
+         rvmm_wait_more host_remove 'GUEST io-started' 0 60\n\
+         sleep 1\n\
+         hmark step sysfs_remove\n\
+         timed sysfs_remove \"echo 1 >/sys/bus/pci/devices/$NVME/remove\"\n\
+         rvmm_wait_more host_remove 'GUEST block-removed' 0 30\n\
+         rvmm_wait_more host_remove 'GUEST io-stopped' 0 30\n\
+         rvmm_ctl host_remove info_after_remove info\n\
+         rvmm_wait_more host_remove 'GUEST monitor alive' \"$(rvmm_count host_remove 'GUEST monitor alive')\" 10\n\
+         pci_rescan \"$NVME\"\n\
+         vfio_bind \"$NVME\"\n\
+         hmark step readd_after_remove\n\
+         rvmm_ctl host_remove add_after_remove {add_device}\n\
+         rvmm_wait_more host_remove 'GUEST io-started' 1 60\n\
+         sleep 1\n\
+         hmark step unbind\n\
+         timed unbind \"echo $NVME >/sys/bus/pci/drivers/vfio-pci/unbind\"\n\
+         rvmm_wait_more host_remove 'GUEST block-removed' 1 30\n\
+         rvmm_wait_more host_remove 'GUEST io-stopped' 1 30\n\
+         rvmm_ctl host_remove info_after_unbind info\n\
+         rvmm_wait_more host_remove 'GUEST monitor alive' \"$(rvmm_count host_remove 'GUEST monitor alive')\" 10\n\
+         vfio_bind \"$NVME\"\n\
+         hmark step readd_after_unbind\n\
+         rvmm_ctl host_remove add_after_unbind {add_device}\n\
+         rvmm_wait_more host_remove 'GUEST block-added' 2 60\n\
+         hmark step end\n"
+    );
+    s += &finish_stop("host_remove");
+    s
+}
+
+/// An igb VF hot-added and removed gracefully (`vf`), then an NVMe drive cold-plugged with
+/// `--device` (`cold`): requests rvmm must refuse while the VM has it, then its graceful
+/// removal at runtime.
+fn misc_scenario() -> String {
+    let nvme_path = "path=/sys/bus/pci/devices/$NVME";
+    let mut s = String::from(
+        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n\
+         PF=$(pci_find 8086:10c9 | sed -n 1p)\n\
+         sriov_enable \"$PF\" 1\n\
+         link_up \"$(netdev_of \"$PF\")\" 10.0.0.1/24\n\
+         VF0=$(vf_of \"$PF\" 0)\n\
+         hmark vf_device \"$VF0\"\n\
+         hmark pf_device \"$PF\"\n\
+         vfio_bind \"$VF0\"\n",
+    );
+    s += &start("vf", &["rvmm.hold=200"], "", 230);
+    s += "hmark step add\n\
+          rvmm_ctl vf add add-device \"path=/sys/bus/pci/devices/$VF0,id=vf0\"\n\
+          rvmm_wait_more vf 'GUEST net-added' 0 30\n\
+          rvmm_ctl vf info_added info\n\
+          hmark step remove\n\
+          rvmm_ctl vf remove remove-device vf0\n\
+          rvmm_wait_more vf 'GUEST net-removed' 0 30\n\
+          rvmm_ctl vf info_removed info\n\
+          hmark step end\n";
+    s += &finish_stop("vf");
+    s += &start(
+        "cold",
+        &["rvmm.hold=200"],
+        &format!("--device \"{nvme_path},id=cold0\""),
+        230,
+    );
+    s += &format!(
+        "rvmm_wait_more cold 'GUEST block-added' 0 30\n\
+         rvmm_ctl cold info_boot info\n\
+         rvmm_fds cold before\n\
+         hmark step refusals\n\
+         rvmm_ctl cold unknown_id remove-device nosuchdisk\n\
+         rvmm_ctl cold two_devices add-device \"path=$NVME,path=$PF\"\n\
+         rvmm_ctl cold absent add-device \"path=/sys/bus/pci/devices/{ABSENT_BDF},id=absent\"\n\
+         rvmm_ctl cold not_pci add-device \"path=/tmp/not-a-device,id=nopci\"\n\
+         rvmm_ctl cold in_use add-device \"{nvme_path},id=disk1\"\n\
+         rvmm_ctl cold not_bound add-device \"path=/sys/bus/pci/devices/$PF,id=pf\"\n\
+         sleep 1\n\
+         rvmm_ctl cold info_after info\n\
+         rvmm_fds cold after\n\
+         hmark step remove\n\
+         rvmm_ctl cold remove remove-device cold0\n\
+         rvmm_wait_more cold 'GUEST block-removed' 0 30\n\
+         rvmm_ctl cold info_removed info\n\
+         hmark step end\n"
+    );
+    s += &finish_stop("cold");
+    s
+}
+
+/// Notes on stderr (shown with a failing test) when the test host's own kernel reported RCU
+/// stalls: one of its CPUs stopped taking timer interrupts, which freezes whatever ran there
+/// (rvmm's threads, the guest's vCPUs) and makes later steps time out for reasons outside rvmm.
+fn note_test_host_stalls(output: &'static TestHostOutput) -> &'static TestHostOutput {
+    let stalls = output
+        .lines()
+        .iter()
+        .filter(|line| line.text.contains("rcu_preempt detected stalls"))
+        .count();
+    if stalls > 0 {
+        eprintln!(
+            "note: the test host's kernel reported {stalls} RCU stalls in {}: a test host CPU \
+             stopped taking timer interrupts (seen with QEMU's TCG running nested SVM guests); \
+             steps after the first stall may fail for that reason",
+            output.log_path().display()
+        );
+    }
+    output
+}
+
+fn nvme_run() -> &'static TestHostOutput {
+    note_test_host_stalls(NVME_RUN.get(
+        || {
+            TestHost::new("hotplug_nvme")
+                .nvme_drives(1)
+                .igb(false)
+                .needs_rvmm(true)
+                .scenario(&nvme_scenario())
+        },
+        Duration::from_secs(600),
+    ))
+}
+
+fn misc_run() -> &'static TestHostOutput {
+    note_test_host_stalls(MISC_RUN.get(
+        || {
+            TestHost::new("hotplug_misc")
+                .nvme_drives(1)
+                .igb(true)
+                .needs_rvmm(true)
+                .scenario(&misc_scenario())
+        },
+        Duration::from_secs(500),
+    ))
+}
+
+// --- reading the console --------------------------------------------------------------------
+
+/// One `rvmm ctl` call of the scenario.
+struct Ctl<'a> {
+    rc: u64,
+    ms: u64,
+    /// The answer (JSON on one line), empty when there was none.
+    out: &'a str,
+    /// What ctl printed on stderr, one line each.
+    err: String,
+}
+
+/// The value of the first marker `key` of `run` whose first word is `label`, without that word.
+fn labelled<'a>(run: &Section<'a>, key: &str, label: &str) -> Vec<&'a str> {
+    run.host_all(key)
+        .into_iter()
+        .filter_map(|marker| marker.value.split_once(' ').or(Some((marker.value, ""))))
+        .filter(|(first, _)| *first == label)
+        .map(|(_, rest)| rest)
+        .collect()
+}
+
+/// The `rvmm ctl` call `label` of `run`; fails loudly if it never ran.
+#[track_caller]
+fn ctl<'a>(run: &Section<'a>, label: &str) -> Ctl<'a> {
+    let Some(status) = labelled(run, "ctl", label).into_iter().next() else {
+        run.fail(&format!(
+            "the scenario never made the rvmm ctl call '{label}'"
+        ));
+    };
+    let field = |name: &str| {
+        status
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|value| value.parse().ok())
+    };
+    let (Some(rc), Some(ms)) = (field("rc"), field("ms")) else {
+        run.fail(&format!("'HOST ctl {label} {status}' lacks rc= or ms="));
+    };
+    Ctl {
+        rc,
+        ms,
+        out: labelled(run, "ctl_out", label)
+            .into_iter()
+            .next()
+            .unwrap_or(""),
+        err: labelled(run, "ctl_err", label).join("\n"),
+    }
+}
+
+/// Asserts that ctl call `label` succeeded and returns its answer.
+#[track_caller]
+fn ctl_ok<'a>(run: &Section<'a>, label: &str) -> &'a str {
+    let call = ctl(run, label);
+    run.check(
+        call.rc == 0,
+        &format!("rvmm ctl '{label}' failed (exit {}): {}", call.rc, call.err),
+    );
+    call.out
+}
+
+/// The text after `"key":` in `json` up to the end of its value (a string without escapes or a
+/// number); the first occurrence.
+fn json_value<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("\"{key}\":");
+    let start = json.find(&pattern)? + pattern.len();
+    let rest = json.get(start..)?.trim_start();
+    if let Some(string) = rest.strip_prefix('"') {
+        string.split('"').next()
+    } else {
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest.get(..end)
+    }
+}
+
+fn json_u64(json: &str, key: &str) -> Option<u64> {
+    json_value(json, key)?.parse().ok()
+}
+
+/// The `resources` and `root_ports` of an `info` answer: what must not change.
+fn footprint(info: &str) -> [(&'static str, Option<u64>); 5] {
+    [
+        ("open_fds", json_u64(info, "open_fds")),
+        ("memory_slots", json_u64(info, "memory_slots")),
+        ("msi_routes", json_u64(info, "msi_routes")),
+        ("msi_gsis", json_u64(info, "msi_gsis")),
+        ("root_ports used", json_u64(info, "used")),
+    ]
+}
+
+/// The markers of `run` after `HOST step <from>` up to `HOST step <to>` (or the end).
+#[track_caller]
+fn between<'a>(run: &Section<'a>, from: &str, to: &str) -> Vec<Marker<'a>> {
+    let markers: Vec<Marker<'a>> = run.markers().collect();
+    let step = |name: &str| {
+        markers.iter().position(|marker| {
+            marker.source == Source::Host && marker.key == "step" && marker.value == name
+        })
+    };
+    let Some(begin) = step(from) else {
+        run.fail(&format!("the scenario never reached step '{from}'"));
+    };
+    let rest = markers.get(begin + 1..).unwrap_or_default();
+    let end = step(to).map_or(rest.len(), |end| end.saturating_sub(begin + 1));
+    rest.get(..end).unwrap_or(rest).to_vec()
+}
+
+/// The first guest marker `key` in `markers` whose value starts with `prefix`.
+fn guest_marker<'a>(markers: &[Marker<'a>], key: &str, prefix: &str) -> Option<Marker<'a>> {
+    markers
+        .iter()
+        .find(|marker| {
+            marker.source == Source::Guest && marker.key == key && marker.value.starts_with(prefix)
+        })
+        .copied()
+}
+
+/// Asserts that the guest printed `key` (value starting with `prefix`) among `markers`.
+#[track_caller]
+fn expect_guest<'a>(
+    run: &Section<'a>,
+    markers: &[Marker<'a>],
+    key: &str,
+    prefix: &str,
+    what: &str,
+) -> Marker<'a> {
+    match guest_marker(markers, key, prefix) {
+        Some(marker) => marker,
+        None => run.fail(&format!("{what}: no 'GUEST {key} {prefix}...' marker")),
+    }
+}
+
+/// The JSON of every `HOST event` of `run` of kind `event` for device `id`.
+fn events<'a>(run: &Section<'a>, event: &str, id: &str) -> Vec<&'a str> {
+    run.host_all("event")
+        .into_iter()
+        .map(|marker| marker.value)
+        .filter(|json| {
+            json_value(json, "event") == Some(event) && json_value(json, "id") == Some(id)
+        })
+        .collect()
+}
+
+/// Asserts a `device-removed` event for `id` with `reason` (`count` of them).
+#[track_caller]
+fn assert_removed_event(run: &Section<'_>, id: &str, reason: &str, count: usize) {
+    let removed = events(run, "device-removed", id);
+    let matching = removed
+        .iter()
+        .filter(|json| json_value(json, "reason") == Some(reason))
+        .count();
+    run.check(
+        matching == count,
+        &format!(
+            "{matching} device-removed events for {id} with reason {reason}, not {count}; all: \
+             {removed:?}"
+        ),
+    );
+}
+
+/// Asserts that the VM was shut down through the API and rvmm exited with 0.
+#[track_caller]
+fn assert_clean_shutdown(run: &Section<'_>) {
+    ctl_ok(run, "shutdown");
+    let exit = run.rvmm_exit();
+    run.check(
+        exit == 0,
+        &format!("rvmm exited with {exit} after the API shut the VM down, not 0"),
+    );
+}
+
+/// Asserts that the guest's monitor stopped when told, the guest powered off and rvmm exited
+/// with 0.
+#[track_caller]
+fn assert_clean_stop(run: &Section<'_>) {
+    run.check(
+        run.guest_all("monitor")
+            .iter()
+            .any(|marker| marker.value == "stop"),
+        "the guest's monitor never took the stop command",
+    );
+    run.expect_guest("done");
+    let exit = run.rvmm_exit();
+    run.check(
+        exit == 0,
+        &format!("rvmm exited with {exit} after the guest powered off, not 0"),
+    );
+}
+
+/// Asserts that the guest's kernel logged no oops, BUG or warning up to the end of the monitor
+/// (which reports its kernel log then; the guest init's own report at boot does not count).
+#[track_caller]
+fn assert_no_kernel_problems(run: &Section<'_>) {
+    let markers: Vec<Marker<'_>> = run.markers().collect();
+    let Some(end) = markers.iter().position(|marker| {
+        marker.source == Source::Guest
+            && marker.key == "monitor"
+            && marker.value.starts_with("done")
+    }) else {
+        run.fail("the guest's monitor never ended, so it never reported its kernel log");
+    };
+    let after = markers.get(end..).unwrap_or_default();
+    let problems = after
+        .iter()
+        .find(|marker| marker.source == Source::Guest && marker.key == "kernel_problems")
+        .and_then(Marker::as_u64);
+    let lines: Vec<&str> = after
+        .iter()
+        .filter(|marker| marker.source == Source::Guest && marker.key == "kernel_problem")
+        .map(|marker| marker.value)
+        .collect();
+    run.check(
+        problems == Some(0),
+        &format!("the guest kernel logged {problems:?} oopses/warnings: {lines:?}"),
+    );
+}
+
+/// The test host's BDF of its NVMe drive (`HOST nvme_device`).
+fn host_nvme(output: &TestHostOutput) -> &str {
+    output.all().expect_host("nvme_device").value
+}
+
+// The tests, one module per test host run (files under hotplug/: this file is a crate root).
+#[path = "hotplug/misc.rs"]
+mod misc;
+#[path = "hotplug/nvme.rs"]
+mod nvme;
