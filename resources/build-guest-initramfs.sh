@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds build/images/guest-initramfs.cpio.gz: the initramfs of the Linux guest that rvmm boots in
 # the test host. busybox-static, resources/guest/init (markers + scenarios) and the guest kernel
-# modules the scenarios load (NVMe, igbvf), decompressed. Cached on the hash of its inputs.
+# modules the scenarios load (NVMe, igbvf), decompressed, and /bin/hostile (resources/guest/
+# hostile.c, static, for the `hostile` scenario). Cached on the hash of its inputs.
 set -euo pipefail
 # shellcheck source=resources/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -10,9 +11,19 @@ GUEST_MODULES=(nvme-core nvme igbvf)
 output="$IMAGES_DIR/guest-initramfs.cpio.gz"
 busybox="$(static_busybox)"
 
+# The hostile program is built with this machine's gcc against glibc's libc.a (libc6-dev).
+if ! command -v gcc >/dev/null || [ ! -f "$(gcc -print-file-name=libc.a)" ]; then
+  log "installing gcc and libc6-dev (static C programs for the guest)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends gcc libc6-dev
+fi
+hostile_src="$RESOURCES_DIR/guest/hostile.c"
+
 rel="$(kernel_release)"
 hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/guest/init" "$busybox" \
-  "$KERNEL_DIR/vmlinuz" "=$rel" "=${GUEST_MODULES[*]}")"
+  "$KERNEL_DIR/vmlinuz" "=$rel" "=${GUEST_MODULES[*]}" "$hostile_src" "=$(gcc --version | head -n1)")"
 if stamp_is_current guest-initramfs "$hash" "$output"; then exit 0; fi
 
 log "building $output"
@@ -25,6 +36,7 @@ for applet in $("$busybox" --list); do
 done
 install -m 0755 "$RESOURCES_DIR/guest/init" "$staging/init"
 copy_modules "$staging" "${GUEST_MODULES[@]}"
+gcc -static -O2 -Wall -Wextra -Werror -o "$staging/bin/hostile" "$hostile_src"
 
 mkdir -p "$IMAGES_DIR"
 (cd "$staging" && find . -print0 | LC_ALL=C sort -z |
