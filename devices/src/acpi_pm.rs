@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use log::debug;
 
-use crate::throttle::{warn_throttled, LogThrottle};
+use crate::throttle::LogThrottle;
+use crate::warn_throttled;
 use crate::{BusDevice, VmEvents};
 
 /// Offset of the sleep control register from the base.

@@ -14,7 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::debug;
 
-use crate::throttle::{warn_throttled, LogThrottle};
+use crate::throttle::LogThrottle;
+use crate::warn_throttled;
 use crate::BusDevice;
 
 /// Bus range length: 0x70..0x72.

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use log::debug;
 
-use crate::throttle::{warn_throttled, LogThrottle};
+use crate::throttle::LogThrottle;
+use crate::warn_throttled;
 use crate::{BusDevice, VmEvents};
 
 /// Bus range length when registered at the data port: 0x60..0x65.

@@ -15,13 +15,14 @@ pub mod bus;
 pub mod cmos;
 pub mod i8042;
 pub mod serial;
-mod throttle;
+pub mod throttle;
 
 pub use acpi_pm::AcpiPm;
 pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
 pub use cmos::Cmos;
 pub use i8042::I8042;
 pub use serial::Serial;
+pub use throttle::LogThrottle;
 
 use vmm_sys_util::eventfd::EventFd;
 

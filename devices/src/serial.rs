@@ -19,7 +19,8 @@ use log::debug;
 use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::Trigger;
 
-use crate::throttle::{warn_throttled, LogThrottle};
+use crate::throttle::LogThrottle;
+use crate::warn_throttled;
 use crate::{BusDevice, Interrupt};
 
 /// Number of I/O ports a 16550 decodes (the bus range length).

@@ -1,17 +1,19 @@
 //! Rate limiting of the log messages a guest can provoke at will.
 //!
 //! A guest that hammers a register with a bad access must not be able to flood the host log: each
-//! device keeps a [`LogThrottle`] and logs through [`warn_throttled!`], which lets one message
-//! through per [`INTERVAL`] and reports how many were dropped in between.
+//! device keeps a [`LogThrottle`] and logs through [`warn_throttled!`](crate::warn_throttled) (or
+//! [`log_throttled!`](crate::log_throttled) for another level), which lets one message through per
+//! [`INTERVAL`] and reports how many were dropped in between. The PCI and VFIO crates use the same
+//! throttle for what a guest provokes through config space.
 
 use std::time::{Duration, Instant};
 
 /// Minimum time between two messages let through by one throttle.
-pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
+pub const INTERVAL: Duration = Duration::from_secs(1);
 
 /// Admits at most one message per [`INTERVAL`].
 #[derive(Debug, Default)]
-pub(crate) struct LogThrottle {
+pub struct LogThrottle {
     last: Option<Instant>,
     suppressed: u64,
 }
@@ -19,7 +21,7 @@ pub(crate) struct LogThrottle {
 impl LogThrottle {
     /// Asks to log a message now. Returns how many messages were suppressed since the last one
     /// admitted, or `None` if this one must be dropped.
-    pub(crate) fn admit(&mut self) -> Option<u64> {
+    pub fn admit(&mut self) -> Option<u64> {
         self.admit_at(Instant::now())
     }
 
@@ -37,14 +39,18 @@ impl LogThrottle {
     }
 }
 
-/// `log::warn!` through a [`LogThrottle`]: `warn_throttled!(self.throttle, "format", args..)`.
-macro_rules! warn_throttled {
-    ($throttle:expr, $($arg:tt)+) => {
+/// `log::log!` through a [`LogThrottle`]:
+/// `log_throttled!(self.throttle, log::Level::Error, "format", args..)`. The calling crate must
+/// depend on `log`.
+#[macro_export]
+macro_rules! log_throttled {
+    ($throttle:expr, $level:expr, $($arg:tt)+) => {
         if let Some(suppressed) = $throttle.admit() {
             if suppressed == 0 {
-                log::warn!($($arg)+);
+                log::log!($level, $($arg)+);
             } else {
-                log::warn!(
+                log::log!(
+                    $level,
                     "{} ({} similar messages suppressed)",
                     format_args!($($arg)+),
                     suppressed
@@ -54,7 +60,13 @@ macro_rules! warn_throttled {
     };
 }
 
-pub(crate) use warn_throttled;
+/// `log::warn!` through a [`LogThrottle`]: `warn_throttled!(self.throttle, "format", args..)`.
+#[macro_export]
+macro_rules! warn_throttled {
+    ($throttle:expr, $($arg:tt)+) => {
+        $crate::log_throttled!($throttle, log::Level::Warn, $($arg)+)
+    };
+}
 
 #[cfg(test)]
 mod tests {

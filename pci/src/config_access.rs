@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use log::warn;
 use rvmm_devices::BusDevice;
+use rvmm_devices::{warn_throttled, LogThrottle};
 
 use crate::config::ConfigAccess;
 use crate::segment::{PciSegment, ECAM_BUS_SIZE};
@@ -16,50 +16,56 @@ pub const PIO_CONFIG_LEN: u64 = 8;
 /// Address register: configuration space access enable.
 const ADDRESS_ENABLE: u32 = 1 << 31;
 
-/// Reads register `reg` of the decoded function and extracts the bytes of the access into
-/// `data`; an invalid access size or a dword crossing reads as zero.
-fn read_into(
-    segment: &PciSegment,
+/// One decoded config access: function, dword register and byte offset in it.
+#[derive(Clone, Copy, Debug)]
+struct Target {
     bus: u8,
     device: u8,
     function: u8,
     reg: usize,
-    offset: u64,
-    data: &mut [u8],
-) {
+    byte: u64,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:02x}:{:02x}.{} register {:#x} offset {}",
+            self.bus, self.device, self.function, self.reg, self.byte
+        )
+    }
+}
+
+/// Reads the target register and extracts the bytes of the access into `data`; an invalid
+/// access size or a dword crossing reads as zero (and is logged, throttled).
+fn read_into(segment: &PciSegment, throttle: &mut LogThrottle, t: Target, data: &mut [u8]) {
     data.fill(0);
-    let Some(access) = ConfigAccess::new(reg, offset, data.len()) else {
-        warn!(
-            "ignoring config read of {} bytes at {bus:02x}:{device:02x}.{function} register {reg:#x} offset {offset}",
+    let Some(access) = ConfigAccess::new(t.reg, t.byte, data.len()) else {
+        warn_throttled!(
+            throttle,
+            "ignoring config read of {} bytes at {t}",
             data.len()
         );
         return;
     };
-    let value = access.extract(segment.read_config(bus, device, function, reg));
+    let value = access.extract(segment.read_config(t.bus, t.device, t.function, t.reg));
     for (i, byte) in data.iter_mut().enumerate() {
         *byte = (value >> (8 * i)) as u8;
     }
 }
 
-/// Writes `data` at byte `offset` of register `reg` of the decoded function; an invalid access
-/// size or a dword crossing is dropped.
-fn write_from(
-    segment: &PciSegment,
-    bus: u8,
-    device: u8,
-    function: u8,
-    reg: usize,
-    offset: u64,
-    data: &[u8],
-) {
-    if ConfigAccess::new(reg, offset, data.len()).is_none() {
-        warn!(
-            "ignoring config write of {} bytes at {bus:02x}:{device:02x}.{function} register {reg:#x} offset {offset}",
+/// Writes `data` into the target register; an invalid access size or a dword crossing is
+/// dropped (and logged, throttled).
+fn write_from(segment: &PciSegment, throttle: &mut LogThrottle, t: Target, data: &[u8]) {
+    if ConfigAccess::new(t.reg, t.byte, data.len()).is_none() {
+        warn_throttled!(
+            throttle,
+            "ignoring config write of {} bytes at {t}",
             data.len()
         );
         return;
     }
-    segment.write_config(bus, device, function, reg, offset, data);
+    segment.write_config(t.bus, t.device, t.function, t.reg, t.byte, data);
 }
 
 /// Configuration mechanism #1: an address dword at 0xCF8 selects bus, device, function and
@@ -68,6 +74,7 @@ fn write_from(
 pub struct PioConfigAccess {
     segment: Arc<PciSegment>,
     address: u32,
+    throttle: LogThrottle,
 }
 
 impl PioConfigAccess {
@@ -76,18 +83,20 @@ impl PioConfigAccess {
         Self {
             segment,
             address: 0,
+            throttle: LogThrottle::default(),
         }
     }
 
-    /// (bus, device, function, register) selected by the address register.
-    fn target(&self) -> (u8, u8, u8, usize) {
+    /// The function and register selected by the address register, at data port byte `byte`.
+    fn target(&self, byte: u64) -> Target {
         let a = self.address;
-        (
-            (a >> 16) as u8,
-            ((a >> 11) & 0x1f) as u8,
-            ((a >> 8) & 0x7) as u8,
-            ((a >> 2) & 0x3f) as usize,
-        )
+        Target {
+            bus: (a >> 16) as u8,
+            device: ((a >> 11) & 0x1f) as u8,
+            function: ((a >> 8) & 0x7) as u8,
+            reg: ((a >> 2) & 0x3f) as usize,
+            byte,
+        }
     }
 }
 
@@ -97,8 +106,8 @@ impl BusDevice for PioConfigAccess {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
             4..=7 if self.address & ADDRESS_ENABLE == 0 => data.fill(0xff),
             4..=7 => {
-                let (bus, device, function, reg) = self.target();
-                read_into(&self.segment, bus, device, function, reg, offset - 4, data);
+                let target = self.target(offset - 4);
+                read_into(&self.segment, &mut self.throttle, target, data);
             }
             _ => data.fill(0),
         }
@@ -108,14 +117,15 @@ impl BusDevice for PioConfigAccess {
         match offset {
             0 => match <[u8; 4]>::try_from(data) {
                 Ok(bytes) => self.address = u32::from_le_bytes(bytes),
-                Err(_) => warn!(
+                Err(_) => warn_throttled!(
+                    self.throttle,
                     "ignoring {}-byte write to the PCI config address port",
                     data.len()
                 ),
             },
             4..=7 if self.address & ADDRESS_ENABLE != 0 => {
-                let (bus, device, function, reg) = self.target();
-                write_from(&self.segment, bus, device, function, reg, offset - 4, data);
+                let target = self.target(offset - 4);
+                write_from(&self.segment, &mut self.throttle, target, data);
             }
             _ => {}
         }
@@ -127,44 +137,46 @@ impl BusDevice for PioConfigAccess {
 /// [`PciSegment::ecam_size`] bytes.
 pub struct EcamAccess {
     segment: Arc<PciSegment>,
+    throttle: LogThrottle,
 }
 
 impl EcamAccess {
     /// Creates the front-end.
     pub fn new(segment: Arc<PciSegment>) -> Self {
-        Self { segment }
+        Self {
+            segment,
+            throttle: LogThrottle::default(),
+        }
     }
 
-    /// (bus, device, function, register, byte offset) of an ECAM offset, `None` past the
-    /// segment's buses.
-    fn decode(&self, offset: u64) -> Option<(u8, u8, u8, usize, u64)> {
+    /// The function, register and byte an ECAM offset selects, `None` past the segment's
+    /// buses.
+    fn decode(&self, offset: u64) -> Option<Target> {
         let bus = u8::try_from(offset / ECAM_BUS_SIZE)
             .ok()
             .and_then(|rel| self.segment.config().bus_start.checked_add(rel))
             .filter(|&bus| bus <= self.segment.config().bus_end)?;
-        Some((
+        Some(Target {
             bus,
-            ((offset >> 15) & 0x1f) as u8,
-            ((offset >> 12) & 0x7) as u8,
-            ((offset >> 2) & 0x3ff) as usize,
-            offset & 3,
-        ))
+            device: ((offset >> 15) & 0x1f) as u8,
+            function: ((offset >> 12) & 0x7) as u8,
+            reg: ((offset >> 2) & 0x3ff) as usize,
+            byte: offset & 3,
+        })
     }
 }
 
 impl BusDevice for EcamAccess {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         match self.decode(offset) {
-            Some((bus, device, function, reg, byte)) => {
-                read_into(&self.segment, bus, device, function, reg, byte, data)
-            }
+            Some(target) => read_into(&self.segment, &mut self.throttle, target, data),
             None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if let Some((bus, device, function, reg, byte)) = self.decode(offset) {
-            write_from(&self.segment, bus, device, function, reg, byte, data);
+        if let Some(target) = self.decode(offset) {
+            write_from(&self.segment, &mut self.throttle, target, data);
         }
     }
 }

@@ -10,6 +10,7 @@
 use std::io;
 use std::ops::Range;
 
+use rvmm_devices::{log_throttled, warn_throttled, LogThrottle};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 
@@ -112,6 +113,8 @@ pub struct VirtualConfig {
     msi: Option<MsiCap>,
     msix: Option<MsixState>,
     command: u16,
+    /// Limits what a guest can make us log through config accesses.
+    throttle: LogThrottle,
 }
 
 fn dword(cfg: &[u8], offset: usize) -> u32 {
@@ -181,6 +184,7 @@ impl VirtualConfig {
             msi: None,
             msix: None,
             command: 0,
+            throttle: LogThrottle::default(),
         };
 
         // Header: IDs, class, header type, BIST, BARs, CIS, subsystem, ROM, pointers and the
@@ -368,7 +372,7 @@ impl VirtualConfig {
     }
 
     /// Reads config register `reg`; registers past the config space read as zero.
-    pub fn read(&self, reg: usize, backend: &dyn DeviceBackend, irqs: &Interrupts) -> u32 {
+    pub fn read(&mut self, reg: usize, backend: &dyn DeviceBackend, irqs: &Interrupts) -> u32 {
         let Some(policy) = self.policy.get(reg) else {
             return 0;
         };
@@ -378,7 +382,7 @@ impl VirtualConfig {
             match backend.read(VFIO_PCI_CONFIG_REGION_INDEX, reg as u64 * 4, &mut bytes) {
                 Ok(()) => value = u32::from_le_bytes(bytes),
                 Err(e) => {
-                    log::warn!("config read of register {reg} failed: {e}");
+                    warn_throttled!(self.throttle, "config read of register {reg} failed: {e}");
                     value = u32::MAX;
                 }
             }
@@ -451,13 +455,18 @@ impl VirtualConfig {
                 if let Err(e) =
                     backend.read(VFIO_PCI_CONFIG_REGION_INDEX, reg as u64 * 4, &mut current)
                 {
-                    log::warn!("config write to register {reg} dropped: cannot read it: {e}");
+                    warn_throttled!(
+                        self.throttle,
+                        "config write to register {reg} dropped: cannot read it: {e}"
+                    );
                     return result;
                 }
                 let current = u32::from_le_bytes(current);
                 value = (value & !policy.keep) | (current & policy.keep);
                 if value & forward != guest & forward {
-                    log::info!(
+                    log_throttled!(
+                        self.throttle,
+                        log::Level::Info,
                         "filtered guest write to config {:#x}: {:#x} -> {:#x}",
                         reg * 4,
                         guest & forward,
@@ -465,7 +474,7 @@ impl VirtualConfig {
                     );
                 }
             }
-            write_runs(backend, reg, forward, value);
+            write_runs(backend, &mut self.throttle, reg, forward, value);
         }
         if let Some(command) = self.command_after(reg, offset, data) {
             result.command = command != self.command;
@@ -477,7 +486,13 @@ impl VirtualConfig {
 
 /// Writes the bytes of `value` selected by `forward` to register `reg`, one contiguous run at
 /// a time.
-fn write_runs(backend: &dyn DeviceBackend, reg: usize, forward: u32, value: u32) {
+fn write_runs(
+    backend: &dyn DeviceBackend,
+    throttle: &mut LogThrottle,
+    reg: usize,
+    forward: u32,
+    value: u32,
+) {
     let bytes = value.to_le_bytes();
     let mut i = 0;
     while i < 4 {
@@ -494,7 +509,7 @@ fn write_runs(backend: &dyn DeviceBackend, reg: usize, forward: u32, value: u32)
         };
         let offset = (reg * 4 + start) as u64;
         if let Err(e) = backend.write(VFIO_PCI_CONFIG_REGION_INDEX, offset, run) {
-            log::warn!("config write at {offset:#x} failed: {e}");
+            warn_throttled!(throttle, "config write at {offset:#x} failed: {e}");
         }
     }
 }

@@ -9,7 +9,7 @@ fn setup() -> (FakeDevice, VirtualConfig, Interrupts) {
 }
 
 /// The whole config space as the guest reads it.
-fn guest_view(cfg: &VirtualConfig, dev: &FakeDevice, irqs: &Interrupts) -> Vec<u8> {
+fn guest_view(cfg: &mut VirtualConfig, dev: &FakeDevice, irqs: &Interrupts) -> Vec<u8> {
     (0..cfg.len())
         .flat_map(|reg| cfg.read(reg, dev, irqs).to_le_bytes())
         .collect()
@@ -21,8 +21,8 @@ fn write32(cfg: &mut VirtualConfig, dev: &FakeDevice, offset: usize, value: u32)
 
 #[test]
 fn virtual_chain_keeps_msi_msix_and_pcie() {
-    let (dev, cfg, irqs) = setup();
-    let ids: Vec<u8> = caps::walk(&guest_view(&cfg, &dev, &irqs))
+    let (dev, mut cfg, irqs) = setup();
+    let ids: Vec<u8> = caps::walk(&guest_view(&mut cfg, &dev, &irqs))
         .iter()
         .map(|c| c.id)
         .collect();
@@ -31,8 +31,8 @@ fn virtual_chain_keeps_msi_msix_and_pcie() {
 
 #[test]
 fn virtual_extended_chain_hides_sriov_ari_and_rebar() {
-    let (dev, cfg, irqs) = setup();
-    let ids: Vec<u16> = caps::walk_ext(&guest_view(&cfg, &dev, &irqs))
+    let (dev, mut cfg, irqs) = setup();
+    let ids: Vec<u16> = caps::walk_ext(&guest_view(&mut cfg, &dev, &irqs))
         .iter()
         .map(|c| c.id)
         .collect();
@@ -41,7 +41,7 @@ fn virtual_extended_chain_hides_sriov_ari_and_rebar() {
 
 #[test]
 fn hidden_capability_body_reads_zero() {
-    let (dev, cfg, irqs) = setup();
+    let (dev, mut cfg, irqs) = setup();
     assert_eq!(cfg.read(0x150 / 4, &dev, &irqs), 0);
     assert_eq!(cfg.read(0xc0 / 4, &dev, &irqs), 0);
 }
@@ -55,7 +55,7 @@ fn write_to_a_hidden_capability_is_dropped() {
 
 #[test]
 fn multifunction_bit_is_hidden() {
-    let (dev, cfg, irqs) = setup();
+    let (dev, mut cfg, irqs) = setup();
     assert_eq!((cfg.read(3, &dev, &irqs) >> 16) & 0xff, 0);
 }
 
@@ -69,7 +69,7 @@ fn identity_registers_are_read_only() {
 
 #[test]
 fn flr_capability_is_hidden_from_device_capabilities() {
-    let (dev, cfg, irqs) = setup();
+    let (dev, mut cfg, irqs) = setup();
     assert_eq!(cfg.read((0x70 + 4) / 4, &dev, &irqs) & (1 << 28), 0);
 }
 
@@ -158,7 +158,7 @@ fn msix_enable_stays_virtual_and_is_reported() {
 
 #[test]
 fn capability_headers_read_relinked_pointers() {
-    let (dev, cfg, irqs) = setup();
+    let (dev, mut cfg, irqs) = setup();
     // MSI-X at 0xb0 was followed by the hidden AF capability: its next pointer now ends the list.
     assert_eq!(cfg.read(0xb0 / 4, &dev, &irqs) & 0xffff, 0x0011);
 }
@@ -191,7 +191,7 @@ fn interrupt_line_is_a_scratch_register() {
 #[test]
 fn interrupt_pin_is_zero_without_intx() {
     let dev = FakeDevice::nvme_like();
-    let cfg = VirtualConfig::new(&dev, [0; 6], 0, false).unwrap();
+    let mut cfg = VirtualConfig::new(&dev, [0; 6], 0, false).unwrap();
     let irqs = Interrupts::new(None, &dev).unwrap();
     assert_eq!((cfg.read(15, &dev, &irqs) >> 8) & 0xff, 0);
 }
@@ -206,7 +206,7 @@ fn bridge_is_refused() {
 
 #[test]
 fn passthrough_registers_read_live() {
-    let (dev, cfg, irqs) = setup();
+    let (dev, mut cfg, irqs) = setup();
     dev.with_config(|c| put32(c, 0x100 + 8, 0x1234_5678));
     assert_eq!(cfg.read((0x100 + 8) / 4, &dev, &irqs), 0x1234_5678);
 }

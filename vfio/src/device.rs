@@ -8,6 +8,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use log::Level;
+use rvmm_devices::{log_throttled, LogThrottle};
 use rvmm_pci::PciDevice;
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
@@ -85,6 +87,8 @@ struct Inner {
     maps: Vec<BarMap>,
     self_ref: Weak<Mutex<Inner>>,
     notify_irqs: Vec<u32>,
+    /// Limits what a guest can make us log by programming interrupts and BARs.
+    throttle: LogThrottle,
 }
 
 /// A passthrough PCI function.
@@ -295,6 +299,7 @@ impl VfioPciDevice {
                 maps,
                 self_ref: weak.clone(),
                 notify_irqs,
+                throttle: LogThrottle::default(),
             })
         });
         Ok(Self {
@@ -374,7 +379,8 @@ impl VfioPciDevice {
 
 impl PciDevice for VfioPciDevice {
     fn read_config_register(&mut self, reg: usize) -> u32 {
-        let inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         match inner.backend.as_deref() {
             Some(backend) => inner.config.read(reg, backend, &inner.irqs),
             None => u32::MAX,
@@ -430,7 +436,12 @@ impl Inner {
         };
         let before = self.irqs.mode();
         if let Err(e) = self.irqs.switch(want, backend, &*self.router) {
-            log::error!("{}: cannot switch interrupts to {want:?}: {e}", self.name);
+            log_throttled!(
+                self.throttle,
+                Level::Error,
+                "{}: cannot switch interrupts to {want:?}: {e}",
+                self.name
+            );
         }
         let switched = before != self.irqs.mode();
         match self.irqs.mode() {
@@ -449,7 +460,12 @@ impl Inner {
                         msg: msi.message(v),
                     };
                     if let Err(e) = self.irqs.update_vector(v as usize, want, &*self.router) {
-                        log::error!("{}: MSI vector {v}: {e}", self.name);
+                        log_throttled!(
+                            self.throttle,
+                            Level::Error,
+                            "{}: MSI vector {v}: {e}",
+                            self.name
+                        );
                     }
                 }
             }
@@ -466,7 +482,12 @@ impl Inner {
             msg: msix.message(v),
         };
         if let Err(e) = self.irqs.update_vector(usize::from(v), want, &*self.router) {
-            log::error!("{}: MSI-X vector {v}: {e}", self.name);
+            log_throttled!(
+                self.throttle,
+                Level::Error,
+                "{}: MSI-X vector {v}: {e}",
+                self.name
+            );
         }
     }
 
@@ -496,7 +517,7 @@ impl Inner {
             .collect();
         for (map, gpa) in self.maps.iter_mut().zip(wanted) {
             if let Err(e) = map.place(gpa, &*self.mmio, &self.self_ref) {
-                log::error!("{}: {e}", self.name);
+                log_throttled!(self.throttle, Level::Error, "{}: {e}", self.name);
             }
         }
     }
