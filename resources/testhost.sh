@@ -20,6 +20,8 @@
 #   --initramfs FILE   test host initramfs (default build/images/host-initramfs.cpio)
 #   --kernel FILE      test host kernel (default build/kernel/current/vmlinuz)
 #   --append STR       more test host kernel parameters
+#   --cpus N           test host vCPUs (default 2). One rules out QEMU's cross-vCPU races in
+#                      long runs that remap device memory hundreds of times.
 # Exit status: QEMU's (0 after the test host powered off), 124 on timeout.
 set -euo pipefail
 # shellcheck source=resources/lib.sh
@@ -36,6 +38,7 @@ workdir="$BUILD_DIR/run/testhost"
 initramfs="$IMAGES_DIR/host-initramfs.cpio"
 kernel="$KERNEL_DIR/vmlinuz"
 append=""
+cpus=2
 extra=()
 
 usage() { sed -n '/^# Usage:/,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
     --initramfs) initramfs="$2"; shift 2 ;;
     --kernel) kernel="$2"; shift 2 ;;
     --append) append="$2"; shift 2 ;;
+    --cpus) cpus="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h | --help) usage ;;
     *) echo "testhost.sh: unknown option $1" >&2; usage ;;
@@ -63,7 +67,8 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing: 
 [ -s "$kernel" ] || die "test host kernel $kernel is missing: run resources/guest-kernel.sh"
 [ -s "$initramfs" ] || die "test host initramfs $initramfs is missing: run resources/prepare-images.sh"
 [ -z "$scenario" ] || [ -f "$scenario" ] || die "scenario $scenario does not exist"
-case "$nvme$spare_ports$timeout_s" in *[!0-9]*) die "--nvme, --spare-ports and --timeout take numbers" ;; esac
+case "$cpus$nvme$spare_ports$timeout_s" in *[!0-9]*) die "--cpus, --nvme, --spare-ports and --timeout take numbers" ;; esac
+[ "$cpus" -ge 1 ] || die "--cpus takes at least 1"
 
 mkdir -p "$workdir"
 initrd="$workdir/initrd.cpio"
@@ -84,7 +89,7 @@ fi
 # below 64 GiB they work.
 # shellcheck disable=SC2054 # the commas belong to QEMU option values
 args=(
-  -machine q35,accel=tcg -cpu EPYC-Milan,+svm,phys-bits=36 -smp 2 -m "$memory"
+  -machine q35,accel=tcg -cpu EPYC-Milan,+svm,phys-bits=36 -smp "$cpus" -m "$memory"
   -nodefaults -nographic -serial mon:stdio -no-reboot
   -device intel-iommu,intremap=on,caching-mode=on
 )

@@ -30,6 +30,7 @@ pub struct TestHost {
     spare_root_ports: u32,
     kernel_args: String,
     qemu_args: Vec<String>,
+    cpus: u32,
     scenario: String,
     needs_rvmm: bool,
 }
@@ -58,6 +59,7 @@ impl TestHost {
             spare_root_ports: 0,
             kernel_args: String::new(),
             qemu_args: Vec::new(),
+            cpus: 2,
             scenario: String::new(),
             needs_rvmm: false,
         }
@@ -102,6 +104,14 @@ impl TestHost {
     /// One more QEMU argument.
     pub fn qemu_arg(mut self, arg: &str) -> Self {
         self.qemu_args.push(arg.to_string());
+        self
+    }
+
+    /// Test host vCPUs (default 2). One rules out QEMU's cross-vCPU races when the test host
+    /// remaps device memory hundreds of times (two have hit `iotlb_to_section` assertions in
+    /// QEMU during long hotplug runs).
+    pub fn cpus(mut self, count: u32) -> Self {
+        self.cpus = count;
         self
     }
 
@@ -170,6 +180,7 @@ impl TestHost {
             .args(["--spare-ports", &self.spare_root_ports.to_string()])
             .args(["--timeout", &timeout.as_secs().max(1).to_string()])
             .args(["--append", &self.kernel_args])
+            .args(["--cpus", &self.cpus.to_string()])
             .arg("--")
             .args(&self.qemu_args)
             .env("RVMM_BUILD_DIR", paths::build_dir())
@@ -404,6 +415,7 @@ mod tests {
             .nvme_drives(2)
             .igb(false)
             .spare_root_ports(3)
+            .cpus(1)
             .qemu_arg("-d")
             .qemu_arg("guest_errors");
 
@@ -419,6 +431,7 @@ mod tests {
 
         let joined = args.join(" ");
         assert!(joined.contains("--memory 4G --nvme 2 --nvme-size 64M --no-igb --spare-ports 3"));
+        assert!(joined.contains("--cpus 1"));
         assert!(joined.contains("--timeout 90"));
         assert!(joined.ends_with("-- -d guest_errors"));
     }

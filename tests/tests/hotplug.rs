@@ -8,9 +8,9 @@
 //! its events (`HOST event <json>`), marks each step (`HOST step <name>`) and times what it does
 //! itself (`HOST timed <label> rc= ms=`).
 //!
-//! Two test host runs: `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
-//! then host-initiated removals while the guest reads the drive) and `hotplug_misc` (an igb VF;
-//! a cold-plugged drive, requests
+//! Three test host runs: `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
+//! then host-initiated removals while the guest reads the drive), `hotplug_cycles` (100
+//! add/remove cycles of one drive) and `hotplug_misc` (an igb VF; a cold-plugged drive, requests
 //! the API must refuse while the VM has it, and its removal at runtime). Each test asserts one
 //! behaviour.
 //!
@@ -29,6 +29,9 @@ use rvmm_tests::{GuestRun, Marker, Section, SharedRun, Source, TestHost, TestHos
 const GUEST_BDF: &str = "0000:01:00.0";
 /// Root ports of every VM (hotplug slots 1 to 4).
 const ROOT_PORTS: u64 = 4;
+/// Add/remove cycles of the cycle run; every `GRACEFUL_EVERY`th removal is graceful.
+const CYCLES: u64 = 100;
+const GRACEFUL_EVERY: u64 = 25;
 /// How long the test host's own command may take when it takes a device back from a VM.
 const HOST_REMOVAL_LIMIT_MS: u64 = 1000;
 /// The default graceful removal timeout of `rvmm ctl remove-device`.
@@ -37,6 +40,7 @@ const REMOVE_TIMEOUT_MS: u64 = 10_000;
 const ABSENT_BDF: &str = "0000:7e:1f.7";
 
 static NVME_RUN: SharedRun = SharedRun::new();
+static CYCLES_RUN: SharedRun = SharedRun::new();
 static MISC_RUN: SharedRun = SharedRun::new();
 
 /// A token unique to this test process: the NVMe pattern contains it, so data found on the
@@ -162,6 +166,55 @@ fn nvme_scenario() -> String {
     s
 }
 
+/// One warm-up cycle (the VM's VFIO container lives from the first device on), the resources
+/// before, `CYCLES` add/remove cycles without waiting for the guest (`HOST cycles done=<complete
+/// cycles> ...`; the first failed call stops them with `HOST cycle_fail <n> <what> <message>`),
+/// the resources after, and a last add the guest must see.
+fn cycles_scenario() -> String {
+    let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
+    let mut s = String::from("NVME=$(pci_find 1b36:0010 | sed -n 1p)\nvfio_bind \"$NVME\"\n");
+    s += &start("cycles", &["rvmm.hold=600", "pciehp.dyndbg=+p"], "", 630);
+    s += &format!(
+        "rvmm_ctl cycles warm_add {add_device}\n\
+         rvmm_ctl cycles warm_remove remove-device disk0 --surprise\n\
+         rvmm_ctl cycles info_before info\n\
+         rvmm_fds cycles before\n\
+         i=1; failed=0; surprise=0; ejected=0; start_ms=$(uptime_ms)\n\
+         while [ \"$i\" -le {CYCLES} ]; do\n\
+           blocks=$(rvmm_count cycles 'GUEST block-added')\n\
+           if ! timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket cycles)\" {add_device} >/tmp/cycle.out 2>/tmp/cycle.err; then\n\
+             failed=$((failed + 1)); hmark cycle_fail \"$i\" add \"$(head -n1 /tmp/cycle.err)\"; break\n\
+           fi\n\
+           # Remove only once the guest's driver has the namespace: a removal racing the\n\
+           # driver's probe exercises the guest kernel, not rvmm.\n\
+           if ! rvmm_wait_more cycles 'GUEST block-added' \"$blocks\" 30 >/dev/null; then\n\
+             failed=$((failed + 1)); hmark cycle_fail \"$i\" guest no_block_device; break\n\
+           fi\n\
+           if [ $((i % {GRACEFUL_EVERY})) -eq 0 ]; then\n\
+             timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket cycles)\" remove-device disk0 >/tmp/cycle.out 2>/tmp/cycle.err\n\
+           else\n\
+             timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket cycles)\" remove-device disk0 --surprise >/tmp/cycle.out 2>/tmp/cycle.err\n\
+           fi || {{ failed=$((failed + 1)); hmark cycle_fail \"$i\" remove \"$(head -n1 /tmp/cycle.err)\"; break; }}\n\
+           case \"$(cat /tmp/cycle.out)\" in\n\
+             *'\"guest-ejected\"'*) ejected=$((ejected + 1)) ;;\n\
+             *'\"surprise\"'*) surprise=$((surprise + 1)) ;;\n\
+           esac\n\
+           i=$((i + 1))\n\
+         done\n\
+         hmark cycles \"done=$((i - 1))\" \"failed=$failed\" \"surprise=$surprise\" \"guest_ejected=$ejected\" \"ms=$(($(uptime_ms) - start_ms))\"\n\
+         rvmm_ctl cycles info_after info\n\
+         rvmm_fds cycles after\n\
+         sleep 3\n\
+         blocks=$(rvmm_count cycles 'GUEST block-added')\n\
+         hmark step last_add\n\
+         rvmm_ctl cycles last_add {add_device}\n\
+         rvmm_wait_more cycles 'GUEST block-added' \"$blocks\" 60\n\
+         hmark step end\n"
+    );
+    s += &finish_stop("cycles");
+    s
+}
+
 /// An igb VF hot-added and removed gracefully (`vf`), then an NVMe drive cold-plugged with
 /// `--device` (`cold`): requests rvmm must refuse while the VM has it, then its graceful
 /// removal at runtime.
@@ -248,6 +301,22 @@ fn nvme_run() -> &'static TestHostOutput {
                 .scenario(&nvme_scenario())
         },
         Duration::from_secs(600),
+    ))
+}
+
+fn cycles_run() -> &'static TestHostOutput {
+    note_test_host_stalls(CYCLES_RUN.get(
+        || {
+            // Hundreds of device remaps in the test host: with two vCPUs, QEMU's TCG has hit
+            // `iotlb_to_section` assertions there.
+            TestHost::new("hotplug_cycles")
+                .cpus(1)
+                .nvme_drives(1)
+                .igb(false)
+                .needs_rvmm(true)
+                .scenario(&cycles_scenario())
+        },
+        Duration::from_secs(720),
     ))
 }
 
@@ -489,6 +558,8 @@ fn host_nvme(output: &TestHostOutput) -> &str {
 }
 
 // The tests, one module per test host run (files under hotplug/: this file is a crate root).
+#[path = "hotplug/cycles.rs"]
+mod cycles;
 #[path = "hotplug/misc.rs"]
 mod misc;
 #[path = "hotplug/nvme.rs"]
