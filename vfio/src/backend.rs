@@ -6,14 +6,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_INTX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::container::DeviceAttachment;
-use crate::layout::{Area, Mmappable};
+use crate::layout::Mmappable;
+use crate::legacy::VfioDevice;
 
 /// What VFIO reports about one device region.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,8 +147,12 @@ impl VfioBackend {
         }
     }
 
+    fn region_size(&self, index: u32) -> u64 {
+        self.device.region(index).map_or(0, |r| r.size)
+    }
+
     fn bounds(&self, index: u32, offset: u64, len: usize) -> io::Result<u64> {
-        let size = self.device.get_region_size(index);
+        let size = self.region_size(index);
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > size) {
             return Err(io::Error::new(
@@ -158,7 +161,8 @@ impl VfioBackend {
             ));
         }
         self.device
-            .get_region_offset(index)
+            .region(index)
+            .map_or(0, |r| r.offset)
             .checked_add(offset)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
     }
@@ -177,39 +181,23 @@ fn full_transfer(ret: isize, len: usize) -> io::Result<()> {
     }
 }
 
-fn to_io(e: vfio_ioctls::VfioError) -> io::Error {
-    io::Error::other(e)
-}
-
 impl DeviceBackend for VfioBackend {
     fn region(&self, index: u32) -> Option<RegionInfo> {
-        let size = self.device.get_region_size(index);
-        let flags = self.device.get_region_flags(index);
-        if size == 0 && flags == 0 {
+        let raw = self.device.region(index)?;
+        if raw.size == 0 && raw.flags == 0 {
             return None;
         }
-        let mut mmappable = if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 {
-            Mmappable::Whole
-        } else {
+        let mmappable = if raw.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
             Mmappable::None
+        } else if let Some(areas) = &raw.sparse {
+            Mmappable::Sparse(areas.clone())
+        } else {
+            Mmappable::Whole
         };
-        if mmappable == Mmappable::Whole {
-            for cap in self.device.get_region_caps(index) {
-                if let VfioRegionInfoCap::SparseMmap(sparse) = cap {
-                    mmappable = Mmappable::Sparse(
-                        sparse
-                            .areas
-                            .iter()
-                            .map(|a| Area::new(a.offset, a.size))
-                            .collect(),
-                    );
-                }
-            }
-        }
         Some(RegionInfo {
-            size,
-            readable: flags & VFIO_REGION_INFO_FLAG_READ != 0,
-            writable: flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+            size: raw.size,
+            readable: raw.flags & VFIO_REGION_INFO_FLAG_READ != 0,
+            writable: raw.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
             mmappable,
         })
     }
@@ -219,14 +207,8 @@ impl DeviceBackend for VfioBackend {
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `data` is a valid writable buffer of `data.len()` bytes; pread writes at most
         // that many.
-        let ret = unsafe {
-            libc::pread(
-                self.device.as_raw_fd(),
-                data.as_mut_ptr().cast(),
-                data.len(),
-                pos,
-            )
-        };
+        let ret =
+            unsafe { libc::pread(self.device.fd(), data.as_mut_ptr().cast(), data.len(), pos) };
         full_transfer(ret, data.len())
     }
 
@@ -234,39 +216,34 @@ impl DeviceBackend for VfioBackend {
         let pos = libc::off_t::try_from(self.bounds(index, offset, data.len())?)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `data` is a valid readable buffer of `data.len()` bytes; pwrite only reads it.
-        let ret = unsafe {
-            libc::pwrite(
-                self.device.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                pos,
-            )
-        };
+        let ret = unsafe { libc::pwrite(self.device.fd(), data.as_ptr().cast(), data.len(), pos) };
         full_transfer(ret, data.len())
     }
 
     fn mmap(&self, index: u32, offset: u64, size: u64) -> io::Result<MmapArea> {
         let pos = self.bounds(index, offset, usize::try_from(size).unwrap_or(usize::MAX))?;
-        let writable = self.device.get_region_flags(index) & VFIO_REGION_INFO_FLAG_WRITE != 0;
-        MmapArea::from_fd(self.device.as_raw_fd(), pos, size, writable)
+        let writable = self
+            .device
+            .region(index)
+            .is_some_and(|r| r.flags & VFIO_REGION_INFO_FLAG_WRITE != 0);
+        MmapArea::from_fd(self.device.fd(), pos, size, writable)
     }
 
     fn irq_count(&self, index: u32) -> u32 {
-        self.device.get_irq_info(index).map_or(0, |irq| irq.count)
+        self.device.irq(index).map_or(0, |irq| irq.count)
     }
 
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
-        self.device.enable_irq(index, fds.to_vec()).map_err(to_io)
+        let fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        self.device.enable_irq(index, &fds)
     }
 
     fn disable_irq(&self, index: u32) -> io::Result<()> {
-        self.device.disable_irq(index).map_err(to_io)
+        self.device.disable_irq(index)
     }
 
     fn set_intx_resample(&self, fd: &EventFd) -> io::Result<()> {
-        self.device
-            .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![fd])
-            .map_err(to_io)
+        self.device.set_intx_unmask_fd(fd.as_raw_fd())
     }
 
     fn reset(&self) {

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::mem;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,13 +20,8 @@ use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_info, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_INFO_PGSIZES,
     VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError};
 
-mod ioctls {
-    use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
-
-    vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
-}
+use crate::legacy::{LegacyContainer, VfioDevice, VfioError};
 
 /// An IOVA range the IOMMU can translate (inclusive bounds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,15 +55,26 @@ pub trait IommuBackend: Send + Sync {
     fn unmap_dma(&self, iova: u64, size: u64) -> io::Result<()>;
     /// Page sizes and valid IOVA ranges (meaningful once a device is attached).
     fn info(&self) -> io::Result<IommuInfo>;
+    /// Opens the device at `sysfs_path` and attaches its group to this domain; `group`, if
+    /// given, is a pre-opened fd of the device's group to use instead of opening the group node.
+    fn open_device_with_group(
+        &self,
+        sysfs_path: &Path,
+        group: Option<OwnedFd>,
+    ) -> std::result::Result<VfioDevice, VfioError>;
     /// Opens the device at `sysfs_path` and attaches its group to this domain.
-    fn open_device(&self, sysfs_path: &Path) -> std::result::Result<VfioDevice, VfioError>;
+    fn open_device(&self, sysfs_path: &Path) -> std::result::Result<VfioDevice, VfioError> {
+        self.open_device_with_group(sysfs_path, None)
+    }
+    /// Number of groups attached to this domain.
+    fn attached_groups(&self) -> usize;
 }
 
 /// Errors of the container.
 #[derive(Debug, Error)]
 pub enum ContainerError {
-    /// /dev/vfio/vfio cannot be opened or lacks type1 v2 support.
-    #[error("cannot open the VFIO container /dev/vfio/vfio (is the vfio module loaded?)")]
+    /// The container cannot be opened, or lacks type1 v2 support.
+    #[error("cannot set up the VM's VFIO container")]
     Open(#[source] VfioError),
     /// The KVM VFIO pseudo device cannot be created.
     #[error("cannot create the KVM VFIO device")]
@@ -149,15 +156,24 @@ pub fn create_kvm_vfio_device(vm: &VmFd) -> Result<DeviceFd> {
 
 /// The legacy VFIO type1 (v2) container.
 pub struct Type1Iommu {
-    container: Arc<VfioContainer>,
+    container: Arc<LegacyContainer>,
 }
 
 impl Type1Iommu {
     /// Opens /dev/vfio/vfio. With `kvm_vfio` (see [`create_kvm_vfio_device`]) every attached
     /// group is registered with KVM.
     pub fn new(kvm_vfio: Option<DeviceFd>) -> Result<Self> {
-        let handle = kvm_vfio.map(|fd| Arc::new(VfioDeviceFd::new_from_kvm(fd)));
-        let container = VfioContainer::new(handle).map_err(ContainerError::Open)?;
+        let container = LegacyContainer::open(kvm_vfio).map_err(ContainerError::Open)?;
+        Ok(Self {
+            container: Arc::new(container),
+        })
+    }
+
+    /// Adopts a container fd (of /dev/vfio/vfio) opened by a privileged control plane. With
+    /// `kvm_vfio` every attached group is registered with KVM.
+    pub fn from_fd(container: OwnedFd, kvm_vfio: Option<DeviceFd>) -> Result<Self> {
+        let container =
+            LegacyContainer::from_fd(container, kvm_vfio).map_err(ContainerError::Open)?;
         Ok(Self {
             container: Arc::new(container),
         })
@@ -217,39 +233,19 @@ impl Type1Iommu {
         if let Some(first) = buf.first_mut() {
             *first = u64::from_ne_bytes(head);
         }
-        // SAFETY: the buffer is `argsz` bytes, 8-byte aligned, and starts with argsz; the kernel
-        // writes at most argsz bytes into it.
-        let ret = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ptr(
-                &*self.container,
-                ioctls::VFIO_IOMMU_GET_INFO(),
-                buf.as_mut_ptr(),
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.container.iommu_info(buf)
     }
 }
 
 impl IommuBackend for Type1Iommu {
     unsafe fn map_dma(&self, iova: u64, size: u64, host_addr: u64) -> io::Result<()> {
-        let size = usize::try_from(size).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: the caller upholds the invariants documented on the trait, which are those of
-        // `VfioContainer::vfio_dma_map`.
-        unsafe {
-            self.container
-                .vfio_dma_map(iova, size, host_addr as *mut u8)
-        }
-        .map_err(io::Error::other)
+        // `LegacyContainer::map_dma`.
+        unsafe { self.container.map_dma(iova, size, host_addr) }
     }
 
     fn unmap_dma(&self, iova: u64, size: u64) -> io::Result<()> {
-        let size = usize::try_from(size).map_err(|_| io::ErrorKind::InvalidInput)?;
-        self.container
-            .vfio_dma_unmap(iova, size)
-            .map_err(io::Error::other)
+        self.container.unmap_dma(iova, size)
     }
 
     fn info(&self) -> io::Result<IommuInfo> {
@@ -266,8 +262,16 @@ impl IommuBackend for Type1Iommu {
         Ok(parse_iommu_info(&bytes))
     }
 
-    fn open_device(&self, sysfs_path: &Path) -> std::result::Result<VfioDevice, VfioError> {
-        VfioDevice::new(sysfs_path, self.container.clone(), false)
+    fn open_device_with_group(
+        &self,
+        sysfs_path: &Path,
+        group: Option<OwnedFd>,
+    ) -> std::result::Result<VfioDevice, VfioError> {
+        self.container.open_device(sysfs_path, group)
+    }
+
+    fn attached_groups(&self) -> usize {
+        self.container.attached_groups()
     }
 }
 
@@ -379,20 +383,36 @@ impl Container {
         self.lock().devices
     }
 
+    /// Number of VFIO groups attached (a group stays attached while one of its devices is open).
+    pub fn attached_groups(&self) -> usize {
+        self.backend.attached_groups()
+    }
+
     /// Opens the device at `sysfs_path` into this container, mapping guest RAM if it is the
     /// first device.
     pub fn open_device(
         self: &Arc<Self>,
         sysfs_path: &Path,
     ) -> Result<(VfioDevice, DeviceAttachment)> {
+        self.open_device_with_group(sysfs_path, None)
+    }
+
+    /// Like [`Container::open_device`], with `group`, if given, a pre-opened fd of the device's
+    /// VFIO group (from a privileged control plane) used instead of opening `/dev/vfio/<group>`.
+    /// The fd must be that group's; if the group is attached already, the fd is just closed.
+    pub fn open_device_with_group(
+        self: &Arc<Self>,
+        sysfs_path: &Path,
+        group: Option<OwnedFd>,
+    ) -> Result<(VfioDevice, DeviceAttachment)> {
         let mut state = self.lock();
-        let device =
-            self.backend
-                .open_device(sysfs_path)
-                .map_err(|source| ContainerError::OpenDevice {
-                    path: sysfs_path.display().to_string(),
-                    source,
-                })?;
+        let device = self
+            .backend
+            .open_device_with_group(sysfs_path, group)
+            .map_err(|source| ContainerError::OpenDevice {
+                path: sysfs_path.display().to_string(),
+                source,
+            })?;
         self.map_all(&mut state)?;
         state.devices += 1;
         drop(state);

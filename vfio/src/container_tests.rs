@@ -33,8 +33,18 @@ impl IommuBackend for Arc<FakeIommu> {
         Ok(IommuInfo::default())
     }
 
-    fn open_device(&self, _sysfs_path: &Path) -> std::result::Result<VfioDevice, VfioError> {
-        Err(VfioError::InvalidPath)
+    fn open_device_with_group(
+        &self,
+        sysfs_path: &Path,
+        _group: Option<OwnedFd>,
+    ) -> std::result::Result<VfioDevice, VfioError> {
+        Err(VfioError::DeviceName {
+            device: sysfs_path.display().to_string(),
+        })
+    }
+
+    fn attached_groups(&self) -> usize {
+        0
     }
 }
 

@@ -11,10 +11,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use thiserror::Error;
-use vfio_ioctls::VfioError;
-
 use crate::container::ContainerError;
+use crate::legacy::VfioError;
+use thiserror::Error;
 
 const SYS_DEVICES: &str = "sys/bus/pci/devices";
 const SYS_GROUPS: &str = "sys/kernel/iommu_groups";
@@ -408,17 +407,18 @@ impl Sysfs {
             return None;
         };
         let busy = match source {
-            VfioError::OpenGroup(e, _)
-                if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            VfioError::OpenGroup { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
             {
                 return Some(HostError::GroupPermission {
                     bdf: device.bdf,
                     group: device.group,
                 });
             }
-            VfioError::OpenGroup(e, _) => e.raw_os_error() == Some(libc::EBUSY),
-            VfioError::GroupGetDeviceFD(e) => e.errno() == libc::EBUSY,
-            VfioError::GroupViable => {
+            VfioError::OpenGroup { source, .. } | VfioError::GetDeviceFd { source, .. } => {
+                source.raw_os_error() == Some(libc::EBUSY)
+            }
+            VfioError::GroupNotViable { .. } => {
                 let others = self
                     .unsafe_group_members(&device.bdf, device.group)
                     .unwrap_or_default();

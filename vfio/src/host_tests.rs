@@ -225,7 +225,11 @@ fn busy_group_error_names_the_holder() {
     let dev = sysfs.prepare("01:00.0").unwrap();
     let err = ContainerError::OpenDevice {
         path: dev.sysfs_path.display().to_string(),
-        source: VfioError::OpenGroup(io::Error::from_raw_os_error(libc::EBUSY), "7".into()),
+        source: VfioError::OpenGroup {
+            group: 7,
+            path: "/dev/vfio/7".into(),
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        },
     };
     let explained = sysfs.explain_open_error(&dev, &err).unwrap();
     assert_eq!(
@@ -255,7 +259,11 @@ fn permission_denied_on_the_group_names_the_fix() {
     let dev = sysfs.prepare("01:00.0").unwrap();
     let err = ContainerError::OpenDevice {
         path: String::new(),
-        source: VfioError::OpenGroup(io::Error::from_raw_os_error(libc::EACCES), "7".into()),
+        source: VfioError::OpenGroup {
+            group: 7,
+            path: "/dev/vfio/7".into(),
+            source: io::Error::from_raw_os_error(libc::EACCES),
+        },
     };
     let explained = sysfs.explain_open_error(&dev, &err).unwrap();
     assert!(matches!(
@@ -272,7 +280,11 @@ fn other_open_errors_are_not_explained() {
     let dev = sysfs.prepare("01:00.0").unwrap();
     let err = ContainerError::OpenDevice {
         path: String::new(),
-        source: VfioError::OpenGroup(io::Error::from_raw_os_error(libc::ENOENT), "7".into()),
+        source: VfioError::OpenGroup {
+            group: 7,
+            path: "/dev/vfio/7".into(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        },
     };
     assert!(sysfs.explain_open_error(&dev, &err).is_none());
 }

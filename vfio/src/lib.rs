@@ -1,6 +1,8 @@
 //! VFIO passthrough PCI devices of rvmm.
 //!
 //! - [`container`]: one VFIO container per VM, DMA-mapping guest RAM.
+//! - [`legacy`]: our own layer over the legacy VFIO container/group interface (pre-opened fds,
+//!   groups released with their last device).
 //! - [`host`]: host-side checks (device, driver, IOMMU group, ownership, memlock) with errors
 //!   that name the device and the fix.
 //! - [`VfioPciDevice`]: the passthrough device model: virtual config space (BARs, MSI, MSI-X,
@@ -22,6 +24,7 @@ pub mod device;
 pub mod host;
 pub mod interrupts;
 pub mod layout;
+pub mod legacy;
 pub mod limit;
 pub mod mmio;
 pub mod msi;
@@ -39,5 +42,6 @@ pub use container::{
 pub use device::{DeviceConfig, DeviceError, VfioPciDevice};
 pub use host::{GroupHolder, GroupMember, HostBdf, HostDevice, HostError, Sysfs};
 pub use interrupts::{InterruptError, InterruptRouter, IrqMode};
+pub use legacy::{GroupFdMismatch, LegacyContainer, VfioDevice, VfioError};
 pub use limit::{check_passthrough_limit, LimitError, MAX_PASSTHROUGH_DEVICES};
 pub use mmio::{AddressSpace, GuestMmio, SlotId};
