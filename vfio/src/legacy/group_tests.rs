@@ -1,4 +1,4 @@
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Mutex as StdMutex;
 
 use vfio_bindings::bindings::vfio::{VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE};
@@ -249,19 +249,18 @@ fn preopened_fd_of_an_attached_group_reuses_the_group() {
 }
 
 #[test]
-fn preopened_fd_of_another_node_is_refused_with_fd_group_and_device() {
+fn preopened_fd_of_another_node_is_refused_naming_group_and_device() {
     let (_calls, c) = container(FakeKernel {
         fd_rdev: libc::makedev(240, 8),
         ..FakeKernel::new()
     });
     let fd = some_fd();
-    let raw = fd.as_raw_fd();
     let err = c.attach_device(7, DEV_A, Some(fd)).err().unwrap();
     assert_eq!(
         err.to_string(),
         format!(
-            "fd {raw} given for 0000:01:00.0 is not its VFIO group 7: it is device 240:8, the \
-             group node is 240:7"
+            "the descriptor given for 0000:01:00.0 is not its VFIO group 7: it is device 240:8, \
+             the group node is 240:7"
         )
     );
     assert_eq!(c.attached_groups(), 0);

@@ -93,9 +93,9 @@ pub enum VfioError {
         source: io::Error,
     },
     /// A pre-opened group fd cannot be stat'ed.
-    #[error("cannot stat the group fd {fd} given for {device}")]
+    #[error("cannot stat the group descriptor given for {device}")]
     GroupFdStat {
-        /// The fd.
+        /// The fd (this process's copy; the caller's number may differ).
         fd: RawFd,
         /// The device.
         device: String,
@@ -104,9 +104,9 @@ pub enum VfioError {
         source: io::Error,
     },
     /// A pre-opened fd is not the device's group.
-    #[error("fd {fd} given for {device} is not its VFIO group {group}: {reason}")]
+    #[error("the descriptor given for {device} is not its VFIO group {group}: {reason}")]
     ForeignGroupFd {
-        /// The fd.
+        /// The fd (this process's copy; the caller's number may differ).
         fd: RawFd,
         /// The expected group.
         group: u32,
