@@ -6,6 +6,7 @@
 //!
 //! [`release`]: VfioPciDevice::release
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use log::Level;
@@ -200,26 +201,27 @@ fn bar_map(
 
 impl VfioPciDevice {
     /// Opens `host` (checked by [`Sysfs::prepare`]) through the VM's `container`, resets it and
-    /// builds the device model. Errors with a known host-side cause come back as
-    /// [`DeviceError::Host`].
+    /// builds the device model. `group` is the device's VFIO group descriptor when the caller
+    /// opened it (an unprivileged VMM); `None` opens `/dev/vfio/<group>`. Errors with a known
+    /// host-side cause come back as [`DeviceError::Host`].
     pub fn open(
         container: &Arc<Container>,
         sysfs: &Sysfs,
         host: &HostDevice,
+        group: Option<OwnedFd>,
         config: DeviceConfig,
         router: Arc<dyn InterruptRouter>,
         mmio: Arc<dyn GuestMmio>,
     ) -> Result<Self> {
         let name = host.bdf.to_string();
-        let (device, attachment) =
-            container.open_device(&host.sysfs_path).map_err(|e| {
-                match sysfs.explain_open_error(host, &e) {
-                    Some(explained) => DeviceError::Host(explained),
-                    None => DeviceError::Container {
-                        name: name.clone(),
-                        source: e,
-                    },
-                }
+        let (device, attachment) = container
+            .open_device_with_group(&host.sysfs_path, group)
+            .map_err(|e| match sysfs.explain_open_error(host, &e) {
+                Some(explained) => DeviceError::Host(explained),
+                None => DeviceError::Container {
+                    name: name.clone(),
+                    source: e,
+                },
             })?;
         let backend = VfioBackend::new(device, attachment);
         Self::with_backend(name, Box::new(backend), config, router, mmio)

@@ -13,6 +13,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
+use crate::api::{DeviceSpec as ApiDeviceSpec, InheritedFds};
 use crate::config::VmConfig;
 use crate::exit::ExitSignal;
 use crate::guest_mmio::KvmGuestMmio;
@@ -58,9 +59,9 @@ pub enum DeviceError {
     Passthrough {
         /// The device as given.
         spec: String,
-        /// Why.
+        /// Why (boxed: passthrough errors carry the whole VFIO cause).
         #[source]
-        source: PassthroughError,
+        source: Box<PassthroughError>,
     },
     /// The serial output could not be opened.
     #[error("cannot open the serial console output")]
@@ -174,17 +175,29 @@ impl DeviceManager {
             max_memslots,
         ));
         let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
+        // Group descriptors of boot devices may be numbers this process inherited.
+        let mut inherited = InheritedFds::default();
         for req in &config.devices {
+            let mut req = req.clone();
+            if let Some(group) = &req.group {
+                let adopted = inherited
+                    .adopt(group)
+                    .map_err(|e| DeviceError::Passthrough {
+                        spec: describe(&req.device),
+                        source: Box::new(e.into()),
+                    })?;
+                req.group = Some(adopted);
+            }
             let spec =
-                DeviceSpec::from_request(req).map_err(|source| DeviceError::Passthrough {
-                    spec: "vf=...".into(),
-                    source,
+                DeviceSpec::from_request(&req).map_err(|source| DeviceError::Passthrough {
+                    spec: describe(&req.device),
+                    source: Box::new(source),
                 })?;
             passthrough
                 .attach_at_boot(&spec, &pci.segment)
                 .map_err(|source| DeviceError::Passthrough {
                     spec: spec.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         dm.pci = Some(pci);
@@ -254,5 +267,13 @@ impl DeviceManager {
     /// Guest address of the ACPI RSDP.
     pub fn rsdp_address(&self) -> u64 {
         self.rsdp
+    }
+}
+
+/// A boot device as the command line names it, for errors.
+fn describe(device: &ApiDeviceSpec) -> String {
+    match device {
+        ApiDeviceSpec::Host(bdf) => format!("path={bdf}"),
+        ApiDeviceSpec::Vf(vf) => format!("vf={}", vf.pf),
     }
 }

@@ -22,7 +22,7 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::api::types::{DeviceSpec as ApiDeviceSpec, VfInfo, VfSpec, VmResources};
-use crate::api::{AddDeviceRequest, MacAddr, PhysicalFunction};
+use crate::api::{AddDeviceRequest, GroupFd, GroupFdError, MacAddr, PhysicalFunction};
 use crate::guest_mmio::KvmGuestMmio;
 use crate::irq_routing::GsiRouter;
 
@@ -34,6 +34,9 @@ pub struct DeviceSpec {
     pub source: DeviceSource,
     /// Name in the VM; generated when absent.
     pub id: Option<String>,
+    /// The VFIO group descriptor the caller opened (only for `path=`, always
+    /// [`GroupFd::Open`]); `None`: rvmm opens `/dev/vfio/<group>` itself.
+    pub group: Option<GroupFd>,
 }
 
 /// Where a passthrough device comes from.
@@ -64,14 +67,27 @@ fn vf_request(spec: &VfSpec) -> Result<VfRequest, PassthroughError> {
 
 impl DeviceSpec {
     /// The passthrough device of an add request (API, `--device` or `--vf`).
+    ///
+    /// A group descriptor must already be held by this process ([`GroupFd::Open`]): a bare
+    /// number is refused, so no request can make rvmm use a descriptor it was not given for the
+    /// purpose.
     pub fn from_request(req: &AddDeviceRequest) -> Result<Self, PassthroughError> {
         let source = match &req.device {
             ApiDeviceSpec::Host(bdf) => DeviceSource::Path(bdf.to_string()),
             ApiDeviceSpec::Vf(vf) => DeviceSource::Vf(vf_request(vf)?),
         };
+        let group = match &req.group {
+            None => None,
+            Some(GroupFd::Number(fd)) => return Err(PassthroughError::GroupNotHeld(*fd)),
+            Some(GroupFd::Open(_)) if matches!(source, DeviceSource::Vf(_)) => {
+                return Err(PassthroughError::GroupForVf)
+            }
+            Some(open) => Some(open.clone()),
+        };
         Ok(Self {
             source,
             id: req.id.as_ref().map(|id| id.as_str().to_owned()),
+            group,
         })
     }
 }
@@ -92,6 +108,9 @@ impl fmt::Display for DeviceSpec {
         }
         if let Some(id) = &self.id {
             write!(f, ",id={id}")?;
+        }
+        if let Some(group) = &self.group {
+            write!(f, ",group-fd={}", group.number())?;
         }
         if let DeviceSource::Vf(vf) = &self.source {
             let p = &vf.policy;
@@ -118,6 +137,18 @@ pub enum PassthroughError {
     /// The VM has the most passthrough devices it may have.
     #[error(transparent)]
     Limit(#[from] LimitError),
+    /// A group descriptor number that this process does not hold for the request.
+    #[error("group-fd={0} was not handed over with the request: send the descriptor itself (SCM_RIGHTS over the API socket, as `rvmm ctl add-device ...,group-fd=N` does; GroupFd::Open in the library)")]
+    GroupNotHeld(i32),
+    /// A group descriptor with a `vf=` request.
+    #[error("group-fd applies only to path= devices: rvmm opens the VF it picks itself")]
+    GroupForVf,
+    /// An inherited group descriptor cannot be taken over.
+    #[error(transparent)]
+    GroupFd(#[from] GroupFdError),
+    /// The group descriptor cannot be duplicated for the VFIO layer.
+    #[error("cannot duplicate the VFIO group descriptor")]
+    GroupDup(#[source] std::io::Error),
     /// The id is taken.
     #[error("device id {0:?} is already used in this VM")]
     DuplicateId(String),
@@ -397,10 +428,17 @@ impl Passthrough {
         self.sysfs.check_memlock(self.memory_size())?;
         let port = self.free_port(segment)?;
         let container = self.container()?;
+        // The vfio layer owns the group descriptor while the group is attached; the request
+        // keeps its own.
+        let group = match spec.group.as_ref().and_then(GroupFd::open) {
+            Some(fd) => Some(fd.try_clone().map_err(PassthroughError::GroupDup)?),
+            None => None,
+        };
         let device = VfioPciDevice::open(
             &container,
             &self.sysfs,
             &host,
+            group,
             DeviceConfig { intx_gsi: None },
             self.router.clone(),
             self.guest_mmio.clone(),

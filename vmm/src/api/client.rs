@@ -1,7 +1,8 @@
 //! A client of the control API: one connection per call, typed helpers per endpoint and an
 //! events reader. `rvmm ctl` and the integration tests use it.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +12,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::api::error::ErrorBody;
+use crate::api::fd_passing::write_with_fds;
+use crate::api::group_fd::GroupFd;
 use crate::api::server::{
     ADD_DEVICE_PATH, EVENTS_PATH, INFO_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
 };
@@ -141,16 +144,18 @@ impl ApiClient {
         })
     }
 
-    /// Sends `method path` with an optional JSON body and reads the head of the answer.
+    /// Sends `method path` with an optional JSON body (and the descriptors `fds` as
+    /// `SCM_RIGHTS` data) and reads the head of the answer.
     fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
+        fds: &[RawFd],
         timeout: Option<Duration>,
     ) -> Result<(u16, Framing, BufReader<UnixStream>), ClientError> {
         let wait = timeout.unwrap_or(Duration::ZERO);
-        let mut stream = self.connect()?;
+        let stream = self.connect()?;
         stream
             .set_write_timeout(Some(self.timeout))
             .and_then(|()| stream.set_read_timeout(timeout))
@@ -167,9 +172,7 @@ impl ApiClient {
         request.push_str("\r\n");
         let mut bytes = request.into_bytes();
         bytes.extend_from_slice(body);
-        stream
-            .write_all(&bytes)
-            .map_err(io_err("send the request", wait))?;
+        write_with_fds(&stream, &bytes, fds).map_err(io_err("send the request", wait))?;
         let mut reader = BufReader::new(stream);
         loop {
             let (status, framing) = read_head(&mut reader, wait)?;
@@ -189,7 +192,19 @@ impl ApiClient {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Answer, ClientError> {
-        let (status, framing, reader) = self.send(method, path, body, Some(timeout))?;
+        self.call_with_fds(method, path, body, &[], timeout)
+    }
+
+    /// [`Client::call`] with descriptors sent along as `SCM_RIGHTS` data.
+    pub fn call_with_fds(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        fds: &[RawFd],
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let (status, framing, reader) = self.send(method, path, body, fds, Some(timeout))?;
         let body = read_body(reader, framing, timeout)?;
         if (200..300).contains(&status) {
             return Ok(Answer { status, body });
@@ -222,9 +237,12 @@ impl ApiClient {
         self.info_raw()?.json()
     }
 
-    /// `PUT /v1/vm/add-device`, as the raw answer.
+    /// `PUT /v1/vm/add-device`, as the raw answer. A group descriptor of the request
+    /// (`group-fd=N`: this process's descriptor N) is sent along with it.
     pub fn add_device_raw(&self, req: &AddDeviceRequest) -> Result<Answer, ClientError> {
-        self.put(ADD_DEVICE_PATH, req, self.timeout)
+        let body = serde_json::to_vec(req).map_err(ClientError::Encode)?;
+        let fds: Vec<RawFd> = req.group.iter().map(GroupFd::number).collect();
+        self.call_with_fds("PUT", ADD_DEVICE_PATH, Some(&body), &fds, self.timeout)
     }
 
     /// `PUT /v1/vm/add-device`.
@@ -255,7 +273,7 @@ impl ApiClient {
 
     /// `GET /v1/events`: a reader of the stream, which blocks until events come.
     pub fn events(&self) -> Result<EventStream, ClientError> {
-        let (status, framing, reader) = self.send("GET", EVENTS_PATH, None, None)?;
+        let (status, framing, reader) = self.send("GET", EVENTS_PATH, None, &[], None)?;
         if !(200..300).contains(&status) {
             let body = read_body(reader, framing, self.timeout)?;
             let message = serde_json::from_slice::<ErrorBody>(&body)

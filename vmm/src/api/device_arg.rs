@@ -2,12 +2,13 @@
 //! `rvmm run --device` and `rvmm run --vf`:
 //!
 //! ```text
-//! path=HOST_DEVICE[,id=NAME]
+//! path=HOST_DEVICE[,id=NAME][,group-fd=N]
 //! vf=PF[,id=NAME][,mac=MAC][,vlan=N][,trust=on|off][,spoofchk=on|off]
 //! ```
 //!
 //! `HOST_DEVICE` is a PCI address or its `/sys/bus/pci/devices/...` directory; `PF` is the same
-//! or a network interface name. `pf=PF` is another spelling of `vf=PF` (the form `--vf` uses).
+//! or a network interface name. `group-fd=N` names an open descriptor of the device's VFIO group
+//! (see [`crate::api::GroupFd`]). `pf=PF` is another spelling of `vf=PF` (the form `--vf` uses).
 //! The result is the [`AddDeviceRequest`] the API takes, checked by
 //! the same rules as the JSON body.
 
@@ -16,7 +17,7 @@ use std::str::FromStr;
 use thiserror::Error;
 
 use crate::api::types::{AddDeviceRequest, AddDeviceWire};
-use crate::api::values::{parse_vlan, shown, DeviceId, PciBdf, ValueError};
+use crate::api::values::{parse_fd, parse_vlan, shown, DeviceId, PciBdf, ValueError};
 
 /// Errors of a device argument.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -28,7 +29,9 @@ pub enum DeviceArgError {
         entry: String,
     },
     /// A key the form does not have.
-    #[error("unknown key '{key}': use path, vf (or pf), id, mac, vlan, trust or spoofchk")]
+    #[error(
+        "unknown key '{key}': use path, vf (or pf), id, group-fd, mac, vlan, trust or spoofchk"
+    )]
     UnknownKey {
         /// The key.
         key: String,
@@ -99,6 +102,7 @@ impl FromStr for AddDeviceRequest {
             vlan: None,
             trust: None,
             spoofchk: None,
+            group_fd: None,
         };
         for (i, entry) in s.split(',').enumerate() {
             // A bare BDF or sysfs path may stand first, for `path=`.
@@ -119,6 +123,7 @@ impl FromStr for AddDeviceRequest {
                 "vlan" => set(&mut w.vlan, key, value("vlan", parse_vlan(v))?)?,
                 "trust" => set(&mut w.trust, key, switch(key, v)?)?,
                 "spoofchk" => set(&mut w.spoofchk, key, switch(key, v)?)?,
+                "group-fd" => set(&mut w.group_fd, key, value("group-fd", parse_fd(v))?)?,
                 _ => return Err(DeviceArgError::UnknownKey { key: shown(key) }),
             }
         }
@@ -143,6 +148,7 @@ mod tests {
             Ok(AddDeviceRequest {
                 id: Some(DeviceId::new("nvme0").expect("valid id")),
                 device: DeviceSpec::Host("0000:01:00.0".parse().expect("valid address")),
+                group: None,
             })
         );
     }

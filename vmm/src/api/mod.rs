@@ -21,6 +21,8 @@ pub mod ctl;
 pub mod device_arg;
 pub mod error;
 pub mod events;
+pub mod fd_passing;
+pub mod group_fd;
 pub mod http;
 pub mod queue;
 pub mod server;
@@ -36,6 +38,7 @@ pub use client::{ApiClient, ClientError};
 pub use device_arg::DeviceArgError;
 pub use error::{ApiError, ErrorBody};
 pub use events::{EventBus, Received, Subscription};
+pub use group_fd::{GroupFd, GroupFdError, InheritedFds};
 pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{

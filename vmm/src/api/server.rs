@@ -4,7 +4,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::error::ApiError;
 use crate::api::events::{Received, Subscription};
+use crate::api::fd_passing::{FdReceivingStream, MAX_REQUEST_FDS};
+use crate::api::group_fd::GroupFd;
 use crate::api::http::{self, Limits, LineStream, Request, Response};
 use crate::api::types::{AddDeviceRequest, RemoveDeviceRequest, ShutdownRequest};
 use crate::api::ApiHandler;
@@ -476,7 +478,10 @@ fn serve_request(mut stream: &UnixStream, shared: &Shared) {
         log::warn!("control API: cannot set a write timeout: {e}");
         return;
     }
-    let request = match http::read_request(&mut stream, &shared.config.limits) {
+    let mut receiving = FdReceivingStream::new(stream);
+    let read = http::read_request(&mut receiving, &shared.config.limits);
+    let fds = receiving.into_fds();
+    let request = match read {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => {
@@ -485,7 +490,7 @@ fn serve_request(mut stream: &UnixStream, shared: &Shared) {
             return;
         }
     };
-    let outcome = dispatch(&request, shared.handler.as_ref())
+    let outcome = dispatch(&request, fds, shared.handler.as_ref())
         .unwrap_or_else(|e| Outcome::Reply(Response::error(&e)));
     match outcome {
         Outcome::Reply(response) => {
@@ -532,15 +537,58 @@ fn no_body(request: &Request) -> Result<(), ApiError> {
     }
 }
 
-fn dispatch(request: &Request, handler: &dyn ApiHandler) -> Result<Outcome, ApiError> {
+/// Joins the descriptor that came with an add-device request to its `"group_fd"`: both or
+/// neither.
+fn with_group(
+    mut req: AddDeviceRequest,
+    fd: Option<OwnedFd>,
+) -> Result<AddDeviceRequest, ApiError> {
+    req.group = match (req.group.take(), fd) {
+        (Some(_), Some(fd)) => Some(GroupFd::Open(Arc::new(fd))),
+        (Some(group), None) => {
+            return Err(ApiError::BadRequest(format!(
+                "\"group_fd\": {} came without a descriptor: send the VFIO group descriptor with the request as SCM_RIGHTS data (rvmm ctl add-device ...,group-fd=N does)",
+                group.number()
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "a file descriptor came with the request but the body has no \"group_fd\"".into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    Ok(req)
+}
+
+/// Answers one request; `fds` are the descriptors that came with it and how many more were
+/// dropped.
+fn dispatch(
+    request: &Request,
+    (mut fds, dropped): (Vec<OwnedFd>, usize),
+    handler: &dyn ApiHandler,
+) -> Result<Outcome, ApiError> {
     let reply = |value: Result<_, ApiError>| value.map(Outcome::Reply);
-    match route(&request.method, &request.target)? {
+    let endpoint = route(&request.method, &request.target)?;
+    if dropped > 0 {
+        return Err(ApiError::BadRequest(format!(
+            "the request carried {} file descriptors; add-device takes at most {MAX_REQUEST_FDS}",
+            fds.len() + dropped
+        )));
+    }
+    if !fds.is_empty() && endpoint != Endpoint::AddDevice {
+        return Err(ApiError::BadRequest(format!(
+            "{} {} takes no file descriptors",
+            request.method, request.target
+        )));
+    }
+    match endpoint {
         Endpoint::Info => {
             no_body(request)?;
             reply(handler.info().map(|i| Response::json(200, &i)))
         }
         Endpoint::AddDevice => {
-            let req: AddDeviceRequest = json_body(&request.body)?;
+            let req = with_group(json_body(&request.body)?, fds.pop())?;
             reply(handler.add_device(req).map(|d| Response::json(200, &d)))
         }
         Endpoint::RemoveDevice => {

@@ -2,6 +2,8 @@
 //! [`ApiHandler`] trait.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,8 @@ use tempfile::TempDir;
 
 use crate::api::client::{ApiClient, ClientError};
 use crate::api::events::{EventBus, Subscription};
+use crate::api::fd_passing::write_with_fds;
+use crate::api::group_fd::GroupFd;
 use crate::api::http::Limits;
 use crate::api::queue::{ApiRequestQueue, PendingRequest, QueueTimeouts};
 use crate::api::server::{ApiServer, ServerConfig, ServerError};
@@ -27,6 +31,8 @@ struct FakeVmm {
     bus: Arc<EventBus>,
     devices: Mutex<Vec<DeviceInfo>>,
     shutdown_delay: Duration,
+    /// (device, inode) of the group descriptor of the last add request that had one.
+    group: Mutex<Option<(u64, u64)>>,
 }
 
 fn bdf(s: &str) -> PciBdf {
@@ -47,6 +53,7 @@ impl FakeVmm {
             bus: Arc::new(EventBus::new()),
             devices: Mutex::new(Vec::new()),
             shutdown_delay,
+            group: Mutex::new(None),
         })
     }
 
@@ -78,6 +85,20 @@ impl ApiHandler for FakeVmm {
                 "the fake takes host devices".into(),
             ));
         };
+        match &req.group {
+            Some(GroupFd::Open(fd)) => {
+                let meta = std::fs::File::from(fd.try_clone().expect("dup"))
+                    .metadata()
+                    .expect("fstat");
+                *self.group.lock().expect("not poisoned") = Some((meta.dev(), meta.ino()));
+            }
+            Some(GroupFd::Number(n)) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "bare descriptor number {n}"
+                )))
+            }
+            None => {}
+        }
         let id = req.id.unwrap_or_else(|| id("dev0"));
         if id.as_str() == "busy" {
             return Err(ApiError::Conflict("device 0000:01:00.0 is in use".into()));
@@ -190,6 +211,15 @@ fn put(path: &Path, target: &str, body: &str) -> (u16, String) {
     raw(path, req.as_bytes())
 }
 
+/// Sends raw bytes with `file`'s descriptor attached; returns the whole response text.
+fn raw_with_fd(path: &Path, request: &[u8], file: &std::fs::File) -> String {
+    let stream = UnixStream::connect(path).expect("connect");
+    write_with_fds(&stream, request, &[file.as_raw_fd()]).expect("sent");
+    let mut out = String::new();
+    (&stream).read_to_string(&mut out).expect("answer");
+    out
+}
+
 fn api_status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
     match r {
         Err(ClientError::Api { status, message }) => (status, message),
@@ -216,6 +246,68 @@ fn add_device_answers_with_guest_and_host_address() {
     assert_eq!(d.bdf, bdf("0000:02:00.0"));
     assert_eq!(d.host_bdf, bdf("0000:01:00.0"));
     assert_eq!(s.client().info().expect("info").devices, vec![d]);
+}
+
+#[test]
+fn group_descriptor_sent_by_the_client_reaches_the_vmm() {
+    let s = start();
+    let file = tempfile::tempfile().expect("temp file");
+    let meta = file.metadata().expect("fstat");
+    let req: AddDeviceRequest = format!("path=0000:01:00.0,group-fd={}", file.as_raw_fd())
+        .parse()
+        .expect("valid");
+
+    s.client().add_device(&req).expect("added");
+
+    assert_eq!(
+        *s.vmm.group.lock().expect("not poisoned"),
+        Some((meta.dev(), meta.ino()))
+    );
+}
+
+#[test]
+fn group_fd_without_a_descriptor_is_400() {
+    let s = start();
+
+    let (status, text) = put(
+        &s.path,
+        "/v1/vm/add-device",
+        r#"{"path": "0000:01:00.0", "group_fd": 7}"#,
+    );
+
+    assert_eq!(status, 400);
+    assert!(text.contains("came without a descriptor"), "{text}");
+}
+
+#[test]
+fn descriptor_without_group_fd_is_400() {
+    let s = start();
+    let file = tempfile::tempfile().expect("temp file");
+    let body = r#"{"path": "0000:01:00.0"}"#;
+    let req = format!(
+        "PUT /v1/vm/add-device HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+
+    let out = raw_with_fd(&s.path, req.as_bytes(), &file);
+
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("has no \\\"group_fd\\\""), "{out}");
+}
+
+#[test]
+fn descriptor_with_another_endpoint_is_400() {
+    let s = start();
+    let file = tempfile::tempfile().expect("temp file");
+
+    let out = raw_with_fd(
+        &s.path,
+        b"GET /v1/vm/info HTTP/1.1\r\nHost: x\r\n\r\n",
+        &file,
+    );
+
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("takes no file descriptors"), "{out}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::api::group_fd::GroupFd;
 use crate::api::values::{DeviceId, MacAddr, PciBdf, PhysicalFunction, MAX_VLAN};
 use crate::exit::VmExit;
 
@@ -15,8 +16,10 @@ pub const MAX_REMOVE_TIMEOUT_MS: u64 = 600_000;
 
 /// `PUT /v1/vm/add-device`: hot-add exactly one device.
 ///
-/// On the wire either `{"path": HOST_DEVICE, "id"?}` or
-/// `{"vf": PF, "id"?, "mac"?, "vlan"?, "trust"?, "spoofchk"?}`.
+/// On the wire either `{"path": HOST_DEVICE, "id"?, "group_fd"?}` or
+/// `{"vf": PF, "id"?, "mac"?, "vlan"?, "trust"?, "spoofchk"?}`. `group_fd` says that the request
+/// carries the device's VFIO group descriptor as `SCM_RIGHTS` data (its value is the sender's
+/// descriptor number).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "AddDeviceWire", into = "AddDeviceWire")]
 pub struct AddDeviceRequest {
@@ -24,6 +27,9 @@ pub struct AddDeviceRequest {
     pub id: Option<DeviceId>,
     /// The device.
     pub device: DeviceSpec,
+    /// The device's VFIO group, opened by the caller (only with [`DeviceSpec::Host`]); `None`:
+    /// rvmm opens `/dev/vfio/<group>` itself.
+    pub group: Option<GroupFd>,
 }
 
 /// The one device of an add request.
@@ -76,6 +82,20 @@ pub(super) struct AddDeviceWire {
     pub(super) trust: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) spoofchk: Option<bool>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "group_fd"
+    )]
+    pub(super) group_fd: Option<i32>,
+}
+
+/// `group_fd`: a descriptor number, 0 or more.
+fn group_fd<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    let v = u64::deserialize(d)?;
+    i32::try_from(v).map(Some).map_err(|_| {
+        serde::de::Error::custom(format!("group_fd {v} is not a file descriptor number"))
+    })
 }
 
 /// `path`: a PCI address or its sysfs directory.
@@ -116,6 +136,9 @@ impl TryFrom<AddDeviceWire> for AddDeviceRequest {
             (Some(_), None) if has_vf_settings => {
                 return Err("\"mac\", \"vlan\", \"trust\" and \"spoofchk\" apply only to a \"vf\" device".into())
             }
+            (None, Some(_)) if w.group_fd.is_some() => {
+                return Err("\"group_fd\" applies only to a \"path\" device: rvmm opens the VF it picks itself".into())
+            }
             (Some(bdf), None) => DeviceSpec::Host(bdf),
             (None, Some(pf)) => DeviceSpec::Vf(VfSpec {
                 pf,
@@ -125,7 +148,11 @@ impl TryFrom<AddDeviceWire> for AddDeviceRequest {
                 spoofchk: w.spoofchk,
             }),
         };
-        Ok(AddDeviceRequest { id: w.id, device })
+        Ok(AddDeviceRequest {
+            id: w.id,
+            device,
+            group: w.group_fd.map(GroupFd::Number),
+        })
     }
 }
 
@@ -139,6 +166,7 @@ impl From<AddDeviceRequest> for AddDeviceWire {
             vlan: None,
             trust: None,
             spoofchk: None,
+            group_fd: r.group.as_ref().map(GroupFd::number),
         };
         match r.device {
             DeviceSpec::Host(bdf) => w.path = Some(bdf),
@@ -426,6 +454,7 @@ mod tests {
             Ok(AddDeviceRequest {
                 id: Some(DeviceId::new("nvme0").expect("valid id")),
                 device: DeviceSpec::Host(bdf("0000:01:00.0")),
+                group: None,
             })
         );
     }

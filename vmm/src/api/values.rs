@@ -64,6 +64,12 @@ pub enum ValueError {
         /// What was given.
         given: String,
     },
+    /// Not a file descriptor number.
+    #[error("invalid descriptor '{given}': expected a file descriptor number like 5")]
+    Fd {
+        /// What was given.
+        given: String,
+    },
 }
 
 /// Longest piece of user input an error message repeats.
@@ -348,6 +354,14 @@ pub fn parse_vlan(s: &str) -> Result<u16, ValueError> {
         .ok()
         .filter(|v| *v <= MAX_VLAN)
         .ok_or_else(|| ValueError::Vlan { given: shown(s) })
+}
+
+/// A file descriptor number (`group-fd=N`).
+pub fn parse_fd(s: &str) -> Result<i32, ValueError> {
+    s.parse::<i32>()
+        .ok()
+        .filter(|v| *v >= 0)
+        .ok_or_else(|| ValueError::Fd { given: shown(s) })
 }
 
 #[cfg(test)]

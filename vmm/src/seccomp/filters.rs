@@ -234,13 +234,15 @@ fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
     ])
 }
 
-/// An API connection thread: read one request from its socket, queue it to the event loop
+/// An API connection thread: read one request from its socket (`recvmsg`, which also takes a
+/// VFIO group descriptor sent with an add-device request), queue it to the event loop
 /// (an eventfd write) and wait for the answer, write the response or stream events, drain and
 /// close the connection (timeouts, `shutdown`, `poll` for a departed client).
 fn api_connection(a: &mut Allow) -> Result<(), SeccompError> {
     a.always(&[
         libc::SYS_read,
         libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
         libc::SYS_sendto,
         libc::SYS_poll,
         libc::SYS_ppoll,
