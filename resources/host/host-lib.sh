@@ -406,7 +406,9 @@ api_socket() { echo "/tmp/rvmm-$1.sock"; }
 # while the guest prints its own. rvmm writes the guest's console a byte at a time, so a marker
 # printed meanwhile could land inside a guest line; here the guest's console reaches ours (and
 # /tmp/rvmm-NAME.out) one whole line at a time, and rvmm's stderr comes as HOST rvmm_log lines.
-# End the run with rvmm_wait_lines.
+# End the run with rvmm_wait_lines. RVMM_AS_USER=USER runs rvmm as USER (a control plane that
+# drops privileges); RVMM_FD5=PATH opens PATH read-write as rvmm's descriptor 5 first (as root:
+# the way such a control plane hands over a VFIO group).
 rvmm_start_lines() {
   local name="$1" run="/tmp/rvmm-$1"
   shift
@@ -420,7 +422,19 @@ rvmm_start_lines() {
   echo $! >"$run.tee"
   awk '{ print "HOST rvmm_log " $0; fflush() }' <"$run.errfifo" &
   echo $! >"$run.errtee"
-  timeout -s KILL "$RVMM_TIMEOUT" "$RVMM" "$@" >"$run.fifo" 2>"$run.errfifo" <&9 &
+  if [ -n "${RVMM_AS_USER:-}" ]; then
+    hmark rvmm_user "$RVMM_AS_USER" "memlock_kb=$(ulimit -l)"
+    # shellcheck disable=SC2016 # expanded by su's shell, not here
+    set -- su -s /bin/sh -c 'exec "$0" "$@"' -- "$RVMM_AS_USER" "$RVMM" "$@"
+  else
+    set -- "$RVMM" "$@"
+  fi
+  # busybox timeout, su and sh -c exec in turn: $! is rvmm's pid either way.
+  if [ -n "${RVMM_FD5:-}" ]; then
+    timeout -s KILL "$RVMM_TIMEOUT" "$@" >"$run.fifo" 2>"$run.errfifo" <&9 5<>"$RVMM_FD5" &
+  else
+    timeout -s KILL "$RVMM_TIMEOUT" "$@" >"$run.fifo" 2>"$run.errfifo" <&9 &
+  fi
   echo $! >"$run.pid"
   hmark rvmm_pid "$!"
 }
