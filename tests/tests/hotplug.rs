@@ -216,8 +216,9 @@ fn cycles_scenario() -> String {
 }
 
 /// An igb VF hot-added and removed gracefully (`vf`), then an NVMe drive cold-plugged with
-/// `--device` (`cold`): requests rvmm must refuse while the VM has it, then its graceful
-/// removal at runtime.
+/// `--device` (`cold`): requests rvmm must refuse while the VM has it; the VF hot-added beside
+/// it, taken back by the host (unbound from vfio-pci) and added again while the drive keeps the
+/// VM's VFIO container alive (`stale_group`); then the drive's graceful removal at runtime.
 fn misc_scenario() -> String {
     let nvme_path = "path=/sys/bus/pci/devices/$NVME";
     let mut s = String::from(
@@ -261,6 +262,15 @@ fn misc_scenario() -> String {
          sleep 1\n\
          rvmm_ctl cold info_after info\n\
          rvmm_fds cold after\n\
+         hmark step stale_group\n\
+         rvmm_ctl cold vf_add add-device \"path=/sys/bus/pci/devices/$VF0,id=vf1\"\n\
+         rvmm_wait_more cold 'GUEST net-added' 0 30\n\
+         timed vf_unbind \"echo $VF0 >/sys/bus/pci/drivers/vfio-pci/unbind\"\n\
+         rvmm_wait_more cold 'GUEST net-removed' 0 30\n\
+         vfio_bind \"$VF0\"\n\
+         rvmm_ctl cold vf_readd add-device \"path=/sys/bus/pci/devices/$VF0,id=vf2\"\n\
+         rvmm_wait_more cold 'GUEST net-added' 1 30\n\
+         rvmm_ctl cold vf_readd_remove remove-device vf2 --surprise\n\
          hmark step remove\n\
          rvmm_ctl cold remove remove-device cold0\n\
          rvmm_wait_more cold 'GUEST block-removed' 0 30\n\

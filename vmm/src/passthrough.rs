@@ -560,9 +560,10 @@ impl Passthrough {
         d.device.release();
         d.release_vf();
         if self.devices.is_empty() {
-            // The kernel dropped the IOMMU domain with the last group; dropping the container too
-            // forgets groups that died under us (a host unbind or remove), so the next device,
-            // even the same one rebound, gets a fresh container instead of a stale group fd.
+            // The kernel dropped the IOMMU domain with the last group, so the container holds
+            // nothing of value: close it and the KVM VFIO device until the next device comes.
+            // (A group that died under us is released with its device either way: see
+            // rvmm_vfio::legacy.)
             self.container = None;
         }
         Some(d)

@@ -304,11 +304,49 @@ fn refused_requests_leave_the_rvmm_fd_count_unchanged() {
 fn guest_keeps_its_device_through_refused_requests() {
     let run = errors();
 
-    let markers = between(&run, "refusals", "remove");
+    let markers = between(&run, "refusals", "stale_group");
 
     run.check(
         guest_marker(&markers, "block-removed", "").is_none()
             && guest_marker(&markers, "pci-removed", "").is_none(),
         "the guest lost a device while rvmm refused requests",
+    );
+}
+
+// --- a group released while another device keeps the container ------------------------------
+
+#[test]
+fn vf_taken_back_by_the_host_beside_a_cold_plugged_drive_is_removed_as_host_request() {
+    let run = cold();
+
+    let unbind = run
+        .host_all("timed")
+        .into_iter()
+        .find(|m| m.word(0) == Some("vf_unbind"));
+
+    run.check(
+        unbind.is_some_and(|m| m.field("rc") == Some("0")),
+        "the test host's unbind of the VF from vfio-pci did not complete",
+    );
+    assert_removed_event(&run, "vf1", "host-request", 1);
+}
+
+#[test]
+fn vf_can_be_added_again_after_the_host_took_it_back_while_the_container_stayed() {
+    let run = cold();
+
+    let answer = ctl_ok(&run, "vf_readd");
+    let markers = between(&run, "stale_group", "remove");
+    let added = markers
+        .iter()
+        .filter(|m| m.source == Source::Guest && m.key == "net-added")
+        .count();
+
+    run.check(
+        json_value(answer, "state") == Some("present") && added == 2,
+        &format!(
+            "the VF re-added after the host took it back should reach the guest \
+             (answer {answer}, {added} net-added in the guest)"
+        ),
     );
 }
