@@ -26,7 +26,7 @@ if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
 fi
 command -v cargo >/dev/null || { echo "fuzz.sh: cargo is not installed (rustup)" >&2; exit 1; }
 
-ALL_TARGETS=(api_request pci_config slot_registers msix_table vfio_config)
+ALL_TARGETS=(api_request pci_config slot_registers msix_table vfio_config vfio_region_info)
 seconds="${FUZZ_SECONDS:-30}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 fuzz_dir="$root/tests/fuzz"
