@@ -188,6 +188,19 @@ impl TestHostOutput {
         self.elapsed
     }
 
+    /// How many RCU stall reports a kernel printed on the console (`rcu_preempt detected
+    /// stalls` / `self-detected stall`): with QEMU's TCG running nested SVM guests, a test host
+    /// CPU sometimes stops taking timer interrupts, which freezes whatever ran there.
+    pub fn rcu_stalls(&self) -> usize {
+        self.lines
+            .iter()
+            .filter(|line| {
+                line.text.contains("rcu_preempt detected stalls")
+                    || line.text.contains("rcu_preempt self-detected stall")
+            })
+            .count()
+    }
+
     /// The whole console as one section.
     pub fn all(&self) -> Section<'_> {
         Section {
@@ -519,6 +532,24 @@ mod tests {
             RunEnd::Exited(0),
             Duration::from_secs(3),
         )
+    }
+
+    #[test]
+    fn rcu_stall_reports_are_counted() {
+        let out = output(
+            "HOST up 1\n[  25.8] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n\
+             [  26.0] rcu: INFO: rcu_preempt self-detected stall on CPU\nHOST end x",
+        );
+
+        assert_eq!(out.rcu_stalls(), 2);
+    }
+
+    #[test]
+    fn console_without_stall_reports_has_none() {
+        assert_eq!(
+            output("HOST up 1\nrcu: Hierarchical RCU implementation.").rcu_stalls(),
+            0
+        );
     }
 
     #[test]

@@ -293,11 +293,7 @@ fn misc_scenario() -> String {
 /// stalls: one of its CPUs stopped taking timer interrupts, which freezes whatever ran there
 /// (rvmm's threads, the guest's vCPUs) and makes later steps time out for reasons outside rvmm.
 fn note_test_host_stalls(output: &'static TestHostOutput) -> &'static TestHostOutput {
-    let stalls = output
-        .lines()
-        .iter()
-        .filter(|line| line.text.contains("rcu_preempt detected stalls"))
-        .count();
+    let stalls = output.rcu_stalls();
     if stalls > 0 {
         eprintln!(
             "note: the test host's kernel reported {stalls} RCU stalls in {}: a test host CPU \
