@@ -1,8 +1,7 @@
 //! The VMM's event loop: serial input from stdin, the VM-exit event and (later) the control API and
 //! VFIO interrupts. Every change of the device tree happens on this thread.
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -143,6 +142,19 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
+/// Reads what `fd` has (at most 256 bytes) straight from the descriptor and appends it to
+/// `pending`; returns the count (0 at end of file). Not through `std::io::stdin()`: its buffer
+/// would take more than one call returns and keep the rest where epoll cannot see it, so input
+/// longer than one read would wait for the next keystroke.
+fn read_fd(fd: RawFd, pending: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is a writable buffer of the given length; read(2) writes at most that much.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+    pending.extend_from_slice(buf.get(..n).unwrap_or_default());
+    Ok(n)
+}
+
 struct StdinConsole {
     serial: Arc<Mutex<Serial>>,
     pending: Vec<u8>,
@@ -166,11 +178,14 @@ impl StdinConsole {
 impl MutEventSubscriber for StdinConsole {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if self.pending.len() < 4096 {
-            let mut buf = [0u8; 256];
-            match std::io::stdin().lock().read(&mut buf) {
+            match read_fd(libc::STDIN_FILENO, &mut self.pending) {
                 Ok(0) => self.closed = true,
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                    ) => {}
                 Err(e) => {
                     log::warn!("serial console input stopped: {e}");
                     self.closed = true;
@@ -189,5 +204,34 @@ impl MutEventSubscriber for StdinConsole {
             // /dev/null and regular files cannot be polled: the guest just gets no input.
             log::debug!("stdin is not pollable ({e:?}); the serial console has no input");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn input_longer_than_one_read_stays_on_the_descriptor_for_the_next() {
+        let (reader, mut writer) = std::io::pipe().expect("pipe");
+        writer.write_all(&[b'x'; 300]).expect("written");
+        let mut pending = Vec::new();
+
+        let first = read_fd(reader.as_raw_fd(), &mut pending).expect("first read");
+        let second = read_fd(reader.as_raw_fd(), &mut pending).expect("second read");
+
+        assert_eq!((first, second, pending.len()), (256, 44, 300));
+    }
+
+    #[test]
+    fn closed_writer_reads_as_end_of_file() {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(writer);
+        let mut pending = Vec::new();
+
+        assert_eq!(read_fd(reader.as_raw_fd(), &mut pending).expect("read"), 0);
     }
 }
