@@ -25,13 +25,13 @@ export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
 bash resources/prepare-images.sh
 
 status=0
-cargo test --workspace --exclude rvmm-tests || status=1
+cargo test --workspace --exclude rvmm-tests --no-fail-fast || status=1
 # A short run of every fuzz target (tests/fuzz, docs/fuzzing.md); FUZZ_SECONDS=0 skips it.
 export FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
 if [ "$FUZZ_SECONDS" != 0 ]; then
   bash resources/fuzz.sh || status=1
 fi
-cargo test -p rvmm-tests -- --test-threads=1 "$@" || status=1
+cargo test -p rvmm-tests --no-fail-fast -- --test-threads=1 "$@" || status=1
 if [ "$status" -ne 0 ]; then
   echo "run-tests.sh: FAILED (test host console logs: ${RVMM_BUILD_DIR:-$root/build}/logs/)" >&2
 fi

@@ -114,7 +114,7 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
             }
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
-                log::info!("vcpu{index}: triple fault, resetting");
+                log::warn!("vcpu{index}: the guest triple-faulted; resetting the VM");
                 ctx.exit.request(VmExit::Reset);
                 break;
             }
