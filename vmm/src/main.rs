@@ -56,7 +56,8 @@ struct RunArgs {
     /// Unix socket for the control API.
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME] or a bare BDF (repeatable).
+    /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME][,group-fd=N] or a bare BDF
+    /// (repeatable); group-fd=N: the device's VFIO group, already open as descriptor N.
     #[arg(long = "device")]
     devices: Vec<AddDeviceRequest>,
     /// SR-IOV VF taken from a PF's pool (PF: BDF or interface name), configured and passed

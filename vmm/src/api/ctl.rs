@@ -11,8 +11,9 @@ use crate::api::types::{
 use crate::api::values::DeviceId;
 
 /// Help text of the add-device argument.
-const DEVICE_HELP: &str = "path=HOST_DEVICE[,id=NAME] or \
-    vf=PF[,id=NAME][,mac=MAC][,vlan=N][,trust=on|off][,spoofchk=on|off]";
+const DEVICE_HELP: &str = "path=HOST_DEVICE[,id=NAME][,group-fd=N] or \
+    vf=PF[,id=NAME][,mac=MAC][,vlan=N][,trust=on|off][,spoofchk=on|off]; group-fd=N sends this \
+    process's descriptor N (the device's open /dev/vfio/GROUP) with the request";
 
 /// `rvmm ctl` arguments.
 #[derive(Debug, clap::Args)]
