@@ -35,6 +35,22 @@ pub struct TestHost {
     needs_rvmm: bool,
 }
 
+/// Environment variable that sets the test hosts' default vCPU count.
+pub const CPUS_ENV: &str = "RVMM_TESTHOST_CPUS";
+
+/// The test hosts' vCPU count unless a test sets one: `$RVMM_TESTHOST_CPUS`, else 1. With two,
+/// QEMU 10.0's multi-threaded TCG running nested SVM guests has, once in a few runs, hit
+/// `iotlb_to_section` assertions, stopped a test host CPU's timer interrupts (RCU stalls),
+/// triple-faulted rvmm's guests at boot and corrupted the test host kernel's memory; one vCPU
+/// (one TCG thread) has not, and the guests still get their 2 vCPUs (threads of the test host).
+pub fn default_cpus() -> u32 {
+    std::env::var(CPUS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 impl TestHost {
     /// A test host named `name` (the log is `build/logs/<name>.log`; characters other than
     /// ASCII letters, digits, `-` and `_` become `_`) with 3 GiB of RAM, one 64 MiB NVMe drive,
@@ -59,7 +75,7 @@ impl TestHost {
             spare_root_ports: 0,
             kernel_args: String::new(),
             qemu_args: Vec::new(),
-            cpus: 2,
+            cpus: default_cpus(),
             scenario: String::new(),
             needs_rvmm: false,
         }
@@ -107,9 +123,7 @@ impl TestHost {
         self
     }
 
-    /// Test host vCPUs (default 2). One rules out QEMU's cross-vCPU races when the test host
-    /// remaps device memory hundreds of times (two have hit `iotlb_to_section` assertions in
-    /// QEMU during long hotplug runs).
+    /// Test host vCPUs (default: [`default_cpus`]).
     pub fn cpus(mut self, count: u32) -> Self {
         self.cpus = count;
         self

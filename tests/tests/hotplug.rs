@@ -322,7 +322,7 @@ fn cycles_run() -> &'static TestHostOutput {
     note_test_host_stalls(CYCLES_RUN.get(
         || {
             // Hundreds of device remaps in the test host: with two vCPUs, QEMU's TCG has hit
-            // `iotlb_to_section` assertions there.
+            // `iotlb_to_section` assertions there (one, whatever RVMM_TESTHOST_CPUS says).
             TestHost::new("hotplug_cycles")
                 .cpus(1)
                 .nvme_drives(1)
