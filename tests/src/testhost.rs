@@ -123,7 +123,7 @@ impl TestHost {
         self
     }
 
-    /// Test host vCPUs (default: [`default_cpus`]).
+    /// Test host vCPUs (default: `$RVMM_TESTHOST_CPUS`, else 1).
     pub fn cpus(mut self, count: u32) -> Self {
         self.cpus = count;
         self

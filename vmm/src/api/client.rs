@@ -195,7 +195,7 @@ impl ApiClient {
         self.call_with_fds(method, path, body, &[], timeout)
     }
 
-    /// [`Client::call`] with descriptors sent along as `SCM_RIGHTS` data.
+    /// [`ApiClient::call`] with descriptors sent along as `SCM_RIGHTS` data.
     pub fn call_with_fds(
         &self,
         method: &str,
