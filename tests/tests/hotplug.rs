@@ -439,6 +439,23 @@ fn footprint(info: &str) -> [(&'static str, Option<u64>); 5] {
     ]
 }
 
+/// Asserts that the answer of ctl call `label` (an `info` after `what`) lists no device and
+/// that no memory slot, MSI route or GSI, and no root port is in use any more.
+#[track_caller]
+fn assert_nothing_held(run: &Section<'_>, label: &str, what: &str) {
+    let info = ctl_ok(run, label);
+    run.check(
+        info.contains("\"devices\": []"),
+        &format!("info still lists a device after {what}: {info}"),
+    );
+    for (name, value) in footprint(info).into_iter().skip(1) {
+        run.check(
+            value == Some(0),
+            &format!("after {what} info shows {name} {value:?}, not 0: {info}"),
+        );
+    }
+}
+
 /// The markers of `run` after `HOST step <from>` up to `HOST step <to>` (or the end).
 #[track_caller]
 fn between<'a>(run: &Section<'a>, from: &str, to: &str) -> Vec<Marker<'a>> {
