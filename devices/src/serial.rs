@@ -7,7 +7,7 @@
 //! 1. the event loop reads host input (stdin) and offers it with [`Serial::enqueue_input`], which
 //!    takes what fits in the 64-byte receive FIFO and says how much that was;
 //! 2. when not everything was taken, the event loop stops reading host input and keeps the rest;
-//! 3. the optional input-drained notifier ([`Serial::with_input_drained`]) fires when the guest has
+//! 3. the optional input-drained notifier ([`Serial::set_input_drained`]) fires when the guest has
 //!    read the FIFO empty, and the event loop offers the rest again.
 //!
 //! [`Bus`]: crate::Bus
@@ -79,9 +79,8 @@ impl Serial {
 
     /// Sets the notifier raised when the guest reads the last byte out of the receive FIFO: the
     /// moment to offer held-back input again. It may also be raised when nothing was held back.
-    pub fn with_input_drained(mut self, notifier: Arc<dyn Interrupt>) -> Self {
+    pub fn set_input_drained(&mut self, notifier: Arc<dyn Interrupt>) {
         self.input_drained = Some(notifier);
-        self
     }
 
     /// How many more input bytes the receive FIFO can take now.
@@ -260,8 +259,8 @@ mod tests {
         let out = SharedBuffer::default();
         let irq = Arc::new(RecordingInterrupt::default());
         let drained = Arc::new(RecordingInterrupt::default());
-        let serial =
-            Serial::new(irq.clone(), Box::new(out.clone())).with_input_drained(drained.clone());
+        let mut serial = Serial::new(irq.clone(), Box::new(out.clone()));
+        serial.set_input_drained(drained.clone());
         Fixture {
             serial,
             out,

@@ -1,7 +1,6 @@
-//! The VMM's event loop: serial input from stdin, the VM-exit event and (later) the control API and
-//! VFIO interrupts. Every change of the device tree happens on this thread.
+//! The VMM's event loop: serial input from stdin ([`StdinConsole`]), the VM-exit event, the control
+//! API and VFIO interrupts (the controller). Every change of the device tree happens on this thread.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -9,9 +8,10 @@ use rvmm_devices::serial::Serial;
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
 
+use crate::console::StdinConsole;
 use crate::exit::ExitSignal;
 
-/// How often the loop wakes up without events (to retry console input the UART had no room for).
+/// How long the loop waits for events at most before it looks at the exit request again.
 const TICK_MS: i32 = 50;
 
 /// Errors of the event loop.
@@ -25,6 +25,13 @@ pub enum EventLoopError {
         /// The error of event-manager.
         source: event_manager::Error,
     },
+    /// The console's input-drained eventfd could not be created.
+    #[error("event loop: cannot set up the serial console input")]
+    Console {
+        /// The error of eventfd(2).
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A subscriber of the loop.
@@ -34,7 +41,6 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
-    console: Option<Arc<Mutex<StdinConsole>>>,
     saved_termios: Option<libc::termios>,
 }
 
@@ -50,21 +56,17 @@ impl EventLoop {
         Ok(Self {
             manager,
             exit,
-            console: None,
             saved_termios: None,
         })
     }
 
-    /// Feeds stdin to `serial`; a terminal is put in raw mode until [`EventLoop::restore_terminal`].
+    /// Feeds stdin to `serial` ([`StdinConsole`]); a terminal is put in raw mode until
+    /// [`EventLoop::restore_terminal`].
     pub fn add_stdin_console(&mut self, serial: Arc<Mutex<Serial>>) -> Result<(), EventLoopError> {
+        let console = StdinConsole::new(libc::STDIN_FILENO, serial)
+            .map_err(|source| EventLoopError::Console { source })?;
         self.saved_termios = set_raw_mode();
-        let console = Arc::new(Mutex::new(StdinConsole {
-            serial,
-            pending: Vec::new(),
-            closed: false,
-        }));
-        self.manager.add_subscriber(console.clone());
-        self.console = Some(console);
+        self.manager.add_subscriber(Arc::new(Mutex::new(console)));
         Ok(())
     }
 
@@ -82,9 +84,6 @@ impl EventLoop {
                     what: "waiting for events",
                     source,
                 })?;
-            if let Some(c) = &self.console {
-                c.lock().unwrap_or_else(|e| e.into_inner()).flush_pending();
-            }
         }
         Ok(())
     }
@@ -139,99 +138,5 @@ impl MutEventSubscriber for ExitWatcher {
         if let Err(e) = ops.add(Events::new(self.exit.event(), EventSet::IN)) {
             log::error!("cannot watch the VM exit event: {e:?}");
         }
-    }
-}
-
-/// Reads what `fd` has (at most 256 bytes) straight from the descriptor and appends it to
-/// `pending`; returns the count (0 at end of file). Not through `std::io::stdin()`: its buffer
-/// would take more than one call returns and keep the rest where epoll cannot see it, so input
-/// longer than one read would wait for the next keystroke.
-fn read_fd(fd: RawFd, pending: &mut Vec<u8>) -> std::io::Result<usize> {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is a writable buffer of the given length; read(2) writes at most that much.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
-    pending.extend_from_slice(buf.get(..n).unwrap_or_default());
-    Ok(n)
-}
-
-struct StdinConsole {
-    serial: Arc<Mutex<Serial>>,
-    pending: Vec<u8>,
-    closed: bool,
-}
-
-impl StdinConsole {
-    fn flush_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let taken = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .enqueue_input(&self.pending);
-        self.pending.drain(..taken.min(self.pending.len()));
-    }
-}
-
-impl MutEventSubscriber for StdinConsole {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.pending.len() < 4096 {
-            match read_fd(libc::STDIN_FILENO, &mut self.pending) {
-                Ok(0) => self.closed = true,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-                    ) => {}
-                Err(e) => {
-                    log::warn!("serial console input stopped: {e}");
-                    self.closed = true;
-                }
-            }
-        }
-        if self.closed || events.event_set().contains(EventSet::HANG_UP) {
-            let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
-        }
-        self.flush_pending();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let stdin = std::io::stdin();
-        if let Err(e) = ops.add(Events::new(&stdin.as_raw_fd(), EventSet::IN)) {
-            // /dev/null and regular files cannot be polled: the guest just gets no input.
-            log::debug!("stdin is not pollable ({e:?}); the serial console has no input");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-
-    #[test]
-    fn input_longer_than_one_read_stays_on_the_descriptor_for_the_next() {
-        let (reader, mut writer) = std::io::pipe().expect("pipe");
-        writer.write_all(&[b'x'; 300]).expect("written");
-        let mut pending = Vec::new();
-
-        let first = read_fd(reader.as_raw_fd(), &mut pending).expect("first read");
-        let second = read_fd(reader.as_raw_fd(), &mut pending).expect("second read");
-
-        assert_eq!((first, second, pending.len()), (256, 44, 300));
-    }
-
-    #[test]
-    fn closed_writer_reads_as_end_of_file() {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(writer);
-        let mut pending = Vec::new();
-
-        assert_eq!(read_fd(reader.as_raw_fd(), &mut pending).expect("read"), 0);
     }
 }

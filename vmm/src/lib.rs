@@ -7,6 +7,7 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod controller;
 pub mod cpu;
 pub mod device_manager;
