@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds build/images/guest-initramfs.cpio.gz: the initramfs of the Linux guest that rvmm boots in
-# the test host. busybox-static, resources/guest/init (markers + scenarios) and the guest kernel
+# the test host. busybox-static, resources/guest/init (markers + scenarios) with
+# resources/guest/console.sh (its console input), and the guest kernel
 # modules the scenarios load (NVMe, igbvf), decompressed, and /bin/hostile (resources/guest/
 # hostile.c, static, for the `hostile` scenario). Cached on the hash of its inputs.
 set -euo pipefail
@@ -22,7 +23,8 @@ fi
 hostile_src="$RESOURCES_DIR/guest/hostile.c"
 
 rel="$(kernel_release)"
-hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/guest/init" "$busybox" \
+hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/guest/init" \
+  "$RESOURCES_DIR/guest/console.sh" "$busybox" \
   "$KERNEL_DIR/vmlinuz" "=$rel" "=${GUEST_MODULES[*]}" "$hostile_src" "=$(gcc --version | head -n1)")"
 if stamp_is_current guest-initramfs "$hash" "$output"; then exit 0; fi
 
@@ -35,6 +37,7 @@ for applet in $("$busybox" --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$staging/bin/$applet"
 done
 install -m 0755 "$RESOURCES_DIR/guest/init" "$staging/init"
+install -D -m 0644 "$RESOURCES_DIR/guest/console.sh" "$staging/lib/rvmm/console.sh"
 copy_modules "$staging" "${GUEST_MODULES[@]}"
 gcc -static -O2 -Wall -Wextra -Werror -o "$staging/bin/hostile" "$hostile_src"
 

@@ -389,6 +389,8 @@ rvmm_capture() {
 #                                       lines of run NAME's console with TEXT / waits for more
 #   rvmm_fds NAME LABEL                 open fds of run NAME's rvmm process
 #   guest_input LINE                    types LINE on the running guest's console (rvmm's stdin)
+#   guest_type_lines PREFIX FIRST LAST  types numbered lines on it in one burst
+#   rvmm_stop_monitor NAME              types "stop" for the monitor scenario, waits for the end
 #   uptime_ms, timed LABEL COMMAND      wall time of a command (10 ms resolution)
 #   pci_rescan BDF                      brings a removed host device back
 
@@ -528,6 +530,33 @@ guest_input() {
   rvmm_stdin
   echo "$1" >/run/rvmm-stdin
   hmark guest_input "$1"
+}
+
+# rvmm_stop_monitor NAME: types "stop" once on the console of run NAME (a guest running the
+# monitor scenario, which then reports its kernel log and powers off) and waits for the run to
+# end; if the guest has not ended within 60 s, reports the VM's KVM counters (HOST kvm_stats
+# no_done: did the vCPUs still run?) and shuts it down through the API.
+rvmm_stop_monitor() {
+  guest_input stop
+  if ! rvmm_wait_output "$1" 'GUEST done' 60; then
+    kvm_report "$1" no_done
+    rvmm_ctl "$1" shutdown shutdown
+  fi
+  rvmm_wait_lines "$1"
+}
+
+# guest_type_lines PREFIX FIRST LAST: types the lines PREFIX-FIRST .. PREFIX-LAST on the console
+# of the guest that runs now, in one write burst: HOST guest_typed PREFIX FIRST LAST.
+guest_type_lines() {
+  local n="$2"
+  rvmm_stdin
+  {
+    while [ "$n" -le "$3" ]; do
+      echo "$1-$n"
+      n=$((n + 1))
+    done
+  } >/run/rvmm-stdin
+  hmark guest_typed "$1" "$2" "$3"
 }
 
 # timed LABEL COMMAND: runs the shell command line COMMAND in this shell: HOST timed LABEL

@@ -35,9 +35,11 @@ mod prepare;
 mod scenario;
 mod shared;
 mod testhost;
+mod token;
 
 pub use error::{Error, Result};
 pub use output::{Line, Marker, RunEnd, Section, Source, TestHostOutput};
 pub use scenario::{shell_quote, GuestKernel, GuestRun};
 pub use shared::SharedRun;
 pub use testhost::TestHost;
+pub use token::token;

@@ -19,11 +19,9 @@
 //! rvmm through `rvmm ctl`, which refuses two devices itself (tested) and never sends malformed
 //! JSON. The API server's own refusals are covered by its unit tests.
 
-use std::process;
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rvmm_tests::{GuestRun, Marker, Section, SharedRun, Source, TestHost, TestHostOutput};
+use rvmm_tests::{token, GuestRun, Marker, Section, SharedRun, Source, TestHost, TestHostOutput};
 
 /// Where the guest finds a device hot-added into the first free root port (secondary bus 1).
 const GUEST_BDF: &str = "0000:01:00.0";
@@ -42,18 +40,6 @@ const ABSENT_BDF: &str = "0000:7e:1f.7";
 static NVME_RUN: SharedRun = SharedRun::new();
 static CYCLES_RUN: SharedRun = SharedRun::new();
 static MISC_RUN: SharedRun = SharedRun::new();
-
-/// A token unique to this test process: the NVMe pattern contains it, so data found on the
-/// drive cannot be left over from an earlier run.
-fn token() -> &'static str {
-    static TOKEN: OnceLock<String> = OnceLock::new();
-    TOKEN.get_or_init(|| {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos());
-        format!("{nanos:x}-{:x}", process::id())
-    })
-}
 
 // --- scenarios ------------------------------------------------------------------------------
 
@@ -84,21 +70,11 @@ fn finish_shutdown(name: &str) -> String {
 }
 
 /// Closes [`start`]: tells the guest's monitor to stop (it reports its kernel log, and the guest
-/// powers off), or shuts the VM down through the API if the guest does not end within 60 s.
-/// The guest's console input has been seen lost once in a few runs after a VF's graceful
-/// removal (the guest printed nothing more and the VM shut down cleanly): `stop` is typed a
-/// second time after 30 s (`HOST kvm_stats no_done` shows whether the vCPUs still ran), so that the
-/// guest's kernel log is still checked.
+/// powers off), or shuts the VM down through the API if the guest does not end within 60 s
+/// (`rvmm_stop_monitor`). `stop` is typed once: the guest reads its console without a deadline
+/// (resources/guest/console.sh), so a typed line is never lost.
 fn finish_stop(name: &str) -> String {
-    format!(
-        "fi\nguest_input stop\n\
-         if ! rvmm_wait_output {name} 'GUEST done' 30; then\n\
-           kvm_report {name} no_done\n\
-           guest_input stop\n\
-           rvmm_wait_output {name} 'GUEST done' 30 || rvmm_ctl {name} shutdown shutdown\n\
-         fi\n\
-         rvmm_wait_lines {name}\n"
-    )
+    format!("fi\nrvmm_stop_monitor {name}\n")
 }
 
 /// Hot-add, graceful removal and re-add of the NVMe drive (`add`), the drive read back through
@@ -546,6 +522,15 @@ fn assert_clean_stop(run: &Section<'_>) {
             .iter()
             .any(|marker| marker.value == "stop"),
         "the guest's monitor never took the stop command",
+    );
+    let other: Vec<&str> = run
+        .guest_all("console_input")
+        .iter()
+        .map(|marker| marker.value)
+        .collect();
+    run.check(
+        other.is_empty(),
+        &format!("the guest read console lines nobody typed (a line cut in parts?): {other:?}"),
     );
     run.expect_guest("done");
     let exit = run.rvmm_exit();

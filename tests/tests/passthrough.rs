@@ -9,11 +9,9 @@
 //! the virtual function. Each test asserts one behaviour on the section of the rvmm run it is
 //! about.
 
-use std::process;
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rvmm_tests::{GuestRun, Marker, Section, SharedRun, TestHost, TestHostOutput};
+use rvmm_tests::{token, GuestRun, Marker, Section, SharedRun, TestHost, TestHostOutput};
 
 /// Each NVMe drive of the test host (QEMU's syntax) and its sectors of 512 bytes.
 const NVME_SIZE: &str = "64M";
@@ -36,18 +34,6 @@ const VALID: &str = r#"--kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" 
 
 static NVME_RUN: SharedRun = SharedRun::new();
 static IGB_RUN: SharedRun = SharedRun::new();
-
-/// A token unique to this test process: the NVMe patterns contain it, so data found on a drive
-/// cannot be left over from an earlier run.
-fn token() -> &'static str {
-    static TOKEN: OnceLock<String> = OnceLock::new();
-    TOKEN.get_or_init(|| {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos());
-        format!("{nanos:x}-{:x}", process::id())
-    })
-}
 
 /// The `rvmm.pattern=` token of guest run `run`.
 fn pattern_token(run: &str) -> String {

@@ -72,9 +72,7 @@ if rvmm_wait_output unpriv 'GUEST monitor ready' 120; then
   rvmm_ctl unpriv info_after info
   hmark step end
 fi
-guest_input stop
-rvmm_wait_output unpriv 'GUEST done' 60 || rvmm_ctl unpriv shutdown shutdown
-rvmm_wait_lines unpriv
+rvmm_stop_monitor unpriv
 "#
     )
 }
