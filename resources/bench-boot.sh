@@ -11,14 +11,13 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 runs="${RUNS:-5}"
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
+# shellcheck source=resources/lib.sh
+. "$root/resources/lib.sh"
+use_cargo
 bash resources/install-deps.sh
 cargo build --release -p rvmm
-target="${CARGO_TARGET_DIR:-$root/target}"
-case "$target" in /*) ;; *) target="$root/$target" ;; esac
-export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
+RVMM_BIN="$(rvmm_binary)"
+export RVMM_BIN
 bash resources/prepare-images.sh
 
 workdir="${RVMM_BUILD_DIR:-$root/build}/run/bench-boot"

@@ -33,13 +33,10 @@ done
 case "$runs" in '' | *[!0-9]* | 0) die "--runs takes a positive number" ;; esac
 command_line="resources/bench-hotplug.sh --runs $runs"
 
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
+use_cargo
 cargo build --release -p rvmm
-target="${CARGO_TARGET_DIR:-$root/target}"
-case "$target" in /*) ;; *) target="$root/$target" ;; esac
-export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
+RVMM_BIN="$(rvmm_binary)"
+export RVMM_BIN
 bash resources/prepare-images.sh
 
 workdir="$BUILD_DIR/run/bench-hotplug"

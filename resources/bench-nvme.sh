@@ -45,9 +45,7 @@ case "$mib$runs$cpus" in *[!0-9]*) die "--mib, --runs and --cpus take numbers" ;
 [ "$mib" -le "$(size_mib "$size")" ] || die "--mib $mib is more than the drive's $size"
 
 if [ -z "${RVMM_BIN:-}" ]; then
-  if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-    export PATH="$HOME/.cargo/bin:$PATH"
-  fi
+  use_cargo
   (cd "$WORKSPACE_DIR" && cargo build --release -p rvmm)
 fi
 RVMM_BIN="$(rvmm_binary)"

@@ -11,9 +11,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
+# shellcheck source=resources/lib.sh
+. "$root/resources/lib.sh"
+use_cargo
 
 guest_scenario=basic
 passthrough=1
@@ -28,9 +28,8 @@ if [ "$passthrough" = 1 ] && [ "$guest_scenario" = basic ]; then guest_scenario=
 
 bash resources/install-deps.sh
 cargo build --release -p rvmm
-target="${CARGO_TARGET_DIR:-$root/target}"
-case "$target" in /*) ;; *) target="$root/$target" ;; esac
-export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
+RVMM_BIN="$(rvmm_binary)"
+export RVMM_BIN
 bash resources/prepare-images.sh
 
 workdir="${RVMM_BUILD_DIR:-$root/build}/run/demo"

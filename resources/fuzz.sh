@@ -8,33 +8,40 @@
 # Environment:
 #   FUZZ_SECONDS      seconds per target (default 30)
 #   FUZZ_SANITIZER    address (default) or none; `none` builds and runs faster but only catches
-#                     panics, not memory errors in unsafe code
+#                     panics, not memory errors in unsafe code. The default is none with a Rust
+#                     toolchain that has no AddressSanitizer runtime (Debian's rustc-web)
 #   FUZZ_TARGET_DIR   cargo target directory of the fuzz build (default <target>/fuzz, where
 #                     <target> is CARGO_TARGET_DIR or <workspace>/target)
 #   RVMM_BUILD_DIR    the git-ignored build directory (default <workspace>/build): corpora are kept
 #                     in <build>/fuzz/corpus/<target> across runs, crashes go to
 #                     <build>/fuzz/artifacts/<target>/, logs to <build>/fuzz/logs/<target>.log
 #
-# cargo-fuzz needs nightly-only rustc flags (-Zsanitizer, sanitizer coverage passes). Only stable
-# is installed here, so the build runs with RUSTC_BOOTSTRAP=1, which lets stable rustc accept
-# them. cargo-fuzz itself is installed from crates.io when missing.
+# cargo-fuzz needs nightly-only rustc flags (-Zsanitizer, sanitizer coverage passes). The toolchain
+# is a stable one (resources/lib.sh use_cargo), so the build runs with RUSTC_BOOTSTRAP=1, which
+# lets stable rustc accept them. cargo-fuzz itself is installed from crates.io when missing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
-command -v cargo >/dev/null || { echo "fuzz.sh: cargo is not installed (rustup)" >&2; exit 1; }
+# shellcheck source=resources/lib.sh
+. "$root/resources/lib.sh"
+use_cargo
 
 ALL_TARGETS=(api_request pci_config slot_registers msix_table vfio_config vfio_region_info)
 seconds="${FUZZ_SECONDS:-30}"
-sanitizer="${FUZZ_SANITIZER:-address}"
+sanitizer="${FUZZ_SANITIZER:-}"
 fuzz_dir="$root/tests/fuzz"
-cargo_target="${CARGO_TARGET_DIR:-$root/target}"
-case "$cargo_target" in /*) ;; *) cargo_target="$root/$cargo_target" ;; esac
-target_dir="${FUZZ_TARGET_DIR:-$cargo_target/fuzz}"
+target_dir="${FUZZ_TARGET_DIR:-$(cargo_target_dir)/fuzz}"
 build="${RVMM_BUILD_DIR:-$root/build}/fuzz"
 triple="$(rustc -vV | sed -n 's/^host: //p')"
+if [ -z "$sanitizer" ]; then
+  sanitizer=address
+  # -Zsanitizer=address links the toolchain's librustc-<channel>_rt.asan.a: rustup's toolchains
+  # have it, Debian's rustc-web does not (the link fails).
+  if ! compgen -G "$(rustc --print sysroot)/lib/rustlib/$triple/lib/librustc-*_rt.asan.a" >/dev/null; then
+    sanitizer=none
+    log "this Rust toolchain has no AddressSanitizer runtime: building without a sanitizer (FUZZ_SANITIZER=none)"
+  fi
+fi
 
 case "$seconds" in '' | *[!0-9]*) echo "fuzz.sh: FUZZ_SECONDS must be a number of seconds" >&2; exit 2 ;; esac
 case "$sanitizer" in address | none) ;; *) echo "fuzz.sh: FUZZ_SANITIZER must be address or none" >&2; exit 2 ;; esac
@@ -43,8 +50,6 @@ targets=("$@")
 for t in "${targets[@]}"; do
   [ -f "$fuzz_dir/fuzz_targets/$t.rs" ] || { echo "fuzz.sh: no fuzz target $t (have: ${ALL_TARGETS[*]})" >&2; exit 2; }
 done
-
-log() { echo "fuzz.sh: $*" >&2; }
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz from crates.io"

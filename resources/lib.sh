@@ -19,9 +19,44 @@ BUILD_DIR="${RVMM_BUILD_DIR:-$WORKSPACE_DIR/build}"
 KERNEL_DIR="$BUILD_DIR/kernel/current"
 IMAGES_DIR="$BUILD_DIR/images"
 STAMPS_DIR="$BUILD_DIR/stamps"
+# The workspace's rust-version (Cargo.toml): the oldest Rust that builds it.
+RUST_VERSION="$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' "$WORKSPACE_DIR/Cargo.toml")"
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
+
+# use_cargo: makes cargo and rustc callable, or fails saying how. rustup's toolchain is used when
+# there is one ($HOME/.cargo/bin joins PATH when cargo is not on it). Otherwise, on Debian 12,
+# Debian's cargo-web and rustc-web packages are installed (Rust 1.96 from bookworm-security; the
+# workspace's rust-version is 1.85): as root, or through sudo. Elsewhere it fails.
+use_cargo() {
+  if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null; then
+    local codename="" sudo=""
+    # shellcheck source=/dev/null
+    [ -r /etc/os-release ] && codename="$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")"
+    [ "$codename" = bookworm ] ||
+      die "cargo is not installed: install Rust ${RUST_VERSION} or later (rustup, or the distribution's cargo and rustc)"
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    log "cargo is not installed and there is no rustup toolchain: installing Debian's cargo-web and rustc-web with apt-get"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cargo-web rustc-web
+    command -v cargo >/dev/null || die "cargo is still missing after installing cargo-web"
+    log "installed $(cargo --version)"
+  fi
+  local version
+  version="$(rustc --version 2>/dev/null | awk '{ print $2 }')" || true
+  [ -n "$version" ] || die "cargo is at $(command -v cargo), but rustc does not run"
+  version_at_least "${version%%-*}" "$RUST_VERSION" ||
+    die "rustc $version is older than the workspace's rust-version $RUST_VERSION: update the toolchain (rustup update, or Debian's cargo-web and rustc-web)"
+}
+
+# version_at_least VERSION MINIMUM: true if the dotted version VERSION is MINIMUM or later.
+version_at_least() {
+  [ -n "$1" ] && [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
+}
 
 # Prints the release string of the kernel in build/kernel/current, or fails.
 kernel_release() {
@@ -100,16 +135,21 @@ copy_modules() {
   depmod -b "$dest" "$rel"
 }
 
-# Prints the rvmm binary to test: $RVMM_BIN, else <cargo target dir>/release/rvmm, where the target
-# dir is $CARGO_TARGET_DIR (relative to the workspace when relative) or <workspace>/target.
+# Prints cargo's target directory: $CARGO_TARGET_DIR (relative to the workspace when relative) or
+# <workspace>/target.
+cargo_target_dir() {
+  local target="${CARGO_TARGET_DIR:-$WORKSPACE_DIR/target}"
+  case "$target" in /*) ;; *) target="$WORKSPACE_DIR/$target" ;; esac
+  printf '%s\n' "$target"
+}
+
+# Prints the rvmm binary to test: $RVMM_BIN, else <cargo target dir>/release/rvmm.
 rvmm_binary() {
   if [ -n "${RVMM_BIN:-}" ]; then
     printf '%s\n' "$RVMM_BIN"
     return 0
   fi
-  local target="${CARGO_TARGET_DIR:-$WORKSPACE_DIR/target}"
-  case "$target" in /*) ;; *) target="$WORKSPACE_DIR/$target" ;; esac
-  printf '%s\n' "$target/release/rvmm"
+  printf '%s\n' "$(cargo_target_dir)/release/rvmm"
 }
 
 # Prints the path of the statically linked busybox (package busybox-static), or fails.

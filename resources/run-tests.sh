@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # THE test command of rvmm (README and CI call it). From a clean clone on a Debian 12 machine,
-# as root: installs the packages, builds rvmm in release mode, prepares the kernel and the
-# images (cached; rebuilt when their inputs change), then runs the unit tests of every crate and
-# the integration tests, which boot the test host under QEMU/TCG one at a time (both cores each).
+# as root: installs the packages (and Debian's Rust toolchain when there is no rustup one, see
+# use_cargo in lib.sh), builds rvmm in release mode, prepares the kernel and the images (cached;
+# rebuilt when their inputs change), runs the unit tests of every crate and a short fuzzing run,
+# then the integration tests, which boot the test host under QEMU/TCG one at a time (both cores
+# each).
 # Exits non-zero if anything failed. Extra arguments go to the integration test binaries (a test
 # name filter, --nocapture, ...).
 #
@@ -12,16 +14,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
-command -v cargo >/dev/null || { echo "run-tests.sh: cargo is not installed (rustup)" >&2; exit 1; }
+# shellcheck source=resources/lib.sh
+. "$root/resources/lib.sh"
+use_cargo
 
 bash resources/install-deps.sh
 cargo build --release -p rvmm --bins --examples
-target="${CARGO_TARGET_DIR:-$root/target}"
-case "$target" in /*) ;; *) target="$root/$target" ;; esac
-export RVMM_BIN="${RVMM_BIN:-$target/release/rvmm}"
+RVMM_BIN="$(rvmm_binary)"
+export RVMM_BIN
 bash resources/prepare-images.sh
 
 status=0
