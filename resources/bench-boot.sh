@@ -4,7 +4,8 @@
 #   - VMM memory overhead: VmRSS of rvmm beyond the guest RAM once the guest is up;
 #   - memory reservation rate (allocate + prefault + mlock) for the largest guest the test host
 #     holds, on 4 KiB and 2 MiB pages, and the DMA-map rate of that RAM (one passthrough NVMe).
-# Each figure is the median of RUNS runs (default 5). Prints a Markdown table.
+# Each figure is the median of RUNS runs (default 5). Prints each run's figures as the run ends,
+# then the medians as a Markdown table.
 #
 # Usage: bench-boot.sh            (as root; builds rvmm and the images first)
 set -euo pipefail
@@ -56,17 +57,13 @@ boot_once() {
   echo "$(ms_of "${vcpu:-0ms}") $((t_up - t0)) $((rss / 1024 - 512))"
 }
 
-median() { sort -n | awk '{a[NR]=$1} END { if (NR==0) print "n/a"; else print a[int((NR+1)/2)] }'; }
-
+# Each run's figures are one HOST bench_sample line; bench-boot.sh takes the medians.
 for kernel in "$GUEST_BZIMAGE" /guest/vmlinux; do
   name=$(basename "$kernel")
-  : >/tmp/vcpu; : >/tmp/init; : >/tmp/rss
   for i in $(seq "$RUNS"); do
     set -- $(boot_once "$kernel")
-    echo "$1" >>/tmp/vcpu; echo "$2" >>/tmp/init; echo "$3" >>/tmp/rss
+    hmark bench_sample "boot_$name" "vcpu_ms=$1" "init_ms=$2" "overhead_mib=$3"
   done
-  hmark bench "boot_$name" "vcpu_ms=$(median </tmp/vcpu)" "init_ms=$(median </tmp/init)" \
-    "overhead_mib=$(median </tmp/rss)"
 done
 
 # Reservation: the largest guest the 3 GiB test host holds, on 4 KiB then 2 MiB pages, with a
@@ -75,26 +72,45 @@ nvme=$(pci_find 1b36:0010)
 vfio_bind "$nvme" >/dev/null
 size_mib=2048
 for pages in 4k 2m; do
-  : >/tmp/res; : >/tmp/dma
   if [ "$pages" = 2m ]; then hugepages_set $((size_mib / 2 + 8)) >/dev/null; mem="size=${size_mib}M,hugepages=on"; else mem="size=${size_mib}M"; fi
   for i in $(seq "$RUNS"); do
     RUST_LOG=rvmm=info,rvmm_vfio=info "$RVMM" run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
       --cmdline "$(guest_cmdline basic)" --memory "$mem" --device "$nvme" --serial off <&9 >/tmp/res.out 2>&1 || true
-    ms_of "$(sed -n 's/.*prefaulted and locked in \([^ ]*\).*/\1/p' /tmp/res.out | head -n1)" >>/tmp/res
-    ms_of "$(sed -n 's/.*DMA-mapped [0-9]* MiB.* in \([^ ]*\)$/\1/p' /tmp/res.out | head -n1)" >>/tmp/dma
+    hmark bench_sample "reserve_$pages" "size_mib=$size_mib" \
+      "reserve_ms=$(ms_of "$(sed -n 's/.*prefaulted and locked in \([^ ]*\).*/\1/p' /tmp/res.out | head -n1)")" \
+      "dma_map_ms=$(ms_of "$(sed -n 's/.*DMA-mapped [0-9]* MiB.* in \([^ ]*\)$/\1/p' /tmp/res.out | head -n1)")"
   done
   [ "$pages" = 2m ] && hugepages_set 0 >/dev/null
-  res=$(median </tmp/res); dma=$(median </tmp/dma)
-  hmark bench "reserve_$pages" "size_mib=$size_mib" "reserve_ms=$res" "dma_map_ms=$dma" \
-    "reserve_gib_s=$(awk -v s=$size_mib -v t=$res 'BEGIN { if (t>0) printf "%.2f", s/1024/(t/1000); else print "n/a" }')" \
-    "dma_map_gib_s=$(awk -v s=$size_mib -v t=$dma 'BEGIN { if (t>0) printf "%.2f", s/1024/(t/1000); else print "n/a" }')"
 done
 SCENARIO
 
+# The samples are shown as they come; the whole console is kept.
 log="$workdir/console.log"
 bash resources/testhost.sh --scenario "$scenario" --workdir "$workdir" --memory 3G --nvme 1 \
-  --no-igb --timeout 1800 | tee "$log" | grep -E '^HOST bench ' || true
+  --no-igb --timeout 1800 | sed -u 's/\r$//' | tee "$log" |
+  grep --line-buffered -E '^HOST (bench_sample|bench_error) ' || true
+
+# figure_median NAME KEY: the median of the KEY= values of the HOST bench_sample NAME lines, or n/a.
+figure_median() {
+  local values
+  mapfile -t values < <(grep -E "^HOST bench_sample $1 " "$log" | tr ' ' '\n' | sed -n "s/^$2=//p")
+  median "${values[@]}" || echo n/a
+}
+# gib_s MIB MS: the rate of MIB mebibytes in MS milliseconds in GiB/s, or n/a.
+gib_s() { awk -v s="$1" -v t="$2" 'BEGIN { if (t + 0 > 0) printf "%.2f", s / 1024 / (t / 1000); else print "n/a" }'; }
+
 echo
 echo "| figure | median of $runs |"
 echo "|---|---|"
-grep -E '^HOST bench ' "$log" | sed 's/^HOST bench \([^ ]*\) \(.*\)$/| \1 | \2 |/'
+for kernel in vmlinuz vmlinux; do
+  echo "| boot_$kernel | vcpu_ms=$(figure_median "boot_$kernel" vcpu_ms)" \
+    "init_ms=$(figure_median "boot_$kernel" init_ms)" \
+    "overhead_mib=$(figure_median "boot_$kernel" overhead_mib) |"
+done
+for pages in 4k 2m; do
+  size_mib=$(figure_median "reserve_$pages" size_mib)
+  reserve_ms=$(figure_median "reserve_$pages" reserve_ms)
+  dma_map_ms=$(figure_median "reserve_$pages" dma_map_ms)
+  echo "| reserve_$pages | size_mib=$size_mib reserve_ms=$reserve_ms dma_map_ms=$dma_map_ms" \
+    "reserve_gib_s=$(gib_s "$size_mib" "$reserve_ms") dma_map_gib_s=$(gib_s "$size_mib" "$dma_map_ms") |"
+done

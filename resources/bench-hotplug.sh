@@ -9,9 +9,9 @@
 #   - host-initiated removal: `echo 1 > /sys/bus/pci/devices/BDF/remove` in the test host, until
 #     that command returns (rvmm released the device), until the namespace is gone in the guest.
 # Times are taken in the test host from just before the command (10 ms resolution, plus the
-# monitor's 50 ms poll for the guest's view). Prints the medians as a Markdown table; with
-# --update-doc also writes them with the command into the Hotplug section of docs/performance.md
-# (between its bench-hotplug markers).
+# monitor's 50 ms poll for the guest's view). Prints each sample as it is taken, then the medians
+# as a Markdown table; with --update-doc also writes the table with the command into the Hotplug
+# section of docs/performance.md (between its bench-hotplug markers).
 #
 # Usage: bench-hotplug.sh [--runs N] [--update-doc]     (default 5 runs; builds rvmm and the images)
 set -euo pipefail
@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
     --update-doc) update_doc=1; shift ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^# Usage:/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -49,17 +49,8 @@ NVME=$(pci_find 1b36:0010 | sed -n 1p)
 vfio_bind "$NVME"
 ADD="path=/sys/bus/pci/devices/$NVME,id=disk0"
 
-median() { sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "n/a"; else print a[int((NR + 1) / 2)] }'; }
-
-# sample FIGURE MS: one measurement of FIGURE (kept in /tmp/bench-FIGURE).
-sample() {
-  if [ -z "$2" ]; then
-    hmark bench_sample "$1" missing
-    return 0
-  fi
-  echo "$2" >>"/tmp/bench-$1"
-  hmark bench_sample "$1" "$2"
-}
+# sample FIGURE MS: one measurement of FIGURE (bench-hotplug.sh takes the medians).
+sample() { hmark bench_sample "$1" "${2:-missing}"; }
 
 # guest_waits TEXT COUNT START_MS: waits until the guest printed more than COUNT lines with TEXT;
 # prints the milliseconds since START_MS, or nothing if it never did.
@@ -119,27 +110,22 @@ if rvmm_wait_output bench 'GUEST monitor ready' 120 >/dev/null; then
 fi
 "$RVMM" ctl --api-socket "$(api_socket bench)" shutdown
 rvmm_wait_lines bench >/dev/null
-for figure in add_answer add_visible graceful_answer graceful_gone surprise_answer surprise_gone \
-  host_remove_done host_remove_gone; do
-  hmark bench "$figure" "$(median <"/tmp/bench-$figure" 2>/dev/null || echo n/a)" \
-    "$(tr '\n' ' ' <"/tmp/bench-$figure" 2>/dev/null)"
-done
 SCENARIO
 
+# The samples are shown as they come; the whole console is kept.
 log="$BUILD_DIR/logs/bench-hotplug.log"
+log "booting the test host ($runs runs); console: $log"
 bash resources/testhost.sh --scenario "$scenario" --workdir "$workdir" --nvme 1 --no-igb \
-  --timeout 1200 >"$log" 2>&1 || die "the test host run failed; see $log"
+  --timeout 1200 2>&1 | sed -u 's/\r$//' | tee "$log" |
+  { grep --line-buffered -E '^HOST bench_sample ' || true; } ||
+  die "the test host run failed; see $log"
 
-# figure NAME: "median | samples" of HOST bench NAME, or "n/a".
+# figure NAME: "median ms | samples" of the HOST bench_sample NAME lines, or "n/a | -".
 figure() {
-  local line
-  line=$(grep -E "^HOST bench $1 " "$log" | head -n1 | tr -d '\r')
-  [ -n "$line" ] || { echo "n/a | -"; return; }
-  # shellcheck disable=SC2086 # the marker's words
-  set -- $line
-  local median="$4"
-  shift 4
-  echo "$median ms | $*"
+  local samples
+  mapfile -t samples < <(grep -E "^HOST bench_sample $1 [0-9]+$" "$log" | cut -d' ' -f4)
+  [ "${#samples[@]}" -gt 0 ] || { echo "n/a | -"; return; }
+  echo "$(median "${samples[@]}") ms | ${samples[*]}"
 }
 
 table() {

@@ -2,9 +2,10 @@
 # Benchmark: sequential reads of an emulated NVMe drive in the test host, by the test host's own
 # nvme driver and by an rvmm guest that has the drive passed through (VFIO), plus the VM exits
 # rvmm's VM takes during the guest's reads (KVM debugfs in the test host). Each side reads the
-# drive from its start with O_DIRECT in 1 MiB blocks, --runs times; the script prints the median
-# of the runs. The test host runs under QEMU/TCG: absolute figures mean little, the guest/host
-# ratio and the exits per MiB are what to compare between rvmm versions.
+# drive from its start with O_DIRECT in 1 MiB blocks, --runs times; the script prints each run's
+# time as it ends, then the median of the runs. The test host runs under QEMU/TCG: absolute
+# figures mean little, the guest/host ratio and the exits per MiB are what to compare between rvmm
+# versions.
 #
 # Usage: bench-nvme.sh [--size SIZE] [--mib N] [--runs N] [--cpus N]
 #   --size SIZE   the drive's size in QEMU's syntax (default 1G)
@@ -94,16 +95,11 @@ log "booting the test host (drive $size, $runs runs of $mib MiB per side); conso
 status=0
 flock "$BUILD_DIR/testhost.lock" bash "$RESOURCES_DIR/testhost.sh" --scenario "$scenario" \
   --workdir "$workdir" --nvme 1 --nvme-size "$size" --no-igb --timeout 2400 |
-  tr -d '\r' | tee "$log_file" | grep -E '^(HOST|GUEST) (bench|nvme_read|kvm_stats|rvmm_exit)' >&2 ||
+  sed -u 's/\r//g' | tee "$log_file" |
+  grep --line-buffered -E '^(HOST|GUEST) (bench|nvme_read|kvm_stats|rvmm_exit)' >&2 ||
   status=$?
 [ "$status" -eq 0 ] || log "the test host run ended with status $status"
 
-# median SECONDS...: the median of the numbers given.
-median() {
-  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-    if (NR == 0) exit 1
-    if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 # secs_of PREFIX: the secs= values of the markers starting with PREFIX.
 secs_of() { grep -E "^$1 " "$log_file" | sed -n 's/.* secs=\([0-9.]*\).*/\1/p'; }
 # stat_of LABEL STAT: a counter of HOST kvm_stats LABEL.

@@ -58,6 +58,14 @@ version_at_least() {
   [ -n "$1" ] && [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
 }
 
+# median NUMBER...: prints the median of the numbers (the mean of the middle two for an even
+# count); fails, printing nothing, when none is given.
+median() {
+  [ "$#" -gt 0 ] || return 1
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 # Prints the release string of the kernel in build/kernel/current, or fails.
 kernel_release() {
   [ -s "$KERNEL_DIR/release" ] || die "no guest kernel in $KERNEL_DIR: run resources/guest-kernel.sh"
