@@ -51,4 +51,5 @@ hmark demo "rvmm run: guest scenario $guest_scenario $device_args"
 hmark rvmm_exit "$?"
 SCENARIO
 } >"$scenario"
+log "booting the test host, then the guest under rvmm; quit QEMU at any time with Ctrl-A X"
 exec bash resources/testhost.sh --scenario "$scenario" --workdir "$workdir" --timeout 3600

@@ -48,18 +48,23 @@ if [ -s "$target/vmlinux" ] && [ -s "$target/release" ] && [ -s "$target/vmlinuz
   exit 0
 fi
 
-log "preparing kernel $package $version"
+size="$(apt-cache show "$package=$version" 2>/dev/null | awk '$1 == "Size:" { printf "%.0f MiB", $2 / 1048576; exit }')"
+log "downloading kernel package $package $version (${size:-size unknown}) into $BUILD_DIR/kernel"
 work="$BUILD_DIR/kernel/.download"
 rm -rf "$work" "$target"
 mkdir -p "$work"
-# apt-get download writes into the current directory; as root it warns that the download runs
-# unsandboxed, which is harmless here.
-if ! (cd "$work" && apt-get download -qq "$package=$version" 2>/dev/null); then
+# apt-get download writes into the current directory and shows its progress; as root it warns
+# that the download runs unsandboxed, which is harmless here (that warning is left out).
+download() {
+  (cd "$work" && apt-get download "$package=$version" 2> >(grep -v 'unsandboxed' >&2))
+}
+started=$(date +%s)
+if ! download; then
   apt-get update -qq
-  (cd "$work" && apt-get download -qq "$package=$version" 2>/dev/null) ||
-    die "cannot download $package=$version"
+  download || die "cannot download $package=$version"
 fi
 deb="$(ls "$work"/*.deb)"
+log "downloaded $(basename "$deb") ($(du -m "$deb" | cut -f1) MiB) in $(($(date +%s) - started)) s; unpacking"
 mkdir -p "$target/root"
 dpkg-deb -x "$deb" "$target/root"
 rm -rf "$work"
