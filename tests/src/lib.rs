@@ -28,6 +28,7 @@
 //! host) panics with the reason, and every failed expectation prints the path of the saved
 //! console log (`build/logs/<test>.log`) and its relevant tail. Nothing is skipped.
 
+mod asserts;
 mod error;
 mod output;
 pub mod paths;
@@ -37,6 +38,7 @@ mod shared;
 mod testhost;
 mod token;
 
+pub use asserts::{assert_clean_poweroff, assert_refused};
 pub use error::{Error, Result};
 pub use output::{Line, Marker, RunEnd, Section, Source, TestHostOutput};
 pub use scenario::{shell_quote, GuestKernel, GuestRun};

@@ -11,7 +11,10 @@
 
 use std::time::Duration;
 
-use rvmm_tests::{token, GuestRun, Marker, Section, SharedRun, TestHost, TestHostOutput};
+use rvmm_tests::{
+    assert_clean_poweroff, assert_refused, token, GuestRun, Marker, Section, SharedRun, TestHost,
+    TestHostOutput,
+};
 
 /// Each NVMe drive of the test host (QEMU's syntax) and its sectors of 512 bytes.
 const NVME_SIZE: &str = "64M";
@@ -28,6 +31,8 @@ const VF_MAC: &str = "52:54:00:00:0f:01";
 const TEST_HOST_CPU: &str = "EPYC-Milan,+svm,phys-bits=36";
 /// `IFF_UP` in `/sys/class/net/<if>/flags`.
 const IFF_UP: u64 = 0x1;
+/// How the message of a non-zero exit status goes on (`assert_clean_poweroff`).
+const POWERED_OFF: &str = "after the guest powered off";
 
 /// Arguments of a valid guest run for the refusal cases, which add one `--device`.
 const VALID: &str = r#"--kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" --cmdline "$(guest_cmdline basic)" --memory size=512M --serial stdio"#;
@@ -226,33 +231,6 @@ fn assert_msix(run: &Section<'_>, bdf: &str, driver: &str, fired: bool) {
     }
 }
 
-/// Asserts that the guest powered off and rvmm exited with 0; `exit` is the run's status.
-fn assert_clean_poweroff(run: &Section<'_>, exit: i64) {
-    run.expect_guest("done");
-    run.check(
-        exit == 0,
-        &format!("rvmm exited with {exit} after the guest powered off, not 0"),
-    );
-}
-
-/// Asserts that rvmm refused quickly, without a crash, saying something on stderr.
-fn assert_refused(run: &Section<'_>) -> String {
-    let exit = run.rvmm_exit();
-    run.check(exit != 0, "rvmm exited with status 0 instead of refusing");
-    run.check(exit != 137, "rvmm did not end within 30 s and was killed");
-    run.check(
-        exit < 128,
-        &format!("rvmm died of a signal (exit status {exit}) instead of exiting with an error"),
-    );
-    let stderr = run.stderr();
-    run.check(
-        !stderr.contains("panicked"),
-        "rvmm panicked instead of reporting an error",
-    );
-    run.check(!stderr.trim().is_empty(), "rvmm printed nothing on stderr");
-    stderr
-}
-
 // --- one NVMe drive -------------------------------------------------------------------------
 
 #[test]
@@ -331,7 +309,7 @@ fn pattern_the_guest_wrote_is_on_the_drive_for_the_host_nvme_driver() {
 fn passthrough_nvme_guest_powers_off_and_rvmm_exits_zero() {
     let run = nvme("single");
 
-    assert_clean_poweroff(&run, run.rvmm_exit());
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["done"], POWERED_OFF);
 }
 
 // --- two NVMe drives ------------------------------------------------------------------------
@@ -403,7 +381,7 @@ fn two_passthrough_nvme_controllers_both_use_msix() {
 fn two_passthrough_nvme_guest_powers_off_and_rvmm_exits_zero() {
     let run = nvme("two");
 
-    assert_clean_poweroff(&run, run.rvmm_exit());
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["done"], POWERED_OFF);
 }
 
 // --- a device another rvmm owns -------------------------------------------------------------
@@ -468,7 +446,7 @@ fn owner_vm_exits_zero_after_a_second_rvmm_was_refused() {
         .and_then(|code| i64::try_from(code).ok());
 
     match exit {
-        Some(exit) => assert_clean_poweroff(&owner, exit),
+        Some(exit) => assert_clean_poweroff(&owner, exit, &["done"], POWERED_OFF),
         None => owner.fail("the owner's rvmm run has no exit status"),
     }
 }
@@ -575,7 +553,7 @@ fn passthrough_igb_vf_interface_is_set_up_in_the_guest() {
 fn passthrough_igb_vf_guest_powers_off_and_rvmm_exits_zero() {
     let run = igb_run().section("igbvf");
 
-    assert_clean_poweroff(&run, run.rvmm_exit());
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["done"], POWERED_OFF);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rvmm_tests::{GuestRun, Section, SharedRun, TestHost, TestHostOutput};
+use rvmm_tests::{assert_clean_poweroff, GuestRun, Section, SharedRun, TestHost, TestHostOutput};
 
 /// The self-test's report, as rvmm prints it on stderr.
 const SELFTEST_REPORT: &str = "rvmm: seccomp blocked syscall getppid (110) on thread rvmm-vmm; \
@@ -105,17 +105,10 @@ fn mode_of(run: &Section<'_>, thread: &str) -> String {
     }
 }
 
-fn assert_clean_poweroff(run: &Section<'_>) {
-    run.expect_guest("up");
-    run.expect_guest("done");
-    let exit = run.rvmm_exit();
-    run.check(exit == 0, &format!("rvmm exited with {exit}, not 0"));
-}
-
 #[test]
 fn guest_boots_and_powers_off_with_filters_on_by_default() {
     let run = section("filtered");
-    assert_clean_poweroff(&run);
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "done"], "");
     run.check(
         !run.contains("seccomp blocked"),
         "a filter blocked a syscall rvmm needs",
@@ -161,7 +154,7 @@ fn control_api_answers_through_filtered_threads() {
 #[test]
 fn seccomp_off_runs_every_thread_unfiltered() {
     let run = section("unfiltered");
-    assert_clean_poweroff(&run);
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "done"], "");
     let all = threads(&run);
     run.check(
         !all.is_empty() && all.iter().all(|(_, mode)| mode == "0"),
@@ -196,7 +189,7 @@ fn blocked_syscall_ends_rvmm_with_exit_code_1() {
 #[test]
 fn log_mode_lets_the_forbidden_syscall_through() {
     let run = section("selftest_log");
-    assert_clean_poweroff(&run);
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "done"], "");
     run.check(
         !run.contains("seccomp blocked"),
         "--seccomp log must not end rvmm on a syscall outside the filter",

@@ -172,7 +172,7 @@ fn cold_plugged_drive_removal_leaves_no_device_in_info() {
 /// Asserts that ctl call `label` failed with exit status 1 and a message containing every part
 /// of `parts`; returns the message.
 #[track_caller]
-fn assert_refused(label: &str, parts: &[&str]) -> String {
+fn assert_ctl_refused(label: &str, parts: &[&str]) -> String {
     let run = errors();
     let call = ctl(&run, label);
     run.check(
@@ -193,7 +193,7 @@ fn assert_refused(label: &str, parts: &[&str]) -> String {
 
 #[test]
 fn removing_an_unknown_id_is_refused_with_404() {
-    assert_refused("unknown_id", &["nosuchdisk", "(HTTP 404)"]);
+    assert_ctl_refused("unknown_id", &["nosuchdisk", "(HTTP 404)"]);
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn two_devices_in_one_add_call_are_refused_before_reaching_rvmm() {
 
 #[test]
 fn adding_a_device_the_host_does_not_have_is_refused_with_400_naming_it() {
-    assert_refused("absent", &[ABSENT_BDF, "not found", "(HTTP 400)"]);
+    assert_ctl_refused("absent", &[ABSENT_BDF, "not found", "(HTTP 400)"]);
 }
 
 #[test]
@@ -236,7 +236,7 @@ fn adding_a_path_that_is_no_pci_device_is_refused_with_the_expected_form() {
 
 #[test]
 fn adding_a_device_this_vm_already_has_is_refused_with_409() {
-    assert_refused("in_use", &["already attached", "cold0", "(HTTP 409)"]);
+    assert_ctl_refused("in_use", &["already attached", "cold0", "(HTTP 409)"]);
 }
 
 #[test]
@@ -244,7 +244,7 @@ fn adding_a_device_not_bound_to_vfio_pci_is_refused_with_400_and_the_bind_comman
     let pf = misc_run().all().expect_host("pf_device").value;
     let override_path = format!("/sys/bus/pci/devices/{pf}/driver_override");
 
-    assert_refused(
+    assert_ctl_refused(
         "not_bound",
         &[
             &format!("{pf} is bound to igb, not vfio-pci"),
