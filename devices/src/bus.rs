@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use crate::sync::{MutexExt, RwLockExt};
 use thiserror::Error;
 
 /// A device that answers reads and writes on a [`Bus`].
@@ -84,7 +85,7 @@ impl Bus {
         if len == 0 || base.checked_add(len - 1).is_none() {
             return Err(BusError::InvalidRange { base, len });
         }
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = self.ranges.write_locked();
         // The range starting at or before `base + len - 1` with the highest start is the only one
         // that can overlap from below; any range starting inside ours overlaps too.
         if let Some((&other_base, other)) = ranges.range(..=base + (len - 1)).next_back() {
@@ -109,7 +110,7 @@ impl Bus {
 
     /// Removes the range starting at `base`.
     pub fn remove(&self, base: u64) -> Result<()> {
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = self.ranges.write_locked();
         ranges
             .remove(&base)
             .map(|_| ())
@@ -118,7 +119,7 @@ impl Bus {
 
     /// Finds the device whose range holds `addr`: (range base, device).
     fn resolve(&self, addr: u64) -> Option<(u64, SharedBusDevice)> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.ranges.read_locked();
         let (&base, entry) = ranges.range(..=addr).next_back()?;
         if addr - base >= entry.len {
             return None;
@@ -130,9 +131,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(base, addr - base, data);
+                dev.locked().read(base, addr - base, data);
                 true
             }
             None => false,
@@ -143,9 +142,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(base, addr - base, data);
+                dev.locked().write(base, addr - base, data);
                 true
             }
             None => false,

@@ -13,14 +13,18 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod host;
 pub mod i8042;
+pub mod report;
 pub mod serial;
+pub mod sync;
 pub mod throttle;
 
 pub use acpi_pm::AcpiPm;
 pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
 pub use cmos::Cmos;
 pub use i8042::I8042;
+pub use report::error_chain;
 pub use serial::Serial;
 pub use throttle::LogThrottle;
 

@@ -11,6 +11,7 @@
 //! - [`allocator`]: address ranges and an aligned allocator for BARs inside a port window.
 
 pub mod allocator;
+pub mod bdf;
 pub mod config;
 pub mod config_access;
 pub mod device;
@@ -23,9 +24,10 @@ pub mod segment;
 pub mod slot;
 
 pub use allocator::{AddressAllocator, AddressRange};
+pub use bdf::{Bdf, BdfError, SYSFS_PCI_DEVICES};
 pub use config_access::{EcamAccess, PioConfigAccess, PIO_CONFIG_BASE, PIO_CONFIG_LEN};
 pub use device::{MsiMessage, MsiSender, PciDevice};
 pub use pcie_cap::{LinkSpeed, LinkWidth};
 pub use root_port::{PortWindows, RootPort, SharedRootPort};
-pub use segment::{PciAddress, PciSegment, PortInfo, SegmentConfig};
+pub use segment::{PciSegment, PortInfo, SegmentConfig};
 pub use slot::{SlotDevice, SlotError, SlotEvents, SlotState};

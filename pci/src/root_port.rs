@@ -19,6 +19,7 @@ use crate::header::{self, BusNumbers, PciIds};
 use crate::msi::Msi;
 use crate::pcie_cap::{self, LinkSpeed, LinkWidth, PcieCapParams, MAX_SLOT_NUMBER};
 use crate::slot::{Slot, SlotEvents};
+use rvmm_devices::sync::MutexExt;
 
 /// Vendor ID of the root port (Red Hat).
 pub const ROOT_PORT_VENDOR_ID: u16 = 0x1b36;
@@ -217,10 +218,7 @@ impl RootPort {
         {
             return None;
         }
-        self.slot
-            .device
-            .as_ref()
-            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+        self.slot.device.as_ref().map(|d| d.locked())
     }
 
     /// Reads register `reg` of a function behind the port; absent functions read all ones.

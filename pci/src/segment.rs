@@ -6,12 +6,12 @@
 //! renumber buses: accesses to other buses go to the port whose *current* secondary..=
 //! subordinate range holds the bus.
 
-use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
 use crate::allocator::{align_up, AddressRange};
+use crate::bdf::Bdf;
 use crate::device::{MsiSender, PciDevice};
 use crate::header::{BusNumbers, WINDOW_GRANULARITY};
 use crate::host_bridge::HostBridge;
@@ -20,6 +20,7 @@ use crate::root_port::{
     PortWindows, RootPort, RootPortConfig, RootPortError, SharedRootPort, ABSENT,
 };
 use crate::slot::SlotEvents;
+use rvmm_devices::sync::MutexExt;
 
 /// Most root ports a segment supports.
 pub const MAX_ROOT_PORTS: usize = 128;
@@ -27,27 +28,6 @@ pub const MAX_ROOT_PORTS: usize = 128;
 const FUNCTIONS_PER_DEVICE: usize = 8;
 /// Bytes of ECAM space per bus.
 pub const ECAM_BUS_SIZE: u64 = 1 << 20;
-
-/// The address of a PCI function in segment 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PciAddress {
-    /// Bus number.
-    pub bus: u8,
-    /// Device number (0..32).
-    pub device: u8,
-    /// Function number (0..8).
-    pub function: u8,
-}
-
-impl fmt::Display for PciAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "0000:{:02x}:{:02x}.{:x}",
-            self.bus, self.device, self.function
-        )
-    }
-}
 
 /// Plain description of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +56,7 @@ pub struct PortInfo {
     /// Index of the port in the segment.
     pub index: usize,
     /// Address of the port on the root bus.
-    pub address: PciAddress,
+    pub address: Bdf,
     /// Physical Slot Number.
     pub slot_number: u16,
     /// Secondary bus assigned at construction.
@@ -272,7 +252,8 @@ impl PciSegment {
             ports.push(Arc::new(Mutex::new(port)));
             infos.push(PortInfo {
                 index,
-                address: PciAddress {
+                address: Bdf {
+                    domain: 0,
                     bus: config.bus_start,
                     device: device as u8,
                     function: function as u8,
@@ -331,10 +312,6 @@ impl PciSegment {
         }
     }
 
-    fn lock(port: &SharedRootPort) -> std::sync::MutexGuard<'_, RootPort> {
-        port.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Runs `f` on the port whose current bus range holds `bus` (a bus other than the root).
     fn with_port_for_bus<R>(&self, bus: u8, f: impl FnOnce(&RootPort) -> R) -> Option<R> {
         let n = self.ports.len();
@@ -342,7 +319,7 @@ impl PciSegment {
         let guess = usize::from(bus.wrapping_sub(self.config.bus_start)).saturating_sub(1) % n;
         (0..n)
             .filter_map(|k| self.ports.get((guess + k) % n))
-            .map(Self::lock)
+            .map(|p| p.locked())
             .find(|port| port.bus_numbers().routes(bus))
             .map(|port| f(&port))
     }
@@ -362,15 +339,11 @@ impl PciSegment {
                 .unwrap_or(ABSENT);
         }
         match self.root_function(device, function) {
-            Some(RootFunction::HostBridge) => self
-                .host_bridge
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_config_register(reg),
+            Some(RootFunction::HostBridge) => self.host_bridge.locked().read_config_register(reg),
             Some(RootFunction::Port(i)) => self
                 .ports
                 .get(i)
-                .map_or(ABSENT, |p| Self::lock(p).read_config_register(reg)),
+                .map_or(ABSENT, |p| p.locked().read_config_register(reg)),
             None => ABSENT,
         }
     }
@@ -398,12 +371,11 @@ impl PciSegment {
         match self.root_function(device, function) {
             Some(RootFunction::HostBridge) => self
                 .host_bridge
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .write_config_register(reg, offset, data),
             Some(RootFunction::Port(i)) => {
                 if let Some(port) = self.ports.get(i) {
-                    Self::lock(port).write_config_register(reg, offset, data);
+                    port.locked().write_config_register(reg, offset, data);
                 }
             }
             None => {}

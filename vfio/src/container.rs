@@ -22,6 +22,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use crate::legacy::{LegacyContainer, VfioDevice, VfioError};
+use rvmm_devices::sync::MutexExt;
 
 /// An IOVA range the IOMMU can translate (inclusive bounds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,7 +322,7 @@ impl Container {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Registers guest RAM `[gpa, gpa + size)` backed by host memory at `host_addr` and maps it

@@ -29,6 +29,7 @@ use crate::layout::{bar_layout, Area, Mmappable};
 use crate::mmio::{AddressSpace, BarMap, GuestMmio, TrapHandler};
 use crate::msi::MsiWrite;
 use crate::msix::MsixWrite;
+use rvmm_devices::sync::MutexExt;
 
 const ROM_INDEX: usize = VFIO_PCI_ROM_REGION_INDEX as usize;
 
@@ -99,12 +100,6 @@ pub struct VfioPciDevice {
     name: Arc<str>,
     request: Option<Arc<EventFd>>,
     error: Option<Arc<EventFd>>,
-}
-
-fn host_page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
 }
 
 /// Clears the decode and bus-master bits of the device's command register.
@@ -259,7 +254,7 @@ impl VfioPciDevice {
         )?;
         quiesce(&*backend, &name);
 
-        let page_size = host_page_size();
+        let page_size = rvmm_devices::host::page_size();
         let mut maps: Vec<BarMap> = vconfig
             .bars()
             .infos()
@@ -313,7 +308,7 @@ impl VfioPciDevice {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 
     /// The host address of the device.

@@ -9,10 +9,10 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use crate::container::ContainerError;
 use crate::legacy::VfioError;
+use rvmm_pci::Bdf;
 use thiserror::Error;
 
 const SYS_DEVICES: &str = "sys/bus/pci/devices";
@@ -21,68 +21,6 @@ const VFIO_DRIVER: &str = "vfio-pci";
 /// Drivers the kernel tolerates on other devices of a group handed to VFIO.
 const GROUP_SAFE_DRIVERS: [&str; 3] = ["vfio-pci", "pci-stub", "pcieport"];
 const CAP_IPC_LOCK: u32 = 14;
-
-/// A host PCI address (domain:bus:device.function).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct HostBdf {
-    /// PCI domain (segment).
-    pub domain: u16,
-    /// Bus number.
-    pub bus: u8,
-    /// Device number (0..32).
-    pub device: u8,
-    /// Function number (0..8).
-    pub function: u8,
-}
-
-impl fmt::Display for HostBdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
-    }
-}
-
-impl FromStr for HostBdf {
-    type Err = HostError;
-
-    /// Parses `DDDD:BB:DD.F`, `BB:DD.F` (domain 0) or a sysfs path ending in `DDDD:BB:DD.F`.
-    fn from_str(spec: &str) -> Result<Self> {
-        let invalid = || HostError::InvalidSpec {
-            spec: spec.to_string(),
-        };
-        let trimmed = spec.trim().trim_end_matches('/');
-        // A sysfs path (/sys/bus/pci/devices/X or the canonical /sys/devices/pci.../X) must
-        // end in a full address; a bare address may omit the domain.
-        let (name, is_path) = match trimmed.rsplit_once('/') {
-            Some((_, name)) => (name, true),
-            None => (trimmed, false),
-        };
-        let parts: Vec<&str> = name.split(':').collect();
-        let (domain, bus, devfn) = match parts.as_slice() {
-            [domain, bus, devfn] => (*domain, *bus, *devfn),
-            [bus, devfn] if !is_path => ("0", *bus, *devfn),
-            _ => return Err(invalid()),
-        };
-        let (device, function) = devfn.split_once('.').ok_or_else(invalid)?;
-        let hex = |s: &str, max_len: usize| {
-            if s.is_empty() || s.len() > max_len || !s.chars().all(|c| c.is_ascii_hexdigit()) {
-                None
-            } else {
-                u32::from_str_radix(s, 16).ok()
-            }
-        };
-        let bdf = HostBdf {
-            domain: hex(domain, 4).ok_or_else(invalid)? as u16,
-            bus: hex(bus, 2).ok_or_else(invalid)? as u8,
-            device: hex(device, 2).filter(|d| *d < 32).ok_or_else(invalid)? as u8,
-            function: hex(function, 1).filter(|f| *f < 8).ok_or_else(invalid)? as u8,
-        };
-        Ok(bdf)
-    }
-}
 
 /// A process holding a VFIO group open.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,23 +66,17 @@ fn list<T: fmt::Display>(items: &[T]) -> String {
 /// Errors of host preparation.
 #[derive(Debug, Error)]
 pub enum HostError {
-    /// The device argument is not a PCI address or sysfs path.
-    #[error("invalid host device '{spec}': expected a PCI address like 0000:01:00.0 or 01:00.0, or /sys/bus/pci/devices/0000:01:00.0")]
-    InvalidSpec {
-        /// What the user gave.
-        spec: String,
-    },
     /// No such device.
     #[error("host PCI device {bdf} not found (no /sys/bus/pci/devices/{bdf}); list devices with `lspci -D`")]
     NotFound {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
     },
     /// The device is not bound to vfio-pci.
     #[error("host device {bdf} is bound to {driver}, not vfio-pci; as root, run:\n{commands}")]
     NotBound {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The current driver ("no driver" if none).
         driver: String,
         /// The commands that bind it to vfio-pci.
@@ -154,13 +86,13 @@ pub enum HostError {
     #[error("host device {bdf} has no IOMMU group: the IOMMU is off; enable VT-d/AMD-Vi in the firmware and boot the host with intel_iommu=on (or amd_iommu=on) iommu=pt")]
     NoIommuGroup {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
     },
     /// Another device of the group is bound to a host driver.
     #[error("IOMMU group {group} of host device {bdf} is not viable: its other devices must be bound to vfio-pci or have no driver, but it has {}; bind them to vfio-pci too or use a slot with its own group", list(.others))]
     GroupNotViable {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The group.
         group: u32,
         /// The offending devices.
@@ -170,7 +102,7 @@ pub enum HostError {
     #[error("/dev/vfio/{group} (IOMMU group of host device {bdf}) does not exist; check that vfio-pci bound the device and that /dev/vfio is populated")]
     NoGroupNode {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The group.
         group: u32,
     },
@@ -178,7 +110,7 @@ pub enum HostError {
     #[error("no permission to open /dev/vfio/{group} (IOMMU group of host device {bdf}); run as root or give this user the device node (chown or a udev rule)")]
     GroupPermission {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The group.
         group: u32,
     },
@@ -186,7 +118,7 @@ pub enum HostError {
     #[error("IOMMU group {group} of host device {bdf} is already open in {}; stop that process or release the device from it", if .holders.is_empty() { "another process (run as root to see which)".to_string() } else { list(.holders) })]
     GroupBusy {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The group.
         group: u32,
         /// The processes holding `/dev/vfio/<group>`.
@@ -218,7 +150,7 @@ pub type Result<T> = std::result::Result<T, HostError>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostDevice {
     /// Its address.
-    pub bdf: HostBdf,
+    pub bdf: Bdf,
     /// Its sysfs directory (what VFIO opens).
     pub sysfs_path: PathBuf,
     /// Its IOMMU group.
@@ -226,7 +158,7 @@ pub struct HostDevice {
 }
 
 /// The commands that bind `bdf` to vfio-pci, given its current driver.
-pub fn rebind_commands(bdf: &HostBdf, driver: Option<&str>, vfio_loaded: bool) -> String {
+pub fn rebind_commands(bdf: &Bdf, driver: Option<&str>, vfio_loaded: bool) -> String {
     let mut lines = Vec::new();
     if !vfio_loaded {
         lines.push("modprobe vfio-pci".to_string());
@@ -297,13 +229,12 @@ impl Sysfs {
         Self { root: root.into() }
     }
 
-    fn device_dir(&self, bdf: &HostBdf) -> PathBuf {
+    fn device_dir(&self, bdf: &Bdf) -> PathBuf {
         self.root.join(SYS_DEVICES).join(bdf.to_string())
     }
 
-    /// Resolves `spec` and checks that the device can be opened through VFIO.
-    pub fn prepare(&self, spec: &str) -> Result<HostDevice> {
-        let bdf: HostBdf = spec.parse()?;
+    /// Checks that host device `bdf` can be opened through VFIO.
+    pub fn prepare(&self, bdf: Bdf) -> Result<HostDevice> {
         let dir = self.device_dir(&bdf);
         if !dir.exists() {
             return Err(HostError::NotFound { bdf });
@@ -335,7 +266,7 @@ impl Sysfs {
     }
 
     /// The other devices of `group` bound to drivers that make the group unusable.
-    fn unsafe_group_members(&self, bdf: &HostBdf, group: u32) -> Result<Vec<GroupMember>> {
+    fn unsafe_group_members(&self, bdf: &Bdf, group: u32) -> Result<Vec<GroupMember>> {
         let path = self
             .root
             .join(SYS_GROUPS)

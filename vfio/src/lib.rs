@@ -40,7 +40,7 @@ pub use container::{
     IovaRange, Type1Iommu,
 };
 pub use device::{DeviceConfig, DeviceError, VfioPciDevice};
-pub use host::{GroupHolder, GroupMember, HostBdf, HostDevice, HostError, Sysfs};
+pub use host::{GroupHolder, GroupMember, HostDevice, HostError, Sysfs};
 pub use interrupts::{InterruptError, InterruptRouter, IrqMode};
 pub use legacy::{GroupFdMismatch, LegacyContainer, VfioDevice, VfioError};
 pub use limit::{check_passthrough_limit, LimitError, MAX_PASSTHROUGH_DEVICES};

@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::backend::MmapArea;
 use crate::layout::Area;
+use rvmm_devices::sync::MutexExt;
 
 /// Which guest address space a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,10 +114,7 @@ impl<T: TrapHandler> BusDevice for TrapRange<T> {
         let Some(offset) = self.bar_offset.checked_add(offset) else {
             return;
         };
-        target
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .trap_read(self.bar, offset, data);
+        target.locked().trap_read(self.bar, offset, data);
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
@@ -126,10 +124,7 @@ impl<T: TrapHandler> BusDevice for TrapRange<T> {
         let Some(offset) = self.bar_offset.checked_add(offset) else {
             return;
         };
-        target
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .trap_write(self.bar, offset, data);
+        target.locked().trap_write(self.bar, offset, data);
     }
 }
 

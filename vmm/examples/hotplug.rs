@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use rvmm::api::{AddDeviceRequest, ApiHandler, EventKind, Received, RemoveDeviceRequest};
+use rvmm::api::{ApiHandler, EventKind, Received, RemoveDeviceRequest};
 use rvmm::config::DEFAULT_ROOT_PORTS;
+use rvmm::device::DeviceSpec;
 use rvmm::{SerialConfig, Vm, VmConfig};
 
 fn main() -> ExitCode {
@@ -54,7 +55,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
     let vm_thread = std::thread::spawn(move || vm.run());
 
     // The add waits until the guest's pciehp has enabled the slot (also while it still boots).
-    let add: AddDeviceRequest = format!("path={bdf},id=example0")
+    let add: DeviceSpec = format!("path={bdf},id=example0")
         .parse()
         .map_err(|e| format!("bad device {bdf}: {e}"))?;
     let added = handle

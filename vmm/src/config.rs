@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::api::AddDeviceRequest;
+use crate::device::DeviceSpec;
 use crate::memory::MemoryConfig;
 use crate::seccomp::SeccompMode;
 
@@ -64,7 +64,7 @@ pub struct VmConfig {
     /// Unix socket of the control API.
     pub api_socket: Option<PathBuf>,
     /// Passthrough devices attached at boot, each behind its own root port.
-    pub devices: Vec<AddDeviceRequest>,
+    pub devices: Vec<DeviceSpec>,
     /// Seccomp filters of the VM's threads (on by default).
     pub seccomp: SeccompMode,
 }

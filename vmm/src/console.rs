@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use rvmm_devices::serial::Serial;
+use rvmm_devices::sync::MutexExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -44,7 +45,7 @@ impl StdinConsole {
     pub fn new(input: RawFd, serial: Arc<Mutex<Serial>>) -> std::io::Result<Self> {
         let drained = EventFd::new(EFD_NONBLOCK)?;
         let notifier = drained.try_clone()?;
-        lock(&serial).set_input_drained(Arc::new(notifier));
+        serial.locked().set_input_drained(Arc::new(notifier));
         Ok(Self {
             input,
             serial,
@@ -65,7 +66,7 @@ impl StdinConsole {
         if self.pending.is_empty() {
             return;
         }
-        let taken = lock(&self.serial).enqueue_input(&self.pending);
+        let taken = self.serial.locked().enqueue_input(&self.pending);
         self.pending.drain(..taken.min(self.pending.len()));
     }
 
@@ -157,11 +158,6 @@ fn read_fd(fd: RawFd, pending: &mut Vec<u8>) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Locks the UART; a vCPU that panicked while holding it left a usable register model.
-fn lock(serial: &Mutex<Serial>) -> std::sync::MutexGuard<'_, Serial> {
-    serial.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,7 +220,7 @@ mod tests {
 
         /// The guest reads the receive FIFO empty, as the 8250 driver does on an interrupt.
         fn guest_reads(&self) -> Vec<u8> {
-            let mut serial = lock(&self.serial);
+            let mut serial = self.serial.locked();
             let mut got = Vec::new();
             loop {
                 let mut lsr = [0u8];

@@ -17,15 +17,16 @@ use rvmm_vfio::sriov::SriovError;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::types::{DeviceState as ApiDeviceState, RootPortUsage};
+use crate::api::types::RootPortUsage;
 use crate::api::{
-    AddDeviceRequest, ApiError, ApiRequestQueue, DeviceId, DeviceInfo, Event, EventBus, EventKind,
-    PciBdf, PendingRequest, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder,
-    VmInfo,
+    ApiError, ApiRequestQueue, DeviceInfo, Event, EventBus, EventKind, PendingRequest,
+    RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder, VmInfo,
 };
+use crate::device::{DeviceId, DeviceSpec, DeviceState};
 use crate::exit::{ExitSignal, VmExit};
-use crate::passthrough::{AttachedDevice, DeviceSpec, DeviceState, Passthrough, PassthroughError};
+use crate::passthrough::{AttachedDevice, Passthrough, PassthroughError};
 use crate::pci::SlotNotifier;
+use rvmm_devices::sync::MutexExt;
 
 /// How long a hot-add waits for the guest to enable hotplug on the slot (e.g. while it boots).
 pub const ADD_SLOT_READY_TIMEOUT: Duration = Duration::from_secs(40);
@@ -87,11 +88,11 @@ pub struct Controller {
     events: Arc<EventBus>,
     queue: Option<ApiRequestQueue>,
     summary: VmSummary,
-    ops: BTreeMap<String, Op>,
+    ops: BTreeMap<DeviceId, Op>,
     timer: Option<TimerFd>,
     timer_armed: bool,
     /// VFIO request/error fds in epoll: token → (device id, raw fd, kind).
-    watched: HashMap<u32, (String, i32, VfioIrq)>,
+    watched: HashMap<u32, (DeviceId, i32, VfioIrq)>,
     next_token: u32,
 }
 
@@ -145,52 +146,30 @@ impl Controller {
     fn device_info(&self, d: &AttachedDevice) -> DeviceInfo {
         let port = self.segment.ports().get(d.port).map(|p| p.address);
         DeviceInfo {
-            id: device_id(&d.id),
-            bdf: PciBdf::from(d.guest_bdf),
-            host_bdf: host_bdf(d),
+            id: d.id.clone(),
+            bdf: d.guest_bdf,
+            host_bdf: d.host.bdf,
             slot: d.slot,
-            root_port: port
-                .map(PciBdf::from)
-                .unwrap_or_else(|| PciBdf::from(d.guest_bdf)),
-            state: match d.state {
-                DeviceState::Adding => ApiDeviceState::Adding,
-                DeviceState::Present => ApiDeviceState::Present,
-                DeviceState::Removing => ApiDeviceState::Removing,
-            },
+            root_port: port.unwrap_or(d.guest_bdf),
+            state: d.state,
             vf: d.vf_info(),
         }
     }
 
     fn info(&self) -> VmInfo {
-        let total = self.segment.ports().len();
-        let used = self
-            .segment
-            .ports()
-            .iter()
-            .filter(|p| {
-                self.passthrough.devices().iter().any(|d| d.port == p.index)
-                    || self
-                        .segment
-                        .port(p.index)
-                        .map(|port| lock(port).slot_state() != SlotState::Empty)
-                        .unwrap_or(false)
-            })
-            .count();
+        let usage = self.passthrough.port_usage(&self.segment);
+        let mut devices: Vec<&AttachedDevice> = self.passthrough.devices().collect();
+        devices.sort_by_key(|d| d.slot);
         VmInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cpus: self.summary.cpus,
             memory_bytes: self.summary.memory_bytes,
             hugepages: self.summary.hugepages,
             root_ports: RootPortUsage {
-                used: u8::try_from(used).unwrap_or(u8::MAX),
-                total: u8::try_from(total).unwrap_or(u8::MAX),
+                used: u8::try_from(usage.used).unwrap_or(u8::MAX),
+                total: u8::try_from(usage.total).unwrap_or(u8::MAX),
             },
-            devices: self
-                .passthrough
-                .devices()
-                .iter()
-                .map(|d| self.device_info(d))
-                .collect(),
+            devices: devices.into_iter().map(|d| self.device_info(d)).collect(),
             resources: self.passthrough.resources(),
         }
     }
@@ -210,12 +189,7 @@ impl Controller {
         self.advance(ops);
     }
 
-    fn start_add(
-        &mut self,
-        req: AddDeviceRequest,
-        reply: Responder<DeviceInfo>,
-        ops: &mut EventOps,
-    ) {
+    fn start_add(&mut self, spec: DeviceSpec, reply: Responder<DeviceInfo>, ops: &mut EventOps) {
         if self.summary.cpus > MAX_HOTPLUG_CPUS {
             reply.reply(Err(ApiError::Conflict(format!(
                 "hotplug is not supported on a VM with more than {MAX_HOTPLUG_CPUS} vCPUs (this VM has {})",
@@ -223,16 +197,8 @@ impl Controller {
             ))));
             return;
         }
-        let spec = match DeviceSpec::from_request(&req) {
-            Ok(spec) => spec,
-            Err(e) => {
-                reply.reply(Err(ApiError::BadRequest(e.to_string())));
-                return;
-            }
-        };
         match self.passthrough.attach(&spec, &self.segment) {
-            Ok(index) => {
-                let id = self.passthrough.devices()[index].id.clone();
+            Ok(id) => {
                 self.watch_vfio(&id, ops);
                 self.ops.insert(
                     id,
@@ -254,7 +220,7 @@ impl Controller {
         reply: Responder<RemoveDeviceResponse>,
         ops: &mut EventOps,
     ) {
-        let id = req.id.as_str().to_owned();
+        let id = req.id.clone();
         let Some(d) = self.passthrough.get(&id) else {
             reply.reply(Err(ApiError::UnknownDevice { id: req.id }));
             return;
@@ -272,8 +238,8 @@ impl Controller {
         let port = d.port;
         self.publish(EventKind::DeviceRemoving {
             id: req.id.clone(),
-            bdf: PciBdf::from(d.guest_bdf),
-            host_bdf: host_bdf(d),
+            bdf: d.guest_bdf,
+            host_bdf: d.host.bdf,
             surprise: req.surprise,
         });
         let started = Instant::now();
@@ -285,7 +251,7 @@ impl Controller {
         let pressed = self
             .segment
             .port(port)
-            .map(|p| lock(p).press_attention_button());
+            .map(|p| p.locked().press_attention_button());
         match pressed {
             Some(Ok(())) => {
                 if let Some(d) = self.passthrough.get_mut(&id) {
@@ -318,7 +284,7 @@ impl Controller {
     /// removal request. `None` when there is no such device.
     fn remove_now(
         &mut self,
-        id: &str,
+        id: &DeviceId,
         reason: RemovalReason,
         surprise: bool,
         started: Instant,
@@ -326,7 +292,7 @@ impl Controller {
     ) -> Option<RemoveDeviceResponse> {
         let d = self.passthrough.get(id)?;
         if let Some(port) = self.segment.port(d.port) {
-            let mut port = lock(port);
+            let mut port = port.locked();
             let taken = if surprise {
                 port.surprise_remove()
             } else {
@@ -341,18 +307,17 @@ impl Controller {
         self.unwatch_vfio(id, ops);
         let d = self.passthrough.detach(id)?;
         self.ops.remove(id);
-        let device_id = device_id(&d.id);
-        let bdf = PciBdf::from(d.guest_bdf);
-        let host = host_bdf(&d);
-        log::info!("device {id} (host {}) removed: {reason:?}", d.host.bdf);
+        let bdf = d.guest_bdf;
+        let host = d.host.bdf;
+        log::info!("device {id} (host {host}) removed: {reason:?}");
         self.publish(EventKind::DeviceRemoved {
-            id: device_id.clone(),
+            id: d.id.clone(),
             bdf,
             host_bdf: host,
             reason,
         });
         Some(RemoveDeviceResponse {
-            id: device_id,
+            id: d.id.clone(),
             bdf,
             host_bdf: host,
             reason,
@@ -364,7 +329,7 @@ impl Controller {
     /// slot off, or a deadline passed.
     fn advance(&mut self, ops: &mut EventOps) {
         let now = Instant::now();
-        let ids: Vec<String> = self.ops.keys().cloned().collect();
+        let ids: Vec<DeviceId> = self.ops.keys().cloned().collect();
         for id in ids {
             let Some(op) = self.ops.remove(&id) else {
                 continue;
@@ -377,7 +342,13 @@ impl Controller {
     }
 
     /// One step of one operation; returns it when it is still pending.
-    fn advance_one(&mut self, id: &str, op: Op, now: Instant, ops: &mut EventOps) -> Option<Op> {
+    fn advance_one(
+        &mut self,
+        id: &DeviceId,
+        op: Op,
+        now: Instant,
+        ops: &mut EventOps,
+    ) -> Option<Op> {
         let port_index = self.passthrough.get(id).map(|d| d.port)?;
         let port = self.segment.port(port_index)?.clone();
         match op {
@@ -403,7 +374,7 @@ impl Controller {
                 }
             }
             Op::WaitingForGuest { deadline, reply } => {
-                if lock(&port).slot_state() == SlotState::Present {
+                if port.locked().slot_state() == SlotState::Present {
                     if let Some(d) = self.passthrough.get_mut(id) {
                         d.state = DeviceState::Present;
                     }
@@ -430,7 +401,7 @@ impl Controller {
                 started,
                 reply,
             } => {
-                let powered_off = lock(&port).guest_powered_off();
+                let powered_off = port.locked().guest_powered_off();
                 let outcome = if powered_off {
                     Some((RemovalReason::GuestEjected, false))
                 } else if now >= deadline {
@@ -463,7 +434,7 @@ impl Controller {
     /// and tells the client where it stopped.
     fn fail_add(
         &mut self,
-        id: &str,
+        id: &DeviceId,
         reply: Option<Responder<DeviceInfo>>,
         step: String,
         waited: Duration,
@@ -472,7 +443,7 @@ impl Controller {
         log::warn!("hot-add of {id} failed while {step}");
         if let Some(d) = self.passthrough.get(id) {
             if let Some(port) = self.segment.port(d.port) {
-                let mut port = lock(port);
+                let mut port = port.locked();
                 if port.slot_state() != SlotState::Empty {
                     let _ = port.surprise_remove();
                 }
@@ -489,7 +460,7 @@ impl Controller {
     }
 
     /// The host asked for device `id` back (VFIO request interrupt) or reported it failed.
-    fn host_event(&mut self, id: &str, kind: VfioIrq, ops: &mut EventOps) {
+    fn host_event(&mut self, id: &DeviceId, kind: VfioIrq, ops: &mut EventOps) {
         let reason = match kind {
             VfioIrq::Request => RemovalReason::HostRequest,
             VfioIrq::Error => RemovalReason::DeviceError,
@@ -519,7 +490,7 @@ impl Controller {
     }
 
     /// Puts device `id`'s VFIO request and error interrupts into the event loop.
-    fn watch_vfio(&mut self, id: &str, ops: &mut EventOps) {
+    fn watch_vfio(&mut self, id: &DeviceId, ops: &mut EventOps) {
         let Some(d) = self.passthrough.get(id) else {
             return;
         };
@@ -539,7 +510,7 @@ impl Controller {
             self.next_token = self.next_token.wrapping_add(1).max(TOKEN_VFIO_FIRST);
             match ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
                 Ok(()) => {
-                    self.watched.insert(token, (id.to_owned(), fd, kind));
+                    self.watched.insert(token, (id.clone(), fd, kind));
                 }
                 Err(e) => log::warn!("device {id}: cannot watch its VFIO interrupt: {e:?}"),
             }
@@ -547,7 +518,7 @@ impl Controller {
     }
 
     /// Takes device `id`'s VFIO interrupts out of the event loop.
-    fn unwatch_vfio(&mut self, id: &str, ops: &mut EventOps) {
+    fn unwatch_vfio(&mut self, id: &DeviceId, ops: &mut EventOps) {
         let tokens: Vec<u32> = self
             .watched
             .iter()
@@ -632,12 +603,7 @@ impl MutEventSubscriber for Controller {
                 log::error!("cannot watch the hotplug timer: {e:?}");
             }
         }
-        let ids: Vec<String> = self
-            .passthrough
-            .devices()
-            .iter()
-            .map(|d| d.id.clone())
-            .collect();
+        let ids: Vec<DeviceId> = self.passthrough.devices().map(|d| d.id.clone()).collect();
         for id in ids {
             self.watch_vfio(&id, ops);
         }
@@ -671,36 +637,23 @@ impl Drop for Controller {
     }
 }
 
-fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn device_id(id: &str) -> DeviceId {
-    // Ids are validated when a device is attached; a generated one is always valid.
-    DeviceId::new(id).unwrap_or_else(|_| DeviceId::new("device").expect("valid literal id"))
-}
-
-fn host_bdf(d: &AttachedDevice) -> PciBdf {
-    d.host
-        .bdf
-        .to_string()
-        .parse()
-        .unwrap_or_else(|_| PciBdf::from(d.guest_bdf))
-}
-
 /// The API error for a failed attach: conflicts (409) for what another owner or the VM's
 /// limits hold, bad requests (400) for what the caller must fix, the rest internal.
 fn api_error(spec: &str, e: PassthroughError) -> ApiError {
-    let msg = format!("cannot add device {spec}: {}", error_chain(&e));
+    let msg = format!(
+        "cannot add device {spec}: {}",
+        rvmm_devices::error_chain(&e)
+    );
     match e {
         PassthroughError::Limit(_)
         | PassthroughError::DuplicateId(_)
         | PassthroughError::AlreadyAttached { .. }
         | PassthroughError::NoFreePort { .. } => ApiError::Conflict(msg),
         PassthroughError::Host(rvmm_vfio::HostError::GroupBusy { .. }) => ApiError::Conflict(msg),
-        PassthroughError::Host(_) | PassthroughError::BarDoesNotFit { .. } => {
-            ApiError::BadRequest(msg)
-        }
+        PassthroughError::Host(_)
+        | PassthroughError::BarDoesNotFit { .. }
+        | PassthroughError::GroupNotHeld(_)
+        | PassthroughError::GroupForVf => ApiError::BadRequest(msg),
         // No free VF: another VM holds them all.
         PassthroughError::Vf(SriovError::NoFreeVf { .. }) => ApiError::Conflict(msg),
         PassthroughError::Vf(SriovError::Claim(_) | SriovError::ReadSettings { .. }) => {
@@ -711,16 +664,4 @@ fn api_error(spec: &str, e: PassthroughError) -> ApiError {
         PassthroughError::Vf(_) => ApiError::BadRequest(msg),
         _ => ApiError::Internal(msg),
     }
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }

@@ -13,13 +13,13 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
-use crate::api::{DeviceSpec as ApiDeviceSpec, InheritedFds};
 use crate::config::VmConfig;
+use crate::device::InheritedFds;
 use crate::exit::ExitSignal;
 use crate::guest_mmio::KvmGuestMmio;
 use crate::irq_routing::GsiRouter;
 use crate::layout;
-use crate::passthrough::{DeviceSpec, Passthrough, PassthroughError};
+use crate::passthrough::{Passthrough, PassthroughError};
 use crate::pci::{self, PciRoot};
 use crate::vm::serial_output;
 
@@ -177,22 +177,17 @@ impl DeviceManager {
         let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
         // Group descriptors of boot devices may be numbers this process inherited.
         let mut inherited = InheritedFds::default();
-        for req in &config.devices {
-            let mut req = req.clone();
-            if let Some(group) = &req.group {
+        for spec in &config.devices {
+            let mut spec = spec.clone();
+            if let Some(group) = &spec.group {
                 let adopted = inherited
                     .adopt(group)
                     .map_err(|e| DeviceError::Passthrough {
-                        spec: describe(&req.device),
+                        spec: spec.to_string(),
                         source: Box::new(e.into()),
                     })?;
-                req.group = Some(adopted);
+                spec.group = Some(adopted);
             }
-            let spec =
-                DeviceSpec::from_request(&req).map_err(|source| DeviceError::Passthrough {
-                    spec: describe(&req.device),
-                    source: Box::new(source),
-                })?;
             passthrough
                 .attach_at_boot(&spec, &pci.segment)
                 .map_err(|source| DeviceError::Passthrough {
@@ -254,11 +249,6 @@ impl DeviceManager {
         self.pci.as_ref()
     }
 
-    /// The passthrough devices.
-    pub fn passthrough(&self) -> Option<&Passthrough> {
-        self.passthrough.as_ref()
-    }
-
     /// Hands the passthrough devices to the VM controller (once).
     pub fn take_passthrough(&mut self) -> Option<Passthrough> {
         self.passthrough.take()
@@ -267,13 +257,5 @@ impl DeviceManager {
     /// Guest address of the ACPI RSDP.
     pub fn rsdp_address(&self) -> u64 {
         self.rsdp
-    }
-}
-
-/// A boot device as the command line names it, for errors.
-fn describe(device: &ApiDeviceSpec) -> String {
-    match device {
-        ApiDeviceSpec::Host(bdf) => format!("path={bdf}"),
-        ApiDeviceSpec::Vf(vf) => format!("vf={}", vf.pf),
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use rvmm_devices::sync::MutexExt;
 use rvmm_devices::{Bus, SharedBusDevice};
 use rvmm_vfio::mmio::{AddressSpace, GuestMmio, SlotId};
 
@@ -50,11 +51,7 @@ impl KvmGuestMmio {
 
     /// Number of device memory slots in use.
     pub fn slots_in_use(&self) -> usize {
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .live
-            .len()
+        self.slots.locked().live.len()
     }
 
     fn bus(&self, space: AddressSpace) -> &Bus {
@@ -67,7 +64,7 @@ impl KvmGuestMmio {
 
 impl GuestMmio for KvmGuestMmio {
     unsafe fn map_direct(&self, gpa: u64, size: u64, host_addr: u64) -> io::Result<SlotId> {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.slots.locked();
         let slot = match s.free.pop() {
             Some(slot) => slot,
             None if s.next < self.max_slots => {
@@ -102,7 +99,7 @@ impl GuestMmio for KvmGuestMmio {
     }
 
     fn unmap_direct(&self, slot: SlotId) -> io::Result<()> {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.slots.locked();
         let Some(pos) = s.live.iter().position(|&(n, _, _)| n == slot.0) else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,

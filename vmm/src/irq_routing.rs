@@ -10,6 +10,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
+use rvmm_devices::sync::MutexExt;
 use rvmm_pci::MsiMessage;
 use rvmm_vfio::interrupts::InterruptRouter;
 use vmm_sys_util::eventfd::EventFd;
@@ -48,17 +49,13 @@ impl GsiRouter {
 
     /// GSIs currently allocated for MSI routes.
     pub fn allocated(&self) -> usize {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state.locked();
         (s.next - IOAPIC_PINS) as usize - s.free.len()
     }
 
     /// Number of MSI routes in the routing table.
     pub fn msi_routes(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .msi_routes
-            .len()
+        self.state.locked().msi_routes.len()
     }
 
     fn commit(&self, state: &State) -> io::Result<()> {
@@ -126,7 +123,7 @@ fn kvm_io(e: kvm_ioctls::Error) -> io::Error {
 
 impl InterruptRouter for GsiRouter {
     fn allocate_gsi(&self) -> io::Result<u32> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         if let Some(gsi) = s.free.pop() {
             return Ok(gsi);
         }
@@ -142,7 +139,7 @@ impl InterruptRouter for GsiRouter {
     }
 
     fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         let old = s.msi_routes.insert(gsi, msg);
         if old == Some(msg) {
             return Ok(());
@@ -158,7 +155,7 @@ impl InterruptRouter for GsiRouter {
     }
 
     fn free_gsi(&self, gsi: u32) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         if gsi < IOAPIC_PINS || gsi >= s.next || s.free.contains(&gsi) {
             log::warn!("freeing GSI {gsi} that is not allocated");
             return;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod controller;
 pub mod cpu;
+pub mod device;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;

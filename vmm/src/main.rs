@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rvmm::api::{AddDeviceRequest, DeviceSpec};
 use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
+use rvmm::device::{DeviceSource, DeviceSpec};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).
@@ -59,11 +59,11 @@ struct RunArgs {
     /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME][,group-fd=N] or a bare BDF
     /// (repeatable); group-fd=N: the device's VFIO group, already open as descriptor N.
     #[arg(long = "device")]
-    devices: Vec<AddDeviceRequest>,
+    devices: Vec<DeviceSpec>,
     /// SR-IOV VF taken from a PF's pool (PF: BDF or interface name), configured and passed
     /// through: pf=PF[,id=NAME][,mac=MAC][,vlan=N][,trust=on|off][,spoofchk=on|off] (repeatable).
     #[arg(long = "vf", value_parser = parse_vf)]
-    vfs: Vec<AddDeviceRequest>,
+    vfs: Vec<DeviceSpec>,
     /// Seccomp filters of rvmm's threads: on (a forbidden syscall is reported by name and ends
     /// rvmm), log (allowed and logged by the kernel) or off.
     #[arg(long, default_value = "on")]
@@ -71,17 +71,17 @@ struct RunArgs {
 }
 
 /// `--vf`: the `pf=` form of a device argument (a bare PF first stands for `pf=PF`).
-fn parse_vf(arg: &str) -> Result<AddDeviceRequest, String> {
+fn parse_vf(arg: &str) -> Result<DeviceSpec, String> {
     let first = arg.split(',').next().unwrap_or_default();
     let arg = if first.contains('=') {
         arg.to_owned()
     } else {
         format!("pf={arg}")
     };
-    let req: AddDeviceRequest = arg.parse().map_err(|e| format!("{e}"))?;
-    match req.device {
-        DeviceSpec::Vf(_) => Ok(req),
-        DeviceSpec::Host(_) => {
+    let req: DeviceSpec = arg.parse().map_err(|e| format!("{e}"))?;
+    match req.source {
+        DeviceSource::Vf(_) => Ok(req),
+        DeviceSource::Host(_) => {
             Err("--vf takes pf=PF[,...]; give a host device with --device".to_owned())
         }
     }
@@ -106,14 +106,7 @@ impl From<RunArgs> for VmConfig {
 
 /// Prints an error with its chain of causes on one line.
 fn report(err: &dyn std::error::Error) {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    eprintln!("rvmm: error: {msg}");
+    eprintln!("rvmm: error: {}", rvmm_devices::error_chain(err));
 }
 
 fn main() -> ExitCode {
@@ -150,7 +143,7 @@ mod tests {
     fn vf_flag_takes_the_pf_form() {
         let req = parse_vf("pf=eth0,id=net0,vlan=5").expect("valid");
 
-        assert!(matches!(req.device, DeviceSpec::Vf(ref vf) if vf.vlan == Some(5)));
+        assert!(matches!(req.source, DeviceSource::Vf(ref vf) if vf.policy.vlan == Some(5)));
     }
 
     #[test]
@@ -178,7 +171,7 @@ mod tests {
 
         let config = VmConfig::from(args);
 
-        assert!(matches!(config.devices[0].device, DeviceSpec::Host(_)));
-        assert!(matches!(config.devices[1].device, DeviceSpec::Vf(_)));
+        assert!(matches!(config.devices[0].source, DeviceSource::Host(_)));
+        assert!(matches!(config.devices[1].source, DeviceSource::Vf(_)));
     }
 }

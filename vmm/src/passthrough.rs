@@ -3,17 +3,14 @@
 //! host device (`path=`) or a VF taken from an SR-IOV PF's pool (`vf=`), whose lease (claim,
 //! port policy, vfio-pci binding) lives as long as the device.
 
-use std::fmt;
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use rvmm_pci::{
-    AddressAllocator, AddressRange, PciAddress, PciSegment, SlotDevice, SlotError, SlotState,
-};
+use rvmm_pci::{AddressAllocator, AddressRange, Bdf, PciSegment, SlotDevice, SlotError, SlotState};
 use rvmm_vfio::container::{create_kvm_vfio_device, Container, ContainerError, Type1Iommu};
-use rvmm_vfio::sriov::{
-    MacAddress, PfSpec, Sriov, SriovError, VfLease, VfOwner, VfPolicy, VfRequest,
-};
+use rvmm_vfio::sriov::{Sriov, SriovError, VfLease, VfOwner};
 use rvmm_vfio::{
     check_passthrough_limit, BarKind, DeviceConfig, DeviceError, HostDevice, HostError, LimitError,
     Sysfs, VfioPciDevice,
@@ -21,113 +18,22 @@ use rvmm_vfio::{
 use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::api::types::{DeviceSpec as ApiDeviceSpec, VfInfo, VfSpec, VmResources};
-use crate::api::{AddDeviceRequest, GroupFd, GroupFdError, MacAddr, PhysicalFunction};
+use crate::api::types::{VfInfo, VmResources};
+use crate::device::{DeviceId, DeviceSource, DeviceSpec, DeviceState, GroupFd, GroupFdError};
 use crate::guest_mmio::KvmGuestMmio;
 use crate::irq_routing::GsiRouter;
+use rvmm_devices::sync::MutexExt;
 
-/// A passthrough device as asked for: `path=/sys/bus/pci/devices/BDF[,id=NAME]` (or a bare BDF)
-/// or `vf=PF[,id=NAME][,mac=..][,vlan=..][,trust=..][,spoofchk=..]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// The host device.
-    pub source: DeviceSource,
-    /// Name in the VM; generated when absent.
-    pub id: Option<String>,
-    /// The VFIO group descriptor the caller opened (only for `path=`, always
-    /// [`GroupFd::Open`]); `None`: rvmm opens `/dev/vfio/<group>` itself.
-    pub group: Option<GroupFd>,
-}
-
-/// Where a passthrough device comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceSource {
-    /// A host device bound to vfio-pci: sysfs path or BDF.
-    Path(String),
-    /// A free VF of an SR-IOV PF, set up with a port policy.
-    Vf(VfRequest),
-}
-
-/// The vfio crate's form of a `vf=` request.
-fn vf_request(spec: &VfSpec) -> Result<VfRequest, PassthroughError> {
-    let pf = match &spec.pf {
-        PhysicalFunction::Pci(bdf) => PfSpec::Pci(bdf.to_string().parse()?),
-        PhysicalFunction::Netdev(name) => PfSpec::Netdev(name.clone()),
-    };
-    Ok(VfRequest {
-        pf,
-        policy: VfPolicy {
-            mac: spec.mac.map(|m| MacAddress(m.0)),
-            vlan: spec.vlan,
-            trust: spec.trust,
-            spoofchk: spec.spoofchk,
-        },
-    })
-}
-
-impl DeviceSpec {
-    /// The passthrough device of an add request (API, `--device` or `--vf`).
-    ///
-    /// A group descriptor must already be held by this process ([`GroupFd::Open`]): a bare
-    /// number is refused, so no request can make rvmm use a descriptor it was not given for the
-    /// purpose.
-    pub fn from_request(req: &AddDeviceRequest) -> Result<Self, PassthroughError> {
-        let source = match &req.device {
-            ApiDeviceSpec::Host(bdf) => DeviceSource::Path(bdf.to_string()),
-            ApiDeviceSpec::Vf(vf) => DeviceSource::Vf(vf_request(vf)?),
-        };
-        let group = match &req.group {
-            None => None,
-            Some(GroupFd::Number(fd)) => return Err(PassthroughError::GroupNotHeld(*fd)),
-            Some(GroupFd::Open(_)) if matches!(source, DeviceSource::Vf(_)) => {
-                return Err(PassthroughError::GroupForVf)
-            }
-            Some(open) => Some(open.clone()),
-        };
-        Ok(Self {
-            source,
-            id: req.id.as_ref().map(|id| id.as_str().to_owned()),
-            group,
-        })
-    }
-}
-
-fn on_off(on: bool) -> &'static str {
-    if on {
-        "on"
-    } else {
-        "off"
-    }
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            DeviceSource::Path(path) => write!(f, "path={path}")?,
-            DeviceSource::Vf(vf) => write!(f, "vf={}", vf.pf)?,
-        }
-        if let Some(id) = &self.id {
-            write!(f, ",id={id}")?;
-        }
-        if let Some(group) = &self.group {
-            write!(f, ",group-fd={}", group.number())?;
-        }
-        if let DeviceSource::Vf(vf) = &self.source {
-            let p = &vf.policy;
-            if let Some(mac) = p.mac {
-                write!(f, ",mac={mac}")?;
-            }
-            if let Some(vlan) = p.vlan {
-                write!(f, ",vlan={vlan}")?;
-            }
-            if let Some(trust) = p.trust {
-                write!(f, ",trust={}", on_off(trust))?;
-            }
-            if let Some(spoofchk) = p.spoofchk {
-                write!(f, ",spoofchk={}", on_off(spoofchk))?;
-            }
-        }
-        Ok(())
+/// The group descriptor of `spec` the VFIO layer may use. It must already be held by this
+/// process ([`GroupFd::Open`]): a bare number is refused, so no request can make rvmm use a
+/// descriptor it was not given for the purpose; a VF never comes with one (rvmm opens the VF it
+/// picks itself).
+fn held_group(spec: &DeviceSpec) -> Result<Option<&Arc<OwnedFd>>, PassthroughError> {
+    match (&spec.group, &spec.source) {
+        (None, _) => Ok(None),
+        (Some(GroupFd::Number(fd)), _) => Err(PassthroughError::GroupNotHeld(*fd)),
+        (Some(GroupFd::Open(_)), DeviceSource::Vf(_)) => Err(PassthroughError::GroupForVf),
+        (Some(GroupFd::Open(fd)), DeviceSource::Host(_)) => Ok(Some(fd)),
     }
 }
 
@@ -150,15 +56,15 @@ pub enum PassthroughError {
     #[error("cannot duplicate the VFIO group descriptor")]
     GroupDup(#[source] std::io::Error),
     /// The id is taken.
-    #[error("device id {0:?} is already used in this VM")]
-    DuplicateId(String),
+    #[error("device id \"{0}\" is already used in this VM")]
+    DuplicateId(DeviceId),
     /// The host device is already in this VM.
-    #[error("host device {bdf} is already attached to this VM as {id:?}")]
+    #[error("host device {bdf} is already attached to this VM as \"{id}\"")]
     AlreadyAttached {
         /// The host device.
-        bdf: String,
+        bdf: Bdf,
         /// Its id in the VM.
-        id: String,
+        id: DeviceId,
     },
     /// The host device cannot be used.
     #[error(transparent)]
@@ -181,7 +87,7 @@ pub enum PassthroughError {
     #[error("BAR {bar} of host device {bdf} ({size:#x} bytes) does not fit the {window} window of root port {port} ({window_size:#x} bytes); use fewer --root-ports so each gets a larger window")]
     BarDoesNotFit {
         /// The host device.
-        bdf: String,
+        bdf: Bdf,
         /// BAR index.
         bar: usize,
         /// Its size.
@@ -197,8 +103,8 @@ pub enum PassthroughError {
     #[error(transparent)]
     Vf(#[from] SriovError),
     /// No device has this id.
-    #[error("no device with id {0:?}")]
-    UnknownId(String),
+    #[error("no device with id \"{0}\"")]
+    UnknownId(DeviceId),
     /// The segment has no such port (an internal inconsistency).
     #[error("root port {0} does not exist")]
     NoSuchPort(usize),
@@ -216,7 +122,7 @@ pub enum PassthroughError {
 /// A device attached to the VM.
 pub struct AttachedDevice {
     /// Its id in the VM.
-    pub id: String,
+    pub id: DeviceId,
     /// The host device.
     pub host: HostDevice,
     /// Index of its root port.
@@ -224,7 +130,7 @@ pub struct AttachedDevice {
     /// Physical slot number of that port.
     pub slot: u16,
     /// Its address in the guest.
-    pub guest_bdf: PciAddress,
+    pub guest_bdf: Bdf,
     /// The device model.
     pub device: VfioPciDevice,
     /// Where it is in its hotplug life.
@@ -239,9 +145,9 @@ impl AttachedDevice {
         let lease = self.vf.as_ref()?;
         let settings = lease.settings();
         Some(VfInfo {
-            pf: lease.pf().to_string().parse().ok()?,
+            pf: lease.pf(),
             index: lease.vf().index,
-            mac: Some(MacAddr(settings.mac.0)),
+            mac: Some(settings.mac),
             vlan: Some(settings.vlan),
             trust: Some(settings.trust),
             spoofchk: Some(settings.spoofchk),
@@ -260,7 +166,7 @@ impl AttachedDevice {
                 "device {}: giving VF {} back: {}",
                 self.id,
                 self.host.bdf,
-                crate::controller::error_chain(&e)
+                rvmm_devices::error_chain(&e)
             );
         }
     }
@@ -272,17 +178,6 @@ impl Drop for AttachedDevice {
     }
 }
 
-/// Hotplug state of an attached device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceState {
-    /// Opened and placed; the guest has not taken it yet.
-    Adding,
-    /// The guest has it.
-    Present,
-    /// Removal under way (attention button pressed, waiting for the guest).
-    Removing,
-}
-
 /// The passthrough devices of one VM and what they share.
 pub struct Passthrough {
     vm_fd: Arc<VmFd>,
@@ -291,7 +186,7 @@ pub struct Passthrough {
     guest_mmio: Arc<KvmGuestMmio>,
     sysfs: Sysfs,
     container: Option<Arc<Container>>,
-    devices: Vec<AttachedDevice>,
+    devices: BTreeMap<DeviceId, AttachedDevice>,
     next_id: usize,
     sriov: Sriov,
     vm_name: String,
@@ -299,7 +194,7 @@ pub struct Passthrough {
 
 /// What [`Passthrough::prepare`] opened and placed.
 struct Prepared {
-    id: String,
+    id: DeviceId,
     host: HostDevice,
     port: usize,
     device: VfioPciDevice,
@@ -321,22 +216,16 @@ impl Passthrough {
             guest_mmio,
             sysfs: Sysfs::new(),
             container: None,
-            devices: Vec::new(),
+            devices: BTreeMap::new(),
             next_id: 0,
             sriov: Sriov::new(),
             vm_name: format!("rvmm-{}", std::process::id()),
         }
     }
 
-    /// Names the VM for its VF claims and the MAC addresses derived for VFs given without one
-    /// (default `rvmm-<pid>`; a stable name gives stable addresses across restarts).
-    pub fn set_vm_name(&mut self, name: &str) {
-        self.vm_name = name.to_owned();
-    }
-
-    /// The attached devices.
-    pub fn devices(&self) -> &[AttachedDevice] {
-        &self.devices
+    /// The attached devices, by id.
+    pub fn devices(&self) -> impl Iterator<Item = &AttachedDevice> {
+        self.devices.values()
     }
 
     /// What the VM holds on the host: fds, device memory slots, MSI routes and GSIs.
@@ -390,38 +279,33 @@ impl Passthrough {
         segment: &PciSegment,
     ) -> Result<Prepared, PassthroughError> {
         check_passthrough_limit(self.devices.len())?;
+        let group = held_group(spec)?;
         let id = match &spec.id {
             Some(id) => id.clone(),
-            None => loop {
-                let candidate = format!("dev{}", self.next_id);
-                self.next_id += 1;
-                if !self.devices.iter().any(|d| d.id == candidate) {
-                    break candidate;
-                }
-            },
+            None => self.generated_id(),
         };
-        if self.devices.iter().any(|d| d.id == id) {
+        if self.devices.contains_key(&id) {
             return Err(PassthroughError::DuplicateId(id));
         }
         let (host, vf) = match &spec.source {
-            DeviceSource::Path(path) => (self.sysfs.prepare(path)?, None),
+            DeviceSource::Host(bdf) => (self.sysfs.prepare(*bdf)?, None),
             DeviceSource::Vf(request) => {
                 // The VM's own limits first: a VF is configured only if it can be attached.
                 self.sysfs.check_memlock(self.memory_size())?;
                 self.free_port(segment)?;
                 let owner = VfOwner {
                     vm: self.vm_name.clone(),
-                    device: id.clone(),
+                    device: id.to_string(),
                 };
                 let lease = self.sriov.take(request, &owner)?;
                 // Dropping the lease on an error below gives the VF back.
-                let host = self.sysfs.prepare(&lease.vf().bdf.to_string())?;
+                let host = self.sysfs.prepare(lease.vf().bdf)?;
                 (host, Some(lease))
             }
         };
-        if let Some(d) = self.devices.iter().find(|d| d.host.bdf == host.bdf) {
+        if let Some(d) = self.devices.values().find(|d| d.host.bdf == host.bdf) {
             return Err(PassthroughError::AlreadyAttached {
-                bdf: host.bdf.to_string(),
+                bdf: host.bdf,
                 id: d.id.clone(),
             });
         }
@@ -430,7 +314,7 @@ impl Passthrough {
         let container = self.container()?;
         // The vfio layer owns the group descriptor while the group is attached; the request
         // keeps its own.
-        let group = match spec.group.as_ref().and_then(GroupFd::open) {
+        let group = match group {
             Some(fd) => Some(fd.try_clone().map_err(PassthroughError::GroupDup)?),
             None => None,
         };
@@ -459,37 +343,44 @@ impl Passthrough {
         spec: &DeviceSpec,
         segment: &PciSegment,
     ) -> Result<&AttachedDevice, PassthroughError> {
-        let index = self.attach(spec, segment)?;
-        let d = &self.devices[index];
-        let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
-        let inserted = match segment.port(d.port) {
-            Some(p) => p
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert_device_at_boot(slot_device)
-                .map_err(|source| PassthroughError::Slot {
-                    port: d.port,
-                    source,
-                }),
-            None => Err(PassthroughError::NoSuchPort(d.port)),
+        let id = self.attach(spec, segment)?;
+        let inserted = match self.devices.get(&id) {
+            Some(d) => {
+                let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
+                match segment.port(d.port) {
+                    Some(p) => p
+                        .locked()
+                        .insert_device_at_boot(slot_device)
+                        .map_err(|source| PassthroughError::Slot {
+                            port: d.port,
+                            source,
+                        }),
+                    None => Err(PassthroughError::NoSuchPort(d.port)),
+                }
+            }
+            None => Err(PassthroughError::UnknownId(id.clone())),
         };
         if let Err(e) = inserted {
-            let d = self.devices.remove(index);
-            d.device.release();
+            if let Some(d) = self.devices.remove(&id) {
+                d.device.release();
+            }
             return Err(e);
         }
-        let d = &mut self.devices[index];
+        let d = self
+            .devices
+            .get_mut(&id)
+            .ok_or(PassthroughError::UnknownId(id))?;
         d.state = DeviceState::Present;
         Ok(d)
     }
 
     /// Opens a device for hot-add and reserves a port for it; the caller puts it into the slot
-    /// (see [`Passthrough::insert_into_slot`]) when the slot is ready. Returns its index.
+    /// (see [`Passthrough::insert_into_slot`]) when the slot is ready. Returns its id.
     pub fn attach(
         &mut self,
         spec: &DeviceSpec,
         segment: &PciSegment,
-    ) -> Result<usize, PassthroughError> {
+    ) -> Result<DeviceId, PassthroughError> {
         let Prepared {
             id,
             host,
@@ -504,35 +395,42 @@ impl Passthrough {
             info.secondary_bus,
             info.slot_number
         );
-        self.devices.push(AttachedDevice {
-            id,
-            host,
-            port,
-            slot: info.slot_number,
-            guest_bdf: PciAddress {
-                bus: info.secondary_bus,
-                device: 0,
-                function: 0,
+        self.devices.insert(
+            id.clone(),
+            AttachedDevice {
+                id: id.clone(),
+                host,
+                port,
+                slot: info.slot_number,
+                guest_bdf: Bdf {
+                    domain: 0,
+                    bus: info.secondary_bus,
+                    device: 0,
+                    function: 0,
+                },
+                device,
+                state: DeviceState::Adding,
+                vf,
             },
-            device,
-            state: DeviceState::Adding,
-            vf,
-        });
-        Ok(self.devices.len() - 1)
+        );
+        Ok(id)
     }
 
     /// Tells the guest about device `id` (presence detect + link up on its slot).
-    pub fn insert_into_slot(&self, id: &str, segment: &PciSegment) -> Result<(), PassthroughError> {
+    pub fn insert_into_slot(
+        &self,
+        id: &DeviceId,
+        segment: &PciSegment,
+    ) -> Result<(), PassthroughError> {
         let d = self
             .get(id)
-            .ok_or_else(|| PassthroughError::UnknownId(id.to_owned()))?;
+            .ok_or_else(|| PassthroughError::UnknownId(id.clone()))?;
         let port = segment
             .port(d.port)
             .ok_or(PassthroughError::NoSuchPort(d.port))?;
         let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
         let r = port
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .insert_device(slot_device)
             .map_err(|source| PassthroughError::Slot {
                 port: d.port,
@@ -542,21 +440,20 @@ impl Passthrough {
     }
 
     /// The device with id `id`.
-    pub fn get(&self, id: &str) -> Option<&AttachedDevice> {
-        self.devices.iter().find(|d| d.id == id)
+    pub fn get(&self, id: &DeviceId) -> Option<&AttachedDevice> {
+        self.devices.get(id)
     }
 
     /// The device with id `id`, mutable.
-    pub fn get_mut(&mut self, id: &str) -> Option<&mut AttachedDevice> {
-        self.devices.iter_mut().find(|d| d.id == id)
+    pub fn get_mut(&mut self, id: &DeviceId) -> Option<&mut AttachedDevice> {
+        self.devices.get_mut(id)
     }
 
     /// Takes device `id` out of the VM's list and releases it (unmap, interrupts off, reset,
     /// fds closed); its port, GSIs and memory slots are free again when this returns. A VF taken
     /// from a PF's pool has its previous settings and driver back and is free for others.
-    pub fn detach(&mut self, id: &str) -> Option<AttachedDevice> {
-        let pos = self.devices.iter().position(|d| d.id == id)?;
-        let mut d = self.devices.remove(pos);
+    pub fn detach(&mut self, id: &DeviceId) -> Option<AttachedDevice> {
+        let mut d = self.devices.remove(id)?;
         d.device.release();
         d.release_vf();
         if self.devices.is_empty() {
@@ -569,30 +466,64 @@ impl Passthrough {
         Some(d)
     }
 
+    /// The first `devN` id no device has.
+    fn generated_id(&mut self) -> DeviceId {
+        loop {
+            let n = self.next_id;
+            self.next_id += 1;
+            // "dev" and digits always make a valid id (at most 23 characters).
+            if let Ok(id) = DeviceId::new(&format!("dev{n}")) {
+                if !self.devices.contains_key(&id) {
+                    return id;
+                }
+            }
+        }
+    }
+
     fn memory_size(&self) -> u64 {
         self.memory.iter().map(|r| r.len()).sum()
     }
 
-    /// The first root port whose slot is empty and not promised to another device.
-    fn free_port(&self, segment: &PciSegment) -> Result<usize, PassthroughError> {
-        let total = segment.ports().len();
-        let mut used = 0;
-        let mut free = None;
+    /// Which root ports are taken (a device in the slot, or one promised to a device being
+    /// added) and the first free one: the one answer to "is this port in use".
+    pub fn port_usage(&self, segment: &PciSegment) -> PortUsage {
+        let mut usage = PortUsage {
+            used: 0,
+            total: segment.ports().len(),
+            first_free: None,
+        };
         for info in segment.ports() {
-            let Some(port) = segment.port(info.index) else {
-                continue;
-            };
-            let state = port.lock().unwrap_or_else(|e| e.into_inner()).slot_state();
-            let taken =
-                state != SlotState::Empty || self.devices.iter().any(|d| d.port == info.index);
-            if taken {
-                used += 1;
-            } else if free.is_none() {
-                free = Some(info.index);
+            let occupied = segment
+                .port(info.index)
+                .is_some_and(|port| port.locked().slot_state() != SlotState::Empty);
+            if occupied || self.devices.values().any(|d| d.port == info.index) {
+                usage.used += 1;
+            } else if usage.first_free.is_none() {
+                usage.first_free = Some(info.index);
             }
         }
-        free.ok_or(PassthroughError::NoFreePort { used, total })
+        usage
     }
+
+    /// The first root port whose slot is empty and not promised to another device.
+    fn free_port(&self, segment: &PciSegment) -> Result<usize, PassthroughError> {
+        let usage = self.port_usage(segment);
+        usage.first_free.ok_or(PassthroughError::NoFreePort {
+            used: usage.used,
+            total: usage.total,
+        })
+    }
+}
+
+/// How the VM's root ports are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortUsage {
+    /// Ports with a device in their slot or promised to one.
+    pub used: usize,
+    /// Ports in all.
+    pub total: usize,
+    /// The first port that is neither.
+    pub first_free: Option<usize>,
 }
 
 /// Places every memory BAR in the port's windows, largest first, naturally aligned:
@@ -626,8 +557,8 @@ fn place_bars(
         };
         let gpa = alloc
             .and_then(|a| a.allocate(bar.size, bar.size).ok())
-            .ok_or_else(|| PassthroughError::BarDoesNotFit {
-                bdf: host.bdf.to_string(),
+            .ok_or(PassthroughError::BarDoesNotFit {
+                bdf: host.bdf,
                 bar: bar.index,
                 size: bar.size,
                 window: name,
@@ -643,57 +574,4 @@ fn allocator(range: AddressRange) -> Option<AddressAllocator> {
     (range.size > 0)
         .then(|| AddressAllocator::new(range).ok())
         .flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(arg: &str) -> DeviceSpec {
-        let req: AddDeviceRequest = arg.parse().expect("valid device argument");
-        DeviceSpec::from_request(&req).expect("a passthrough device")
-    }
-
-    #[test]
-    fn vf_request_keeps_pf_and_policy() {
-        let s = spec("vf=0000:3b:00.0,id=net0,mac=52:54:00:00:00:02,vlan=100,trust=on");
-
-        assert_eq!(s.id.as_deref(), Some("net0"));
-        assert_eq!(
-            s.source,
-            DeviceSource::Vf(VfRequest {
-                pf: PfSpec::Pci("0000:3b:00.0".parse().expect("valid address")),
-                policy: VfPolicy {
-                    mac: Some(MacAddress([0x52, 0x54, 0, 0, 0, 2])),
-                    vlan: Some(100),
-                    trust: Some(true),
-                    spoofchk: None,
-                },
-            })
-        );
-    }
-
-    #[test]
-    fn vf_by_interface_name_names_the_netdev() {
-        let DeviceSource::Vf(vf) = spec("vf=enp59s0f0").source else {
-            panic!("not a VF");
-        };
-
-        assert_eq!(vf.pf, PfSpec::Netdev("enp59s0f0".into()));
-    }
-
-    #[test]
-    fn vf_spec_prints_as_its_argument() {
-        let arg = "vf=eth0,id=net0,mac=52:54:00:00:00:02,vlan=7,trust=off,spoofchk=on";
-
-        assert_eq!(spec(arg).to_string(), arg);
-    }
-
-    #[test]
-    fn host_spec_prints_its_path() {
-        assert_eq!(
-            spec("0000:01:00.0,id=disk0").to_string(),
-            "path=0000:01:00.0,id=disk0"
-        );
-    }
 }

@@ -21,7 +21,8 @@ use rvmm::api::error::ErrorBody;
 use rvmm::api::http::{read_request, Limits, Request, Response, TimedRead};
 use rvmm::api::server::{json_body, route, Endpoint};
 use rvmm::api::types::ShutdownRequest;
-use rvmm::api::{AddDeviceRequest, ApiError, RemoveDeviceRequest};
+use rvmm::api::{ApiError, RemoveDeviceRequest};
+use rvmm::device::DeviceSpec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -106,7 +107,7 @@ fn dispatch(request: &Request) {
     match endpoint {
         Endpoint::Info | Endpoint::Events => {}
         Endpoint::AddDevice => {
-            decode::<AddDeviceRequest>(&request.body);
+            decode::<DeviceSpec>(&request.body);
         }
         Endpoint::RemoveDevice => {
             if let Some(req) = decode::<RemoveDeviceRequest>(&request.body) {
@@ -130,12 +131,12 @@ fn device_argument(body: &[u8]) {
     let Ok(text) = std::str::from_utf8(body) else {
         return;
     };
-    if let Ok(req) = AddDeviceRequest::from_str(text) {
+    if let Ok(req) = DeviceSpec::from_str(text) {
         let json = match serde_json::to_vec(&req) {
             Ok(json) => json,
             Err(e) => panic!("{req:?} does not serialize: {e}"),
         };
-        match json_body::<AddDeviceRequest>(&json) {
+        match json_body::<DeviceSpec>(&json) {
             Ok(again) => assert_eq!(again, req, "--device argument vs its JSON"),
             Err(e) => panic!("--device {text:?} gives JSON the API refuses: {e}"),
         }

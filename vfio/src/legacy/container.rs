@@ -19,6 +19,7 @@ use super::device_fd::{DeviceHandle, GroupRef, VfioDevice};
 use super::group::Groups;
 use super::sys::{check, nr, GroupKernel, HostKernel};
 use super::{Result, VfioError};
+use rvmm_devices::sync::MutexExt;
 
 const CONTAINER_PATH: &str = "/dev/vfio/vfio";
 
@@ -82,7 +83,7 @@ impl LegacyContainer {
     }
 
     fn lock(&self) -> MutexGuard<'_, Groups> {
-        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+        self.groups.locked()
     }
 
     /// Number of groups attached (each holding at least one open device).

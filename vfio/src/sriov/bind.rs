@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::host::HostBdf;
+use rvmm_pci::Bdf;
 
 use super::pool::PoolSysfs;
 
@@ -23,13 +23,13 @@ pub enum BindError {
     #[error("cannot bind VF {bdf} to vfio-pci: the vfio-pci driver is not loaded; run `modprobe vfio-pci`")]
     VfioPciMissing {
         /// The VF.
-        bdf: HostBdf,
+        bdf: Bdf,
     },
     /// A sysfs write failed.
     #[error("cannot bind VF {bdf}: writing {path} failed")]
     Write {
         /// The VF.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The file.
         path: PathBuf,
         /// The error.
@@ -40,7 +40,7 @@ pub enum BindError {
     #[error("VF {bdf} did not bind to vfio-pci (its driver is now: {driver}); see the kernel log (`dmesg`) for vfio-pci's reason, e.g. no IOMMU group (boot with intel_iommu=on or amd_iommu=on)")]
     NotBound {
         /// The VF.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// Its driver now, or "none".
         driver: String,
     },
@@ -48,7 +48,7 @@ pub enum BindError {
     #[error("cannot give VF {bdf} back to its driver {driver}: writing {path} failed")]
     Restore {
         /// The VF.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// The previous driver.
         driver: String,
         /// The file.
@@ -65,7 +65,7 @@ pub type Result<T> = std::result::Result<T, BindError>;
 /// A VF bound to vfio-pci by us, with what to put back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
-    bdf: HostBdf,
+    bdf: Bdf,
     /// The driver it had (`None`: none).
     previous_driver: Option<String>,
     /// The `driver_override` it had (`None`: none).
@@ -80,7 +80,7 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 
 impl Binding {
     /// The VF.
-    pub fn bdf(&self) -> HostBdf {
+    pub fn bdf(&self) -> Bdf {
         self.bdf
     }
 
@@ -90,7 +90,7 @@ impl Binding {
     }
 
     /// Binds VF `bdf` to vfio-pci unless it already is.
-    pub fn to_vfio(sysfs: &PoolSysfs, bdf: HostBdf) -> Result<Self> {
+    pub fn to_vfio(sysfs: &PoolSysfs, bdf: Bdf) -> Result<Self> {
         let dir = sysfs.device_dir(&bdf);
         let previous_driver = sysfs.driver(&bdf);
         let previous_override = fs::read_to_string(dir.join("driver_override"))
@@ -238,7 +238,7 @@ mod tests {
         }
     }
 
-    fn vf() -> HostBdf {
+    fn vf() -> Bdf {
         "0000:01:10.0".parse().unwrap()
     }
 

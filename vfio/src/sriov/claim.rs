@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::host::HostBdf;
+use rvmm_pci::Bdf;
 
 /// Where rvmm keeps its VF claims.
 pub const CLAIM_DIR: &str = "/run/rvmm/vf";
@@ -197,12 +197,12 @@ impl ClaimDir {
     }
 
     /// The claim file of VF `bdf`.
-    pub fn path_of(&self, bdf: &HostBdf) -> PathBuf {
+    pub fn path_of(&self, bdf: &Bdf) -> PathBuf {
         self.dir.join(format!("{bdf}.lock"))
     }
 
     /// Claims VF `bdf` for `record` unless another claim holds it. Never blocks.
-    pub fn try_claim(&self, bdf: &HostBdf, record: &ClaimRecord) -> Result<ClaimOutcome> {
+    pub fn try_claim(&self, bdf: &Bdf, record: &ClaimRecord) -> Result<ClaimOutcome> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
@@ -292,7 +292,7 @@ mod tests {
         }
     }
 
-    fn vf() -> HostBdf {
+    fn vf() -> Bdf {
         "0000:01:10.0".parse().unwrap()
     }
 
@@ -358,7 +358,7 @@ mod tests {
     fn claims_on_different_vfs_do_not_conflict() {
         let tmp = TempDir::new();
         let claims = tmp.claims();
-        let other: HostBdf = "0000:01:10.2".parse().unwrap();
+        let other: Bdf = "0000:01:10.2".parse().unwrap();
 
         let _first = claims.try_claim(&vf(), &record(10, "a")).unwrap();
         let second = claims.try_claim(&other, &record(10, "a")).unwrap();

@@ -15,8 +15,9 @@ use super::claim::{Claim, ClaimDir, ClaimOutcome, ClaimRecord};
 use super::netlink::{RouteNetlink, VfControl};
 use super::policy::{VfPolicy, VfSetting, VfSettings};
 use super::pool::{PfSpec, PoolSysfs, VirtualFunction};
-use super::{chain, Result, SriovError, TakenBy, TakenVf};
-use crate::host::HostBdf;
+use super::{Result, SriovError, TakenBy, TakenVf};
+use rvmm_devices::error_chain;
+use rvmm_pci::Bdf;
 
 /// A VF asked for: which PF's pool and what port policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,7 +173,7 @@ impl Sriov {
 /// A VF taken from a pool, configured and bound to vfio-pci. Release it (or drop it) only after
 /// the device is closed: it goes back to its previous driver.
 pub struct VfLease {
-    pf: HostBdf,
+    pf: Bdf,
     netdev: String,
     ifindex: u32,
     vf: VirtualFunction,
@@ -206,7 +207,7 @@ impl VfLease {
     }
 
     /// The PF's PCI address.
-    pub fn pf(&self) -> HostBdf {
+    pub fn pf(&self) -> Bdf {
         self.pf
     }
 
@@ -283,7 +284,7 @@ impl VfLease {
                 "releasing VF {} ({}): {}",
                 self.vf.index,
                 self.vf.bdf,
-                chain(&e)
+                error_chain(&e)
             );
         }
         first.map_or(Ok(()), Err)
@@ -298,7 +299,7 @@ impl Drop for VfLease {
                 self.vf.index,
                 self.vf.bdf,
                 self.pf,
-                chain(&e)
+                error_chain(&e)
             );
         }
     }

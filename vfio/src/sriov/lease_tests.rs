@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::fake::{FakeControl, FakeHost, PF, VFS};
 use super::*;
+use rvmm_devices::error_chain;
 
 /// Interface index of the fake PF.
 const IFINDEX: u32 = 3;
@@ -258,7 +259,7 @@ fn refused_setting_names_it_with_the_errno_and_undoes_the_rest() {
         .take(&request(policy), &owner("a"))
         .unwrap_err();
 
-    let text = chain(&err);
+    let text = error_chain(&err);
     assert!(
         text.contains("refused trust on on VF 0")
             && text.contains(&std::io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string()),

@@ -23,14 +23,16 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::host::HostBdf;
+use rvmm_pci::Bdf;
 
 pub use bind::{BindError, Binding};
 pub use claim::{ClaimDir, ClaimError, ClaimRecord, Holder};
 pub use lease::{Sriov, VfLease, VfOwner, VfRequest};
 pub use netlink::{NetlinkError, RouteNetlink, VfControl};
-pub use policy::{derive_mac, MacAddress, VfPolicy, VfSetting, VfSettings};
-pub use pool::{HostUse, PfSpec, PhysicalFunction, PoolError, PoolSysfs, VirtualFunction};
+pub use policy::{derive_mac, MacAddress, MacError, VfPolicy, VfSetting, VfSettings};
+pub use pool::{
+    HostUse, PfSpec, PfSpecError, PhysicalFunction, PoolError, PoolSysfs, VirtualFunction,
+};
 
 /// Why a VF of the pool is not free.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,7 +83,7 @@ pub enum SriovError {
     #[error("no free VF on physical function {pf} ({netdev}): {}; release one, or create more VFs while none is in use (echo 0, then echo N, > /sys/bus/pci/devices/{pf}/sriov_numvfs; N up to {total})", list(.taken))]
     NoFreeVf {
         /// The PF.
-        pf: HostBdf,
+        pf: Bdf,
         /// Its interface.
         netdev: String,
         /// Most VFs it supports.
@@ -93,7 +95,7 @@ pub enum SriovError {
     #[error("cannot read the settings of VF {vf} from physical function {pf} ({netdev})")]
     ReadSettings {
         /// The PF.
-        pf: HostBdf,
+        pf: Bdf,
         /// Its interface.
         netdev: String,
         /// The VF index.
@@ -106,7 +108,7 @@ pub enum SriovError {
     #[error("physical function {pf} ({netdev}) refused {setting} on VF {vf}")]
     Refused {
         /// The PF.
-        pf: HostBdf,
+        pf: Bdf,
         /// Its interface.
         netdev: String,
         /// The VF index.
@@ -120,18 +122,6 @@ pub enum SriovError {
     /// The VF cannot be bound to vfio-pci or given back.
     #[error(transparent)]
     Bind(#[from] BindError),
-}
-
-/// An error and its sources on one line (for logs).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Result of VF pool operations.

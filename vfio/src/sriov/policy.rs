@@ -2,6 +2,29 @@
 //! enforces for it, and the stable MAC address rvmm derives when none is given.
 
 use std::fmt;
+use std::str::FromStr;
+
+use rvmm_pci::bdf::shown;
+use thiserror::Error;
+
+/// Errors of a MAC address a user gives.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum MacError {
+    /// Not a MAC address.
+    #[error("invalid MAC address '{given}': expected six hex octets like 52:54:00:12:34:56")]
+    Syntax {
+        /// What was given (cut to 80 characters).
+        given: String,
+    },
+    /// A MAC address a VF cannot have.
+    #[error("MAC address {mac} cannot be given to a VF: it is {what}; use a unicast address like 52:54:00:12:34:56")]
+    NotUnicast {
+        /// The address.
+        mac: MacAddress,
+        /// Why not ("all zeros", "multicast").
+        what: &'static str,
+    },
+}
 
 /// An Ethernet MAC address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -12,6 +35,18 @@ impl MacAddress {
     pub fn is_zero(&self) -> bool {
         self.0 == [0; 6]
     }
+
+    /// This address if a VF can be given it (unicast, not all zeros).
+    pub fn for_vf(self) -> Result<Self, MacError> {
+        let what = if self.is_zero() {
+            "all zeros"
+        } else if self.0[0] & 1 != 0 {
+            "multicast"
+        } else {
+            return Ok(self);
+        };
+        Err(MacError::NotUnicast { mac: self, what })
+    }
 }
 
 impl fmt::Display for MacAddress {
@@ -20,6 +55,32 @@ impl fmt::Display for MacAddress {
         write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
     }
 }
+
+impl FromStr for MacAddress {
+    type Err = MacError;
+
+    /// Parses six colon-separated pairs of hex digits, in either case (any address: see
+    /// [`MacAddress::for_vf`] for what a VF may be given).
+    fn from_str(s: &str) -> Result<Self, MacError> {
+        let invalid = || MacError::Syntax { given: shown(s) };
+        let mut octets = [0u8; 6];
+        let mut parts = s.split(':');
+        for octet in &mut octets {
+            let part = parts.next().ok_or_else(invalid)?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid());
+            }
+            *octet = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
+        }
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(MacAddress(octets))
+    }
+}
+
+#[cfg(feature = "serde")]
+rvmm_pci::serde_as_string!(MacAddress);
 
 /// One setting the PF applies to one of its VFs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +179,11 @@ pub struct VfPolicy {
 }
 
 impl VfPolicy {
+    /// Checks what a user asked for: a MAC address a VF can be given.
+    pub fn check(&self) -> Result<(), MacError> {
+        self.mac.map_or(Ok(()), |mac| mac.for_vf().map(|_| ()))
+    }
+
     /// The settings to apply for device `device` of VM `vm`, in the order they are applied: MAC,
     /// VLAN, spoof checking, trust.
     pub fn settings(&self, vm: &str, device: &str) -> Vec<VfSetting> {
@@ -171,6 +237,45 @@ pub fn derive_mac(vm: &str, device: &str) -> MacAddress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_parses_and_prints_lowercase() {
+        let mac: MacAddress = "52:54:00:AB:cd:01".parse().expect("valid MAC");
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:01");
+    }
+
+    #[test]
+    fn malformed_macs_are_rejected() {
+        for s in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "5:54:00:ab:cd:01",
+            "52-54-00-ab-cd-01",
+            "+2:54:00:ab:cd:01",
+        ] {
+            assert!(
+                matches!(s.parse::<MacAddress>(), Err(MacError::Syntax { .. })),
+                "{s:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_and_multicast_macs_cannot_be_given_to_a_vf() {
+        for s in ["00:00:00:00:00:00", "01:00:5e:00:00:01"] {
+            let mac: MacAddress = s.parse().expect("well-formed");
+            assert!(
+                matches!(mac.for_vf(), Err(MacError::NotUnicast { .. })),
+                "{s} accepted"
+            );
+        }
+        let policy = VfPolicy {
+            mac: Some(MacAddress([1, 0, 0, 0, 0, 1])),
+            ..VfPolicy::default()
+        };
+        assert!(policy.check().is_err());
+    }
 
     #[test]
     fn derived_mac_is_locally_administered_unicast() {

@@ -8,10 +8,13 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::host::{GroupHolder, HostBdf, Sysfs};
+use crate::host::{GroupHolder, Sysfs};
+use rvmm_pci::bdf::shown;
+use rvmm_pci::{Bdf, SYSFS_PCI_DEVICES};
 
 const SYS_DEVICES: &str = "sys/bus/pci/devices";
 const SYS_NET: &str = "sys/class/net";
@@ -25,7 +28,7 @@ const IFF_UP: u32 = 0x1;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PfSpec {
     /// By PCI address.
-    Pci(HostBdf),
+    Pci(Bdf),
     /// By the name of its network interface.
     Netdev(String),
 }
@@ -39,20 +42,49 @@ impl fmt::Display for PfSpec {
     }
 }
 
+/// A physical function reference that is neither a PCI address nor an interface name.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("invalid SR-IOV physical function '{given}': expected a PCI address like 0000:3b:00.0, {SYSFS_PCI_DEVICES}/0000:3b:00.0 or a network interface name of at most {MAX_IFNAME_LEN} characters")]
+pub struct PfSpecError {
+    /// What was given (cut to 80 characters).
+    pub given: String,
+}
+
+impl FromStr for PfSpec {
+    type Err = PfSpecError;
+
+    /// A PCI address or sysfs directory (anything with `/` or `:`), else a network interface
+    /// name as Linux accepts it (1 to 15 bytes, no `/`, `:` or white space, not `.` or `..`).
+    fn from_str(s: &str) -> std::result::Result<Self, PfSpecError> {
+        let invalid = || PfSpecError { given: shown(s) };
+        if s.contains(['/', ':']) {
+            return Bdf::from_sysfs(s).map(PfSpec::Pci).map_err(|_| invalid());
+        }
+        if valid_ifname(s) {
+            Ok(PfSpec::Netdev(s.to_string()))
+        } else {
+            Err(invalid())
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+rvmm_pci::serde_as_string!(PfSpec);
+
 /// A virtual function of a PF.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VirtualFunction {
     /// Its index on the PF (the N of `virtfnN`).
     pub index: u16,
     /// Its PCI address.
-    pub bdf: HostBdf,
+    pub bdf: Bdf,
 }
 
 /// An SR-IOV physical function with VFs and a network interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhysicalFunction {
     /// Its PCI address.
-    pub bdf: HostBdf,
+    pub bdf: Bdf,
     /// Its network interface, through which its VFs are configured.
     pub netdev: String,
     /// That interface's index.
@@ -116,7 +148,7 @@ pub enum PoolError {
     #[error("physical function {bdf} not found (no /sys/bus/pci/devices/{bdf}); list devices with `lspci -D`")]
     NoSuchDevice {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
     },
     /// No such network interface.
     #[error("physical function {name} not found: there is no network interface {name}; list interfaces with `ip link`")]
@@ -134,7 +166,7 @@ pub enum PoolError {
     #[error("{bdf} is a virtual function of {pf}; give its physical function {pf}")]
     IsVf {
         /// The address given.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// Its PF.
         pf: String,
     },
@@ -142,13 +174,13 @@ pub enum PoolError {
     #[error("{bdf} is not SR-IOV capable (no sriov_totalvfs in its sysfs directory)")]
     NotSriovCapable {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
     },
     /// The PF has no VFs enabled.
     #[error("physical function {bdf} has no VFs; create them as root: echo N > /sys/bus/pci/devices/{bdf}/sriov_numvfs (N from 1 to {total})")]
     NoVfs {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// Most VFs it supports.
         total: u16,
     },
@@ -156,7 +188,7 @@ pub enum PoolError {
     #[error("physical function {bdf} has no network interface (driver: {driver}); bind it to its network driver, through which rvmm sets its VFs' MAC address, VLAN, spoof checking and trust")]
     NoNetdev {
         /// The address.
-        bdf: HostBdf,
+        bdf: Bdf,
         /// Its driver, or "none".
         driver: String,
     },
@@ -255,12 +287,12 @@ impl PoolSysfs {
     }
 
     /// The sysfs directory of PCI device `bdf`.
-    pub fn device_dir(&self, bdf: &HostBdf) -> PathBuf {
+    pub fn device_dir(&self, bdf: &Bdf) -> PathBuf {
         self.root.join(SYS_DEVICES).join(bdf.to_string())
     }
 
     /// The driver bound to PCI device `bdf`, if any.
-    pub fn driver(&self, bdf: &HostBdf) -> Option<String> {
+    pub fn driver(&self, bdf: &Bdf) -> Option<String> {
         link_name(&self.device_dir(bdf).join("driver"))
     }
 
@@ -309,7 +341,7 @@ impl PoolSysfs {
         let mut vfs = Vec::new();
         for index in 0..num {
             let link = dir.join(format!("virtfn{index}"));
-            match link_name(&link).map(|name| name.parse::<HostBdf>()) {
+            match link_name(&link).map(|name| name.parse::<Bdf>()) {
                 Some(Ok(vf_bdf)) => vfs.push(VirtualFunction { index, bdf: vf_bdf }),
                 _ => log::debug!("physical function {bdf}: no usable {}", link.display()),
             }
@@ -328,7 +360,7 @@ impl PoolSysfs {
     }
 
     /// The PCI address behind network interface `name`.
-    fn netdev_device(&self, name: &str) -> Result<HostBdf> {
+    fn netdev_device(&self, name: &str) -> Result<Bdf> {
         if !valid_ifname(name) {
             return Err(PoolError::InvalidName {
                 name: name.to_string(),

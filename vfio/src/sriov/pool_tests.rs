@@ -3,7 +3,7 @@ use std::os::unix::fs::symlink;
 use super::*;
 use crate::sriov::fake::{FakeHost, PF, VFS};
 
-fn bdf(s: &str) -> HostBdf {
+fn bdf(s: &str) -> Bdf {
     s.parse().unwrap()
 }
 
@@ -217,4 +217,21 @@ fn vf_on_vfio_pci_with_its_group_closed_is_free() {
     };
 
     assert_eq!(host.sysfs().host_use(&vf), None);
+}
+
+#[test]
+fn pf_spec_is_an_address_a_sysfs_directory_or_an_interface() {
+    assert_eq!("0000:3b:00.0".parse(), Ok(PfSpec::Pci(bdf("0000:3b:00.0"))));
+    assert_eq!(
+        "/sys/bus/pci/devices/0000:3b:00.0".parse(),
+        Ok(PfSpec::Pci(bdf("0000:3b:00.0")))
+    );
+    assert_eq!("enp59s0f0".parse(), Ok(PfSpec::Netdev("enp59s0f0".into())));
+}
+
+#[test]
+fn pf_spec_rejects_bad_interface_names() {
+    for s in ["", ".", "..", "a b", "sixteen-chars-xx", "3b:00"] {
+        assert!(s.parse::<PfSpec>().is_err(), "{s:?} was accepted");
+    }
 }

@@ -13,13 +13,12 @@ use thiserror::Error;
 
 use crate::api::error::ErrorBody;
 use crate::api::fd_passing::write_with_fds;
-use crate::api::group_fd::GroupFd;
 use crate::api::server::{
     ADD_DEVICE_PATH, EVENTS_PATH, INFO_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
 };
-use crate::api::types::{
-    AddDeviceRequest, DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo,
-};
+use crate::api::types::{DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
+use crate::device::DeviceSpec;
+use crate::device::GroupFd;
 
 /// How long a call waits for its answer (hot-add waits for the guest, so this is generous; the
 /// server answers its own timeouts well before).
@@ -239,14 +238,14 @@ impl ApiClient {
 
     /// `PUT /v1/vm/add-device`, as the raw answer. A group descriptor of the request
     /// (`group-fd=N`: this process's descriptor N) is sent along with it.
-    pub fn add_device_raw(&self, req: &AddDeviceRequest) -> Result<Answer, ClientError> {
+    pub fn add_device_raw(&self, req: &DeviceSpec) -> Result<Answer, ClientError> {
         let body = serde_json::to_vec(req).map_err(ClientError::Encode)?;
         let fds: Vec<RawFd> = req.group.iter().map(GroupFd::number).collect();
         self.call_with_fds("PUT", ADD_DEVICE_PATH, Some(&body), &fds, self.timeout)
     }
 
     /// `PUT /v1/vm/add-device`.
-    pub fn add_device(&self, req: &AddDeviceRequest) -> Result<DeviceInfo, ClientError> {
+    pub fn add_device(&self, req: &DeviceSpec) -> Result<DeviceInfo, ClientError> {
         self.add_device_raw(req)?.json()
     }
 

@@ -5,10 +5,10 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use crate::api::client::{ApiClient, ClientError};
-use crate::api::types::{
-    AddDeviceRequest, RemoveDeviceRequest, DEFAULT_REMOVE_TIMEOUT_MS, MAX_REMOVE_TIMEOUT_MS,
-};
-use crate::api::values::DeviceId;
+use crate::api::types::{RemoveDeviceRequest, DEFAULT_REMOVE_TIMEOUT_MS, MAX_REMOVE_TIMEOUT_MS};
+use crate::device::DeviceId;
+use crate::device::DeviceSpec;
+use rvmm_devices::error_chain;
 
 /// Help text of the add-device argument.
 const DEVICE_HELP: &str = "path=HOST_DEVICE[,id=NAME][,group-fd=N] or \
@@ -40,7 +40,7 @@ pub enum CtlCommand {
             help = DEVICE_HELP,
             long_help = DEVICE_HELP
         )]
-        device: AddDeviceRequest,
+        device: DeviceSpec,
     },
     /// Hot-remove a device; prints how the removal ended once it is released.
     RemoveDevice {
@@ -65,17 +65,8 @@ pub enum CtlCommand {
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
-fn parse_device(s: &str) -> Result<AddDeviceRequest, String> {
-    s.parse::<AddDeviceRequest>().map_err(|e| {
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            source = s.source();
-        }
-        msg
-    })
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse::<DeviceSpec>().map_err(|e| error_chain(&e))
 }
 
 /// Writes `text` and a newline to stdout; a closed stdout (e.g. `| head`) is not an error.

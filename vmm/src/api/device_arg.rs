@@ -9,15 +9,20 @@
 //! `HOST_DEVICE` is a PCI address or its `/sys/bus/pci/devices/...` directory; `PF` is the same
 //! or a network interface name. `group-fd=N` names an open descriptor of the device's VFIO group
 //! (see [`crate::api::GroupFd`]). `pf=PF` is another spelling of `vf=PF` (the form `--vf` uses).
-//! The result is the [`AddDeviceRequest`] the API takes, checked by
-//! the same rules as the JSON body.
+//! The result is the [`DeviceSpec`] the API takes, checked by the same rules as the JSON body.
 
 use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::api::types::{AddDeviceRequest, AddDeviceWire};
-use crate::api::values::{parse_fd, parse_vlan, shown, DeviceId, PciBdf, ValueError};
+use rvmm_pci::bdf::shown;
+use rvmm_pci::Bdf;
+
+use rvmm_vfio::sriov::{MacAddress, MacError};
+
+use crate::api::types::AddDeviceWire;
+use crate::api::values::{parse_fd, parse_vlan, ValueError};
+use crate::device::{DeviceId, DeviceSpec};
 
 /// Errors of a device argument.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -75,6 +80,11 @@ fn switch(key: &str, value: &str) -> Result<bool, DeviceArgError> {
     }
 }
 
+/// A MAC address a VF can be given.
+fn mac_for_vf(s: &str) -> Result<MacAddress, MacError> {
+    s.parse::<MacAddress>()?.for_vf()
+}
+
 /// Stores `value` in `slot`, refusing a second value for the same key.
 fn set<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<(), DeviceArgError> {
     if slot.is_some() {
@@ -86,24 +96,18 @@ fn set<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<(), DeviceArgErro
     Ok(())
 }
 
-fn value<T>(key: &'static str, r: Result<T, ValueError>) -> Result<T, DeviceArgError> {
-    r.map_err(|source| DeviceArgError::Value { key, source })
+fn value<T, E: Into<ValueError>>(key: &'static str, r: Result<T, E>) -> Result<T, DeviceArgError> {
+    r.map_err(|e| DeviceArgError::Value {
+        key,
+        source: e.into(),
+    })
 }
 
-impl FromStr for AddDeviceRequest {
+impl FromStr for DeviceSpec {
     type Err = DeviceArgError;
 
     fn from_str(s: &str) -> Result<Self, DeviceArgError> {
-        let mut w = AddDeviceWire {
-            id: None,
-            path: None,
-            vf: None,
-            mac: None,
-            vlan: None,
-            trust: None,
-            spoofchk: None,
-            group_fd: None,
-        };
+        let mut w = AddDeviceWire::default();
         for (i, entry) in s.split(',').enumerate() {
             // A bare BDF or sysfs path may stand first, for `path=`.
             let (key, v) = match entry.split_once('=') {
@@ -116,10 +120,10 @@ impl FromStr for AddDeviceRequest {
                 }
             };
             match key {
-                "path" => set(&mut w.path, key, value("path", PciBdf::from_host_spec(v))?)?,
+                "path" => set(&mut w.path, key, value("path", Bdf::from_sysfs(v))?)?,
                 "vf" | "pf" => set(&mut w.vf, key, value("vf", v.parse())?)?,
                 "id" => set(&mut w.id, key, value("id", DeviceId::new(v))?)?,
-                "mac" => set(&mut w.mac, key, value("mac", v.parse())?)?,
+                "mac" => set(&mut w.mac, key, value("mac", mac_for_vf(v))?)?,
                 "vlan" => set(&mut w.vlan, key, value("vlan", parse_vlan(v))?)?,
                 "trust" => set(&mut w.trust, key, switch(key, v)?)?,
                 "spoofchk" => set(&mut w.spoofchk, key, switch(key, v)?)?,
@@ -127,17 +131,17 @@ impl FromStr for AddDeviceRequest {
                 _ => return Err(DeviceArgError::UnknownKey { key: shown(key) }),
             }
         }
-        AddDeviceRequest::try_from(w).map_err(DeviceArgError::Device)
+        DeviceSpec::try_from(w).map_err(DeviceArgError::Device)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::{DeviceSpec, VfSpec};
-    use crate::api::values::PhysicalFunction;
+    use crate::device::DeviceSource;
+    use rvmm_vfio::sriov::{PfSpec, VfPolicy, VfRequest};
 
-    fn parse(s: &str) -> Result<AddDeviceRequest, DeviceArgError> {
+    fn parse(s: &str) -> Result<DeviceSpec, DeviceArgError> {
         s.parse()
     }
 
@@ -145,9 +149,9 @@ mod tests {
     fn sysfs_path_with_id_parses() {
         assert_eq!(
             parse("path=/sys/bus/pci/devices/0000:01:00.0,id=nvme0"),
-            Ok(AddDeviceRequest {
+            Ok(DeviceSpec {
                 id: Some(DeviceId::new("nvme0").expect("valid id")),
-                device: DeviceSpec::Host("0000:01:00.0".parse().expect("valid address")),
+                source: DeviceSource::Host("0000:01:00.0".parse().expect("valid address")),
                 group: None,
             })
         );
@@ -158,8 +162,8 @@ mod tests {
         let req = parse("path=01:00.0").expect("valid");
         assert_eq!(req.id, None);
         assert_eq!(
-            req.device,
-            DeviceSpec::Host("0000:01:00.0".parse().expect("valid address"))
+            req.source,
+            DeviceSource::Host("0000:01:00.0".parse().expect("valid address"))
         );
     }
 
@@ -168,8 +172,8 @@ mod tests {
         let req = parse("0000:01:00.0,id=nv").expect("valid");
         assert_eq!(req.id, Some(DeviceId::new("nv").expect("valid id")));
         assert_eq!(
-            req.device,
-            DeviceSpec::Host("0000:01:00.0".parse().expect("valid address"))
+            req.source,
+            DeviceSource::Host("0000:01:00.0".parse().expect("valid address"))
         );
     }
 
@@ -186,13 +190,15 @@ mod tests {
         let req = parse("vf=enp59s0f0,id=vf0,mac=52:54:00:00:00:02,vlan=100,trust=on,spoofchk=off")
             .expect("valid");
         assert_eq!(
-            req.device,
-            DeviceSpec::Vf(VfSpec {
-                pf: PhysicalFunction::Netdev("enp59s0f0".into()),
-                mac: Some("52:54:00:00:00:02".parse().expect("valid MAC")),
-                vlan: Some(100),
-                trust: Some(true),
-                spoofchk: Some(false),
+            req.source,
+            DeviceSource::Vf(VfRequest {
+                pf: PfSpec::Netdev("enp59s0f0".into()),
+                policy: VfPolicy {
+                    mac: Some("52:54:00:00:00:02".parse().expect("valid MAC")),
+                    vlan: Some(100),
+                    trust: Some(true),
+                    spoofchk: Some(false),
+                },
             })
         );
     }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::api::values::DeviceId;
+use crate::device::DeviceId;
 
 /// Everything an API call can end in besides success. The VMM's [`ApiHandler`] returns the
 /// variants from [`ApiError::InvalidRequest`] on; the HTTP layer produces the others.

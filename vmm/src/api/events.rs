@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::api::types::Event;
+use rvmm_devices::sync::MutexExt;
 
 /// Events a subscriber may have unread before it is cut off as too slow.
 pub const SUBSCRIBER_BACKLOG: usize = 256;
@@ -41,7 +42,7 @@ impl EventBus {
     pub fn subscribe(&self) -> Subscription {
         let (tx, rx) = mpsc::sync_channel(SUBSCRIBER_BACKLOG);
         let lagged = Arc::new(AtomicBool::new(false));
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.locked();
         if !state.closed {
             state.subscribers.push(Subscriber {
                 tx,
@@ -53,7 +54,7 @@ impl EventBus {
 
     /// Sends `event` to every subscriber; never blocks.
     pub fn publish(&self, event: Event) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.locked();
         state
             .subscribers
             .retain(|s| match s.tx.try_send(event.clone()) {
@@ -71,18 +72,14 @@ impl EventBus {
 
     /// Ends every stream after the events already published; later subscriptions end at once.
     pub fn close(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.locked();
         state.closed = true;
         state.subscribers.clear();
     }
 
     /// Number of live subscriptions (as of the last publish).
     pub fn subscriber_count(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .subscribers
-            .len()
+        self.state.locked().subscribers.len()
     }
 }
 

@@ -3,7 +3,7 @@
 //! | endpoint | body | answer |
 //! |---|---|---|
 //! | `GET /v1/vm/info` | – | [`VmInfo`] |
-//! | `PUT /v1/vm/add-device` | [`AddDeviceRequest`] | [`DeviceInfo`], once the guest has the device |
+//! | `PUT /v1/vm/add-device` | [`DeviceSpec`] | [`DeviceInfo`], once the guest has the device |
 //! | `PUT /v1/vm/remove-device` | [`RemoveDeviceRequest`] | [`RemoveDeviceResponse`], once released |
 //! | `PUT /v1/vm/shutdown` | none or `{}` | 204 |
 //! | `GET /v1/events` | – | a stream of [`Event`] JSON lines |
@@ -16,13 +16,14 @@
 //! loop, which answers each [`PendingRequest`] when it is done. Events reach open streams through
 //! an [`EventBus`]. [`ApiClient`] is the client `rvmm ctl` uses.
 
+use crate::device::DeviceSpec;
+
 pub mod client;
 pub mod ctl;
 pub mod device_arg;
 pub mod error;
 pub mod events;
 pub mod fd_passing;
-pub mod group_fd;
 pub mod http;
 pub mod queue;
 pub mod server;
@@ -38,15 +39,13 @@ pub use client::{ApiClient, ClientError};
 pub use device_arg::DeviceArgError;
 pub use error::{ApiError, ErrorBody};
 pub use events::{EventBus, Received, Subscription};
-pub use group_fd::{GroupFd, GroupFdError, InheritedFds};
 pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
-    AddDeviceRequest, DeviceInfo, DeviceSpec, DeviceState, Event, EventKind, RemovalReason,
-    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VfSpec,
-    VmInfo,
+    DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse,
+    RootPortUsage, ShutdownReason, VfInfo, VmInfo,
 };
-pub use values::{DeviceId, MacAddr, PciBdf, PhysicalFunction, ValueError};
+pub use values::ValueError;
 
 /// What the API server asks of the VMM. Calls come from the server's connection threads, several
 /// at once; each blocks until its operation is done.
@@ -54,7 +53,7 @@ pub trait ApiHandler: Send + Sync {
     /// The configuration and every passthrough device.
     fn info(&self) -> Result<VmInfo, ApiError>;
     /// Hot-adds one device; returns when the guest has it.
-    fn add_device(&self, req: AddDeviceRequest) -> Result<DeviceInfo, ApiError>;
+    fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError>;
     /// Hot-removes one device; returns when it is released from the VM.
     fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError>;
     /// Stops the VM; returns once the shutdown is under way.

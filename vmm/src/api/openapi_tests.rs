@@ -9,10 +9,12 @@ use serde_json::Value;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::server::ROUTES;
 use crate::api::types::{
-    AddDeviceRequest, DeviceInfo, DeviceState, Event, EventKind, RemovalReason,
-    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VmInfo,
+    DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse,
+    RootPortUsage, ShutdownReason, VfInfo, VmInfo,
 };
-use crate::api::values::{DeviceId, PciBdf};
+use crate::device::DeviceId;
+use crate::device::{DeviceSpec, DeviceState};
+use rvmm_pci::Bdf;
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.yaml"));
 const SCHEMA_PREFIX: &str = "#/components/schemas/";
@@ -152,7 +154,7 @@ impl Validator {
     }
 }
 
-fn bdf(s: &str) -> PciBdf {
+fn bdf(s: &str) -> Bdf {
     s.parse().expect("valid test address")
 }
 
@@ -313,7 +315,7 @@ fn requests_the_types_send_match_their_schemas() {
         "path=01:00.0,id=nvme0",
         "vf=enp59s0f0,mac=52:54:00:00:00:02,vlan=0,trust=off,spoofchk=on",
     ] {
-        let req: AddDeviceRequest = s.parse().expect("valid");
+        let req: DeviceSpec = s.parse().expect("valid");
         v.validate("AddDeviceRequest", &req)
             .unwrap_or_else(|e| panic!("{s}: {e}"));
     }
@@ -335,7 +337,7 @@ fn request_examples(spec: &Value, path: &str) -> Vec<Value> {
 #[test]
 fn documented_add_examples_are_accepted() {
     for example in request_examples(&spec(), "/v1/vm/add-device") {
-        serde_json::from_value::<AddDeviceRequest>(example.clone())
+        serde_json::from_value::<DeviceSpec>(example.clone())
             .unwrap_or_else(|e| panic!("{example}: {e}"));
     }
 }

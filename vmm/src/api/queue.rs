@@ -18,10 +18,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::error::ApiError;
 use crate::api::events::{EventBus, Subscription};
-use crate::api::types::{
-    AddDeviceRequest, DeviceInfo, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo,
-};
+use crate::api::types::{DeviceInfo, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::api::ApiHandler;
+use crate::device::DeviceSpec;
 
 /// How long a [`QueuedHandler`] waits for the event loop's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +73,7 @@ pub enum PendingRequest {
     /// `GET /v1/vm/info`.
     Info(Responder<VmInfo>),
     /// `PUT /v1/vm/add-device`: answer when the guest has the device.
-    AddDevice(AddDeviceRequest, Responder<DeviceInfo>),
+    AddDevice(DeviceSpec, Responder<DeviceInfo>),
     /// `PUT /v1/vm/remove-device`: answer when the device is released.
     RemoveDevice(RemoveDeviceRequest, Responder<RemoveDeviceResponse>),
     /// `PUT /v1/vm/shutdown`: answer once the shutdown is under way.
@@ -199,7 +198,7 @@ impl ApiHandler for QueuedHandler {
         self.call("info", self.timeouts.info, PendingRequest::Info)
     }
 
-    fn add_device(&self, req: AddDeviceRequest) -> Result<DeviceInfo, ApiError> {
+    fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError> {
         self.call("add-device", self.timeouts.add, |r| {
             PendingRequest::AddDevice(req, r)
         })
@@ -227,7 +226,7 @@ mod tests {
 
     use super::*;
     use crate::api::types::RootPortUsage;
-    use crate::api::values::DeviceId;
+    use crate::device::DeviceId;
 
     fn info() -> VmInfo {
         VmInfo {

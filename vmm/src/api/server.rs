@@ -20,10 +20,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::error::ApiError;
 use crate::api::events::{Received, Subscription};
 use crate::api::fd_passing::{FdReceivingStream, MAX_REQUEST_FDS};
-use crate::api::group_fd::GroupFd;
 use crate::api::http::{self, Limits, LineStream, Request, Response};
-use crate::api::types::{AddDeviceRequest, RemoveDeviceRequest, ShutdownRequest};
+use crate::api::types::{RemoveDeviceRequest, ShutdownRequest};
 use crate::api::ApiHandler;
+use crate::device::DeviceSpec;
+use crate::device::GroupFd;
 use crate::seccomp::{SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 
 /// `GET`: the configuration and every device.
@@ -539,10 +540,7 @@ fn no_body(request: &Request) -> Result<(), ApiError> {
 
 /// Joins the descriptor that came with an add-device request to its `"group_fd"`: both or
 /// neither.
-fn with_group(
-    mut req: AddDeviceRequest,
-    fd: Option<OwnedFd>,
-) -> Result<AddDeviceRequest, ApiError> {
+fn with_group(mut req: DeviceSpec, fd: Option<OwnedFd>) -> Result<DeviceSpec, ApiError> {
     req.group = match (req.group.take(), fd) {
         (Some(_), Some(fd)) => Some(GroupFd::Open(Arc::new(fd))),
         (Some(group), None) => {

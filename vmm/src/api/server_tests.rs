@@ -15,16 +15,18 @@ use tempfile::TempDir;
 use crate::api::client::{ApiClient, ClientError};
 use crate::api::events::{EventBus, Subscription};
 use crate::api::fd_passing::write_with_fds;
-use crate::api::group_fd::GroupFd;
 use crate::api::http::Limits;
 use crate::api::queue::{ApiRequestQueue, PendingRequest, QueueTimeouts};
 use crate::api::server::{ApiServer, ServerConfig, ServerError};
 use crate::api::types::{
-    AddDeviceRequest, DeviceInfo, DeviceSpec, DeviceState, Event, EventKind, RemovalReason,
-    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, VmInfo,
+    DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse,
+    RootPortUsage, ShutdownReason, VmInfo,
 };
-use crate::api::values::{DeviceId, PciBdf};
 use crate::api::{ApiError, ApiHandler};
+use crate::device::DeviceId;
+use crate::device::GroupFd;
+use crate::device::{DeviceSource, DeviceSpec, DeviceState};
+use rvmm_pci::Bdf;
 
 /// A VMM that hot-plugs instantly. Id `busy` conflicts, id `slow` times out.
 struct FakeVmm {
@@ -35,7 +37,7 @@ struct FakeVmm {
     group: Mutex<Option<(u64, u64)>>,
 }
 
-fn bdf(s: &str) -> PciBdf {
+fn bdf(s: &str) -> Bdf {
     s.parse().expect("valid test address")
 }
 
@@ -79,8 +81,8 @@ impl ApiHandler for FakeVmm {
         })
     }
 
-    fn add_device(&self, req: AddDeviceRequest) -> Result<DeviceInfo, ApiError> {
-        let DeviceSpec::Host(host_bdf) = req.device else {
+    fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError> {
+        let DeviceSource::Host(host_bdf) = req.source else {
             return Err(ApiError::InvalidRequest(
                 "the fake takes host devices".into(),
             ));
@@ -253,7 +255,7 @@ fn group_descriptor_sent_by_the_client_reaches_the_vmm() {
     let s = start();
     let file = tempfile::tempfile().expect("temp file");
     let meta = file.metadata().expect("fstat");
-    let req: AddDeviceRequest = format!("path=0000:01:00.0,group-fd={}", file.as_raw_fd())
+    let req: DeviceSpec = format!("path=0000:01:00.0,group-fd={}", file.as_raw_fd())
         .parse()
         .expect("valid");
 

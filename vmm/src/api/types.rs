@@ -3,10 +3,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use rvmm_pci::Bdf;
+use rvmm_vfio::sriov::{MacAddress, PfSpec, VfPolicy, VfRequest};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::api::group_fd::GroupFd;
-use crate::api::values::{DeviceId, MacAddr, PciBdf, PhysicalFunction, MAX_VLAN};
+use crate::api::values::MAX_VLAN;
+use crate::device::{DeviceId, DeviceSource, DeviceSpec, DeviceState, GroupFd};
 use crate::exit::VmExit;
 
 /// Deadline of a graceful removal when the request gives none.
@@ -14,50 +16,12 @@ pub const DEFAULT_REMOVE_TIMEOUT_MS: u64 = 10_000;
 /// Longest deadline a removal may ask for.
 pub const MAX_REMOVE_TIMEOUT_MS: u64 = 600_000;
 
-/// `PUT /v1/vm/add-device`: hot-add exactly one device.
-///
-/// On the wire either `{"path": HOST_DEVICE, "id"?, "group_fd"?}` or
+/// The JSON shape of `PUT /v1/vm/add-device`, a [`DeviceSpec`]: either
+/// `{"path": HOST_DEVICE, "id"?, "group_fd"?}` or
 /// `{"vf": PF, "id"?, "mac"?, "vlan"?, "trust"?, "spoofchk"?}`. `group_fd` says that the request
 /// carries the device's VFIO group descriptor as `SCM_RIGHTS` data (its value is the sender's
 /// descriptor number).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "AddDeviceWire", into = "AddDeviceWire")]
-pub struct AddDeviceRequest {
-    /// The name to give the device; the VMM picks one when `None`.
-    pub id: Option<DeviceId>,
-    /// The device.
-    pub device: DeviceSpec,
-    /// The device's VFIO group, opened by the caller (only with [`DeviceSpec::Host`]); `None`:
-    /// rvmm opens `/dev/vfio/<group>` itself.
-    pub group: Option<GroupFd>,
-}
-
-/// The one device of an add request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// A host PCI function bound to vfio-pci, by address.
-    Host(PciBdf),
-    /// A free VF of an SR-IOV physical function, configured before it is handed over.
-    Vf(VfSpec),
-}
-
-/// Which VF to take and how to set it up (unset settings are left as the host has them).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VfSpec {
-    /// The physical function whose VF pool to take from.
-    pub pf: PhysicalFunction,
-    /// MAC address to give the VF.
-    pub mac: Option<MacAddr>,
-    /// VLAN id the PF tags the VF's traffic with (0 = none).
-    pub vlan: Option<u16>,
-    /// Whether the VF is trusted (may change its MAC, enter promiscuous mode).
-    pub trust: Option<bool>,
-    /// Whether the PF drops the VF's frames with a foreign source MAC.
-    pub spoofchk: Option<bool>,
-}
-
-/// The JSON shape of [`AddDeviceRequest`].
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AddDeviceWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,11 +31,11 @@ pub(super) struct AddDeviceWire {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "host_device"
     )]
-    pub(super) path: Option<PciBdf>,
+    pub(super) path: Option<Bdf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) vf: Option<PhysicalFunction>,
+    pub(super) vf: Option<PfSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) mac: Option<MacAddr>,
+    pub(super) mac: Option<MacAddress>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -99,9 +63,9 @@ fn group_fd<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
 }
 
 /// `path`: a PCI address or its sysfs directory.
-fn host_device<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PciBdf>, D::Error> {
+fn host_device<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bdf>, D::Error> {
     let s = String::deserialize(d)?;
-    PciBdf::from_host_spec(&s)
+    Bdf::from_sysfs(&s)
         .map(Some)
         .map_err(serde::de::Error::custom)
 }
@@ -120,13 +84,13 @@ fn vlan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
         })
 }
 
-impl TryFrom<AddDeviceWire> for AddDeviceRequest {
+impl TryFrom<AddDeviceWire> for DeviceSpec {
     type Error = String;
 
     fn try_from(w: AddDeviceWire) -> Result<Self, String> {
         let has_vf_settings =
             w.mac.is_some() || w.vlan.is_some() || w.trust.is_some() || w.spoofchk.is_some();
-        let device = match (w.path, w.vf) {
+        let source = match (w.path, w.vf) {
             (Some(_), Some(_)) => {
                 return Err("two devices in one call: give either \"path\" or \"vf\", one device per call".into())
             }
@@ -139,46 +103,58 @@ impl TryFrom<AddDeviceWire> for AddDeviceRequest {
             (None, Some(_)) if w.group_fd.is_some() => {
                 return Err("\"group_fd\" applies only to a \"path\" device: rvmm opens the VF it picks itself".into())
             }
-            (Some(bdf), None) => DeviceSpec::Host(bdf),
-            (None, Some(pf)) => DeviceSpec::Vf(VfSpec {
-                pf,
-                mac: w.mac,
-                vlan: w.vlan,
-                trust: w.trust,
-                spoofchk: w.spoofchk,
-            }),
+            (Some(bdf), None) => DeviceSource::Host(bdf),
+            (None, Some(pf)) => {
+                let policy = VfPolicy {
+                    mac: w.mac,
+                    vlan: w.vlan,
+                    trust: w.trust,
+                    spoofchk: w.spoofchk,
+                };
+                policy.check().map_err(|e| e.to_string())?;
+                DeviceSource::Vf(VfRequest { pf, policy })
+            }
         };
-        Ok(AddDeviceRequest {
+        Ok(DeviceSpec {
             id: w.id,
-            device,
+            source,
             group: w.group_fd.map(GroupFd::Number),
         })
     }
 }
 
-impl From<AddDeviceRequest> for AddDeviceWire {
-    fn from(r: AddDeviceRequest) -> Self {
+impl From<&DeviceSpec> for AddDeviceWire {
+    fn from(spec: &DeviceSpec) -> Self {
         let mut w = AddDeviceWire {
-            id: r.id,
-            path: None,
-            vf: None,
-            mac: None,
-            vlan: None,
-            trust: None,
-            spoofchk: None,
-            group_fd: r.group.as_ref().map(GroupFd::number),
+            id: spec.id.clone(),
+            group_fd: spec.group.as_ref().map(GroupFd::number),
+            ..AddDeviceWire::default()
         };
-        match r.device {
-            DeviceSpec::Host(bdf) => w.path = Some(bdf),
-            DeviceSpec::Vf(vf) => {
-                w.vf = Some(vf.pf);
-                w.mac = vf.mac;
-                w.vlan = vf.vlan;
-                w.trust = vf.trust;
-                w.spoofchk = vf.spoofchk;
+        match &spec.source {
+            DeviceSource::Host(bdf) => w.path = Some(*bdf),
+            DeviceSource::Vf(vf) => {
+                w.vf = Some(vf.pf.clone());
+                w.mac = vf.policy.mac;
+                w.vlan = vf.policy.vlan;
+                w.trust = vf.policy.trust;
+                w.spoofchk = vf.policy.spoofchk;
             }
         }
         w
+    }
+}
+
+/// `PUT /v1/vm/add-device` takes a [`DeviceSpec`] in the shape of [`AddDeviceWire`].
+impl Serialize for DeviceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        AddDeviceWire::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = AddDeviceWire::deserialize(d)?;
+        DeviceSpec::try_from(wire).map_err(serde::de::Error::custom)
     }
 }
 
@@ -227,31 +203,19 @@ fn remove_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {}
 
-/// Where a passthrough device is in its hotplug life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceState {
-    /// Wired up, waiting for the guest to take it.
-    Adding,
-    /// The guest has it.
-    Present,
-    /// Being taken back from the guest.
-    Removing,
-}
-
 /// A passthrough device: the answer of add-device and an entry of info.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     /// Its name.
     pub id: DeviceId,
     /// Its address in the guest.
-    pub bdf: PciBdf,
+    pub bdf: Bdf,
     /// Its address on the host.
-    pub host_bdf: PciBdf,
+    pub host_bdf: Bdf,
     /// The Physical Slot Number of the root port it sits behind.
     pub slot: u16,
     /// The guest address of that root port.
-    pub root_port: PciBdf,
+    pub root_port: Bdf,
     /// Where it is in its hotplug life.
     pub state: DeviceState,
     /// Set for a VF taken from an SR-IOV physical function.
@@ -263,12 +227,12 @@ pub struct DeviceInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VfInfo {
     /// Host address of its physical function.
-    pub pf: PciBdf,
+    pub pf: Bdf,
     /// Its VF index on that physical function.
     pub index: u16,
     /// Its MAC address, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<MacAddr>,
+    pub mac: Option<MacAddress>,
     /// Its VLAN id, when set (0 = none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlan: Option<u16>,
@@ -302,9 +266,9 @@ pub struct RemoveDeviceResponse {
     /// The device.
     pub id: DeviceId,
     /// Its former address in the guest.
-    pub bdf: PciBdf,
+    pub bdf: Bdf,
     /// Its address on the host, now free.
-    pub host_bdf: PciBdf,
+    pub host_bdf: Bdf,
     /// How the removal ended.
     pub reason: RemovalReason,
     /// Milliseconds from the request to the release.
@@ -406,9 +370,9 @@ pub enum EventKind {
         /// The device.
         id: DeviceId,
         /// Its guest address.
-        bdf: PciBdf,
+        bdf: Bdf,
         /// Its host address.
-        host_bdf: PciBdf,
+        host_bdf: Bdf,
         /// Whether the guest is not asked first.
         surprise: bool,
     },
@@ -417,9 +381,9 @@ pub enum EventKind {
         /// The device.
         id: DeviceId,
         /// Its former guest address.
-        bdf: PciBdf,
+        bdf: Bdf,
         /// Its host address.
-        host_bdf: PciBdf,
+        host_bdf: Bdf,
         /// Why it left.
         reason: RemovalReason,
     },
@@ -434,7 +398,7 @@ pub enum EventKind {
 mod tests {
     use super::*;
 
-    fn add(json: &str) -> Result<AddDeviceRequest, String> {
+    fn add(json: &str) -> Result<DeviceSpec, String> {
         serde_json::from_str(json).map_err(|e| e.to_string())
     }
 
@@ -442,7 +406,7 @@ mod tests {
         serde_json::from_str(json).map_err(|e| e.to_string())
     }
 
-    fn bdf(s: &str) -> PciBdf {
+    fn bdf(s: &str) -> Bdf {
         s.parse().expect("valid test address")
     }
 
@@ -451,9 +415,9 @@ mod tests {
         let req = add(r#"{"path": "/sys/bus/pci/devices/0000:01:00.0", "id": "nvme0"}"#);
         assert_eq!(
             req,
-            Ok(AddDeviceRequest {
+            Ok(DeviceSpec {
                 id: Some(DeviceId::new("nvme0").expect("valid id")),
-                device: DeviceSpec::Host(bdf("0000:01:00.0")),
+                source: DeviceSource::Host(bdf("0000:01:00.0")),
                 group: None,
             })
         );
@@ -463,15 +427,15 @@ mod tests {
     fn add_vf_keeps_its_settings() {
         let req = add(r#"{"vf": "enp1s0", "mac": "52:54:00:00:00:01", "vlan": 10, "trust": true, "spoofchk": false}"#)
             .expect("valid request");
-        let DeviceSpec::Vf(vf) = req.device else {
-            panic!("not a VF: {:?}", req.device);
+        let DeviceSource::Vf(vf) = req.source else {
+            panic!("not a VF: {:?}", req.source);
         };
-        assert_eq!(vf.pf, PhysicalFunction::Netdev("enp1s0".into()));
-        assert_eq!(vf.vlan, Some(10));
-        assert_eq!(vf.trust, Some(true));
-        assert_eq!(vf.spoofchk, Some(false));
+        assert_eq!(vf.pf, PfSpec::Netdev("enp1s0".into()));
+        assert_eq!(vf.policy.vlan, Some(10));
+        assert_eq!(vf.policy.trust, Some(true));
+        assert_eq!(vf.policy.spoofchk, Some(false));
         assert_eq!(
-            vf.mac.map(|m| m.to_string()).as_deref(),
+            vf.policy.mac.map(|m| m.to_string()).as_deref(),
             Some("52:54:00:00:00:01")
         );
     }
@@ -504,6 +468,15 @@ mod tests {
     fn add_path_with_vf_settings_is_rejected() {
         let err = add(r#"{"path": "01:00.0", "vlan": 3}"#).expect_err("vlan on a path");
         assert!(err.contains("apply only to a \"vf\" device"), "{err}");
+    }
+
+    #[test]
+    fn add_vf_with_a_multicast_mac_is_rejected() {
+        let err = add(r#"{"vf": "enp1s0", "mac": "01:00:5e:00:00:01"}"#).expect_err("multicast");
+        assert!(
+            err.contains("cannot be given to a VF: it is multicast"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use super::size::{parse_size, DisplaySize};
 use super::{MemoryError, Result};
+use rvmm_devices::host::page_size as host_page_size;
 
 /// Smallest guest RAM accepted: enough for a kernel and an initramfs to boot.
 pub const MIN_SIZE: u64 = 64 << 20;
@@ -196,13 +197,6 @@ fn parse_switch(key: &str, value: &str) -> Result<bool> {
             value: value.to_string(),
         }),
     }
-}
-
-/// The host's base page size in bytes (4 KiB if `sysconf` cannot tell).
-pub(crate) fn host_page_size() -> u64 {
-    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
 }
 
 #[cfg(test)]

@@ -6,11 +6,11 @@ use std::time::Instant;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use super::config::host_page_size;
 use super::limits::{preflight, HostProbe, SystemHost};
 use super::size::DisplayBytes;
 use super::{HugepageSize, MemoryConfig, MemoryError, Result};
 use crate::layout::{HIGH_RAM_START, MMIO32_HOLE_START};
+use rvmm_devices::host::page_size as host_page_size;
 
 /// `madvise` advice that write-faults every page of a range (Linux 5.14+, `<linux/mman.h>`); the
 /// libc crate does not export it.
