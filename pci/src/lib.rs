@@ -3,7 +3,7 @@
 //!
 //! - [`config`]: the 4 KiB configuration space with write masks and the capability builder;
 //!   [`header`]: type 0 / type 1 headers.
-//! - [`root_port`], [`pcie_cap`], [`msi`], [`slot`]: a hot-plug capable PCIe root port, its
+//! - [`root_port`], [`pcie_cap`], [`msi`], [`root_port::slot`]: a hot-plug capable PCIe root port, its
 //!   PCI Express and MSI capabilities, and the slot state machine driven by the hot-plug manager
 //!   and the guest's pciehp.
 //! - [`segment`], [`host_bridge`], [`config_access`]: the host bridge and N root ports of
@@ -21,13 +21,12 @@ pub mod msi;
 pub mod pcie_cap;
 pub mod root_port;
 pub mod segment;
-pub mod slot;
 
 pub use allocator::{AddressAllocator, AddressRange};
 pub use bdf::{Bdf, BdfError, SYSFS_PCI_DEVICES};
 pub use config_access::{EcamAccess, PioConfigAccess, PIO_CONFIG_BASE, PIO_CONFIG_LEN};
 pub use device::{MsiMessage, MsiSender, PciDevice};
 pub use pcie_cap::{LinkSpeed, LinkWidth};
+pub use root_port::slot::{SlotDevice, SlotError, SlotEvents, SlotState};
 pub use root_port::{PortWindows, RootPort, SharedRootPort};
 pub use segment::{PciSegment, PortInfo, SegmentConfig};
-pub use slot::{SlotDevice, SlotError, SlotEvents, SlotState};

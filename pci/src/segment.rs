@@ -16,10 +16,10 @@ use crate::device::{MsiSender, PciDevice};
 use crate::header::{BusNumbers, WINDOW_GRANULARITY};
 use crate::host_bridge::HostBridge;
 use crate::pcie_cap::{LinkSpeed, LinkWidth};
+use crate::root_port::slot::SlotEvents;
 use crate::root_port::{
     PortWindows, RootPort, RootPortConfig, RootPortError, SharedRootPort, ABSENT,
 };
-use crate::slot::SlotEvents;
 use rvmm_devices::sync::MutexExt;
 
 /// Most root ports a segment supports.

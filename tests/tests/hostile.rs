@@ -27,7 +27,7 @@ use rvmm_tests::{GuestRun, Section, SharedRun, TestHost, TestHostOutput};
 
 /// The phases of the hostile program, in order.
 const PHASES: [&str; 5] = ["discover", "nvme", "ports", "pio", "ecam"];
-/// rvmm's exit codes (vmm/src/exit.rs): guest power-off and guest reset.
+/// rvmm's exit codes (vmm/src/vm/exit.rs): guest power-off and guest reset.
 const EXIT_POWER_OFF: i64 = 0;
 const EXIT_GUEST_RESET: i64 = 3;
 /// Garbage writes per register in the hostile program's full passes.

@@ -187,12 +187,20 @@ impl VirtualConfig {
             throttle: LogThrottle::default(),
         };
 
-        // Header: IDs, class, header type, BIST, BARs, CIS, subsystem, ROM, pointers and the
-        // interrupt line/pin are virtual; cache line size, latency timer, command and status
-        // pass through.
-        this.virtualize(0x00..0x04);
-        this.virtualize(0x08..0x0c);
-        this.virtualize(0x0e..0x40);
+        this.virtualize_header(&real, &mut shadow, intx);
+        this.virtualize_caps(&real, &mut shadow);
+        this.virtualize_ext_caps(&mut shadow);
+        this.shadow = shadow;
+        Ok(this)
+    }
+
+    /// Header: IDs, class, header type, BIST, BARs, CIS, subsystem, ROM, pointers and the
+    /// interrupt line/pin are virtual; cache line size, latency timer, command and status pass
+    /// through. The pin is kept only when the guest gets an INTx line.
+    fn virtualize_header(&mut self, real: &[u8], shadow: &mut [u8], intx: bool) {
+        self.virtualize(0x00..0x04);
+        self.virtualize(0x08..0x0c);
+        self.virtualize(0x0e..0x40);
         if let Some(b) = shadow.get_mut(HEADER_TYPE) {
             *b &= 0x7f;
         }
@@ -207,72 +215,74 @@ impl VirtualConfig {
                 0
             };
         }
+    }
 
-        for range in caps::hide_caps(&mut shadow, |id| id == CAP_ID_AF) {
-            this.virtualize(range);
+    /// Standard capabilities: Advanced Features hidden; every header virtual; MSI and MSI-X
+    /// emulated; PCI Express with FLR hidden and the control bits rvmm owns kept.
+    fn virtualize_caps(&mut self, real: &[u8], shadow: &mut [u8]) {
+        for range in caps::hide_caps(shadow, |id| id == CAP_ID_AF) {
+            self.virtualize(range);
         }
-        for cap in caps::walk(&shadow) {
+        for cap in caps::walk(shadow) {
             let off = cap.offset;
-            this.virtualize(off..off + 2);
+            self.virtualize(off..off + 2);
             let header = u16::from_le_bytes([
                 shadow.get(off).copied().unwrap_or(0),
                 shadow.get(off + 1).copied().unwrap_or(0),
             ]);
             match cap.id {
                 CAP_ID_MSI => {
-                    let mut msi = MsiCap::new(off, dword(&real, off));
+                    let mut msi = MsiCap::new(off, dword(real, off));
                     msi.set_header(header);
-                    this.virtualize(off..(off + msi.len()).min(STD_SIZE));
-                    this.msi = Some(msi);
+                    self.virtualize(off..(off + msi.len()).min(STD_SIZE));
+                    self.msi = Some(msi);
                 }
                 CAP_ID_MSIX => {
                     let mut msix = MsixState::new(
                         off,
-                        [
-                            dword(&real, off),
-                            dword(&real, off + 4),
-                            dword(&real, off + 8),
-                        ],
+                        [dword(real, off), dword(real, off + 4), dword(real, off + 8)],
                     );
                     msix.set_header(header);
-                    this.virtualize(off..(off + 12).min(STD_SIZE));
-                    this.msix = Some(msix);
+                    self.virtualize(off..(off + 12).min(STD_SIZE));
+                    self.msix = Some(msix);
                 }
                 CAP_ID_EXP => {
                     let devcap = off + EXP_DEVCAP;
-                    let value = dword(&shadow, devcap) & !EXP_DEVCAP_FLR;
+                    let value = dword(shadow, devcap) & !EXP_DEVCAP_FLR;
                     if let Some(b) = shadow.get_mut(devcap..devcap + 4) {
                         b.copy_from_slice(&value.to_le_bytes());
                     }
-                    this.virtualize(devcap..devcap + 4);
-                    this.keep(off + EXP_DEVCTL, EXP_DEVCTL_KEEP);
-                    this.keep(off + EXP_LNKCTL, EXP_LNKCTL_KEEP);
-                    this.keep(off + EXP_DEVCTL2, EXP_DEVCTL2_KEEP);
+                    self.virtualize(devcap..devcap + 4);
+                    self.keep(off + EXP_DEVCTL, EXP_DEVCTL_KEEP);
+                    self.keep(off + EXP_LNKCTL, EXP_LNKCTL_KEEP);
+                    self.keep(off + EXP_DEVCTL2, EXP_DEVCTL2_KEEP);
                 }
                 _ => {}
             }
         }
+    }
 
-        if shadow.len() > STD_SIZE {
-            let hidden = caps::hide_ext_caps(&mut shadow, |id| {
-                matches!(
-                    id,
-                    caps::EXT_CAP_ID_ARI
-                        | caps::EXT_CAP_ID_SRIOV
-                        | caps::EXT_CAP_ID_REBAR
-                        | caps::EXT_CAP_ID_VF_REBAR
-                )
-            });
-            for range in hidden {
-                this.virtualize(range);
-            }
-            this.virtualize(EXT_CAP_START..EXT_CAP_START + 4);
-            for cap in caps::walk_ext(&shadow) {
-                this.virtualize(cap.offset..cap.offset + 4);
-            }
+    /// Extended capabilities: ARI, SR-IOV and resizable BARs hidden; every header virtual.
+    fn virtualize_ext_caps(&mut self, shadow: &mut [u8]) {
+        if shadow.len() <= STD_SIZE {
+            return;
         }
-        this.shadow = shadow;
-        Ok(this)
+        let hidden = caps::hide_ext_caps(shadow, |id| {
+            matches!(
+                id,
+                caps::EXT_CAP_ID_ARI
+                    | caps::EXT_CAP_ID_SRIOV
+                    | caps::EXT_CAP_ID_REBAR
+                    | caps::EXT_CAP_ID_VF_REBAR
+            )
+        });
+        for range in hidden {
+            self.virtualize(range);
+        }
+        self.virtualize(EXT_CAP_START..EXT_CAP_START + 4);
+        for cap in caps::walk_ext(shadow) {
+            self.virtualize(cap.offset..cap.offset + 4);
+        }
     }
 
     /// Makes `range` read from the virtual copy and drops guest writes to it.

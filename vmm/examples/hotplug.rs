@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use rvmm::api::{ApiHandler, EventKind, Received, RemoveDeviceRequest};
-use rvmm::config::DEFAULT_ROOT_PORTS;
 use rvmm::device::DeviceSpec;
+use rvmm::vm::config::DEFAULT_ROOT_PORTS;
 use rvmm::{SerialConfig, Vm, VmConfig};
 
 fn main() -> ExitCode {

@@ -2,31 +2,35 @@
 //!
 //! Build a [`VmConfig`], create a [`Vm`] with [`Vm::new`] and [`Vm::run`] it. The `rvmm` binary is
 //! a thin command-line layer over this library.
+//!
+//! The modules follow the jobs of the VMM:
+//!
+//! | module | job |
+//! |---|---|
+//! | [`vm`] | the VM's life: configuration, creation, the event loop, the console, how it ends |
+//! | [`machine`] | the machine built at start: guest memory map, platform devices, PCIe segment, ACPI tables |
+//! | [`device`] | passthrough devices: their nouns (id, spec, state), group descriptors, attach and release |
+//! | [`hotplug`] | the controller that adds and removes devices at run time through the root-port slots |
+//! | [`kvm`] | adapters that give device models KVM: guest MMIO slots, GSI/MSI routing, MSI signalling |
+//! | [`cpu`] | vCPU setup and the vCPU threads |
+//! | [`boot`] | loading the kernel (bzImage or PVH ELF), initramfs and boot parameters |
+//! | [`memory`] | reserving, prefaulting and locking guest RAM |
+//! | [`api`] | the control API (HTTP/JSON server, client, `rvmm ctl`) |
+//! | [`seccomp`] | per-thread syscall filters |
 
-pub mod acpi;
 pub mod api;
 pub mod boot;
-pub mod config;
-pub mod console;
-pub mod controller;
 pub mod cpu;
 pub mod device;
-pub mod device_manager;
-pub mod event_loop;
-pub mod exit;
-pub mod guest_mmio;
-pub mod interrupts;
-pub mod irq_routing;
-pub mod layout;
+pub mod hotplug;
+pub mod kvm;
+pub mod machine;
 pub mod memory;
-pub mod passthrough;
-pub mod pci;
 pub mod seccomp;
-pub mod vcpu;
 pub mod vm;
 
-pub use config::{SerialConfig, VmConfig};
-pub use exit::VmExit;
 pub use memory::MemoryConfig;
 pub use seccomp::SeccompMode;
+pub use vm::config::{SerialConfig, VmConfig};
+pub use vm::exit::VmExit;
 pub use vm::{Vm, VmError};

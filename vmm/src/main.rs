@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rvmm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
 use rvmm::device::{DeviceSource, DeviceSpec};
+use rvmm::vm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).

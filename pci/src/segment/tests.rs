@@ -1,6 +1,6 @@
 use super::*;
 use crate::msi::tests::RecordingSender;
-use crate::slot::tests::{NullEvents, TestDevice};
+use crate::root_port::slot::tests::{NullEvents, TestDevice};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;

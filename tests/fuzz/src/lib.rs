@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use rvmm_pci::allocator::AddressRange;
-use rvmm_pci::slot::SlotEvents;
+use rvmm_pci::root_port::slot::SlotEvents;
 use rvmm_pci::{LinkSpeed, LinkWidth, MsiMessage, MsiSender, PciSegment, SegmentConfig};
 use rvmm_vfio::testing::{FakeDevice, FakeMmio, FakeRouter};
 use rvmm_vfio::{DeviceConfig, VfioPciDevice};

@@ -15,7 +15,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
 };
 
-use super::device_fd::{DeviceHandle, GroupRef, VfioDevice};
+use super::device_fd::{DeviceHandle, GroupOwner, GroupRef, VfioDevice};
 use super::group::Groups;
 use super::sys::{check, nr, GroupKernel, HostKernel};
 use super::{Result, VfioError};
@@ -141,7 +141,7 @@ impl LegacyContainer {
             Ok(fd) => Ok(DeviceHandle::new(
                 fd,
                 GroupRef {
-                    container: self.clone(),
+                    owner: self.clone(),
                     group,
                 },
             )),
@@ -154,11 +154,6 @@ impl LegacyContainer {
                 })
             }
         }
-    }
-
-    /// Counts a device of `group` less (called when a [`GroupRef`] is dropped).
-    pub(crate) fn release(&self, group: u32) {
-        self.lock().release(group);
     }
 
     /// Maps `[host_addr, host_addr + size)` for device DMA at `iova`.
@@ -222,6 +217,13 @@ impl LegacyContainer {
             )
         })
         .map(drop)
+    }
+}
+
+impl GroupOwner for LegacyContainer {
+    /// Called when a [`GroupRef`] is dropped.
+    fn release(&self, group: u32) {
+        self.lock().release(group);
     }
 }
 

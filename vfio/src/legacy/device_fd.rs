@@ -11,7 +11,6 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_INTX_IRQ_INDEX,
 };
 
-use super::container::LegacyContainer;
 use super::info::{
     encode_irq_set, parse_device_info, parse_irq_info, parse_region_info, region_info_needs,
     IrqInfo, RegionRaw,
@@ -19,15 +18,22 @@ use super::info::{
 use super::sys::{check, nr};
 use super::{Result, VfioError};
 
+/// What holds the groups devices belong to (the container): told when a device lets go of its
+/// group.
+pub(crate) trait GroupOwner: Send + Sync {
+    /// Counts a device of `group` less; the group is released with its last device.
+    fn release(&self, group: u32);
+}
+
 /// One device's share of an attached group; dropping it releases the group if it was the last.
 pub(crate) struct GroupRef {
-    pub(crate) container: Arc<LegacyContainer>,
+    pub(crate) owner: Arc<dyn GroupOwner>,
     pub(crate) group: u32,
 }
 
 impl Drop for GroupRef {
     fn drop(&mut self) {
-        self.container.release(self.group);
+        self.owner.release(self.group);
     }
 }
 

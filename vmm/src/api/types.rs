@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::api::values::MAX_VLAN;
 use crate::device::{DeviceId, DeviceSource, DeviceSpec, DeviceState, GroupFd};
-use crate::exit::VmExit;
+use crate::vm::exit::VmExit;
 
 /// Deadline of a graceful removal when the request gives none.
 pub const DEFAULT_REMOVE_TIMEOUT_MS: u64 = 10_000;

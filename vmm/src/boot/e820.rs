@@ -2,7 +2,7 @@
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout;
+use crate::machine::layout;
 
 /// Usable RAM.
 pub const E820_RAM: u32 = 1;

@@ -20,7 +20,7 @@ use vm_memory::{
 
 pub use e820::{memory_map, E820Entry, E820_RAM, E820_RESERVED};
 
-use crate::layout;
+use crate::machine::layout;
 
 /// Errors of kernel loading.
 #[derive(Debug, Error)]

@@ -6,7 +6,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{memory_map, BootError, Result};
-use crate::layout;
+use crate::machine::layout;
 
 /// `hvm_start_info.magic`.
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;

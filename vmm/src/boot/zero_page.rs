@@ -4,7 +4,7 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{memory_map, BootError, Result};
-use crate::layout;
+use crate::machine::layout;
 
 /// `type_of_loader`: undefined boot loader.
 const LOADER_TYPE_UNDEFINED: u8 = 0xff;

@@ -2,6 +2,7 @@
 
 mod cpuid;
 mod regs;
+pub mod vcpu;
 
 pub use cpuid::configure_cpuid;
 pub use regs::{configure_fpu, configure_lapic, configure_msrs, configure_registers};

@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{CpuError, Result};
 use crate::boot::EntryPoint;
-use crate::layout;
+use crate::machine::layout;
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;

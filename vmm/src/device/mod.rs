@@ -2,9 +2,11 @@
 //! ([`DeviceId`]), what a user asks for ([`DeviceSpec`]: a host device or a VF of a physical
 //! function, with its VFIO group descriptor when a control plane opened it) and where it is in its
 //! hotplug life ([`DeviceState`]). The control API, the command line and the library take and
-//! give these types; the API serializes them at its edge.
+//! give these types; the API serializes them at its edge. [`passthrough`] attaches and releases
+//! the devices (host checks, the VFIO container, BAR placement in a root port's windows).
 
 pub mod group_fd;
+pub mod passthrough;
 
 use std::fmt;
 use std::str::FromStr;

@@ -9,7 +9,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use super::limits::{preflight, HostProbe, SystemHost};
 use super::size::DisplayBytes;
 use super::{HugepageSize, MemoryConfig, MemoryError, Result};
-use crate::layout::{HIGH_RAM_START, MMIO32_HOLE_START};
+use crate::machine::layout::{HIGH_RAM_START, MMIO32_HOLE_START};
 use rvmm_devices::host::page_size as host_page_size;
 
 /// `madvise` advice that write-faults every page of a range (Linux 5.14+, `<linux/mman.h>`); the

@@ -1,5 +1,7 @@
 //! Creates the platform devices, registers them on the buses and owns them.
 
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -12,16 +14,15 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi;
-use crate::config::VmConfig;
+use crate::device::passthrough::{Passthrough, PassthroughError};
 use crate::device::InheritedFds;
-use crate::exit::ExitSignal;
-use crate::guest_mmio::KvmGuestMmio;
-use crate::irq_routing::GsiRouter;
-use crate::layout;
-use crate::passthrough::{Passthrough, PassthroughError};
-use crate::pci::{self, PciRoot};
-use crate::vm::serial_output;
+use crate::kvm::guest_mmio::KvmGuestMmio;
+use crate::kvm::irq_routing::GsiRouter;
+use crate::machine::acpi;
+use crate::machine::layout;
+use crate::machine::pci::{self, PciRoot};
+use crate::vm::config::{SerialConfig, VmConfig};
+use crate::vm::exit::ExitSignal;
 
 /// Errors of device creation.
 #[derive(Debug, Error)]
@@ -258,4 +259,15 @@ impl DeviceManager {
     pub fn rsdp_address(&self) -> u64 {
         self.rsdp
     }
+}
+
+/// Opens the serial output of `config`.
+fn serial_output(config: &SerialConfig) -> std::io::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match config {
+        SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
+        SerialConfig::File(p) => Some(Box::new(
+            OpenOptions::new().create(true).append(true).open(p)?,
+        )),
+        SerialConfig::Off => None,
+    })
 }

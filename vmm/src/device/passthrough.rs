@@ -20,8 +20,8 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 
 use crate::api::types::{VfInfo, VmResources};
 use crate::device::{DeviceId, DeviceSource, DeviceSpec, DeviceState, GroupFd, GroupFdError};
-use crate::guest_mmio::KvmGuestMmio;
-use crate::irq_routing::GsiRouter;
+use crate::kvm::guest_mmio::KvmGuestMmio;
+use crate::kvm::irq_routing::GsiRouter;
 use rvmm_devices::sync::MutexExt;
 
 /// The group descriptor of `spec` the VFIO layer may use. It must already be held by this

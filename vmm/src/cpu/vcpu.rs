@@ -10,8 +10,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use rvmm_devices::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
-use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::ThreadFilter;
+use crate::vm::exit::{ExitSignal, VmExit};
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> libc::c_int {

@@ -22,10 +22,10 @@ use crate::api::{
     ApiError, ApiRequestQueue, DeviceInfo, Event, EventBus, EventKind, PendingRequest,
     RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder, VmInfo,
 };
+use crate::device::passthrough::{AttachedDevice, Passthrough, PassthroughError};
 use crate::device::{DeviceId, DeviceSpec, DeviceState};
-use crate::exit::{ExitSignal, VmExit};
-use crate::passthrough::{AttachedDevice, Passthrough, PassthroughError};
-use crate::pci::SlotNotifier;
+use crate::machine::pci::SlotNotifier;
+use crate::vm::exit::{ExitSignal, VmExit};
 use rvmm_devices::sync::MutexExt;
 
 /// How long a hot-add waits for the guest to enable hotplug on the slot (e.g. while it boots).
@@ -66,11 +66,16 @@ enum Op {
         reply: Option<Responder<DeviceInfo>>,
     },
     /// Attention button pressed; waiting for the guest to power the slot off.
-    Removing {
-        deadline: Instant,
-        started: Instant,
-        reply: Option<Responder<RemoveDeviceResponse>>,
-    },
+    Removing(Removal),
+}
+
+/// A graceful removal under way.
+struct Removal {
+    /// When it escalates to a surprise removal.
+    deadline: Instant,
+    /// When it was asked for.
+    started: Instant,
+    reply: Option<Responder<RemoveDeviceResponse>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -227,7 +232,7 @@ impl Controller {
         };
         if let Some(op) = self.ops.get(&id) {
             let what = match op {
-                Op::Removing { .. } => "being removed",
+                Op::Removing(_) => "being removed",
                 _ => "being added",
             };
             reply.reply(Err(ApiError::Conflict(format!(
@@ -259,11 +264,11 @@ impl Controller {
                 }
                 self.ops.insert(
                     id,
-                    Op::Removing {
+                    Op::Removing(Removal {
                         deadline: started + req.timeout(),
                         started,
                         reply: Some(reply),
-                    },
+                    }),
                 );
             }
             Some(Err(e)) => {
@@ -350,84 +355,114 @@ impl Controller {
         ops: &mut EventOps,
     ) -> Option<Op> {
         let port_index = self.passthrough.get(id).map(|d| d.port)?;
-        let port = self.segment.port(port_index)?.clone();
         match op {
             Op::WaitingForSlot { deadline, reply } => {
-                match self.passthrough.insert_into_slot(id, &self.segment) {
-                    Ok(()) => Some(Op::WaitingForGuest {
-                        deadline: now + ADD_GUEST_TIMEOUT,
-                        reply,
-                    }),
-                    Err(PassthroughError::Slot { source, .. })
-                        if now < deadline && source.is_retryable() =>
-                    {
-                        Some(Op::WaitingForSlot { deadline, reply })
-                    }
-                    Err(e) => {
-                        let step = format!(
-                            "waiting for the guest to enable hotplug on slot {} ({e})",
-                            port_index + 1
-                        );
-                        self.fail_add(id, reply, step, ADD_SLOT_READY_TIMEOUT, ops);
-                        None
-                    }
-                }
+                self.offer_to_slot(id, port_index, deadline, reply, now, ops)
             }
             Op::WaitingForGuest { deadline, reply } => {
-                if port.locked().slot_state() == SlotState::Present {
-                    if let Some(d) = self.passthrough.get_mut(id) {
-                        d.state = DeviceState::Present;
-                    }
-                    let info = self.passthrough.get(id).map(|d| self.device_info(d))?;
-                    log::info!("device {id} added at {}", info.bdf);
-                    self.publish(EventKind::DeviceAdded(info.clone()));
-                    if let Some(r) = reply {
-                        r.reply(Ok(info));
-                    }
-                    None
-                } else if now >= deadline {
-                    let step = format!(
-                        "waiting for the guest to power on slot {} and enable the device",
-                        port_index + 1
-                    );
-                    self.fail_add(id, reply, step, ADD_GUEST_TIMEOUT, ops);
-                    None
-                } else {
-                    Some(Op::WaitingForGuest { deadline, reply })
-                }
+                self.check_guest_took(id, port_index, deadline, reply, now, ops)
             }
-            Op::Removing {
-                deadline,
-                started,
+            Op::Removing(removal) => self.check_guest_released(id, port_index, removal, now, ops),
+        }
+    }
+
+    /// A hot-add waiting for its slot: puts the device in when the slot is ready (the guest's
+    /// pciehp enabled hotplug and acknowledged earlier events), or gives up at the deadline.
+    fn offer_to_slot(
+        &mut self,
+        id: &DeviceId,
+        port_index: usize,
+        deadline: Instant,
+        reply: Option<Responder<DeviceInfo>>,
+        now: Instant,
+        ops: &mut EventOps,
+    ) -> Option<Op> {
+        match self.passthrough.insert_into_slot(id, &self.segment) {
+            Ok(()) => Some(Op::WaitingForGuest {
+                deadline: now + ADD_GUEST_TIMEOUT,
                 reply,
-            } => {
-                let powered_off = port.locked().guest_powered_off();
-                let outcome = if powered_off {
-                    Some((RemovalReason::GuestEjected, false))
-                } else if now >= deadline {
-                    log::warn!(
-                        "device {id}: the guest did not release it in time, surprise-removing"
-                    );
-                    Some((RemovalReason::TimeoutEscalated, true))
-                } else {
-                    None
-                };
-                match outcome {
-                    Some((reason, surprise)) => {
-                        let r = self.remove_now(id, reason, surprise, started, ops);
-                        if let (Some(reply), Some(r)) = (reply, r) {
-                            reply.reply(Ok(r));
-                        }
-                        None
-                    }
-                    None => Some(Op::Removing {
-                        deadline,
-                        started,
-                        reply,
-                    }),
-                }
+            }),
+            Err(PassthroughError::Slot { source, .. })
+                if now < deadline && source.is_retryable() =>
+            {
+                Some(Op::WaitingForSlot { deadline, reply })
+            }
+            Err(e) => {
+                let step = format!(
+                    "waiting for the guest to enable hotplug on slot {} ({e})",
+                    port_index + 1
+                );
+                self.fail_add(id, reply, step, ADD_SLOT_READY_TIMEOUT, ops);
+                None
             }
         }
+    }
+
+    /// A hot-add in its slot: answers once the guest powered the slot on and enabled the device,
+    /// or gives up at the deadline.
+    fn check_guest_took(
+        &mut self,
+        id: &DeviceId,
+        port_index: usize,
+        deadline: Instant,
+        reply: Option<Responder<DeviceInfo>>,
+        now: Instant,
+        ops: &mut EventOps,
+    ) -> Option<Op> {
+        let present = self
+            .segment
+            .port(port_index)
+            .is_some_and(|p| p.locked().slot_state() == SlotState::Present);
+        if present {
+            if let Some(d) = self.passthrough.get_mut(id) {
+                d.state = DeviceState::Present;
+            }
+            let info = self.passthrough.get(id).map(|d| self.device_info(d))?;
+            log::info!("device {id} added at {}", info.bdf);
+            self.publish(EventKind::DeviceAdded(info.clone()));
+            if let Some(r) = reply {
+                r.reply(Ok(info));
+            }
+            None
+        } else if now >= deadline {
+            let step = format!(
+                "waiting for the guest to power on slot {} and enable the device",
+                port_index + 1
+            );
+            self.fail_add(id, reply, step, ADD_GUEST_TIMEOUT, ops);
+            None
+        } else {
+            Some(Op::WaitingForGuest { deadline, reply })
+        }
+    }
+
+    /// A graceful removal: completes once the guest powered the slot off; at the deadline the
+    /// device is surprise-removed.
+    fn check_guest_released(
+        &mut self,
+        id: &DeviceId,
+        port_index: usize,
+        removal: Removal,
+        now: Instant,
+        ops: &mut EventOps,
+    ) -> Option<Op> {
+        let powered_off = self
+            .segment
+            .port(port_index)
+            .is_some_and(|p| p.locked().guest_powered_off());
+        let (reason, surprise) = if powered_off {
+            (RemovalReason::GuestEjected, false)
+        } else if now >= removal.deadline {
+            log::warn!("device {id}: the guest did not release it in time, surprise-removing");
+            (RemovalReason::TimeoutEscalated, true)
+        } else {
+            return Some(Op::Removing(removal));
+        };
+        let r = self.remove_now(id, reason, surprise, removal.started, ops);
+        if let (Some(reply), Some(r)) = (removal.reply, r) {
+            reply.reply(Ok(r));
+        }
+        None
     }
 
     /// Gives up a hot-add: takes the device back out of its slot (if it got there), releases it
@@ -476,7 +511,7 @@ impl Controller {
                     ))));
                 }
             }
-            Some(Op::Removing { reply, .. }) => {
+            Some(Op::Removing(Removal { reply, .. })) => {
                 if let (Some(reply), Some(r)) = (reply, r) {
                     reply.reply(Ok(r));
                 }
@@ -622,7 +657,7 @@ impl Drop for Controller {
                         r.reply(Err(err));
                     }
                 }
-                Op::Removing { reply, .. } => {
+                Op::Removing(Removal { reply, .. }) => {
                     if let Some(r) = reply {
                         r.reply(Err(err));
                     }

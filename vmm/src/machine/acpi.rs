@@ -10,7 +10,7 @@ use rvmm_devices::acpi_pm::{
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout;
+use crate::machine::layout;
 
 /// Errors of ACPI table creation.
 #[derive(Debug, Error)]

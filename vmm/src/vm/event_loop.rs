@@ -8,8 +8,8 @@ use rvmm_devices::serial::Serial;
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::console::StdinConsole;
-use crate::exit::ExitSignal;
+use crate::vm::console::StdinConsole;
+use crate::vm::exit::ExitSignal;
 
 /// How long the loop waits for events at most before it looks at the exit request again.
 const TICK_MS: i32 = 50;

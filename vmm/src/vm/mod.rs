@@ -1,6 +1,12 @@
-//! A VM: KVM objects, guest memory, buses, devices and vCPUs, built from a [`VmConfig`].
+//! A VM: KVM objects, guest memory, buses, devices and vCPUs, built from a [`VmConfig`], and
+//! its life: the configuration ([`config`]), the event loop ([`event_loop`]) with the console
+//! input ([`console`]), and how it ends ([`exit`]).
 
-use std::fs::OpenOptions;
+pub mod config;
+pub mod console;
+pub mod event_loop;
+pub mod exit;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,15 +23,15 @@ use crate::api::{
     ServerConfig, ServerError,
 };
 use crate::boot::{self, BootSource, EntryPoint};
-use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::controller::{Controller, VmSummary};
 use crate::cpu;
-use crate::device_manager::{DeviceError, DeviceManager, Machine};
-use crate::event_loop::{EventLoop, EventLoopError};
-use crate::exit::{ExitSignal, VmExit};
+use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
+use crate::hotplug::controller::{Controller, VmSummary};
+use crate::machine::device_manager::{DeviceError, DeviceManager, Machine};
 use crate::memory;
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
-use crate::vcpu::{self, VcpuContext, VcpuHandle};
+use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
+use crate::vm::event_loop::{EventLoop, EventLoopError};
+use crate::vm::exit::{ExitSignal, VmExit};
 
 /// TSS area KVM needs on Intel hosts (3 pages, inside the 32-bit hole, unused by anything else).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -424,17 +430,4 @@ fn create_vcpus(
             Ok(vcpu)
         })
         .collect()
-}
-
-/// Opens the serial output of `config`.
-pub(crate) fn serial_output(
-    config: &SerialConfig,
-) -> std::io::Result<Option<Box<dyn Write + Send>>> {
-    Ok(match config {
-        SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
-        SerialConfig::File(p) => Some(Box::new(
-            OpenOptions::new().create(true).append(true).open(p)?,
-        )),
-        SerialConfig::Off => None,
-    })
 }

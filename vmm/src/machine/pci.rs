@@ -12,8 +12,8 @@ use rvmm_pci::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::interrupts::KvmMsiSender;
-use crate::layout;
+use crate::kvm::msi::KvmMsiSender;
+use crate::machine::layout;
 
 /// Last bus number of the segment: the ECAM covers all 256 buses.
 pub const BUS_END: u8 = 255;

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use log::debug;
 use thiserror::Error;
 
+use super::RootPort;
 use crate::config::ConfigAccess;
 use crate::device::PciDevice;
 use crate::msi::MsiState;
@@ -42,7 +43,6 @@ use crate::pcie_cap::{
     SLTCTL_HPIE, SLTCTL_PCC, SLTCTL_PDCE, SLTCTL_PIC, SLTCTL_PIC_ON, SLTSTA, SLTSTA_ABP, SLTSTA_CC,
     SLTSTA_DLLSC, SLTSTA_PDC, SLTSTA_PDS,
 };
-use crate::root_port::RootPort;
 
 /// A device in a slot, shared with whoever else needs it (its BAR handlers, the manager).
 pub type SlotDevice = Arc<Mutex<dyn PciDevice>>;

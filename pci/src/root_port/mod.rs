@@ -6,7 +6,9 @@
 //! pre-programmed by the constructor and stay guest-writable. Configuration accesses to the
 //! secondary bus reach the slot's device at 00.0 while the link is active.
 //!
-//! The slot logic (state machine, guest handshake, interrupts) is in [`crate::slot`].
+//! The slot logic (state machine, guest handshake, interrupts) is in [`slot`].
+
+pub mod slot;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,8 +20,8 @@ use crate::device::{MsiSender, PciDevice};
 use crate::header::{self, BusNumbers, PciIds};
 use crate::msi::Msi;
 use crate::pcie_cap::{self, LinkSpeed, LinkWidth, PcieCapParams, MAX_SLOT_NUMBER};
-use crate::slot::{Slot, SlotEvents};
 use rvmm_devices::sync::MutexExt;
+use slot::{Slot, SlotEvents};
 
 /// Vendor ID of the root port (Red Hat).
 pub const ROOT_PORT_VENDOR_ID: u16 = 0x1b36;
@@ -325,7 +327,7 @@ mod tests {
     use super::*;
     use crate::header::*;
     use crate::msi::tests::RecordingSender;
-    use crate::slot::tests::NullEvents;
+    use crate::root_port::slot::tests::NullEvents;
 
     fn port() -> RootPort {
         RootPort::new(

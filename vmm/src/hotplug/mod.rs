@@ -1,0 +1,7 @@
+//! Hotplug at run time: the [`controller::Controller`] (an event-loop subscriber) adds and
+//! removes passthrough devices through the root-port slots, waiting for the guest's pciehp at
+//! every step, and removes a device at once when the host takes it back or reports it failed.
+
+pub mod controller;
+
+pub use controller::Controller;
