@@ -125,6 +125,14 @@ fn unsupported_hugepage_size_is_refused_naming_it() {
 }
 
 #[test]
-fn zero_cpus_are_refused() {
-    assert_refused("zero_cpus", &["cpu"]);
+fn zero_cpus_are_a_command_line_error() {
+    let run = assert_refused("zero_cpus", &["cpu"]);
+
+    run.check(
+        run.rvmm_exit() == 2,
+        &format!(
+            "rvmm exited with {}: a value out of range on the command line is exit 2",
+            run.rvmm_exit()
+        ),
+    );
 }

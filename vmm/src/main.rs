@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rvmm::device::{DeviceSource, DeviceSpec};
-use rvmm::vm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS};
+use rvmm::vm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_CPUS, MAX_ROOT_PORTS};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).
@@ -41,14 +41,14 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    /// Number of vCPUs (1 to 254; at most what KVM supports on this host).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
     cpus: u8,
     /// Guest memory: size=SIZE[,hugepages=on|off][,hugepage_size=2M|1G].
     #[arg(long, default_value = "size=512M")]
     memory: MemoryConfig,
-    /// Number of hotplug-capable PCIe root ports.
-    #[arg(long, default_value_t = DEFAULT_ROOT_PORTS)]
+    /// Number of hotplug-capable PCIe root ports (1 to 128).
+    #[arg(long, default_value_t = DEFAULT_ROOT_PORTS, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_ROOT_PORTS)))]
     root_ports: u8,
     /// Serial console: stdio, file=PATH or off.
     #[arg(long, default_value = "stdio")]
@@ -173,5 +173,38 @@ mod tests {
 
         assert!(matches!(config.devices[0].source, DeviceSource::Host(_)));
         assert!(matches!(config.devices[1].source, DeviceSource::Vf(_)));
+    }
+
+    #[test]
+    fn out_of_range_counts_are_command_line_errors_with_exit_code_2() {
+        for args in [
+            ["--cpus", "0"],
+            ["--cpus", "255"],
+            ["--root-ports", "0"],
+            ["--root-ports", "200"],
+        ] {
+            let err = Cli::try_parse_from(["rvmm", "run", "--kernel", "/k", args[0], args[1]])
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(args[1]), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn counts_at_the_limits_are_accepted() {
+        let cli = Cli::try_parse_from([
+            "rvmm",
+            "run",
+            "--kernel",
+            "/k",
+            "--cpus",
+            "254",
+            "--root-ports",
+            "128",
+        ]);
+
+        assert!(cli.is_ok());
     }
 }
