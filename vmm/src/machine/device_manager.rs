@@ -15,7 +15,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::passthrough::{Passthrough, PassthroughError};
-use crate::device::InheritedFds;
+use crate::device::{DeviceSpec, InheritedFds};
 use crate::kvm::guest_mmio::KvmGuestMmio;
 use crate::kvm::irq_routing::GsiRouter;
 use crate::machine::acpi;
@@ -120,39 +120,7 @@ impl DeviceManager {
             pci: None,
             passthrough: None,
         };
-        if let Some(out) = serial_output(&config.serial).map_err(DeviceError::SerialOutput)? {
-            let irq = dm.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
-            let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
-            let shared: SharedBusDevice = serial.clone();
-            dm.register(
-                pio,
-                "serial port",
-                &shared,
-                layout::SERIAL_PORT,
-                SERIAL_PORT_COUNT,
-            )?;
-            dm.serial = Some(serial);
-        }
-        let events: Arc<dyn VmEvents> = exit;
-        let i8042: SharedBusDevice = Arc::new(Mutex::new(I8042::new(events.clone())));
-        dm.register(
-            pio,
-            "i8042",
-            &i8042,
-            layout::I8042_DATA_PORT,
-            I8042_PORT_COUNT,
-        )?;
-        let pm: SharedBusDevice = Arc::new(Mutex::new(AcpiPm::new(events)));
-        dm.register(
-            pio,
-            "ACPI PM registers",
-            &pm,
-            layout::ACPI_PM_PORT,
-            ACPI_PM_PORT_COUNT,
-        )?;
-        let cmos: SharedBusDevice = Arc::new(Mutex::new(Cmos::new()));
-        dm.register(pio, "CMOS RTC", &cmos, layout::CMOS_PORT, CMOS_PORT_COUNT)?;
-
+        dm.add_platform_devices(vm_fd, pio, exit, config)?;
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
         let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64)?;
@@ -176,29 +144,53 @@ impl DeviceManager {
             max_memslots,
         ));
         let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
-        // Group descriptors of boot devices may be numbers this process inherited.
-        let mut inherited = InheritedFds::default();
-        for spec in &config.devices {
-            let mut spec = spec.clone();
-            if let Some(group) = &spec.group {
-                let adopted = inherited
-                    .adopt(group)
-                    .map_err(|e| DeviceError::Passthrough {
-                        spec: spec.to_string(),
-                        source: Box::new(e.into()),
-                    })?;
-                spec.group = Some(adopted);
-            }
-            passthrough
-                .attach_at_boot(&spec, &pci.segment)
-                .map_err(|source| DeviceError::Passthrough {
-                    spec: spec.to_string(),
-                    source: Box::new(source),
-                })?;
-        }
+        attach_boot_devices(&mut passthrough, &pci, &config.devices)?;
         dm.pci = Some(pci);
         dm.passthrough = Some(passthrough);
         Ok(dm)
+    }
+
+    /// The serial port (unless `--serial off`), the i8042 reset line, the ACPI PM registers and
+    /// the CMOS RTC, on port I/O.
+    fn add_platform_devices(
+        &mut self,
+        vm_fd: &VmFd,
+        pio: &Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        config: &VmConfig,
+    ) -> Result<()> {
+        if let Some(out) = serial_output(&config.serial).map_err(DeviceError::SerialOutput)? {
+            let irq = self.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
+            let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+            let shared: SharedBusDevice = serial.clone();
+            self.register(
+                pio,
+                "serial port",
+                &shared,
+                layout::SERIAL_PORT,
+                SERIAL_PORT_COUNT,
+            )?;
+            self.serial = Some(serial);
+        }
+        let events: Arc<dyn VmEvents> = exit;
+        let i8042: SharedBusDevice = Arc::new(Mutex::new(I8042::new(events.clone())));
+        self.register(
+            pio,
+            "i8042",
+            &i8042,
+            layout::I8042_DATA_PORT,
+            I8042_PORT_COUNT,
+        )?;
+        let pm: SharedBusDevice = Arc::new(Mutex::new(AcpiPm::new(events)));
+        self.register(
+            pio,
+            "ACPI PM registers",
+            &pm,
+            layout::ACPI_PM_PORT,
+            ACPI_PM_PORT_COUNT,
+        )?;
+        let cmos: SharedBusDevice = Arc::new(Mutex::new(Cmos::new()));
+        self.register(pio, "CMOS RTC", &cmos, layout::CMOS_PORT, CMOS_PORT_COUNT)
     }
 
     /// An EventFd registered as irqfd on `gsi`, as an [`Interrupt`].
@@ -270,4 +262,31 @@ fn serial_output(config: &SerialConfig) -> std::io::Result<Option<Box<dyn Write 
         )),
         SerialConfig::Off => None,
     })
+}
+
+/// Attaches the devices given at boot (present and powered when the guest starts); group
+/// descriptors given by number are ones this process inherited.
+fn attach_boot_devices(
+    passthrough: &mut Passthrough,
+    pci: &PciRoot,
+    devices: &[DeviceSpec],
+) -> Result<()> {
+    let mut inherited = InheritedFds::default();
+    for spec in devices {
+        let mut spec = spec.clone();
+        let failed = |spec: &DeviceSpec, source: PassthroughError| DeviceError::Passthrough {
+            spec: spec.to_string(),
+            source: Box::new(source),
+        };
+        if let Some(group) = &spec.group {
+            let adopted = inherited
+                .adopt(group)
+                .map_err(|e| failed(&spec, e.into()))?;
+            spec.group = Some(adopted);
+        }
+        passthrough
+            .attach_at_boot(&spec, &pci.segment)
+            .map_err(|e| failed(&spec, e))?;
+    }
+    Ok(())
 }

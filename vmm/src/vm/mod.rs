@@ -274,48 +274,8 @@ impl Vm {
             )?),
             None => None,
         };
-        let passthrough = self.devices.take_passthrough();
-        if let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) {
-            let controller = Controller::new(
-                pci.segment.clone(),
-                passthrough,
-                pci.notifier.clone(),
-                self.exit.clone(),
-                self.events.clone(),
-                std::mem::replace(
-                    &mut self.control,
-                    ApiRequestQueue::new().map_err(|source| VmError::Io {
-                        what: "create the control queue",
-                        source,
-                    })?,
-                ),
-                self.summary,
-            );
-            event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
-        }
-        let vcpus = std::mem::take(&mut self.vcpus);
-        let mut handles = Vec::with_capacity(vcpus.len());
-        for (index, vcpu) in vcpus.into_iter().enumerate() {
-            let ctx = VcpuContext {
-                pio: self.pio.clone(),
-                mmio: self.mmio.clone(),
-                exit: self.exit.clone(),
-                stop: stop.clone(),
-                seccomp: vcpu_filter.clone(),
-            };
-            // At most MAX_CPUS (254) vCPUs exist.
-            match VcpuHandle::spawn(index as u8, vcpu, ctx) {
-                Ok(h) => handles.push(h),
-                Err(source) => {
-                    stop.store(true, Ordering::Release);
-                    handles.into_iter().for_each(VcpuHandle::join);
-                    return Err(VmError::Io {
-                        what: "start a vCPU thread",
-                        source,
-                    });
-                }
-            }
-        }
+        self.add_controller(&mut event_loop)?;
+        let handles = self.start_vcpus(&stop, &vcpu_filter)?;
         log::info!(
             "{} vCPUs running {:?} after the VM began to be built",
             handles.len(),
@@ -338,6 +298,65 @@ impl Vm {
         }));
         self.events.close();
         Ok(exit)
+    }
+
+    /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
+    /// control queue on the event loop.
+    fn add_controller(&mut self, event_loop: &mut EventLoop) -> Result<()> {
+        let passthrough = self.devices.take_passthrough();
+        let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) else {
+            return Ok(());
+        };
+        let queue = std::mem::replace(
+            &mut self.control,
+            ApiRequestQueue::new().map_err(|source| VmError::Io {
+                what: "create the control queue",
+                source,
+            })?,
+        );
+        let controller = Controller::new(
+            pci.segment.clone(),
+            passthrough,
+            pci.notifier.clone(),
+            self.exit.clone(),
+            self.events.clone(),
+            queue,
+            self.summary,
+        );
+        event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
+        Ok(())
+    }
+
+    /// Starts one thread per vCPU; if one cannot start, stops and joins those already started.
+    fn start_vcpus(
+        &mut self,
+        stop: &Arc<AtomicBool>,
+        filter: &Arc<ThreadFilter>,
+    ) -> Result<Vec<VcpuHandle>> {
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+                seccomp: filter.clone(),
+            };
+            // At most MAX_CPUS (254) vCPUs exist.
+            match VcpuHandle::spawn(index as u8, vcpu, ctx) {
+                Ok(h) => handles.push(h),
+                Err(source) => {
+                    stop.store(true, Ordering::Release);
+                    handles.into_iter().for_each(VcpuHandle::join);
+                    return Err(VmError::Io {
+                        what: "start a vCPU thread",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(handles)
     }
 }
 
