@@ -14,7 +14,7 @@ use super::bind::Binding;
 use super::claim::{Claim, ClaimDir, ClaimOutcome, ClaimRecord};
 use super::netlink::{RouteNetlink, VfControl};
 use super::policy::{VfPolicy, VfSetting, VfSettings};
-use super::pool::{PfSpec, PoolSysfs, VirtualFunction};
+use super::pool::{PfSpec, PhysicalFunction, PoolSysfs, VirtualFunction};
 use super::{Result, SriovError, TakenBy, TakenVf};
 use rvmm_devices::error_chain;
 use rvmm_pci::Bdf;
@@ -91,36 +91,7 @@ impl Sriov {
             );
         }
         let record = ClaimRecord::this_process(&owner.vm, &owner.device);
-        let mut taken = Vec::new();
-        let mut chosen = None;
-        for vf in &pf.vfs {
-            match self.claims.try_claim(&vf.bdf, &record)? {
-                ClaimOutcome::Held(holder) => taken.push(TakenVf {
-                    vf: *vf,
-                    by: TakenBy::Claim(holder),
-                }),
-                // The claim comes first, so that two rvmm processes never inspect the same
-                // free VF at once; a VF the host uses is let go again.
-                ClaimOutcome::Claimed(claim) => match self.sysfs.host_use(vf) {
-                    Some(using) => taken.push(TakenVf {
-                        vf: *vf,
-                        by: TakenBy::Host(using),
-                    }),
-                    None => {
-                        chosen = Some((*vf, claim));
-                        break;
-                    }
-                },
-            }
-        }
-        let Some((vf, claim)) = chosen else {
-            return Err(SriovError::NoFreeVf {
-                pf: pf.bdf,
-                netdev: pf.netdev,
-                total: pf.total_vfs,
-                taken,
-            });
-        };
+        let (vf, claim) = self.claim_free_vf(&pf, &record)?;
         let previous = self
             .control
             .settings(pf.ifindex, vf.index)
@@ -167,6 +138,38 @@ impl Sriov {
             lease.current.trust
         );
         Ok(lease)
+    }
+
+    /// Claims the first VF of `pf` that no claim holds and the host does not use. The claim
+    /// comes first, so that two rvmm processes never inspect the same free VF at once; a VF the
+    /// host uses is let go again. Without one, the error lists every VF and who has it.
+    fn claim_free_vf(
+        &self,
+        pf: &PhysicalFunction,
+        record: &ClaimRecord,
+    ) -> Result<(VirtualFunction, Claim)> {
+        let mut taken = Vec::new();
+        for vf in &pf.vfs {
+            match self.claims.try_claim(&vf.bdf, record)? {
+                ClaimOutcome::Held(holder) => taken.push(TakenVf {
+                    vf: *vf,
+                    by: TakenBy::Claim(holder),
+                }),
+                ClaimOutcome::Claimed(claim) => match self.sysfs.host_use(vf) {
+                    Some(using) => taken.push(TakenVf {
+                        vf: *vf,
+                        by: TakenBy::Host(using),
+                    }),
+                    None => return Ok((*vf, claim)),
+                },
+            }
+        }
+        Err(SriovError::NoFreeVf {
+            pf: pf.bdf,
+            netdev: pf.netdev.clone(),
+            total: pf.total_vfs,
+            taken,
+        })
     }
 }
 

@@ -186,72 +186,82 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
     let mut cmdline_bytes = cmdline.to_vec();
     cmdline_bytes.push(0);
     write(mem, "command line", layout::CMDLINE_START, &cmdline_bytes)?;
+    match detect(&mut file, path)? {
+        ImageKind::BzImage => load_bzimage(mem, src, &mut file),
+        ImageKind::Elf => load_pvh_elf(mem, src, &mut file),
+    }
+}
 
-    let load_err = |e: linux_loader::loader::Error| BootError::Load {
+/// The error of linux-loader for the kernel at `path`.
+fn load_error(path: &Path) -> impl Fn(linux_loader::loader::Error) -> BootError + '_ {
+    move |e| BootError::Load {
         path: path.to_owned(),
         reason: e.to_string(),
-    };
-    match detect(&mut file, path)? {
-        ImageKind::BzImage => {
-            let res = BzImage::load(
-                mem,
-                Some(GuestAddress(layout::KERNEL_START)),
-                &mut file,
-                Some(GuestAddress(layout::HIGH_MEMORY_START)),
-            )
-            .map_err(load_err)?;
-            let hdr = res.setup_header.ok_or_else(|| BootError::NotAKernel {
-                path: path.to_owned(),
-            })?;
-            if hdr.version < 0x020c {
-                return Err(BootError::OldBootProtocol {
-                    path: path.to_owned(),
-                    version: hdr.version,
-                });
-            }
-            let initrd = match src.initramfs {
-                Some(p) => Some(load_initramfs(
-                    mem,
-                    p,
-                    res.kernel_end,
-                    u64::from(hdr.initrd_addr_max),
-                )?),
-                None => None,
-            };
-            zero_page::write(mem, hdr, cmdline.len(), initrd, src.rsdp)?;
-            Ok(EntryPoint::Linux64 {
-                // The 64-bit entry is 0x200 past the start of the protected-mode kernel.
-                entry: res.kernel_load.raw_value() + 0x200,
-                zero_page: layout::ZERO_PAGE_START,
-            })
-        }
-        ImageKind::Elf => {
-            let res = Elf::load(
-                mem,
-                None,
-                &mut file,
-                Some(GuestAddress(layout::HIGH_MEMORY_START)),
-            )
-            .map_err(load_err)?;
-            let entry = match res.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
-                _ => {
-                    return Err(BootError::NoPvhEntry {
-                        path: path.to_owned(),
-                    })
-                }
-            };
-            let initrd = match src.initramfs {
-                Some(p) => Some(load_initramfs(mem, p, res.kernel_end, u64::from(u32::MAX))?),
-                None => None,
-            };
-            pvh::write(mem, initrd, src.rsdp)?;
-            Ok(EntryPoint::Pvh {
-                entry,
-                start_info: layout::PVH_INFO_START,
-            })
-        }
     }
+}
+
+/// A bzImage through the 64-bit boot protocol: kernel at 16 MiB, initramfs below its
+/// `initrd_addr_max`, the zero page with the command line, E820 map and RSDP.
+fn load_bzimage(mem: &GuestMemoryMmap, src: &BootSource, file: &mut File) -> Result<EntryPoint> {
+    let path = src.kernel;
+    let res = BzImage::load(
+        mem,
+        Some(GuestAddress(layout::KERNEL_START)),
+        file,
+        Some(GuestAddress(layout::HIGH_MEMORY_START)),
+    )
+    .map_err(load_error(path))?;
+    let hdr = res.setup_header.ok_or_else(|| BootError::NotAKernel {
+        path: path.to_owned(),
+    })?;
+    if hdr.version < 0x020c {
+        return Err(BootError::OldBootProtocol {
+            path: path.to_owned(),
+            version: hdr.version,
+        });
+    }
+    let initrd = match src.initramfs {
+        Some(p) => Some(load_initramfs(
+            mem,
+            p,
+            res.kernel_end,
+            u64::from(hdr.initrd_addr_max),
+        )?),
+        None => None,
+    };
+    zero_page::write(mem, hdr, src.cmdline.len(), initrd, src.rsdp)?;
+    Ok(EntryPoint::Linux64 {
+        // The 64-bit entry is 0x200 past the start of the protected-mode kernel.
+        entry: res.kernel_load.raw_value() + 0x200,
+        zero_page: layout::ZERO_PAGE_START,
+    })
+}
+
+/// An ELF vmlinux through its PVH note: `hvm_start_info` with the memory map, the initramfs
+/// module and the RSDP.
+fn load_pvh_elf(mem: &GuestMemoryMmap, src: &BootSource, file: &mut File) -> Result<EntryPoint> {
+    let path = src.kernel;
+    let res = Elf::load(
+        mem,
+        None,
+        file,
+        Some(GuestAddress(layout::HIGH_MEMORY_START)),
+    )
+    .map_err(load_error(path))?;
+    let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap else {
+        return Err(BootError::NoPvhEntry {
+            path: path.to_owned(),
+        });
+    };
+    let initrd = match src.initramfs {
+        Some(p) => Some(load_initramfs(mem, p, res.kernel_end, u64::from(u32::MAX))?),
+        None => None,
+    };
+    pvh::write(mem, initrd, src.rsdp)?;
+    Ok(EntryPoint::Pvh {
+        entry: entry.raw_value(),
+        start_info: layout::PVH_INFO_START,
+    })
 }
 
 /// Places the initramfs at the top of RAM below `max_addr` (and below 4 GiB), page aligned,
