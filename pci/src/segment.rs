@@ -384,4 +384,5 @@ impl PciSegment {
 }
 
 #[cfg(test)]
+#[path = "segment_tests.rs"]
 pub(crate) mod tests;

@@ -473,4 +473,5 @@ impl RootPort {
 }
 
 #[cfg(test)]
+#[path = "slot_tests.rs"]
 pub(crate) mod tests;

@@ -307,3 +307,7 @@ impl Drop for VfLease {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "lease_tests.rs"]
+mod tests;

@@ -4,8 +4,8 @@
 use std::fs;
 use std::sync::Arc;
 
-use super::fake::{FakeControl, FakeHost, PF, VFS};
-use super::*;
+use crate::sriov::fake::{FakeControl, FakeHost, PF, VFS};
+use crate::sriov::*;
 use rvmm_devices::error_chain;
 
 /// Interface index of the fake PF.

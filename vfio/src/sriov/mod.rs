@@ -129,5 +129,3 @@ pub type Result<T> = std::result::Result<T, SriovError>;
 
 #[cfg(test)]
 mod fake;
-#[cfg(test)]
-mod lease_tests;

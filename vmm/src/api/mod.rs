@@ -32,8 +32,6 @@ pub mod values;
 
 #[cfg(test)]
 mod openapi_tests;
-#[cfg(test)]
-mod server_tests;
 
 pub use client::{ApiClient, ClientError};
 pub use device_arg::DeviceArgError;

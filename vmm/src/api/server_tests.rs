@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::*;
 use crate::api::client::{ApiClient, ClientError};
 use crate::api::events::{EventBus, Subscription};
 use crate::api::fd_passing::write_with_fds;
@@ -639,4 +640,49 @@ fn queued_handler_serves_requests_through_the_event_loop_thread() {
     let vm = FakeVmm::new().info().expect("info");
     assert!(responder.reply(Ok(vm.clone())));
     assert_eq!(client.join().expect("client").expect("answer"), vm);
+}
+
+// --- routing ---------------------------------------------------------------------------------
+
+#[test]
+fn every_route_is_found_with_its_method() {
+    for (path, method, endpoint) in ROUTES {
+        assert_eq!(route(method, path), Ok(endpoint));
+    }
+}
+
+#[test]
+fn unknown_path_routes_to_404() {
+    assert_eq!(route("GET", "/v1/nope").map_err(|e| e.status()), Err(404));
+}
+
+#[test]
+fn wrong_method_routes_to_405() {
+    assert_eq!(
+        route("POST", ADD_DEVICE_PATH).map_err(|e| e.status()),
+        Err(405)
+    );
+}
+
+#[test]
+fn query_string_is_refused() {
+    assert_eq!(
+        route("GET", "/v1/vm/info?x=1").map_err(|e| e.status()),
+        Err(400)
+    );
+}
+
+#[test]
+fn whitespace_body_is_empty() {
+    let err = json_body::<ShutdownRequest>(b" \r\n").expect_err("empty");
+    assert!(err.to_string().contains("empty"), "{err}");
+}
+
+#[test]
+fn malformed_json_names_the_position() {
+    let err = json_body::<ShutdownRequest>(b"{").expect_err("malformed");
+    assert!(
+        err.to_string().starts_with("invalid request body: EOF"),
+        "{err}"
+    );
 }
