@@ -102,6 +102,39 @@ pub struct VfioPciDevice {
     error: Option<Arc<EventFd>>,
 }
 
+/// The sizes of the six BAR regions and of the ROM region the kernel reports (0: none).
+fn region_sizes(backend: &dyn DeviceBackend) -> ([u64; NUM_BARS], u64) {
+    let mut bar_sizes = [0u64; NUM_BARS];
+    for (i, size) in bar_sizes.iter_mut().enumerate() {
+        *size = backend.region(i as u32).map_or(0, |r| r.size);
+    }
+    let rom_size = backend
+        .region(VFIO_PCI_ROM_REGION_INDEX)
+        .map_or(0, |r| r.size);
+    (bar_sizes, rom_size)
+}
+
+/// How each BAR (and the ROM, always trapped) is mapped into the guest.
+fn bar_maps(backend: &dyn DeviceBackend, vconfig: &VirtualConfig, name: &str) -> Vec<BarMap> {
+    let page_size = rvmm_devices::host::page_size();
+    let mut maps: Vec<BarMap> = vconfig
+        .bars()
+        .infos()
+        .map(|info| bar_map(backend, vconfig, info, page_size, name))
+        .collect();
+    if let Some((size, _)) = vconfig.bars().rom_size() {
+        maps.push(BarMap::new(
+            ROM_INDEX,
+            AddressSpace::Mmio,
+            size,
+            page_size,
+            Vec::new(),
+            vec![Area::new(0, size)],
+        ));
+    }
+    maps
+}
+
 /// Clears the decode and bus-master bits of the device's command register.
 fn quiesce(backend: &dyn DeviceBackend, name: &str) {
     let mut cmd = [0u8; 2];
@@ -234,13 +267,7 @@ impl VfioPciDevice {
     ) -> Result<Self> {
         let name: Arc<str> = name.into();
         backend.reset();
-        let mut bar_sizes = [0u64; NUM_BARS];
-        for (i, size) in bar_sizes.iter_mut().enumerate() {
-            *size = backend.region(i as u32).map_or(0, |r| r.size);
-        }
-        let rom_size = backend
-            .region(VFIO_PCI_ROM_REGION_INDEX)
-            .map_or(0, |r| r.size);
+        let (bar_sizes, rom_size) = region_sizes(&*backend);
         let interrupts_err = |source| DeviceError::Interrupts {
             name: name.to_string(),
             source,
@@ -254,32 +281,16 @@ impl VfioPciDevice {
         )?;
         quiesce(&*backend, &name);
 
-        let page_size = rvmm_devices::host::page_size();
-        let mut maps: Vec<BarMap> = vconfig
-            .bars()
-            .infos()
-            .map(|info| bar_map(&*backend, &vconfig, info, page_size, &name))
-            .collect();
-        if let Some((size, _)) = vconfig.bars().rom_size() {
-            maps.push(BarMap::new(
-                ROM_INDEX,
-                AddressSpace::Mmio,
-                size,
-                page_size,
-                Vec::new(),
-                vec![Area::new(0, size)],
-            ));
-        }
-
+        let maps = bar_maps(&*backend, &vconfig, &name);
         let request = notify_eventfd(&*backend, VFIO_PCI_REQ_IRQ_INDEX, &name);
         let error = notify_eventfd(&*backend, VFIO_PCI_ERR_IRQ_INDEX, &name);
-        let mut notify_irqs = Vec::new();
-        if request.is_some() {
-            notify_irqs.push(VFIO_PCI_REQ_IRQ_INDEX);
-        }
-        if error.is_some() {
-            notify_irqs.push(VFIO_PCI_ERR_IRQ_INDEX);
-        }
+        let notify_irqs = [
+            (request.is_some(), VFIO_PCI_REQ_IRQ_INDEX),
+            (error.is_some(), VFIO_PCI_ERR_IRQ_INDEX),
+        ]
+        .into_iter()
+        .filter_map(|(armed, index)| armed.then_some(index))
+        .collect();
         if irqs.has_intx() {
             irqs.switch(IrqMode::Intx, &*backend, &*router)
                 .map_err(interrupts_err)?;
