@@ -14,7 +14,10 @@
 //! a given MAC, `pair_b` by interface name with a derived MAC); a guest without trust that tries
 //! to change its MAC (`trust_off`) and one with trust (`trust_on`); then `holder` takes one VF
 //! with `--vf`, `hot` gets the other hot-added through the API, a third rvmm finds no VF left
-//! (`novf`), `hot` gives its VF back through hot-remove and `taker` takes it.
+//! (`novf`), `hot` gives its VF back through hot-remove and `taker` takes it; last, tenant
+//! isolation: `tenant_a` takes a VF with a MAC, VLAN 77, trust on and spoof checking off and is
+//! killed with SIGKILL (no destructor runs), then `tenant_b` asks for a VF with no policy, gets
+//! the same one, and must find it clean.
 
 use std::time::Duration;
 
@@ -28,6 +31,8 @@ const PAIR_A_MAC: &str = "52:54:00:5e:00:0a";
 const TRUST_MAC: &str = "52:54:00:5e:00:0b";
 const HOT_MAC: &str = "52:54:00:5e:00:0c";
 const GUEST_NEW_MAC: &str = "52:54:00:77:00:01";
+/// The MAC address tenant A's VF is given before rvmm is killed.
+const TENANT_A_MAC: &str = "52:54:00:de:ad:01";
 /// A VF the PF has not been told anything about.
 const NO_MAC: &str = "00:00:00:00:00:00";
 
@@ -197,6 +202,28 @@ fn scenario() -> String {
         cmdline("rvmm.hold=240 rvmm.wait=200"),
         cmdline(""),
         cmdline("rvmm.hold=240"),
+    );
+    // Tenant isolation: rvmm killed with SIGKILL while its VF has a policy; the next VM that asks
+    // for a VF without one must get that VF clean. busybox `timeout` execs rvmm in its own
+    // process, so the pid `vm_start` recorded is rvmm's.
+    s += &format!(
+        "vm_start tenant_a {hold} --vf \"pf=$PF,id=net0,mac={TENANT_A_MAC},vlan=77,trust=on,spoofchk=off\"\n\
+         vm_wait_text tenant_a 'GUEST vf_hold'\n\
+         vf_view tenant_a\n\
+         TENANT_A_RVMM=$(cat /tmp/vm-tenant_a.pid)\n\
+         hmark tenant_a_kill \"$TENANT_A_RVMM\"\n\
+         kill -KILL $TENANT_A_RVMM\n\
+         vm_end tenant_a\n\
+         vf_view tenant_a_killed\n\
+         claims_view tenant_a_killed\n\
+         vm_start tenant_b {hold} --api-socket /tmp/tenant_b.sock --vf \"pf=$PF,id=net0\"\n\
+         vm_wait_text tenant_b 'GUEST vf_hold'\n\
+         vf_view tenant_b\n\
+         ctl tenant_b_shutdown --api-socket /tmp/tenant_b.sock shutdown\n\
+         vm_end tenant_b\n\
+         vf_view after_tenants\n\
+         claims_view after_tenants\n",
+        hold = cmdline("rvmm.hold=240"),
     );
     s
 }
@@ -445,7 +472,7 @@ fn initial_vfs_have_no_mac_and_default_policy() {
 }
 
 #[test]
-fn claims_are_emptied_when_the_vms_end() {
+fn claims_keep_the_baseline_and_name_no_holder_when_the_vms_end() {
     let all = run().all();
     let claims: Vec<Marker<'_>> = all
         .host_all("claim")
@@ -455,7 +482,10 @@ fn claims_are_emptied_when_the_vms_end() {
 
     all.check(!claims.is_empty(), "no claim files after the pair");
     for claim in &claims {
-        assert_eq!(claim.field("bytes"), Some("0"), "{claim:?}");
+        all.check(
+            !claim.value.contains("pid=") && claim.value.contains("baseline_vlan=0"),
+            &format!("a released claim should keep only the VF's baseline: {claim:?}"),
+        );
     }
 }
 
@@ -598,4 +628,60 @@ fn another_vm_takes_the_vf_given_back() {
 #[test]
 fn every_vf_is_back_to_its_first_state_at_the_end() {
     assert_eq!(vf_view("final"), vf_view("initial"));
+}
+
+// --- tenant isolation --------------------------------------------------------------------------
+
+#[test]
+fn killed_tenant_left_its_policy_on_the_vf() {
+    // The precondition of the isolation test: SIGKILL ran no destructor.
+    let (a, _) = took(&vm("tenant_a"));
+    let left = vf_at("tenant_a_killed", a);
+
+    assert_eq!(
+        (left.vlan, left.trust.as_str(), left.spoofchk.as_str()),
+        (77, "on", "off")
+    );
+    vm("tenant_a").check(
+        vm("tenant_a").rvmm_exit() == 137,
+        "tenant A's rvmm was not killed by SIGKILL",
+    );
+}
+
+#[test]
+fn next_tenant_gets_the_same_vf_clean() {
+    let (a, _) = took(&vm("tenant_a"));
+    let b_run = vm("tenant_b");
+    let (b, _) = took(&b_run);
+
+    let view = vf_at("tenant_b", b);
+
+    b_run.check(
+        a == b,
+        &format!("tenant B got VF {b}, not tenant A's VF {a}"),
+    );
+    assert_eq!(
+        (view.vlan, view.trust.as_str(), view.spoofchk.as_str()),
+        (0, "off", "on"),
+        "tenant B's VF: {view:?}"
+    );
+    assert_ne!(view.mac, TENANT_A_MAC);
+}
+
+#[test]
+fn next_tenant_restores_the_vf_before_taking_it() {
+    let b_run = vm("tenant_b");
+
+    b_run.check(
+        b_run
+            .host_all("rvmm_out")
+            .iter()
+            .any(|m| m.value.contains("ended without giving it back")),
+        "tenant B's rvmm did not report restoring the VF tenant A left",
+    );
+}
+
+#[test]
+fn vfs_are_back_to_their_first_state_after_the_tenants() {
+    assert_eq!(vf_view("after_tenants"), vf_view("initial"));
 }

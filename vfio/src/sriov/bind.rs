@@ -62,15 +62,41 @@ pub enum BindError {
 /// Result of binding.
 pub type Result<T> = std::result::Result<T, BindError>;
 
+/// Which driver a VF has and which `driver_override` it carries: what rvmm records before it
+/// binds the VF to vfio-pci, and puts back on release.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriverState {
+    /// The driver (`None`: none).
+    pub driver: Option<String>,
+    /// The `driver_override` (`None`: none).
+    pub driver_override: Option<String>,
+}
+
+impl DriverState {
+    /// The VF's driver and override now.
+    pub fn read(sysfs: &PoolSysfs, bdf: &Bdf) -> Self {
+        let driver_override = fs::read_to_string(sysfs.device_dir(bdf).join("driver_override"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty() && s != NO_OVERRIDE);
+        Self {
+            driver: sysfs.driver(bdf),
+            driver_override,
+        }
+    }
+
+    fn on_vfio(&self) -> bool {
+        self.driver.as_deref() == Some(VFIO_DRIVER)
+    }
+}
+
 /// A VF bound to vfio-pci by us, with what to put back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
     bdf: Bdf,
-    /// The driver it had (`None`: none).
-    previous_driver: Option<String>,
-    /// The `driver_override` it had (`None`: none).
-    previous_override: Option<String>,
-    /// Whether we changed anything (it was not on vfio-pci already).
+    /// The driver and override to put back.
+    previous: DriverState,
+    /// Whether release puts anything back (the VF was not on vfio-pci by itself).
     changed: bool,
 }
 
@@ -86,26 +112,33 @@ impl Binding {
 
     /// The driver the VF had before, if any.
     pub fn previous_driver(&self) -> Option<&str> {
-        self.previous_driver.as_deref()
+        self.previous.driver.as_deref()
     }
 
-    /// Binds VF `bdf` to vfio-pci unless it already is.
-    pub fn to_vfio(sysfs: &PoolSysfs, bdf: Bdf) -> Result<Self> {
-        let dir = sysfs.device_dir(&bdf);
-        let previous_driver = sysfs.driver(&bdf);
-        let previous_override = fs::read_to_string(dir.join("driver_override"))
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty() && s != NO_OVERRIDE);
+    /// A VF an earlier rvmm bound to vfio-pci and left behind: restoring it puts back
+    /// `previous`, the driver state recorded before that rvmm bound it.
+    pub fn recorded(bdf: Bdf, previous: DriverState) -> Self {
+        Binding {
+            bdf,
+            changed: !previous.on_vfio(),
+            previous,
+        }
+    }
+
+    /// Binds VF `bdf` to vfio-pci unless it already is; release puts back `previous`, the
+    /// driver state the VF had before any rvmm bound it (its state now on a first use; the
+    /// recorded one for a VF a dead rvmm left on vfio-pci).
+    pub fn to_vfio(sysfs: &PoolSysfs, bdf: Bdf, previous: DriverState) -> Result<Self> {
+        let now = DriverState::read(sysfs, &bdf);
         let mut binding = Binding {
             bdf,
-            previous_driver,
-            previous_override,
-            changed: false,
+            changed: !previous.on_vfio(),
+            previous,
         };
-        if binding.previous_driver.as_deref() == Some(VFIO_DRIVER) {
+        if now.on_vfio() {
             return Ok(binding);
         }
+        binding.changed = true;
         if !sysfs
             .root()
             .join("sys/bus/pci/drivers")
@@ -114,11 +147,11 @@ impl Binding {
         {
             return Err(BindError::VfioPciMissing { bdf });
         }
+        let dir = sysfs.device_dir(&bdf);
         let write_err = |path: PathBuf| move |source| BindError::Write { bdf, path, source };
         let override_path = dir.join("driver_override");
         write(&override_path, VFIO_DRIVER).map_err(write_err(override_path.clone()))?;
-        binding.changed = true;
-        if binding.previous_driver.is_some() {
+        if now.driver.is_some() {
             let unbind = dir.join("driver/unbind");
             if let Err(e) = write(&unbind, &bdf.to_string()) {
                 binding.put_back(sysfs);
@@ -153,7 +186,7 @@ impl Binding {
         let bdf = self.bdf;
         let override_path = dir.join("driver_override");
         // A lone newline clears the override.
-        let value = self.previous_override.as_deref().unwrap_or("\n");
+        let value = self.previous.driver_override.as_deref().unwrap_or("\n");
         write(&override_path, value).map_err(|source| BindError::Write {
             bdf,
             path: override_path,
@@ -167,7 +200,7 @@ impl Binding {
                 source,
             })?;
         }
-        let Some(driver) = &self.previous_driver else {
+        let Some(driver) = &self.previous.driver else {
             return Ok(());
         };
         let bind = sysfs
@@ -246,7 +279,8 @@ mod tests {
     fn vf_already_on_vfio_pci_is_left_alone() {
         let fake = FakeSysfs::new(Some("vfio-pci"), true);
 
-        let binding = Binding::to_vfio(&fake.sysfs(), vf()).unwrap();
+        let binding =
+            Binding::to_vfio(&fake.sysfs(), vf(), DriverState::read(&fake.sysfs(), &vf())).unwrap();
 
         assert_eq!(
             fake.read("sys/bus/pci/devices/0000:01:10.0/driver_override"),
@@ -263,7 +297,8 @@ mod tests {
     fn missing_vfio_pci_driver_says_to_load_it() {
         let fake = FakeSysfs::new(Some("igbvf"), false);
 
-        let err = Binding::to_vfio(&fake.sysfs(), vf()).unwrap_err();
+        let err = Binding::to_vfio(&fake.sysfs(), vf(), DriverState::read(&fake.sysfs(), &vf()))
+            .unwrap_err();
 
         assert!(err.to_string().contains("modprobe vfio-pci"), "{err}");
     }
@@ -273,7 +308,8 @@ mod tests {
         let fake = FakeSysfs::new(Some("igbvf"), true);
 
         // The fake kernel never binds: the attempt ends in NotBound, after these writes.
-        let err = Binding::to_vfio(&fake.sysfs(), vf()).unwrap_err();
+        let err = Binding::to_vfio(&fake.sysfs(), vf(), DriverState::read(&fake.sysfs(), &vf()))
+            .unwrap_err();
 
         assert!(
             matches!(&err, BindError::NotBound { driver, .. } if driver == "igbvf"),
@@ -290,7 +326,8 @@ mod tests {
     fn failed_bind_clears_the_override_again() {
         let fake = FakeSysfs::new(None, true);
 
-        let _ = Binding::to_vfio(&fake.sysfs(), vf()).unwrap_err();
+        let _ = Binding::to_vfio(&fake.sysfs(), vf(), DriverState::read(&fake.sysfs(), &vf()))
+            .unwrap_err();
 
         assert_eq!(
             fake.read("sys/bus/pci/devices/0000:01:10.0/driver_override"),
@@ -303,8 +340,10 @@ mod tests {
         let fake = FakeSysfs::new(Some("vfio-pci"), true);
         let binding = Binding {
             bdf: vf(),
-            previous_driver: Some("igbvf".into()),
-            previous_override: None,
+            previous: DriverState {
+                driver: Some("igbvf".into()),
+                driver_override: None,
+            },
             changed: true,
         };
 
@@ -326,8 +365,10 @@ mod tests {
         let fake = FakeSysfs::new(Some("vfio-pci"), true);
         let binding = Binding {
             bdf: vf(),
-            previous_driver: None,
-            previous_override: Some("pci-stub".into()),
+            previous: DriverState {
+                driver: None,
+                driver_override: Some("pci-stub".into()),
+            },
             changed: true,
         };
 
@@ -337,5 +378,20 @@ mod tests {
             fake.read("sys/bus/pci/devices/0000:01:10.0/driver_override"),
             "pci-stub"
         );
+    }
+
+    #[test]
+    fn vf_left_on_vfio_pci_goes_back_to_its_recorded_driver() {
+        // A dead rvmm left the VF on vfio-pci; its claim recorded igbvf as the VF's driver.
+        let fake = FakeSysfs::new(Some("vfio-pci"), true);
+        let recorded = DriverState {
+            driver: Some("igbvf".into()),
+            driver_override: None,
+        };
+
+        let binding = Binding::to_vfio(&fake.sysfs(), vf(), recorded).unwrap();
+        binding.restore(&fake.sysfs()).unwrap();
+
+        assert_eq!(fake.read("sys/bus/pci/drivers/igbvf/bind"), "0000:01:10.0");
     }
 }

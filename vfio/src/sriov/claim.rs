@@ -6,8 +6,13 @@
 //! so no claim outlives its process. Locks belong to the open file, not the process, so two
 //! claims on one VF conflict inside one process too. The file is opened close-on-exec (Rust's
 //! default), so a child process never inherits a claim. It holds `pid=`, `vm=` and `device=`
-//! lines naming the holder; a released claim leaves an empty file behind (removing it would race
-//! with a process that has just opened it).
+//! lines naming the holder, and `baseline_*=` lines: the VF's port settings and driver before any
+//! rvmm changed them, written (and synced) before the holder changes anything. A release that
+//! restored the VF leaves only the baseline lines behind (removing the file would race with a
+//! process that has just opened it); a holder that died without releasing leaves its holder lines
+//! too, which tells the next claimer to restore the baseline first. A VF whose restore failed is
+//! quarantined: a `quarantined=` line with the reason, and no rvmm hands it out until an operator
+//! who has checked the VF removes the file.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -19,6 +24,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use rvmm_pci::Bdf;
+
+use super::bind::DriverState;
+use super::policy::{MacAddress, VfSettings};
 
 /// Where rvmm keeps its VF claims.
 pub const CLAIM_DIR: &str = "/run/rvmm/vf";
@@ -136,11 +144,131 @@ impl fmt::Display for Holder {
     }
 }
 
-/// A VF this process holds; dropping it releases the claim.
+/// What a VF had before any rvmm changed it: restored on every release.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Baseline {
+    /// Its port settings.
+    pub settings: VfSettings,
+    /// Its driver and `driver_override`.
+    pub driver: DriverState,
+}
+
+/// What a claim file says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClaimFile {
+    /// Who holds (or held, if it died without releasing) the VF; `None` after a release.
+    pub holder: Option<Holder>,
+    /// The VF's baseline, once an rvmm has taken it.
+    pub baseline: Option<Baseline>,
+    /// Why the VF is out of use, if it is.
+    pub quarantined: Option<String>,
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn parse_switch(v: &str) -> Option<bool> {
+    match v {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// A driver name as the file holds it: `none` (or nothing) for none; control characters become
+/// `?`, as when it is written.
+fn name_or_none(v: &str) -> Option<String> {
+    (v != "none" && !v.is_empty()).then(|| one_line(v))
+}
+
+impl ClaimFile {
+    /// Parses the text of a claim file. Unknown lines are ignored; the baseline counts only
+    /// when all of it is there and well-formed (a file cut short holds no baseline).
+    pub fn parse(text: &str) -> Self {
+        let holder = Holder::parse(text);
+        let mut file = ClaimFile {
+            holder: holder.pid.map(|_| holder),
+            ..ClaimFile::default()
+        };
+        let (mut mac, mut vlan, mut qos, mut spoofchk, mut trust) = (None, None, None, None, None);
+        let (mut driver, mut driver_override) = (None, None);
+        for line in text.lines() {
+            let Some((key, v)) = line.split_once('=') else {
+                continue;
+            };
+            match key {
+                "baseline_mac" => mac = v.parse::<MacAddress>().ok(),
+                "baseline_vlan" => vlan = v.parse::<u16>().ok(),
+                "baseline_qos" => qos = v.parse::<u8>().ok(),
+                "baseline_spoofchk" => spoofchk = parse_switch(v),
+                "baseline_trust" => trust = parse_switch(v),
+                "baseline_driver" => driver = Some(name_or_none(v)),
+                "baseline_override" => driver_override = Some(name_or_none(v)),
+                "quarantined" => file.quarantined = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        if let (Some(mac), Some(vlan), Some(qos), Some(spoofchk), Some(trust), Some(d), Some(o)) =
+            (mac, vlan, qos, spoofchk, trust, driver, driver_override)
+        {
+            file.baseline = Some(Baseline {
+                settings: VfSettings {
+                    mac,
+                    vlan,
+                    qos,
+                    spoofchk,
+                    trust,
+                },
+                driver: DriverState {
+                    driver: d,
+                    driver_override: o,
+                },
+            });
+        }
+        file
+    }
+
+    /// The file's text: `record` as the holder (none after a release), then the baseline and
+    /// the quarantine reason, if any.
+    pub fn text_for(&self, record: Option<&ClaimRecord>) -> String {
+        let mut text = record.map(ClaimRecord::to_file_text).unwrap_or_default();
+        if let Some(b) = &self.baseline {
+            let s = &b.settings;
+            let or_none = |v: &Option<String>| one_line(v.as_deref().unwrap_or("none"));
+            text.push_str(&format!(
+                "baseline_mac={}\nbaseline_vlan={}\nbaseline_qos={}\nbaseline_spoofchk={}\n\
+                 baseline_trust={}\nbaseline_driver={}\nbaseline_override={}\n",
+                s.mac,
+                s.vlan,
+                s.qos,
+                on_off(s.spoofchk),
+                on_off(s.trust),
+                or_none(&b.driver.driver),
+                or_none(&b.driver.driver_override),
+            ));
+        }
+        if let Some(reason) = &self.quarantined {
+            text.push_str(&format!("quarantined={}\n", one_line(reason)));
+        }
+        text
+    }
+}
+
+/// A VF this process holds; dropping it releases the claim, leaving behind what
+/// [`Claim::record`] or [`Claim::quarantine`] said (or the file as it was found, if neither was
+/// called: a VF looked at and not taken is left as it was).
 #[derive(Debug)]
 pub struct Claim {
     file: File,
     path: PathBuf,
+    found: ClaimFile,
+    /// The text the file gets when the claim is dropped.
+    leave: String,
 }
 
 impl Claim {
@@ -148,14 +276,63 @@ impl Claim {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// What the file said when the VF was claimed: a holder there died without releasing it.
+    pub fn found(&self) -> &ClaimFile {
+        &self.found
+    }
+
+    /// Records `record` as the holder and `baseline` as what every release restores, synced to
+    /// the file before the caller changes the VF; a release then leaves the baseline behind.
+    pub fn record(&mut self, record: &ClaimRecord, baseline: &Baseline) -> Result<()> {
+        let file = ClaimFile {
+            holder: None,
+            baseline: Some(baseline.clone()),
+            quarantined: None,
+        };
+        self.write(&file.text_for(Some(record)))?;
+        self.leave = file.text_for(None);
+        Ok(())
+    }
+
+    /// Takes the VF out of use for every rvmm: the file keeps the baseline and says why.
+    pub fn quarantine(&mut self, reason: &str) -> Result<()> {
+        let file = ClaimFile {
+            holder: None,
+            baseline: self
+                .found
+                .baseline
+                .clone()
+                .or_else(|| ClaimFile::parse(&self.leave).baseline),
+            quarantined: Some(reason.to_string()),
+        };
+        self.leave = file.text_for(None);
+        let leave = self.leave.clone();
+        self.write(&leave)
+    }
+
+    fn write(&mut self, text: &str) -> Result<()> {
+        let path = self.path.clone();
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.rewind())
+            .and_then(|()| self.file.write_all(text.as_bytes()))
+            .and_then(|()| self.file.sync_all())
+            .map_err(|source| ClaimError::File {
+                action: "write",
+                path,
+                source,
+            })
+    }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        // Empty the file while still holding the lock, so nobody reads a stale holder; closing
+        // Rewrite the file while still holding the lock, so nobody reads a stale holder; closing
         // the file then releases the lock.
-        if let Err(e) = self.file.set_len(0) {
-            log::warn!("cannot empty VF claim file {}: {e}", self.path.display());
+        let leave = std::mem::take(&mut self.leave);
+        if let Err(e) = self.write(&leave) {
+            log::warn!("cannot rewrite VF claim file {}: {e}", self.path.display());
         }
     }
 }
@@ -167,6 +344,8 @@ pub enum ClaimOutcome {
     Claimed(Claim),
     /// Another claim holds it.
     Held(Holder),
+    /// It is quarantined, for this reason.
+    Quarantined(String),
 }
 
 /// The directory of claim files.
@@ -235,12 +414,28 @@ impl ClaimDir {
             }
             return Err(err("lock", e));
         }
-        let text = record.to_file_text();
-        file.set_len(0)
-            .and_then(|()| file.write_all(text.as_bytes()))
-            .and_then(|()| file.flush())
-            .map_err(|e| err("write", e))?;
-        Ok(ClaimOutcome::Claimed(Claim { file, path }))
+        let mut found_text = String::new();
+        file.read_to_string(&mut found_text)
+            .map_err(|e| err("read", e))?;
+        let found = ClaimFile::parse(&found_text);
+        if let Some(reason) = found.quarantined.clone() {
+            // Leave the file as it is; the lock goes with the file.
+            return Ok(ClaimOutcome::Quarantined(reason));
+        }
+        let mut claim = Claim {
+            file,
+            path: path.clone(),
+            leave: found_text,
+            found,
+        };
+        // Name the holder at once (keeping a recorded baseline), so that others can say who has it.
+        let holding = ClaimFile {
+            holder: None,
+            baseline: claim.found.baseline.clone(),
+            quarantined: None,
+        };
+        claim.write(&holding.text_for(Some(record)))?;
+        Ok(ClaimOutcome::Claimed(claim))
     }
 
     /// The holder named by a locked claim file.
@@ -409,5 +604,90 @@ mod tests {
             .expect_err("cannot create a directory under a file");
 
         assert!(matches!(err, ClaimError::CreateDir { .. }), "{err}");
+    }
+
+    fn baseline() -> Baseline {
+        Baseline {
+            settings: VfSettings {
+                mac: MacAddress([0x52, 0x54, 0, 0, 0, 9]),
+                vlan: 5,
+                qos: 1,
+                spoofchk: true,
+                trust: false,
+            },
+            driver: DriverState {
+                driver: Some("igbvf".into()),
+                driver_override: None,
+            },
+        }
+    }
+
+    #[test]
+    fn claim_file_round_trips_holder_baseline_and_quarantine() {
+        let file = ClaimFile {
+            holder: None,
+            baseline: Some(baseline()),
+            quarantined: Some("restore failed".into()),
+        };
+
+        let parsed = ClaimFile::parse(&file.text_for(Some(&record(42, "vm1"))));
+
+        assert_eq!(parsed.baseline, file.baseline);
+        assert_eq!(parsed.quarantined, file.quarantined);
+        assert_eq!(parsed.holder.and_then(|h| h.pid), Some(42));
+    }
+
+    #[test]
+    fn claim_file_cut_short_has_no_baseline() {
+        let text = ClaimFile {
+            holder: None,
+            baseline: Some(baseline()),
+            quarantined: None,
+        }
+        .text_for(None);
+        let cut = &text[..text.find("baseline_trust").unwrap()];
+
+        assert_eq!(ClaimFile::parse(cut).baseline, None);
+        assert_eq!(ClaimFile::parse("baseline_vlan=9999999\n").baseline, None);
+    }
+
+    #[test]
+    fn quarantined_vf_is_not_claimed_and_its_file_is_left_alone() {
+        let tmp = TempDir::new();
+        let claims = tmp.claims();
+        let text = ClaimFile {
+            holder: None,
+            baseline: Some(baseline()),
+            quarantined: Some("restore failed".into()),
+        }
+        .text_for(None);
+        fs::create_dir_all(claims.path_of(&vf()).parent().unwrap()).unwrap();
+        fs::write(claims.path_of(&vf()), &text).unwrap();
+
+        let outcome = claims.try_claim(&vf(), &record(1, "vm1")).unwrap();
+
+        assert!(matches!(outcome, ClaimOutcome::Quarantined(ref r) if r == "restore failed"));
+        assert_eq!(fs::read_to_string(claims.path_of(&vf())).unwrap(), text);
+    }
+
+    #[test]
+    fn claim_dropped_without_a_record_leaves_the_file_as_found() {
+        let tmp = TempDir::new();
+        let claims = tmp.claims();
+        let found = "pid=999999\nvm=dead\ndevice=net0\n";
+        fs::create_dir_all(claims.path_of(&vf()).parent().unwrap()).unwrap();
+        fs::write(claims.path_of(&vf()), found).unwrap();
+
+        let ClaimOutcome::Claimed(claim) = claims.try_claim(&vf(), &record(1, "vm1")).unwrap()
+        else {
+            panic!("not claimed");
+        };
+        assert_eq!(
+            claim.found().holder.as_ref().and_then(|h| h.pid),
+            Some(999_999)
+        );
+        drop(claim);
+
+        assert_eq!(fs::read_to_string(claims.path_of(&vf())).unwrap(), found);
     }
 }

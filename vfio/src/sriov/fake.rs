@@ -122,8 +122,18 @@ pub(super) const PF: &str = "0000:01:00.0";
 /// Its VFs.
 pub(super) const VFS: [&str; 3] = ["0000:01:10.0", "0000:01:10.2", "0000:01:10.4"];
 
-/// A [`VfControl`] that keeps settings in memory, records what is applied and refuses what it
-/// is told to.
+/// The settings of a VF nobody configured: no MAC address, no VLAN, spoof checking on, not
+/// trusted (the PF drivers' defaults).
+pub(super) const PRISTINE: VfSettings = VfSettings {
+    mac: super::policy::MacAddress([0; 6]),
+    vlan: 0,
+    qos: 0,
+    spoofchk: true,
+    trust: false,
+};
+
+/// A [`VfControl`] that keeps settings in memory (a VF starts [`PRISTINE`]), records what is
+/// applied and refuses what it is told to.
 #[derive(Default)]
 pub(super) struct FakeControl {
     pub(super) settings: Mutex<HashMap<(u32, u16), VfSettings>>,
@@ -140,7 +150,7 @@ impl VfControl for FakeControl {
             .unwrap()
             .get(&(ifindex, vf))
             .copied()
-            .unwrap_or_default())
+            .unwrap_or(PRISTINE))
     }
 
     fn apply(&self, ifindex: u32, vf: u16, setting: VfSetting) -> Result<(), NetlinkError> {
@@ -151,7 +161,7 @@ impl VfControl for FakeControl {
         }
         self.applied.lock().unwrap().push((vf, setting));
         let mut all = self.settings.lock().unwrap();
-        let entry = all.entry((ifindex, vf)).or_default();
+        let entry = all.entry((ifindex, vf)).or_insert(PRISTINE);
         *entry = entry.with(setting);
         Ok(())
     }

@@ -1,17 +1,22 @@
 //! Taking a VF from a PF's pool ([`Sriov::take`]) and giving it back ([`VfLease::release`]).
 //!
-//! Take: find the PF and its VFs; claim the first VF nobody claims and the host does not use;
-//! read its settings; apply the policy (MAC address always, the rest when asked for and
-//! different); bind it to vfio-pci. Any failure undoes what was done so far.
+//! Take: find the PF and its VFs; claim the first VF nobody claims, nobody quarantined and the
+//! host does not use; record its baseline (the settings and driver it had before any rvmm, kept
+//! in the claim file) before changing anything; if the claim file says an earlier holder died
+//! without giving the VF back, restore the baseline first (a VF that cannot be restored is
+//! quarantined and the next one tried); apply the policy, every setting (those not asked for get
+//! the PF's defaults, so nothing of an earlier tenant leaks); bind it to vfio-pci. Any failure
+//! undoes what was done so far.
 //!
-//! Release (after the VMM closed the device): put back every setting it changed, newest first,
-//! give the VF back to its previous driver, drop the claim.
+//! Release (after the VMM closed the device): put back every setting that differs from the
+//! baseline, newest first, give the VF back to its baseline driver, leave the baseline in the
+//! claim file and drop the claim; a VF that cannot be restored is quarantined.
 
 use std::fmt;
 use std::sync::Arc;
 
-use super::bind::Binding;
-use super::claim::{Claim, ClaimDir, ClaimOutcome, ClaimRecord};
+use super::bind::{Binding, DriverState};
+use super::claim::{Baseline, Claim, ClaimDir, ClaimOutcome, ClaimRecord};
 use super::netlink::{RouteNetlink, VfControl};
 use super::policy::{VfPolicy, VfSetting, VfSettings};
 use super::pool::{PfSpec, PhysicalFunction, PoolSysfs, VirtualFunction};
@@ -91,29 +96,7 @@ impl Sriov {
             );
         }
         let record = ClaimRecord::this_process(&owner.vm, &owner.device);
-        let (vf, claim) = self.claim_free_vf(&pf, &record)?;
-        let previous = self
-            .control
-            .settings(pf.ifindex, vf.index)
-            .map_err(|source| SriovError::ReadSettings {
-                pf: pf.bdf,
-                netdev: pf.netdev.clone(),
-                vf: vf.index,
-                source,
-            })?;
-        let mut lease = VfLease {
-            pf: pf.bdf,
-            netdev: pf.netdev,
-            ifindex: pf.ifindex,
-            vf,
-            previous,
-            current: previous,
-            applied: Vec::new(),
-            binding: None,
-            claim: Some(claim),
-            sysfs: self.sysfs.clone(),
-            control: self.control.clone(),
-        };
+        let mut lease = self.claim_free_vf(&pf, &record)?;
         for setting in request.policy.settings(&owner.vm, &owner.device) {
             // The MAC address is always set: that makes it the administrative one, which the
             // PF driver enforces. Other settings already in place are left untouched.
@@ -123,7 +106,12 @@ impl Sriov {
                 lease.apply(setting)?;
             }
         }
-        lease.binding = Some(Binding::to_vfio(&self.sysfs, vf.bdf)?);
+        let vf = lease.vf;
+        lease.binding = Some(Binding::to_vfio(
+            &self.sysfs,
+            vf.bdf,
+            lease.baseline_driver.clone(),
+        )?);
         log::info!(
             "took VF {} ({}) of {} ({}) for {}/{}: mac {}, vlan {}, spoofchk {}, trust {}",
             vf.index,
@@ -140,28 +128,49 @@ impl Sriov {
         Ok(lease)
     }
 
-    /// Claims the first VF of `pf` that no claim holds and the host does not use. The claim
-    /// comes first, so that two rvmm processes never inspect the same free VF at once; a VF the
-    /// host uses is let go again. Without one, the error lists every VF and who has it.
-    fn claim_free_vf(
-        &self,
-        pf: &PhysicalFunction,
-        record: &ClaimRecord,
-    ) -> Result<(VirtualFunction, Claim)> {
+    /// Claims the first VF of `pf` that no claim holds, nobody quarantined and the host does
+    /// not use, and leases it ([`Sriov::lease`]). The claim comes first, so that two rvmm
+    /// processes never inspect the same free VF at once; a VF the host uses is let go again, its
+    /// claim file as it was. Without one, the error lists every VF and who has it.
+    fn claim_free_vf(&self, pf: &PhysicalFunction, record: &ClaimRecord) -> Result<VfLease> {
         let mut taken = Vec::new();
         for vf in &pf.vfs {
-            match self.claims.try_claim(&vf.bdf, record)? {
-                ClaimOutcome::Held(holder) => taken.push(TakenVf {
-                    vf: *vf,
-                    by: TakenBy::Claim(holder),
-                }),
-                ClaimOutcome::Claimed(claim) => match self.sysfs.host_use(vf) {
-                    Some(using) => taken.push(TakenVf {
+            let claim = match self.claims.try_claim(&vf.bdf, record)? {
+                ClaimOutcome::Held(holder) => {
+                    taken.push(TakenVf {
                         vf: *vf,
-                        by: TakenBy::Host(using),
-                    }),
-                    None => return Ok((*vf, claim)),
-                },
+                        by: TakenBy::Claim(holder),
+                    });
+                    continue;
+                }
+                ClaimOutcome::Quarantined(reason) => {
+                    taken.push(TakenVf {
+                        vf: *vf,
+                        by: TakenBy::Quarantined {
+                            reason,
+                            claim_file: self.claims.path_of(&vf.bdf),
+                        },
+                    });
+                    continue;
+                }
+                ClaimOutcome::Claimed(claim) => claim,
+            };
+            if let Some(using) = self.sysfs.host_use(vf) {
+                taken.push(TakenVf {
+                    vf: *vf,
+                    by: TakenBy::Host(using),
+                });
+                continue;
+            }
+            match self.lease(pf, *vf, claim, record)? {
+                Ok(lease) => return Ok(lease),
+                Err(reason) => taken.push(TakenVf {
+                    vf: *vf,
+                    by: TakenBy::Quarantined {
+                        reason,
+                        claim_file: self.claims.path_of(&vf.bdf),
+                    },
+                }),
             }
         }
         Err(SriovError::NoFreeVf {
@@ -171,19 +180,91 @@ impl Sriov {
             taken,
         })
     }
+
+    /// Leases claimed VF `vf`: its baseline (recorded in the claim file, or its state now on a
+    /// first use) is recorded, synced, before anything changes; a VF whose earlier holder died
+    /// without giving it back is restored to it first. `Ok(Err(reason))`: that restore failed
+    /// and the VF is quarantined.
+    fn lease(
+        &self,
+        pf: &PhysicalFunction,
+        vf: VirtualFunction,
+        mut claim: Claim,
+        record: &ClaimRecord,
+    ) -> Result<std::result::Result<VfLease, String>> {
+        let current = self
+            .control
+            .settings(pf.ifindex, vf.index)
+            .map_err(|source| SriovError::ReadSettings {
+                pf: pf.bdf,
+                netdev: pf.netdev.clone(),
+                vf: vf.index,
+                source,
+            })?;
+        let left_by = claim.found().holder.clone();
+        let baseline = match claim.found().baseline.clone() {
+            Some(baseline) => baseline,
+            None => {
+                if let Some(holder) = &left_by {
+                    log::warn!(
+                        "VF {} ({}): {holder} left it without a recorded baseline; its settings now become its baseline",
+                        vf.index,
+                        vf.bdf
+                    );
+                }
+                Baseline {
+                    settings: current,
+                    driver: DriverState::read(&self.sysfs, &vf.bdf),
+                }
+            }
+        };
+        claim.record(record, &baseline)?;
+        let mut lease = VfLease {
+            pf: pf.bdf,
+            netdev: pf.netdev.clone(),
+            ifindex: pf.ifindex,
+            vf,
+            previous: baseline.settings,
+            current,
+            baseline_driver: baseline.driver.clone(),
+            binding: None,
+            claim: Some(claim),
+            sysfs: self.sysfs.clone(),
+            control: self.control.clone(),
+        };
+        let Some(holder) = left_by else {
+            return Ok(Ok(lease));
+        };
+        log::warn!(
+            "VF {} ({}) of {}: {holder} ended without giving it back; restoring its baseline before it is handed out",
+            vf.index,
+            vf.bdf,
+            pf.bdf
+        );
+        // Whatever the dead holder bound goes back to the recorded driver.
+        lease.binding = Some(Binding::recorded(vf.bdf, baseline.driver));
+        let failures = lease.put_back();
+        if let Some(first) = failures.first() {
+            let reason = format!("restoring it after {holder} failed: {}", error_chain(first));
+            lease.quarantine(&reason);
+            return Ok(Err(reason));
+        }
+        Ok(Ok(lease))
+    }
 }
 
 /// A VF taken from a pool, configured and bound to vfio-pci. Release it (or drop it) only after
-/// the device is closed: it goes back to its previous driver.
+/// the device is closed: it goes back to its baseline driver.
 pub struct VfLease {
     pf: Bdf,
     netdev: String,
     ifindex: u32,
     vf: VirtualFunction,
+    /// The baseline settings: what the VF had before any rvmm, restored on release.
     previous: VfSettings,
     current: VfSettings,
-    /// Settings changed, oldest first.
-    applied: Vec<VfSetting>,
+    /// The baseline driver state, put back on release.
+    baseline_driver: DriverState,
     binding: Option<Binding>,
     claim: Option<Claim>,
     sysfs: PoolSysfs,
@@ -198,7 +279,6 @@ impl fmt::Debug for VfLease {
             .field("vf", &self.vf)
             .field("previous", &self.previous)
             .field("current", &self.current)
-            .field("applied", &self.applied)
             .finish_non_exhaustive()
     }
 }
@@ -225,7 +305,7 @@ impl VfLease {
         self.current
     }
 
-    /// The settings it had before, which release restores.
+    /// The settings it had before any rvmm changed it, which release restores.
     pub fn previous(&self) -> VfSettings {
         self.previous
     }
@@ -233,37 +313,43 @@ impl VfLease {
     fn apply(&mut self, setting: VfSetting) -> Result<()> {
         self.control
             .apply(self.ifindex, self.vf.index, setting)
-            .map_err(|source| SriovError::Refused {
-                pf: self.pf,
-                netdev: self.netdev.clone(),
-                vf: self.vf.index,
-                setting,
-                source,
-            })?;
-        self.applied.push(setting);
+            .map_err(|source| self.refused(setting, source))?;
         self.current = self.current.with(setting);
         Ok(())
     }
 
-    /// Gives the VF back: previous settings, previous driver, claim released. Returns the first
-    /// failure (the others are logged); the claim is released in any case.
+    fn refused(&self, setting: VfSetting, source: super::NetlinkError) -> SriovError {
+        SriovError::Refused {
+            pf: self.pf,
+            netdev: self.netdev.clone(),
+            vf: self.vf.index,
+            setting,
+            source,
+        }
+    }
+
+    /// Gives the VF back: baseline settings, baseline driver, claim released (the baseline stays
+    /// in the claim file). Returns the first failure (the others are logged); a VF that could
+    /// not be restored is quarantined.
     pub fn release(mut self) -> Result<()> {
         self.restore()
     }
 
-    fn restore(&mut self) -> Result<()> {
+    /// Puts back every setting that differs from the baseline (as the PF reports them now: a
+    /// trusted guest may have changed its MAC address), newest first, then the baseline driver.
+    fn put_back(&mut self) -> Vec<SriovError> {
+        let now = self
+            .control
+            .settings(self.ifindex, self.vf.index)
+            .unwrap_or(self.current);
         let mut failures = Vec::new();
-        while let Some(setting) = self.applied.pop() {
-            let back = self.previous.same_kind_as(setting);
-            match self.control.apply(self.ifindex, self.vf.index, back) {
-                Ok(()) => self.current = self.current.with(back),
-                Err(source) => failures.push(SriovError::Refused {
-                    pf: self.pf,
-                    netdev: self.netdev.clone(),
-                    vf: self.vf.index,
-                    setting: back,
-                    source,
-                }),
+        for setting in self.previous.all().into_iter().rev() {
+            if now.same_kind_as(setting) == setting {
+                continue;
+            }
+            match self.control.apply(self.ifindex, self.vf.index, setting) {
+                Ok(()) => self.current = self.current.with(setting),
+                Err(source) => failures.push(self.refused(setting, source)),
             }
         }
         if let Some(binding) = self.binding.take() {
@@ -271,7 +357,39 @@ impl VfLease {
                 failures.push(e.into());
             }
         }
-        if self.claim.take().is_some() {
+        failures
+    }
+
+    /// Takes the VF out of use: its claim file keeps the baseline and says why.
+    fn quarantine(&mut self, reason: &str) {
+        let Some(mut claim) = self.claim.take() else {
+            return;
+        };
+        log::error!(
+            "VF {} ({}) of {} ({}) is quarantined: {reason}; check it (`ip link show {}`, its driver), then remove {} to give it back to the pool",
+            self.vf.index,
+            self.vf.bdf,
+            self.pf,
+            self.netdev,
+            self.netdev,
+            claim.path().display()
+        );
+        if let Err(e) = claim.quarantine(reason) {
+            log::error!(
+                "VF {}: cannot record its quarantine: {}",
+                self.vf.bdf,
+                error_chain(&e)
+            );
+        }
+    }
+
+    fn restore(&mut self) -> Result<()> {
+        if self.claim.is_none() {
+            return Ok(());
+        }
+        let mut failures = self.put_back().into_iter();
+        let Some(first) = failures.next() else {
+            self.claim = None;
             log::info!(
                 "released VF {} ({}) of {} ({})",
                 self.vf.index,
@@ -279,9 +397,8 @@ impl VfLease {
                 self.pf,
                 self.netdev
             );
-        }
-        let mut failures = failures.into_iter();
-        let first = failures.next();
+            return Ok(());
+        };
         for e in failures {
             log::warn!(
                 "releasing VF {} ({}): {}",
@@ -290,7 +407,11 @@ impl VfLease {
                 error_chain(&e)
             );
         }
-        first.map_or(Ok(()), Err)
+        self.quarantine(&format!(
+            "restoring it on release failed: {}",
+            error_chain(&first)
+        ));
+        Err(first)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::fs;
 use std::sync::Arc;
 
-use crate::sriov::fake::{FakeControl, FakeHost, PF, VFS};
+use crate::sriov::fake::{FakeControl, FakeHost, PF, PRISTINE, VFS};
 use crate::sriov::*;
 use rvmm_devices::error_chain;
 
@@ -199,7 +199,7 @@ fn dropped_lease_restores_and_releases_too() {
 
     drop(lease);
 
-    assert_eq!(control.settings(IFINDEX, 0).unwrap(), VfSettings::default());
+    assert_eq!(control.settings(IFINDEX, 0).unwrap(), PRISTINE);
     assert_eq!(
         pool.take(&request(VfPolicy::default()), &owner("b"))
             .unwrap()
@@ -265,7 +265,7 @@ fn refused_setting_names_it_with_the_errno_and_undoes_the_rest() {
             && text.contains(&std::io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string()),
         "{text}"
     );
-    assert_eq!(control.settings(IFINDEX, 0).unwrap(), VfSettings::default());
+    assert_eq!(control.settings(IFINDEX, 0).unwrap(), PRISTINE);
 }
 
 #[test]
@@ -311,5 +311,162 @@ fn unbindable_vf_is_an_error_that_releases_the_claim() {
             .unwrap(),
         claim::ClaimOutcome::Claimed(_)
     ));
-    assert_eq!(control.settings(IFINDEX, 0).unwrap(), VfSettings::default());
+    assert_eq!(control.settings(IFINDEX, 0).unwrap(), PRISTINE);
+}
+
+/// The claim file a holder leaves when it dies without releasing VF `vf` (SIGKILL, abort): its
+/// holder lines and the baseline it recorded before changing anything.
+fn left_by_dead_holder(host: &FakeHost, vf: &str, baseline: &claim::Baseline) {
+    let file = claim::ClaimFile {
+        holder: None,
+        baseline: Some(baseline.clone()),
+        quarantined: None,
+    };
+    let dead = ClaimRecord {
+        pid: 999_999,
+        vm: "tenant-a".into(),
+        device: "net0".into(),
+    };
+    let path = host.claims().path_of(&vf.parse().unwrap());
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, file.text_for(Some(&dead))).unwrap();
+}
+
+/// What tenant A left on VF 0: its MAC, VLAN 77, trust on, spoof checking off.
+fn tenant_a_leftovers(control: &FakeControl) {
+    control.settings.lock().unwrap().insert(
+        (IFINDEX, 0),
+        VfSettings {
+            mac: mac(0xa),
+            vlan: 77,
+            qos: 0,
+            spoofchk: false,
+            trust: true,
+        },
+    );
+}
+
+fn pristine_baseline() -> claim::Baseline {
+    claim::Baseline {
+        settings: PRISTINE,
+        driver: DriverState::default(),
+    }
+}
+
+#[test]
+fn vf_left_by_a_dead_holder_is_restored_then_given_only_what_is_asked() {
+    let host = FakeHost::igb(Some("vfio-pci"));
+    let control = Arc::new(FakeControl::default());
+    tenant_a_leftovers(&control);
+    left_by_dead_holder(&host, VFS[0], &pristine_baseline());
+
+    let lease = sriov(&host, &control)
+        .take(&request(VfPolicy::default()), &owner("tenant-b"))
+        .unwrap();
+
+    assert_eq!(lease.vf().index, 0);
+    assert_eq!(lease.previous(), PRISTINE);
+    assert_eq!(
+        control.settings(IFINDEX, 0).unwrap(),
+        VfSettings {
+            mac: derive_mac("tenant-b", "net0"),
+            ..PRISTINE
+        }
+    );
+}
+
+#[test]
+fn request_without_policy_gets_the_pf_defaults_not_leftovers() {
+    // No claim file: whatever the VF has now is its baseline, but not what the tenant gets.
+    let host = FakeHost::igb(Some("vfio-pci"));
+    let control = Arc::new(FakeControl::default());
+    tenant_a_leftovers(&control);
+
+    let lease = sriov(&host, &control)
+        .take(&request(VfPolicy::default()), &owner("tenant-b"))
+        .unwrap();
+
+    let now = control.settings(IFINDEX, 0).unwrap();
+    assert_eq!((now.vlan, now.spoofchk, now.trust), (0, true, false));
+    assert_eq!(lease.settings(), now);
+}
+
+#[test]
+fn release_leaves_the_baseline_and_no_holder_in_the_claim_file() {
+    let host = FakeHost::igb(Some("vfio-pci"));
+    let control = Arc::new(FakeControl::default());
+    let lease = sriov(&host, &control)
+        .take(
+            &request(VfPolicy {
+                vlan: Some(77),
+                ..VfPolicy::default()
+            }),
+            &owner("a"),
+        )
+        .unwrap();
+    let path = host.claims().path_of(&VFS[0].parse().unwrap());
+    let held = claim::ClaimFile::parse(&fs::read_to_string(&path).unwrap());
+    assert!(held.holder.is_some() && held.baseline.is_some(), "{held:?}");
+
+    lease.release().unwrap();
+
+    let left = claim::ClaimFile::parse(&fs::read_to_string(&path).unwrap());
+    assert_eq!(left.holder, None);
+    assert_eq!(left.baseline.map(|b| b.settings), Some(PRISTINE));
+    assert_eq!(control.settings(IFINDEX, 0).unwrap(), PRISTINE);
+}
+
+#[test]
+fn vf_that_cannot_be_restored_is_quarantined_and_never_handed_out() {
+    let host = FakeHost::igb(Some("vfio-pci"));
+    let control = Arc::new(FakeControl::default());
+    tenant_a_leftovers(&control);
+    left_by_dead_holder(&host, VFS[0], &pristine_baseline());
+    *control.refuse.lock().unwrap() = Some((VfSetting::Vlan { vlan: 0, qos: 0 }, libc::EIO));
+    let pool = sriov(&host, &control);
+
+    let lease = pool
+        .take(&request(VfPolicy::default()), &owner("tenant-b"))
+        .unwrap();
+    *control.refuse.lock().unwrap() = None;
+    let _others: Vec<VfLease> = ["c", "d"]
+        .iter()
+        .filter_map(|vm| pool.take(&request(VfPolicy::default()), &owner(vm)).ok())
+        .collect();
+    let err = pool
+        .take(&request(VfPolicy::default()), &owner("e"))
+        .unwrap_err();
+
+    assert_eq!(lease.vf().index, 1);
+    let path = host.claims().path_of(&VFS[0].parse().unwrap());
+    let file = claim::ClaimFile::parse(&fs::read_to_string(&path).unwrap());
+    assert!(file.quarantined.is_some(), "{file:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("VF 0 ({}) quarantined", VFS[0]))
+            && text.contains(&format!("remove {}", path.display())),
+        "{text}"
+    );
+}
+
+#[test]
+fn vf_left_on_vfio_pci_by_a_dead_holder_goes_back_to_its_recorded_driver() {
+    let host = FakeHost::igb(Some("vfio-pci"));
+    let control = Arc::new(FakeControl::default());
+    let baseline = claim::Baseline {
+        settings: PRISTINE,
+        driver: DriverState {
+            driver: Some("igbvf".into()),
+            driver_override: None,
+        },
+    };
+    left_by_dead_holder(&host, VFS[0], &baseline);
+    let lease = sriov(&host, &control)
+        .take(&request(VfPolicy::default()), &owner("b"))
+        .unwrap();
+
+    lease.release().unwrap();
+
+    let bind = host.root.join("sys/bus/pci/drivers/igbvf/bind");
+    assert_eq!(fs::read_to_string(bind).unwrap(), VFS[0]);
 }

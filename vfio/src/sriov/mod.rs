@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use rvmm_pci::Bdf;
 
-pub use bind::{BindError, Binding};
+pub use bind::{BindError, Binding, DriverState};
 pub use claim::{ClaimDir, ClaimError, ClaimRecord, Holder};
 pub use lease::{Sriov, VfLease, VfOwner, VfRequest};
 pub use netlink::{NetlinkError, RouteNetlink, VfControl};
@@ -41,6 +41,14 @@ pub enum TakenBy {
     Claim(Holder),
     /// The host uses it.
     Host(HostUse),
+    /// It could not be restored after an earlier tenant and is out of use (its claim file says
+    /// why; an operator removes the file once the VF is checked).
+    Quarantined {
+        /// Why.
+        reason: String,
+        /// The claim file to remove.
+        claim_file: std::path::PathBuf,
+    },
 }
 
 /// A VF that is not free.
@@ -58,6 +66,11 @@ impl fmt::Display for TakenVf {
         match &self.by {
             TakenBy::Claim(holder) => write!(f, "claimed by {holder}"),
             TakenBy::Host(using) => using.fmt(f),
+            TakenBy::Quarantined { reason, claim_file } => write!(
+                f,
+                "quarantined ({reason}; check the VF, then remove {})",
+                claim_file.display()
+            ),
         }
     }
 }

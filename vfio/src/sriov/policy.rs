@@ -150,6 +150,19 @@ impl VfSettings {
         self
     }
 
+    /// Each setting, in the order they are applied: MAC, VLAN, spoof checking, trust.
+    pub fn all(&self) -> [VfSetting; 4] {
+        [
+            VfSetting::Mac(self.mac),
+            VfSetting::Vlan {
+                vlan: self.vlan,
+                qos: self.qos,
+            },
+            VfSetting::SpoofCheck(self.spoofchk),
+            VfSetting::Trust(self.trust),
+        ]
+    }
+
     /// The setting of the same kind as `setting` that these settings hold (what restores it).
     pub fn same_kind_as(&self, setting: VfSetting) -> VfSetting {
         match setting {
@@ -164,8 +177,9 @@ impl VfSettings {
     }
 }
 
-/// What a VM asks of its VF's port; `None` leaves the host's setting as it is, except the MAC
-/// address, which is always set (derived from the VM and device when not given).
+/// What a VM asks of its VF's port. Every setting is applied: one not given gets the PF's default
+/// (no VLAN, spoof checking on, trust off), never what an earlier tenant left, and the MAC address
+/// is derived from the VM and device when not given.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VfPolicy {
     /// MAC address.
@@ -184,22 +198,18 @@ impl VfPolicy {
         self.mac.map_or(Ok(()), |mac| mac.for_vf().map(|_| ()))
     }
 
-    /// The settings to apply for device `device` of VM `vm`, in the order they are applied: MAC,
-    /// VLAN, spoof checking, trust.
-    pub fn settings(&self, vm: &str, device: &str) -> Vec<VfSetting> {
-        let mut settings = vec![VfSetting::Mac(
-            self.mac.unwrap_or_else(|| derive_mac(vm, device)),
-        )];
-        if let Some(vlan) = self.vlan {
-            settings.push(VfSetting::Vlan { vlan, qos: 0 });
-        }
-        if let Some(on) = self.spoofchk {
-            settings.push(VfSetting::SpoofCheck(on));
-        }
-        if let Some(on) = self.trust {
-            settings.push(VfSetting::Trust(on));
-        }
-        settings
+    /// The settings of device `device` of VM `vm`, in the order they are applied: MAC, VLAN,
+    /// spoof checking, trust; those not given are the PF's defaults.
+    pub fn settings(&self, vm: &str, device: &str) -> [VfSetting; 4] {
+        [
+            VfSetting::Mac(self.mac.unwrap_or_else(|| derive_mac(vm, device))),
+            VfSetting::Vlan {
+                vlan: self.vlan.unwrap_or(0),
+                qos: 0,
+            },
+            VfSetting::SpoofCheck(self.spoofchk.unwrap_or(true)),
+            VfSetting::Trust(self.trust.unwrap_or(false)),
+        ]
     }
 }
 
@@ -305,7 +315,7 @@ mod tests {
     }
 
     #[test]
-    fn policy_always_sets_a_mac_and_only_the_given_rest() {
+    fn settings_not_given_are_the_pf_defaults_not_leftovers() {
         let policy = VfPolicy {
             vlan: Some(100),
             ..VfPolicy::default()
@@ -315,9 +325,11 @@ mod tests {
 
         assert_eq!(
             settings,
-            vec![
+            [
                 VfSetting::Mac(derive_mac("vm1", "net0")),
-                VfSetting::Vlan { vlan: 100, qos: 0 }
+                VfSetting::Vlan { vlan: 100, qos: 0 },
+                VfSetting::SpoofCheck(true),
+                VfSetting::Trust(false),
             ]
         );
     }
@@ -334,8 +346,9 @@ mod tests {
 
         assert_eq!(
             policy.settings("vm1", "net0"),
-            vec![
+            [
                 VfSetting::Mac(mac),
+                VfSetting::Vlan { vlan: 0, qos: 0 },
                 VfSetting::SpoofCheck(false),
                 VfSetting::Trust(true)
             ]
