@@ -199,12 +199,15 @@ impl ApiHandler for QueuedHandler {
     }
 
     fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError> {
+        // Library callers build requests by hand: the decoder's rules hold here too.
+        req.check().map_err(ApiError::BadRequest)?;
         self.call("add-device", self.timeouts.add, |r| {
             PendingRequest::AddDevice(req, r)
         })
     }
 
     fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError> {
+        req.check().map_err(ApiError::BadRequest)?;
         let timeout = req.timeout().saturating_add(self.timeouts.remove_margin);
         self.call("remove-device", timeout, |r| {
             PendingRequest::RemoveDevice(req, r)
@@ -323,6 +326,57 @@ mod tests {
         assert_eq!(
             client.join().expect("client thread"),
             Err(ApiError::Conflict("busy".into()))
+        );
+    }
+
+    #[test]
+    fn hand_built_removal_with_an_overflowing_timeout_is_refused_before_the_loop() {
+        let (queue, handler) = setup();
+        let req = RemoveDeviceRequest {
+            id: DeviceId::new("nvme0").expect("valid id"),
+            surprise: false,
+            timeout_ms: u64::MAX - 1,
+        };
+
+        let answer = handler.remove_device(req);
+
+        assert!(
+            matches!(&answer, Err(ApiError::BadRequest(m)) if m.contains("invalid timeout_ms")),
+            "{answer:?}"
+        );
+        assert!(
+            queue.drain().is_empty(),
+            "the request reached the event loop"
+        );
+    }
+
+    #[test]
+    fn hand_built_vf_with_a_multicast_mac_is_refused_before_the_loop() {
+        let (queue, handler) = setup();
+        let spec: DeviceSpec = "vf=eth0".parse().expect("valid");
+        let DeviceSpec {
+            source: crate::device::DeviceSource::Vf(mut vf),
+            ..
+        } = spec
+        else {
+            panic!("not a VF");
+        };
+        vf.policy.mac = Some(rvmm_vfio::sriov::MacAddress([1, 0, 0x5e, 0, 0, 1]));
+        let spec = DeviceSpec {
+            id: None,
+            source: crate::device::DeviceSource::Vf(vf),
+            group: None,
+        };
+
+        let answer = handler.add_device(spec);
+
+        assert!(
+            matches!(&answer, Err(ApiError::BadRequest(m)) if m.contains("multicast")),
+            "{answer:?}"
+        );
+        assert!(
+            queue.drain().is_empty(),
+            "the request reached the event loop"
         );
     }
 

@@ -181,6 +181,23 @@ impl RemoveDeviceRequest {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
+
+    /// Checks what a caller may have built by hand (the JSON decoder checks the same): a
+    /// timeout of 1 to [`MAX_REMOVE_TIMEOUT_MS`] ms.
+    pub fn check(&self) -> Result<(), String> {
+        check_remove_timeout(self.timeout_ms)
+    }
+}
+
+/// The one rule for a removal's `timeout_ms`.
+fn check_remove_timeout(v: u64) -> Result<(), String> {
+    if (1..=MAX_REMOVE_TIMEOUT_MS).contains(&v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid timeout_ms {v}: use 1 to {MAX_REMOVE_TIMEOUT_MS}"
+        ))
+    }
 }
 
 fn default_remove_timeout() -> u64 {
@@ -189,13 +206,9 @@ fn default_remove_timeout() -> u64 {
 
 fn remove_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = u64::deserialize(d)?;
-    if (1..=MAX_REMOVE_TIMEOUT_MS).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "invalid timeout_ms {v}: use 1 to {MAX_REMOVE_TIMEOUT_MS}"
-        )))
-    }
+    check_remove_timeout(v)
+        .map(|()| v)
+        .map_err(serde::de::Error::custom)
 }
 
 /// `PUT /v1/vm/shutdown`: takes no fields (an empty body or `{}`).

@@ -97,6 +97,24 @@ pub struct DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Checks what a caller may have built by hand (the JSON decoder and the command line check
+    /// the same): a VF's MAC address must be one a VF can be given, a group descriptor goes only
+    /// with a host device.
+    pub fn check(&self) -> Result<(), String> {
+        match &self.source {
+            DeviceSource::Vf(vf) => {
+                if self.group.is_some() {
+                    return Err(
+                        "group-fd applies only to path= devices: rvmm opens the VF it picks itself"
+                            .into(),
+                    );
+                }
+                vf.policy.check().map_err(|e| e.to_string())
+            }
+            DeviceSource::Host(_) => Ok(()),
+        }
+    }
+
     /// A host device, named by the VMM, whose group rvmm opens itself.
     pub fn host(bdf: Bdf) -> Self {
         Self {

@@ -265,7 +265,10 @@ impl Controller {
                 self.ops.insert(
                     id,
                     Op::Removing(Removal {
-                        deadline: started + req.timeout(),
+                        // Checked at the handler (at most 600 s); never overflows.
+                        deadline: started
+                            .checked_add(req.timeout())
+                            .unwrap_or(started + Duration::from_secs(600)),
                         started,
                         reply: Some(reply),
                     }),
