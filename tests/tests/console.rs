@@ -7,7 +7,11 @@
 //! deadline passes mid-line, returns without the bytes it took ("stop" became a line "top").
 //! The guest now reads its console without a deadline (`resources/guest/console.sh`).
 //!
-//! Two kinds of tests:
+//! Output never blocks the guest or rvmm (`stall` run): a guest printing without end into an
+//! rvmm whose stdout is a pipe nobody reads still gets a hot-added drive, `info` answers, and a
+//! shutdown ends rvmm (output beyond the bounded buffer is dropped and counted).
+//!
+//! Two kinds of input tests:
 //! - on the build machine, with its busybox (the guest's): the mechanism, deterministically (a
 //!   line whose second half arrives after a waiting reader's deadline), and the guest's console
 //!   reader under the same timing;
@@ -39,6 +43,7 @@ const CYCLES: u32 = 4;
 const GRACEFUL_CYCLES: [u32; 1] = [2];
 
 static RUN: SharedRun = SharedRun::new();
+static STALL_RUN: SharedRun = SharedRun::new();
 
 // --- on the build machine ---------------------------------------------------------------------
 
@@ -331,5 +336,116 @@ fn no_line_reaches_the_guest_that_was_not_typed() {
     run.check(
         foreign.is_empty(),
         &format!("the guest read lines nobody typed (parts of lines?): {foreign:?}"),
+    );
+}
+
+// --- output into a reader that stalls ------------------------------------------------------------
+
+fn stall_scenario() -> String {
+    let args = GuestRun::new("stall")
+        .cpus(2)
+        .memory("size=512M")
+        .root_ports(4)
+        .guest_scenario("flood", &[])
+        .arg("--api-socket")
+        .arg("/tmp/rvmm-stall.sock")
+        .rvmm_args();
+    format!(
+        r#"NVME=$(pci_find 1b36:0010 | sed -n 1p)
+vfio_bind "$NVME"
+# rvmm's stdout: a pipe this shell holds open and never reads.
+mkfifo /tmp/stall.fifo
+exec 8<>/tmp/stall.fifo
+hmark begin stall
+timeout -s KILL 300 "$RVMM" {args} >/tmp/stall.fifo 2>/tmp/stall.err </dev/null &
+STALL_PID=$!
+deadline=$(($(uptime_ms) + 60000))
+until [ -S /tmp/rvmm-stall.sock ] || [ "$(uptime_ms)" -gt "$deadline" ]; do sleep 0.2; done
+# The guest boots and starts its flood (its console filled the pipe long before).
+sleep 25
+rvmm_ctl stall info info
+rvmm_ctl stall add add-device "path=/sys/bus/pci/devices/$NVME,id=disk0"
+rvmm_ctl stall info_added info
+start=$(uptime_ms)
+rvmm_ctl stall shutdown shutdown
+wait "$STALL_PID"
+hmark stall_exit "rc=$?" "ms=$(($(uptime_ms) - start))"
+while IFS= read -r line; do hmark stderr "$line"; done </tmp/stall.err
+hmark end stall
+"#
+    )
+}
+
+fn stall_run() -> &'static TestHostOutput {
+    STALL_RUN.get(
+        || {
+            TestHost::new("console_stall")
+                .nvme_drives(1)
+                .igb(false)
+                .needs_rvmm(true)
+                .scenario(&stall_scenario())
+        },
+        Duration::from_secs(420),
+    )
+}
+
+/// The `HOST ctl LABEL rc=N` status of the stall run's call `label`.
+fn stall_ctl_rc(label: &str) -> Option<String> {
+    stall_run()
+        .section("stall")
+        .host_all("ctl")
+        .into_iter()
+        .find(|m| m.word(0) == Some(label))
+        .and_then(|m| m.field("rc").map(str::to_string))
+}
+
+#[test]
+fn info_answers_while_nobody_reads_the_console() {
+    let run = stall_run().section("stall");
+    run.check(
+        stall_ctl_rc("info").as_deref() == Some("0"),
+        "info did not answer while the console reader stalled",
+    );
+}
+
+#[test]
+fn hot_add_completes_while_nobody_reads_the_console() {
+    let run = stall_run().section("stall");
+    let err: Vec<&str> = run
+        .host_all("ctl_err")
+        .into_iter()
+        .filter(|m| m.word(0) == Some("add"))
+        .map(|m| m.value)
+        .collect();
+    run.check(
+        stall_ctl_rc("add").as_deref() == Some("0"),
+        &format!("the hot-add failed while the console reader stalled: {err:?}"),
+    );
+}
+
+#[test]
+fn shutdown_ends_rvmm_while_nobody_reads_the_console() {
+    let run = stall_run().section("stall");
+    let exit = run.expect_host("stall_exit");
+    run.check(
+        stall_ctl_rc("shutdown").as_deref() == Some("0") && exit.field("rc") == Some("0"),
+        &format!(
+            "rvmm did not end cleanly after the shutdown: {}",
+            exit.value
+        ),
+    );
+}
+
+#[test]
+fn dropped_console_output_is_reported() {
+    let run = stall_run().section("stall");
+    let stderr: Vec<&str> = run
+        .host_all("stderr")
+        .into_iter()
+        .map(|m| m.value)
+        .collect();
+    run.check(
+        stderr.iter().any(|l| l.contains("console output")),
+        &format!("rvmm did not say that console output was dropped: {stderr:?}"),
     );
 }

@@ -50,7 +50,9 @@ struct RunArgs {
     /// Number of hotplug-capable PCIe root ports (1 to 128).
     #[arg(long, default_value_t = DEFAULT_ROOT_PORTS, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_ROOT_PORTS)))]
     root_ports: u8,
-    /// Serial console: stdio, file=PATH or off.
+    /// Serial console: stdio, file=PATH[,max_size=SIZE] (at most 64M unless max_size says
+    /// otherwise) or off. Output never waits for a slow reader: past a 1 MiB buffer it is
+    /// dropped and counted.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// Unix socket for the control API.

@@ -3,7 +3,7 @@
 //! arrives while it reads the request.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -52,6 +52,15 @@ impl Read for FdReceivingStream<'_> {
         for &fd in raw.iter().take(count) {
             // SAFETY: recvmsg installed `fd` in our table for us; it is owned from here on.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // Close-on-exec, like every descriptor rvmm opens itself (recv_with_fds does not
+            // ask recvmsg for MSG_CMSG_CLOEXEC).
+            // SAFETY: fcntl on a descriptor we own; only its descriptor flags change.
+            if unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+                log::warn!(
+                    "cannot make a received descriptor close-on-exec: {}",
+                    io::Error::last_os_error()
+                );
+            }
             if self.fds.len() < MAX_REQUEST_FDS {
                 self.fds.push(owned);
             } else {

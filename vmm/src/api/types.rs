@@ -321,6 +321,8 @@ pub struct VmInfo {
 pub struct VmResources {
     /// File descriptors open in the rvmm process.
     pub open_fds: u64,
+    /// The soft `RLIMIT_NOFILE`: the budget `open_fds` counts against.
+    pub fd_limit: u64,
     /// KVM memory slots used for device memory.
     pub memory_slots: u64,
     /// MSI routes in the KVM GSI routing table.

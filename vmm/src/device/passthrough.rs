@@ -235,6 +235,7 @@ impl Passthrough {
             .unwrap_or(0);
         VmResources {
             open_fds,
+            fd_limit: fd_limit().0,
             memory_slots: self.guest_mmio.slots_in_use() as u64,
             msi_routes: self.router.msi_routes() as u64,
             msi_gsis: self.router.allocated() as u64,
@@ -524,6 +525,44 @@ pub struct PortUsage {
     pub total: usize,
     /// The first port that is neither.
     pub first_free: Option<usize>,
+}
+
+/// The process's soft and hard `RLIMIT_NOFILE` (`u64::MAX`: unlimited).
+pub fn fd_limit() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return (0, 0);
+    }
+    (limit.rlim_cur, limit.rlim_max)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: each MSI-X vector the guest enables takes
+/// an eventfd, and the usual soft limit (1024) is few for devices with many vectors. Returns the
+/// limit in force.
+pub fn raise_fd_limit() -> u64 {
+    let (soft, hard) = fd_limit();
+    if soft >= hard {
+        return soft;
+    }
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard one needs
+    // no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        log::warn!(
+            "cannot raise the file descriptor limit from {soft} to {hard}: {}",
+            std::io::Error::last_os_error()
+        );
+        return soft;
+    }
+    log::debug!("file descriptor limit raised from {soft} to {hard}");
+    hard
 }
 
 /// Places every memory BAR in the port's windows, largest first, naturally aligned:

@@ -21,7 +21,9 @@ use crate::kvm::irq_routing::GsiRouter;
 use crate::machine::acpi;
 use crate::machine::layout;
 use crate::machine::pci::{self, PciRoot};
+use crate::seccomp::{SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{SerialConfig, VmConfig};
+use crate::vm::console_out::{ConsoleOutput, ConsoleWriter};
 use crate::vm::exit::ExitSignal;
 
 /// Errors of device creation.
@@ -75,6 +77,7 @@ pub type Result<T> = std::result::Result<T, DeviceError>;
 /// Owns the VM's devices; the buses hold weak references to them.
 pub struct DeviceManager {
     serial: Option<Arc<Mutex<Serial>>>,
+    console_writer: Option<ConsoleWriter>,
     owned: Vec<SharedBusDevice>,
     _irqfds: Vec<EventFd>,
     rsdp: u64,
@@ -114,6 +117,7 @@ impl DeviceManager {
         } = machine;
         let mut dm = Self {
             serial: None,
+            console_writer: None,
             owned: Vec::new(),
             _irqfds: Vec::new(),
             rsdp: 0,
@@ -159,9 +163,10 @@ impl DeviceManager {
         exit: Arc<ExitSignal>,
         config: &VmConfig,
     ) -> Result<()> {
-        if let Some(out) = serial_output(&config.serial).map_err(DeviceError::SerialOutput)? {
+        if let Some((writer, out)) = serial_output(&config.serial, config.seccomp)? {
+            self.console_writer = Some(writer);
             let irq = self.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
-            let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+            let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(out))));
             let shared: SharedBusDevice = serial.clone();
             self.register(
                 pio,
@@ -242,6 +247,11 @@ impl DeviceManager {
         self.pci.as_ref()
     }
 
+    /// Hands the console writer over (once), to finish it when the VM ends.
+    pub fn take_console_writer(&mut self) -> Option<ConsoleWriter> {
+        self.console_writer.take()
+    }
+
     /// Hands the passthrough devices to the VM controller (once).
     pub fn take_passthrough(&mut self) -> Option<Passthrough> {
         self.passthrough.take()
@@ -253,40 +263,70 @@ impl DeviceManager {
     }
 }
 
-/// Opens the serial output of `config`.
-fn serial_output(config: &SerialConfig) -> std::io::Result<Option<Box<dyn Write + Send>>> {
-    Ok(match config {
-        SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
-        SerialConfig::File(p) => Some(Box::new(
-            OpenOptions::new().create(true).append(true).open(p)?,
-        )),
-        SerialConfig::Off => None,
-    })
+/// Opens the serial output of `config` behind a console writer thread (the UART never waits
+/// for the sink).
+fn serial_output(
+    config: &SerialConfig,
+    seccomp: SeccompMode,
+) -> Result<Option<(ConsoleWriter, ConsoleOutput)>> {
+    let (sink, limit): (Box<dyn Write + Send>, Option<u64>) = match config {
+        SerialConfig::Stdio => (Box::new(std::io::stdout()), None),
+        SerialConfig::File { path, max_size } => (
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(DeviceError::SerialOutput)?,
+            ),
+            Some(*max_size),
+        ),
+        SerialConfig::Off => return Ok(None),
+    };
+    let filter = ThreadFilter::new(ThreadKind::Console, seccomp)
+        .map_err(|e| DeviceError::SerialOutput(std::io::Error::other(e)))?;
+    ConsoleWriter::start(sink, limit, filter)
+        .map(Some)
+        .map_err(DeviceError::SerialOutput)
 }
 
-/// Attaches the devices given at boot (present and powered when the guest starts); group
-/// descriptors given by number are ones this process inherited.
+/// Attaches the devices given at boot (present and powered when the guest starts).
 fn attach_boot_devices(
     passthrough: &mut Passthrough,
     pci: &PciRoot,
     devices: &[DeviceSpec],
 ) -> Result<()> {
-    let mut inherited = InheritedFds::default();
     for spec in devices {
-        let mut spec = spec.clone();
-        let failed = |spec: &DeviceSpec, source: PassthroughError| DeviceError::Passthrough {
-            spec: spec.to_string(),
-            source: Box::new(source),
-        };
-        if let Some(group) = &spec.group {
-            let adopted = inherited
-                .adopt(group)
-                .map_err(|e| failed(&spec, e.into()))?;
-            spec.group = Some(adopted);
-        }
         passthrough
-            .attach_at_boot(&spec, &pci.segment)
-            .map_err(|e| failed(&spec, e))?;
+            .attach_at_boot(spec, &pci.segment)
+            .map_err(|source| DeviceError::Passthrough {
+                spec: spec.to_string(),
+                source: Box::new(source),
+            })?;
     }
     Ok(())
+}
+
+/// `devices` with every group descriptor given by number ([`crate::device::GroupFd::Number`], inherited from
+/// the process that started rvmm) taken over as this process's own. Called before rvmm opens
+/// anything, so that a number can only name a descriptor the caller handed over, never one of
+/// rvmm's own.
+pub fn adopt_inherited_groups(devices: &[DeviceSpec]) -> Result<Vec<DeviceSpec>> {
+    let mut inherited = InheritedFds::default();
+    devices
+        .iter()
+        .map(|spec| {
+            let mut spec = spec.clone();
+            if let Some(group) = &spec.group {
+                let adopted = inherited
+                    .adopt(group)
+                    .map_err(|e| DeviceError::Passthrough {
+                        spec: spec.to_string(),
+                        source: Box::new(e.into()),
+                    })?;
+                spec.group = Some(adopted);
+            }
+            Ok(spec)
+        })
+        .collect()
 }

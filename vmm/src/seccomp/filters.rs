@@ -116,6 +116,15 @@ fn base(a: &mut Allow) -> Result<(), SeccompError> {
     a.when(libc::SYS_mmap, vec![without_bits(2, no_exec)?]);
     a.when(libc::SYS_mprotect, vec![without_bits(2, no_exec)?]);
     a.when_arg_in(libc::SYS_fcntl, 1, &[libc::F_GETFD as u64])?;
+    // abort(): SIGABRT to this process's own thread, so that an abort is reported as one.
+    let pid = u64::from(std::process::id());
+    a.when(
+        libc::SYS_tgkill,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, pid)?,
+            cond(2, SeccompCmpOp::Eq, libc::SIGABRT as u64)?,
+        ])?],
+    );
     a.when_arg_in(libc::SYS_prctl, 0, &[libc::PR_GET_NAME as u64])
 }
 
@@ -181,7 +190,6 @@ fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
         libc::SYS_ftruncate,
         libc::SYS_fsync,
         libc::SYS_dup,
-        libc::SYS_prlimit64,
         libc::SYS_getrlimit,
         libc::SYS_getuid,
         libc::SYS_geteuid,
@@ -204,7 +212,16 @@ fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
             libc::F_DUPFD_CLOEXEC as u64,
         ],
     )?;
-    a.when_arg_in(libc::SYS_socket, 0, &[libc::AF_NETLINK as u64])?;
+    // prlimit64 on this process only (pid 0): the memlock check of a device being added.
+    a.when_arg_in(libc::SYS_prlimit64, 0, &[0])?;
+    // Sockets: rtnetlink (NETLINK_ROUTE = 0) for VF settings, nothing else.
+    a.when(
+        libc::SYS_socket,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK as u64)?,
+            cond(2, SeccompCmpOp::Eq, libc::NETLINK_ROUTE as u64)?,
+        ])?],
+    );
     a.ioctls(&[
         KVM_SET_USER_MEMORY_REGION,
         KVM_SET_GSI_ROUTING,
@@ -248,6 +265,8 @@ fn api_connection(a: &mut Allow) -> Result<(), SeccompError> {
         libc::SYS_ppoll,
         libc::SYS_shutdown,
     ]);
+    // Descriptors received with a request are made close-on-exec at once.
+    a.when_arg_in(libc::SYS_fcntl, 1, &[libc::F_SETFD as u64])?;
     a.when_arg_in(
         libc::SYS_setsockopt,
         2,
@@ -298,6 +317,8 @@ pub(super) fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
         ThreadKind::EventLoop => event_loop(&mut a)?,
         ThreadKind::ApiAccept => api_accept(&mut a)?,
         ThreadKind::ApiConnection => api_connection(&mut a)?,
+        // Writes (stdout or the console file, opened before) and waits: the base is all it does.
+        ThreadKind::Console => {}
     }
     Ok(a.0)
 }

@@ -86,15 +86,18 @@ pub enum ThreadKind {
     ApiAccept,
     /// A control API connection thread.
     ApiConnection,
+    /// The console writer: guest console output to stdout or a file.
+    Console,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::ApiAccept,
         ThreadKind::ApiConnection,
+        ThreadKind::Console,
     ];
 
     /// The kind's name in messages.
@@ -104,6 +107,7 @@ impl ThreadKind {
             ThreadKind::EventLoop => "event-loop",
             ThreadKind::ApiAccept => "api-accept",
             ThreadKind::ApiConnection => "api-connection",
+            ThreadKind::Console => "console",
         }
     }
 }

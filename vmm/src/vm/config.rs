@@ -23,8 +23,15 @@ pub enum SerialConfig {
     /// rvmm's stdin/stdout.
     #[default]
     Stdio,
-    /// Appended to a file; no input.
-    File(PathBuf),
+    /// Appended to a file, at most `max_size` bytes (then one line says the rest was dropped);
+    /// no input.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Most bytes written to it ([`crate::vm::console_out::DEFAULT_FILE_LIMIT`] unless
+        /// `max_size=` says otherwise).
+        max_size: u64,
+    },
     /// No serial port at all.
     Off,
 }
@@ -36,10 +43,28 @@ impl std::str::FromStr for SerialConfig {
         match s {
             "stdio" => Ok(SerialConfig::Stdio),
             "off" => Ok(SerialConfig::Off),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
-                _ => Err(ConfigError::Serial(s.to_owned())),
-            },
+            _ => {
+                let err = || ConfigError::Serial(s.to_owned());
+                let spec = s.strip_prefix("file=").ok_or_else(err)?;
+                // `max_size=` comes last, so that a path may hold commas.
+                let (path, max_size) = match spec.rsplit_once(",max_size=") {
+                    Some((path, size)) => (
+                        path,
+                        crate::memory::parse_size(size)
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .ok_or_else(err)?,
+                    ),
+                    None => (spec, crate::vm::console_out::DEFAULT_FILE_LIMIT),
+                };
+                if path.is_empty() {
+                    return Err(err());
+                }
+                Ok(SerialConfig::File {
+                    path: PathBuf::from(path),
+                    max_size,
+                })
+            }
         }
     }
 }
@@ -89,7 +114,7 @@ pub enum ConfigError {
         max: u8,
     },
     /// `--serial` not understood.
-    #[error("--serial {0:?} is not understood: use stdio, file=PATH or off")]
+    #[error("--serial {0:?} is not understood: use stdio, file=PATH[,max_size=SIZE] or off")]
     Serial(String),
     /// More boot devices than root ports.
     #[error("{devices} devices given (--device and --vf) but only {ports} root ports; raise --root-ports")]
@@ -166,8 +191,21 @@ mod tests {
         assert_eq!("off".parse(), Ok(SerialConfig::Off));
         assert_eq!(
             "file=/tmp/x".parse(),
-            Ok(SerialConfig::File(PathBuf::from("/tmp/x")))
+            Ok(SerialConfig::File {
+                path: PathBuf::from("/tmp/x"),
+                max_size: crate::vm::console_out::DEFAULT_FILE_LIMIT,
+            })
         );
+        assert_eq!(
+            "file=/tmp/a,b,max_size=1M".parse(),
+            Ok(SerialConfig::File {
+                path: PathBuf::from("/tmp/a,b"),
+                max_size: 1 << 20,
+            })
+        );
+        assert!("file=/tmp/x,max_size=0".parse::<SerialConfig>().is_err());
+        assert!("file=/tmp/x,max_size=lots".parse::<SerialConfig>().is_err());
+        assert_eq!("file=/tmp/x".parse::<SerialConfig>().map(|_| ()), Ok(()));
         assert!("file=".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
     }

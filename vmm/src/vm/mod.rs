@@ -4,13 +4,14 @@
 
 pub mod config;
 pub mod console;
+pub mod console_out;
 pub mod event_loop;
 pub mod exit;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -25,13 +26,17 @@ use crate::api::{
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
 use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
+use crate::device::passthrough::raise_fd_limit;
 use crate::hotplug::controller::{Controller, VmSummary};
-use crate::machine::device_manager::{DeviceError, DeviceManager, Machine};
+use crate::machine::device_manager::{adopt_inherited_groups, DeviceError, DeviceManager, Machine};
 use crate::memory;
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
+
+/// How long the end of a VM waits for the console writer to pass on the guest's last output.
+const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// TSS area KVM needs on Intel hosts (3 pages, inside the 32-bit hole, unused by anything else).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -146,6 +151,13 @@ impl Vm {
     /// ACPI tables, loads the kernel and configures every vCPU. Nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self> {
         let created = std::time::Instant::now();
+        // Inherited group descriptors first: before rvmm opens anything of its own, a number
+        // can only be one the caller handed over.
+        let config = &VmConfig {
+            devices: adopt_inherited_groups(&config.devices)?,
+            ..config.clone()
+        };
+        raise_fd_limit();
         let kvm = open_kvm()?;
         let max_cpus = u8::try_from(kvm.get_max_vcpus()).unwrap_or(u8::MAX);
         config.validate(max_cpus)?;
@@ -290,7 +302,10 @@ impl Vm {
         if let Some(server) = server {
             server.stop();
         }
-        let _ = std::io::stdout().flush();
+        // The guest's last words reach the console unless its reader stalls.
+        if let Some(writer) = self.devices.take_console_writer() {
+            writer.finish(CONSOLE_DRAIN_TIMEOUT);
+        }
         result?;
         let exit = self.exit.requested().unwrap_or(VmExit::PowerOff);
         self.events.publish(Event::now(EventKind::VmShutdown {
