@@ -20,7 +20,6 @@ const SYS_GROUPS: &str = "sys/kernel/iommu_groups";
 const VFIO_DRIVER: &str = "vfio-pci";
 /// Drivers the kernel tolerates on other devices of a group handed to VFIO.
 const GROUP_SAFE_DRIVERS: [&str; 3] = ["vfio-pci", "pci-stub", "pcieport"];
-const CAP_IPC_LOCK: u32 = 14;
 
 /// A process holding a VFIO group open.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,11 +123,13 @@ pub enum HostError {
         /// The processes holding `/dev/vfio/<group>`.
         holders: Vec<GroupHolder>,
     },
-    /// The memlock limit cannot cover guest RAM.
-    #[error("RLIMIT_MEMLOCK is {limit} bytes but passthrough must lock all {required} bytes of guest RAM; raise it (`ulimit -l unlimited`, LimitMEMLOCK=infinity in the systemd unit, or memlock in /etc/security/limits.conf) or grant CAP_IPC_LOCK")]
+    /// The memlock limit cannot cover the DMA mapping of guest RAM on top of what is locked.
+    #[error("RLIMIT_MEMLOCK is {limit} bytes but passthrough pins all {required} bytes of guest RAM for DMA on top of the {locked} bytes rvmm has locked already (guest RAM on 4 KiB pages counts twice); raise it to at least {} bytes (`ulimit -l unlimited`, LimitMEMLOCK=infinity in the systemd unit, or memlock in /etc/security/limits.conf) or grant CAP_IPC_LOCK", .locked.saturating_add(*.required))]
     MemlockTooLow {
-        /// Bytes that must be locked.
+        /// Bytes the DMA mapping pins.
         required: u64,
+        /// Bytes locked already.
+        locked: u64,
         /// The current soft limit.
         limit: u64,
     },
@@ -179,23 +180,27 @@ pub fn rebind_commands(bdf: &Bdf, driver: Option<&str>, vfio_loaded: bool) -> St
         .join("\n")
 }
 
-/// Checks that `required` bytes can be locked under the soft memlock `limit` (`None`: unlimited).
-pub fn check_memlock(required: u64, limit: Option<u64>, cap_ipc_lock: bool) -> Result<()> {
-    match limit {
-        Some(limit) if !cap_ipc_lock && limit < required => {
-            Err(HostError::MemlockTooLow { required, limit })
+/// Checks that `required` more bytes can be pinned for DMA under the soft memlock `limit`
+/// (`None`: unlimited) with `locked` bytes locked already: [`rvmm_devices::host::check_memlock`],
+/// the one rule, with this module's error.
+pub fn check_memlock(
+    required: u64,
+    limit: Option<u64>,
+    locked: u64,
+    cap_ipc_lock: bool,
+) -> Result<()> {
+    rvmm_devices::host::check_memlock(required, limit, locked, cap_ipc_lock).map_err(|s| {
+        HostError::MemlockTooLow {
+            required: s.needed,
+            locked: s.locked,
+            limit: s.limit,
         }
-        _ => Ok(()),
-    }
+    })
 }
 
 /// Whether the `CapEff:` line of a `/proc/<pid>/status` text includes `CAP_IPC_LOCK`.
 pub fn has_cap_ipc_lock(status: &str) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+    rvmm_devices::host::cap_ipc_lock(status).unwrap_or(false)
 }
 
 /// The host's sysfs, procfs and /dev, under a root directory.
@@ -368,7 +373,8 @@ impl Sysfs {
         })
     }
 
-    /// Checks that this process may lock `required` bytes (RLIMIT_MEMLOCK or CAP_IPC_LOCK).
+    /// Checks that this process may pin `required` more bytes for DMA (RLIMIT_MEMLOCK, with
+    /// what it has locked already, or CAP_IPC_LOCK).
     pub fn check_memlock(&self, required: u64) -> Result<()> {
         let mut limit = libc::rlimit {
             rlim_cur: 0,
@@ -388,7 +394,8 @@ impl Sysfs {
             path: status_path,
             source,
         })?;
-        check_memlock(required, soft, has_cap_ipc_lock(&status))
+        let locked = rvmm_devices::host::proc_kib_field(&status, "VmLck").unwrap_or(0);
+        check_memlock(required, soft, locked, has_cap_ipc_lock(&status))
     }
 }
 

@@ -238,16 +238,30 @@ fn other_open_errors_are_not_explained() {
 
 #[test]
 fn memlock_below_guest_ram_is_refused_with_the_numbers() {
-    let err = check_memlock(2 << 30, Some(8 << 20), false).unwrap_err();
-    assert!(err.to_string().starts_with(
-        "RLIMIT_MEMLOCK is 8388608 bytes but passthrough must lock all 2147483648 bytes"
-    ));
+    let err = check_memlock(2 << 30, Some(8 << 20), 0, false).unwrap_err();
+    assert!(err
+        .to_string()
+        .starts_with("RLIMIT_MEMLOCK is 8388608 bytes but passthrough pins all 2147483648 bytes"));
+}
+
+#[test]
+fn dma_pinning_counts_on_top_of_locked_guest_ram() {
+    // 1 GiB of 4 KiB-page guest RAM is mlocked: a 1.5 GiB limit does not cover its DMA map.
+    let err = check_memlock(1 << 30, Some(3 << 29), 1 << 30, false).unwrap_err();
+
+    let text = err.to_string();
+    assert!(
+        text.contains("on top of the 1073741824 bytes")
+            && text.contains("at least 2147483648 bytes"),
+        "{text}"
+    );
+    assert!(check_memlock(1 << 30, Some(2 << 30), 1 << 30, false).is_ok());
 }
 
 #[test]
 fn unlimited_memlock_or_cap_ipc_lock_is_enough() {
-    assert!(check_memlock(2 << 30, None, false).is_ok());
-    assert!(check_memlock(2 << 30, Some(0), true).is_ok());
+    assert!(check_memlock(2 << 30, None, 0, false).is_ok());
+    assert!(check_memlock(2 << 30, Some(0), 0, true).is_ok());
 }
 
 #[test]

@@ -292,7 +292,7 @@ impl Passthrough {
             DeviceSource::Host(bdf) => (self.sysfs.prepare(*bdf)?, None),
             DeviceSource::Vf(request) => {
                 // The VM's own limits first: a VF is configured only if it can be attached.
-                self.sysfs.check_memlock(self.memory_size())?;
+                self.check_dma_memlock()?;
                 self.free_port(segment)?;
                 let owner = VfOwner {
                     vm: self.vm_name.clone(),
@@ -310,7 +310,7 @@ impl Passthrough {
                 id: d.id.clone(),
             });
         }
-        self.sysfs.check_memlock(self.memory_size())?;
+        self.check_dma_memlock()?;
         let port = self.free_port(segment)?;
         let container = self.container()?;
         // The vfio layer owns the group descriptor while the group is attached; the request
@@ -479,6 +479,16 @@ impl Passthrough {
                 }
             }
         }
+    }
+
+    /// The first device DMA-maps all guest RAM (the container is made with it), which pins it
+    /// again on top of what is locked: the memlock limit must allow that. Later devices share
+    /// the mapping and pin nothing more.
+    fn check_dma_memlock(&self) -> Result<(), PassthroughError> {
+        if self.container.is_some() {
+            return Ok(());
+        }
+        Ok(self.sysfs.check_memlock(self.memory_size())?)
     }
 
     fn memory_size(&self) -> u64 {

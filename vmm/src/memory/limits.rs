@@ -8,6 +8,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use rvmm_devices::host::{cap_ipc_lock, proc_kib_field};
+
 use super::{HugepageSize, MemoryConfig, MemoryError, Result};
 
 /// Where the kernel exposes the hugepage pools, one `hugepages-<kB>kB` directory per size.
@@ -17,7 +19,6 @@ const PROC_SELF_STATUS: &str = "/proc/self/status";
 /// Host memory statistics (`MemTotal`, `MemAvailable`).
 const PROC_MEMINFO: &str = "/proc/meminfo";
 /// Capability bit of `CAP_IPC_LOCK`.
-const CAP_IPC_LOCK: u32 = 14;
 const MIB: u64 = 1 << 20;
 
 /// The host's memory, from `/proc/meminfo`.
@@ -118,7 +119,7 @@ impl HostProbe for SystemHost {
 
     fn has_cap_ipc_lock(&self) -> Result<bool> {
         let status = read_host_file(PROC_SELF_STATUS)?;
-        parse_cap_ipc_lock(&status).ok_or_else(|| MemoryError::HostParse {
+        cap_ipc_lock(&status).ok_or_else(|| MemoryError::HostParse {
             path: PROC_SELF_STATUS.into(),
             field: "CapEff",
         })
@@ -131,7 +132,7 @@ impl HostProbe for SystemHost {
     fn memory(&self) -> Result<HostMemory> {
         let meminfo = read_host_file(PROC_MEMINFO)?;
         let field = |name: &'static str| {
-            parse_kib_field(&meminfo, name).ok_or_else(|| MemoryError::HostParse {
+            proc_kib_field(&meminfo, name).ok_or_else(|| MemoryError::HostParse {
                 path: PROC_MEMINFO.into(),
                 field: name,
             })
@@ -153,7 +154,7 @@ impl HostProbe for SystemHost {
 /// locked since they cannot be swapped anyway.
 pub fn locked_memory() -> Result<u64> {
     let status = read_host_file(PROC_SELF_STATUS)?;
-    parse_kib_field(&status, "VmLck").ok_or_else(|| MemoryError::HostParse {
+    proc_kib_field(&status, "VmLck").ok_or_else(|| MemoryError::HostParse {
         path: PROC_SELF_STATUS.into(),
         field: "VmLck",
     })
@@ -186,26 +187,21 @@ pub fn preflight(config: &MemoryConfig, host: &dyn HostProbe) -> Result<()> {
 }
 
 /// Checks that `needed` more bytes can be locked under the soft `RLIMIT_MEMLOCK` `limit`
-/// (`None`: unlimited) with `locked` bytes locked already, the way `mlock` does: a process with
-/// `CAP_IPC_LOCK` is not limited.
+/// (`None`: unlimited) with `locked` bytes locked already: [`rvmm_devices::host::check_memlock`],
+/// the one rule, with this module's error.
 pub fn check_memlock(
     needed: u64,
     limit: Option<u64>,
     locked: u64,
     has_cap_ipc_lock: bool,
 ) -> Result<()> {
-    let Some(limit) = limit else {
-        return Ok(());
-    };
-    let available = limit.saturating_sub(locked);
-    if has_cap_ipc_lock || needed <= available {
-        return Ok(());
-    }
-    Err(MemoryError::MemlockTooLow {
-        needed_mib: needed.div_ceil(MIB),
-        available_mib: available / MIB,
-        limit_mib: limit / MIB,
-        locked_mib: locked.div_ceil(MIB),
+    rvmm_devices::host::check_memlock(needed, limit, locked, has_cap_ipc_lock).map_err(|s| {
+        MemoryError::MemlockTooLow {
+            needed_mib: s.needed.div_ceil(MIB),
+            available_mib: s.available() / MIB,
+            limit_mib: s.limit / MIB,
+            locked_mib: s.locked.div_ceil(MIB),
+        }
     })
 }
 
@@ -255,26 +251,6 @@ fn read_host_file(path: &str) -> Result<String> {
         path: path.into(),
         source,
     })
-}
-
-/// The value of the `name:` line of a `/proc` status-style text, trimmed.
-fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        (key == name).then(|| value.trim())
-    })
-}
-
-/// A `name:   1234 kB` field in bytes.
-fn parse_kib_field(text: &str, name: &str) -> Option<u64> {
-    let kib = field(text, name)?.strip_suffix("kB")?.trim_end();
-    kib.parse::<u64>().ok()?.checked_mul(1024)
-}
-
-/// Whether `CapEff` (hexadecimal) of a `/proc/<pid>/status` text has `CAP_IPC_LOCK`.
-fn parse_cap_ipc_lock(status: &str) -> Option<bool> {
-    let caps = u64::from_str_radix(field(status, "CapEff")?, 16).ok()?;
-    Some(caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 #[cfg(test)]
@@ -691,38 +667,32 @@ pub(crate) mod tests {
     #[test]
     fn kib_field_is_parsed_to_bytes() {
         let status = "Name:\trvmm\nVmLck:\t   65536 kB\nVmPin:\t       0 kB\n";
-        assert_eq!(parse_kib_field(status, "VmLck"), Some(64 * MIB));
+        assert_eq!(proc_kib_field(status, "VmLck"), Some(64 * MIB));
     }
 
     #[test]
     fn kib_field_missing_is_none() {
-        assert_eq!(parse_kib_field("Name:\trvmm\n", "VmLck"), None);
+        assert_eq!(proc_kib_field("Name:\trvmm\n", "VmLck"), None);
     }
 
     #[test]
     fn kib_field_prefix_does_not_match_longer_key() {
-        assert_eq!(parse_kib_field("VmLckX:\t 4 kB\n", "VmLck"), None);
+        assert_eq!(proc_kib_field("VmLckX:\t 4 kB\n", "VmLck"), None);
     }
 
     #[test]
     fn cap_eff_with_bit_14_has_cap_ipc_lock() {
-        assert_eq!(
-            parse_cap_ipc_lock("CapEff:\t0000000000004000\n"),
-            Some(true)
-        );
+        assert_eq!(cap_ipc_lock("CapEff:\t0000000000004000\n"), Some(true));
     }
 
     #[test]
     fn cap_eff_without_bit_14_lacks_cap_ipc_lock() {
-        assert_eq!(
-            parse_cap_ipc_lock("CapEff:\t000001ffffffbfff\n"),
-            Some(false)
-        );
+        assert_eq!(cap_ipc_lock("CapEff:\t000001ffffffbfff\n"), Some(false));
     }
 
     #[test]
     fn malformed_cap_eff_is_none() {
-        assert_eq!(parse_cap_ipc_lock("CapEff:\tzz\n"), None);
+        assert_eq!(cap_ipc_lock("CapEff:\tzz\n"), None);
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //!   check applies to both backings.
 //! - VFIO type1 accounts the pages it pins against `RLIMIT_MEMLOCK` again, on top of `mlock`. With
 //!   passthrough devices and without `CAP_IPC_LOCK`, the limit must cover twice the guest size of
-//!   4 KiB-backed RAM; [`check_memlock`] can be called with that amount.
+//!   4 KiB-backed RAM. The first passthrough device checks that before it DMA-maps guest RAM,
+//!   with the one rule of [`rvmm_devices::host::check_memlock`] that [`check_memlock`] applies
+//!   here (what is locked already counts).
 
 mod config;
 mod limits;
