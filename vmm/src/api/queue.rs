@@ -27,8 +27,9 @@ use crate::device::DeviceSpec;
 pub struct QueueTimeouts {
     /// For info.
     pub info: Duration,
-    /// For add-device. The VMM's own deadlines (e.g. for the guest to power the slot on) must
-    /// be shorter, so the client hears the step the VMM stopped at.
+    /// For add-device: the VMM's own deadline ([`crate::device::ADD_DEADLINE`], counted from
+    /// the request) plus a margin for its answer, so the client hears the step the VMM stopped
+    /// at, and never a timeout for an add that then succeeds.
     pub add: Duration,
     /// For remove-device: added to the request's own `timeout_ms`, which the VMM escalates at.
     pub remove_margin: Duration,
@@ -40,7 +41,7 @@ impl Default for QueueTimeouts {
     fn default() -> Self {
         Self {
             info: Duration::from_secs(5),
-            add: Duration::from_secs(60),
+            add: crate::device::ADD_DEADLINE + Duration::from_secs(5),
             remove_margin: Duration::from_secs(30),
             shutdown: Duration::from_secs(10),
         }

@@ -22,6 +22,16 @@ pub use group_fd::{GroupFd, GroupFdError, InheritedFds};
 /// Longest device id.
 pub const MAX_ID_LEN: usize = 64;
 
+/// The one deadline of a hot-add, counted from the moment it is asked for: opening the device,
+/// waiting for the guest to enable hotplug on the slot (at most [`ADD_SLOT_READY_TIMEOUT`] of it)
+/// and for the guest to power the slot on and enable the device. The controller gives up and
+/// rolls back at this deadline; the control API waits a little longer for that answer, so that a
+/// client never hears a timeout for an add that then succeeds.
+pub const ADD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(55);
+/// The part of [`ADD_DEADLINE`] a hot-add waits for the guest to enable hotplug on the slot
+/// (while it boots, say).
+pub const ADD_SLOT_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
+
 /// A device id that is not one.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("invalid device id '{given}': use 1 to {MAX_ID_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit")]

@@ -23,14 +23,13 @@ use crate::api::{
     RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder, VmInfo,
 };
 use crate::device::passthrough::{AttachedDevice, Passthrough, PassthroughError};
-use crate::device::{DeviceId, DeviceSpec, DeviceState};
+use crate::device::{DeviceId, DeviceSpec, DeviceState, ADD_DEADLINE, ADD_SLOT_READY_TIMEOUT};
 use crate::machine::pci::SlotNotifier;
 use crate::vm::exit::{ExitSignal, VmExit};
 use rvmm_devices::sync::MutexExt;
 
-/// How long a hot-add waits for the guest to enable hotplug on the slot (e.g. while it boots).
-pub const ADD_SLOT_READY_TIMEOUT: Duration = Duration::from_secs(40);
-/// How long a hot-add waits for the guest to power the slot on and enable the device.
+/// How long a hot-add waits for the guest to power the slot on and enable the device, at most
+/// (never past [`ADD_DEADLINE`]).
 pub const ADD_GUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most vCPUs a VM may have for hotplug (as in vSphere).
 pub const MAX_HOTPLUG_CPUS: u8 = 128;
@@ -58,6 +57,8 @@ enum Op {
     /// Opened and placed; the slot has not accepted it yet (guest not ready, event pending).
     WaitingForSlot {
         deadline: Instant,
+        /// The whole add's deadline.
+        end: Instant,
         reply: Option<Responder<DeviceInfo>>,
     },
     /// In the slot; waiting for the guest to power it on and enable it.
@@ -202,13 +203,18 @@ impl Controller {
             ))));
             return;
         }
+        // The deadlines count from the request, not from the end of the attach.
+        let asked = Instant::now()
+            .checked_sub(reply.elapsed())
+            .unwrap_or_else(Instant::now);
         match self.passthrough.attach(&spec, &self.segment) {
             Ok(id) => {
                 self.watch_vfio(&id, ops);
                 self.ops.insert(
                     id,
                     Op::WaitingForSlot {
-                        deadline: Instant::now() + ADD_SLOT_READY_TIMEOUT,
+                        deadline: asked + ADD_SLOT_READY_TIMEOUT,
+                        end: asked + ADD_DEADLINE,
                         reply: Some(reply),
                     },
                 );
@@ -359,9 +365,11 @@ impl Controller {
     ) -> Option<Op> {
         let port_index = self.passthrough.get(id).map(|d| d.port)?;
         match op {
-            Op::WaitingForSlot { deadline, reply } => {
-                self.offer_to_slot(id, port_index, deadline, reply, now, ops)
-            }
+            Op::WaitingForSlot {
+                deadline,
+                end,
+                reply,
+            } => self.offer_to_slot(id, port_index, (deadline, end), reply, now, ops),
             Op::WaitingForGuest { deadline, reply } => {
                 self.check_guest_took(id, port_index, deadline, reply, now, ops)
             }
@@ -375,20 +383,24 @@ impl Controller {
         &mut self,
         id: &DeviceId,
         port_index: usize,
-        deadline: Instant,
+        (deadline, end): (Instant, Instant),
         reply: Option<Responder<DeviceInfo>>,
         now: Instant,
         ops: &mut EventOps,
     ) -> Option<Op> {
         match self.passthrough.insert_into_slot(id, &self.segment) {
             Ok(()) => Some(Op::WaitingForGuest {
-                deadline: now + ADD_GUEST_TIMEOUT,
+                deadline: (now + ADD_GUEST_TIMEOUT).min(end),
                 reply,
             }),
             Err(PassthroughError::Slot { source, .. })
                 if now < deadline && source.is_retryable() =>
             {
-                Some(Op::WaitingForSlot { deadline, reply })
+                Some(Op::WaitingForSlot {
+                    deadline,
+                    end,
+                    reply,
+                })
             }
             Err(e) => {
                 let step = format!(
