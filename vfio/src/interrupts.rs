@@ -25,6 +25,13 @@ pub trait InterruptRouter: Send + Sync {
     fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()>;
     /// Drops the route of `gsi` and returns it to the allocator.
     fn free_gsi(&self, gsi: u32);
+    /// Drops the routes of `gsis` and returns them to the allocator, committing the routing
+    /// table once (freeing every vector of a device is one change, not one per vector).
+    fn free_gsis(&self, gsis: &[u32]) {
+        for &gsi in gsis {
+            self.free_gsi(gsi);
+        }
+    }
     /// Makes signals on `fd` inject `gsi` (`KVM_IRQFD`).
     fn add_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()>;
     /// Makes signals on `fd` assert the level-triggered `gsi`; KVM signals `resample` when the
@@ -324,6 +331,7 @@ impl Interrupts {
     /// Tears down the live mode: irqfds and routes removed, GSIs freed, VFIO interrupts disabled.
     /// Errors are logged: teardown must run to the end.
     pub fn teardown(&mut self, backend: &dyn DeviceBackend, router_: &dyn InterruptRouter) {
+        let mut freed = Vec::with_capacity(self.vectors.len());
         for vector in self.vectors.drain(..) {
             if let Some(gsi) = vector.gsi {
                 if vector.irqfd {
@@ -331,9 +339,10 @@ impl Interrupts {
                         log::warn!("cannot remove irqfd of GSI {gsi}: {e}");
                     }
                 }
-                router_.free_gsi(gsi);
+                freed.push(gsi);
             }
         }
+        router_.free_gsis(&freed);
         let index = match self.mode {
             IrqMode::Off => return,
             IrqMode::Intx => {

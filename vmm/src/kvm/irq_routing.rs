@@ -155,17 +155,26 @@ impl InterruptRouter for GsiRouter {
     }
 
     fn free_gsi(&self, gsi: u32) {
+        self.free_gsis(&[gsi]);
+    }
+
+    fn free_gsis(&self, gsis: &[u32]) {
         let mut s = self.state.locked();
-        if gsi < IOAPIC_PINS || gsi >= s.next || s.free.contains(&gsi) {
-            log::warn!("freeing GSI {gsi} that is not allocated");
-            return;
+        let mut routes_dropped = false;
+        for &gsi in gsis {
+            if gsi < IOAPIC_PINS || gsi >= s.next || s.free.contains(&gsi) {
+                log::warn!("freeing GSI {gsi} that is not allocated");
+                continue;
+            }
+            routes_dropped |= s.msi_routes.remove(&gsi).is_some();
+            s.free.push(gsi);
         }
-        if s.msi_routes.remove(&gsi).is_some() {
+        // One commit for all of them: a device with 2048 vectors is one table change.
+        if routes_dropped {
             if let Err(e) = self.commit(&s) {
-                log::warn!("cannot drop the route of GSI {gsi}: {e}");
+                log::warn!("cannot drop the routes of {} GSIs: {e}", gsis.len());
             }
         }
-        s.free.push(gsi);
     }
 
     fn add_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
