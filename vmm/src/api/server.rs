@@ -41,9 +41,6 @@ pub const EVENTS_PATH: &str = "/v1/events";
 /// How often an idle events stream checks whether its client left or the server stops.
 const STREAM_TICK: Duration = Duration::from_millis(250);
 /// Write timeout of the refusal sent when there are too many connections.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
-/// How long the accept thread drains a refused connection before closing it.
-const REFUSAL_DRAIN: Duration = Duration::from_millis(50);
 /// How long a connection thread drains unread request bytes before closing.
 const CLOSE_DRAIN: Duration = Duration::from_millis(200);
 /// Most unread bytes drained before closing.
@@ -134,8 +131,11 @@ pub enum ServerError {
 pub struct ServerConfig {
     /// Request size and time limits.
     pub limits: Limits,
-    /// Connections served at once; more are answered 503.
+    /// Requests served at once; more are answered 503. An events stream leaves this pool once
+    /// it is open, so streams never crowd out requests.
     pub max_connections: usize,
+    /// Events streams open at once; more are answered 503.
+    pub max_event_streams: usize,
     /// Time a client gets to take each write of a response.
     pub write_timeout: Duration,
     /// Seccomp filters of the accept and connection threads. Off by default: a server started
@@ -149,6 +149,7 @@ impl Default for ServerConfig {
         Self {
             limits: Limits::default(),
             max_connections: 32,
+            max_event_streams: 8,
             write_timeout: Duration::from_secs(10),
             seccomp: SeccompMode::Off,
         }
@@ -161,6 +162,7 @@ struct Shared {
     config: ServerConfig,
     stopping: AtomicBool,
     connections: AtomicUsize,
+    streams: AtomicUsize,
     /// Installed first thing in each connection thread.
     connection_filter: ThreadFilter,
 }
@@ -217,6 +219,7 @@ impl ApiServer {
             config,
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             connection_filter: filter(ThreadKind::ApiConnection)?,
         });
         let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
@@ -400,6 +403,25 @@ fn close_gracefully(stream: &UnixStream, budget: Duration) {
     }
 }
 
+/// Answers `err` and closes without waiting for the client: the accept thread must not spend
+/// time on connections it refuses. The short answer fits in a fresh socket's buffer; what the
+/// client has sent already is read away, so that closing does not reset the connection.
+fn refuse_at_once(stream: &mut UnixStream, err: &ApiError) {
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let _ = Response::error(err).write_to(stream);
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut buf = [0u8; 4096];
+    let mut drained = 0usize;
+    while drained < MAX_DRAIN {
+        match (&*stream).read(&mut buf) {
+            Ok(n) if n > 0 => drained += n,
+            _ => return,
+        }
+    }
+}
+
 fn accept_loop(listener: &UnixListener, stop: &EventFd, shared: &Arc<Shared>) {
     loop {
         match wait_for(listener.as_raw_fd(), stop) {
@@ -426,6 +448,29 @@ fn accept_loop(listener: &UnixListener, stop: &EventFd, shared: &Arc<Shared>) {
     }
 }
 
+/// An open events stream: counted among the streams, and out of the request pool (given back
+/// when the stream ends, so that the connection's own slot balances).
+struct StreamSlot<'a>(&'a Shared);
+
+impl<'a> StreamSlot<'a> {
+    fn take(shared: &'a Shared) -> Option<Self> {
+        let open = shared.streams.fetch_add(1, Ordering::AcqRel);
+        if open >= shared.config.max_event_streams {
+            shared.streams.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        shared.connections.fetch_sub(1, Ordering::AcqRel);
+        Some(Self(shared))
+    }
+}
+
+impl Drop for StreamSlot<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_add(1, Ordering::AcqRel);
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Decrements the connection count when a connection thread ends.
 struct ConnectionSlot(Arc<Shared>);
 
@@ -444,9 +489,7 @@ fn spawn_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
             "too many API connections (at most {}): try again later",
             shared.config.max_connections
         ));
-        let _ = stream.set_write_timeout(Some(REFUSAL_WRITE_TIMEOUT));
-        let _ = Response::error(&err).write_to(&mut stream);
-        close_gracefully(&stream, REFUSAL_DRAIN);
+        refuse_at_once(&mut stream, &err);
         return;
     }
     let spawned = thread::Builder::new()
@@ -506,6 +549,14 @@ fn serve_request(mut stream: &UnixStream, shared: &Shared) {
             }
         }
         Outcome::Stream(subscription) => {
+            let Some(_slot) = StreamSlot::take(shared) else {
+                let err = ApiError::Unavailable(format!(
+                    "too many events streams (at most {}): close one or try again later",
+                    shared.config.max_event_streams
+                ));
+                let _ = Response::error(&err).write_to(&mut stream);
+                return;
+            };
             log::info!("control API: events stream opened");
             if let Err(e) = stream_events(stream, &subscription, request.http11, shared) {
                 log::info!("control API: events stream closed: {e}");

@@ -557,6 +557,39 @@ fn connections_beyond_the_limit_get_503() {
 }
 
 #[test]
+fn events_streams_do_not_crowd_out_requests_and_have_their_own_limit() {
+    let config = ServerConfig {
+        max_connections: 1,
+        max_event_streams: 1,
+        ..ServerConfig::default()
+    };
+    let s = start_with(config);
+    let _stream = s.client().events().expect("first stream");
+    wait_for_subscribers(&s.vmm, 1);
+
+    let (second, text) = raw(&s.path, b"GET /v1/events HTTP/1.1\r\n\r\n");
+    // The refused stream's connection lets go of its request slot once it has closed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let info = loop {
+        let info = s.client().info();
+        if info.is_ok() || Instant::now() > deadline {
+            break info;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+
+    assert_eq!(second, 503, "{text}");
+    assert!(
+        text.contains("too many events streams (at most 1)"),
+        "{text}"
+    );
+    assert!(
+        info.is_ok(),
+        "requests were refused while a stream was open: {info:?}"
+    );
+}
+
+#[test]
 fn stale_socket_file_is_replaced() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("api.sock");
