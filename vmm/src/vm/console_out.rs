@@ -40,7 +40,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when bytes arrive, and when the buffer drains.
+    /// Signalled when bytes arrive in an empty buffer, when the output closes and when the
+    /// writer has finished.
     changed: Condvar,
 }
 
@@ -52,6 +53,9 @@ pub struct ConsoleOutput {
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut state = self.shared.state.locked();
+        // The writer waits only on an empty buffer: waking it for every byte would put a
+        // syscall on the vCPU's path for nothing.
+        let was_idle = state.buffer.is_empty() && state.dropped == 0;
         let room = BUFFER_LIMIT.saturating_sub(state.buffer.len());
         let taken = buf.len().min(room);
         state.buffer.extend(buf.get(..taken).unwrap_or_default());
@@ -59,7 +63,9 @@ impl Write for ConsoleOutput {
         state.dropped += lost;
         state.dropped_total += lost;
         drop(state);
-        self.shared.changed.notify_all();
+        if was_idle {
+            self.shared.changed.notify_all();
+        }
         // Dropped bytes count as written: the guest must not wait for a sink that does not read.
         Ok(buf.len())
     }
@@ -180,8 +186,6 @@ fn drain(shared: &Shared, mut sink: Box<dyn Write + Send>, limit: Option<u64>) {
             let dropped = std::mem::take(&mut state.dropped);
             (chunk, dropped)
         };
-        // The buffer has room again.
-        shared.changed.notify_all();
         if over_limit {
             continue;
         }
