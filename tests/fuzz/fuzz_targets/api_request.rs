@@ -1,7 +1,8 @@
 //! Control API requests from a hostile client: the bytes of one connection go through the
-//! server's own functions, [`read_request`] (HTTP/1.1 within the limits), [`route`] and
-//! [`json_body`] into the typed requests, exactly as `serve_request` / `dispatch` do; the
-//! body is also parsed as an `rvmm run --device` argument, the other way a device request enters.
+//! server's own functions, [`read_request`] (HTTP/1.1 within the limits), then the real
+//! [`dispatch`] into a handler that records what it is asked; the typed requests are also
+//! decoded with [`route`] and [`json_body`] on their own and the body is parsed as an
+//! `rvmm run --device` argument, the other way a device request enters.
 //!
 //! Input: the first byte sets how many bytes each read of the fake connection returns (the
 //! request may arrive in pieces), the rest is what the client sends.
@@ -19,10 +20,15 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use rvmm::api::error::ErrorBody;
 use rvmm::api::http::{read_request, Limits, Request, Response, TimedRead};
-use rvmm::api::server::{json_body, route, Endpoint};
-use rvmm::api::types::ShutdownRequest;
-use rvmm::api::{ApiError, RemoveDeviceRequest};
+use std::sync::Mutex;
+
+use rvmm::api::server::{dispatch as real_dispatch, json_body, route, Endpoint, Outcome};
+use rvmm::api::types::{
+    DeviceInfo, RemovalReason, RemoveDeviceResponse, RootPortUsage, ShutdownRequest, VmInfo,
+};
+use rvmm::api::{ApiError, ApiHandler, EventBus, RemoveDeviceRequest, Subscription};
 use rvmm::device::DeviceSpec;
+use rvmm::device::DeviceState;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -98,7 +104,114 @@ where
     }
 }
 
-/// What `dispatch` does before it calls the VMM.
+/// A VMM that answers every call and records which it got.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<&'static str>>,
+    bus: EventBus,
+}
+
+impl Recorder {
+    fn record(&self, call: &'static str) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(call);
+    }
+}
+
+impl ApiHandler for Recorder {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.record("info");
+        Ok(VmInfo {
+            version: "fuzz".into(),
+            cpus: 1,
+            memory_bytes: 1 << 29,
+            hugepages: false,
+            root_ports: RootPortUsage { used: 0, total: 8 },
+            devices: Vec::new(),
+            resources: Default::default(),
+        })
+    }
+
+    fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError> {
+        self.record("add");
+        let id = req
+            .id
+            .unwrap_or_else(|| "dev0".parse().unwrap_or_else(|_| unreachable!()));
+        let bdf = "0000:01:00.0".parse().unwrap_or_else(|_| unreachable!());
+        Ok(DeviceInfo {
+            id,
+            bdf,
+            host_bdf: bdf,
+            slot: 1,
+            root_port: bdf,
+            state: DeviceState::Present,
+            vf: None,
+        })
+    }
+
+    fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError> {
+        self.record("remove");
+        let bdf = "0000:01:00.0".parse().unwrap_or_else(|_| unreachable!());
+        Ok(RemoveDeviceResponse {
+            id: req.id,
+            bdf,
+            host_bdf: bdf,
+            reason: RemovalReason::Surprise,
+            duration_ms: 1,
+        })
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.record("shutdown");
+        Ok(())
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.record("events");
+        self.bus.subscribe()
+    }
+}
+
+/// The real dispatcher: a refusal is a well-formed error and reaches no handler; an accepted
+/// request reaches exactly the handler of its endpoint, once.
+fn real(request: &Request) {
+    let recorder = Recorder::default();
+    let expected = match route(&request.method, &request.target) {
+        Ok(Endpoint::Info) => "info",
+        Ok(Endpoint::AddDevice) => "add",
+        Ok(Endpoint::RemoveDevice) => "remove",
+        Ok(Endpoint::Shutdown) => "shutdown",
+        Ok(Endpoint::Events) => "events",
+        Err(_) => "",
+    };
+    let outcome = real_dispatch(request, (Vec::new(), 0), &recorder);
+    let calls = recorder
+        .calls
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match outcome {
+        Err(e) => {
+            check_error(&e);
+            assert!(
+                calls.is_empty(),
+                "a refused request reached the VMM: {calls:?}"
+            );
+        }
+        Ok(Outcome::Reply(response)) => {
+            assert_eq!(calls, vec![expected], "handlers called");
+            let mut out = Vec::new();
+            if let Err(e) = response.write_to(&mut out) {
+                panic!("the response cannot be written: {e}");
+            }
+        }
+        Ok(Outcome::Stream(_)) => assert_eq!(calls, vec!["events"], "handlers called"),
+    }
+}
+
+/// What `dispatch` decodes before it calls the VMM, on its own.
 fn dispatch(request: &Request) {
     let endpoint = match route(&request.method, &request.target) {
         Ok(endpoint) => endpoint,
@@ -161,6 +274,7 @@ fuzz_target!(|data: &[u8]| {
                 request.body.len()
             );
             dispatch(&request);
+            real(&request);
             device_argument(&request.body);
         }
         Ok(None) => assert!(bytes.is_empty(), "a request was dropped silently"),

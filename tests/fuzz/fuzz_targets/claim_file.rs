@@ -27,8 +27,10 @@ fuzz_target!(|data: &[u8]| {
         file.holder.and_then(|h| h.pid)
     );
     let reason = again.quarantined.map(|r| r.replace(['\n', '\r'], "?"));
-    let expected = file
-        .quarantined
-        .map(|r| r.chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>());
+    let expected = file.quarantined.map(|r| {
+        r.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+    });
     assert_eq!(reason, expected);
 });

@@ -507,8 +507,10 @@ fn spawn_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
 }
 
 /// What a request results in.
-enum Outcome {
+pub enum Outcome {
+    /// A response to write.
     Reply(Response),
+    /// An events stream to serve.
     Stream(Subscription),
 }
 
@@ -611,8 +613,8 @@ fn with_group(mut req: DeviceSpec, fd: Option<OwnedFd>) -> Result<DeviceSpec, Ap
 }
 
 /// Answers one request; `fds` are the descriptors that came with it and how many more were
-/// dropped.
-fn dispatch(
+/// dropped. Public for the fuzz target that drives it with a recording handler.
+pub fn dispatch(
     request: &Request,
     (mut fds, dropped): (Vec<OwnedFd>, usize),
     handler: &dyn ApiHandler,
