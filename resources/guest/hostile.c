@@ -358,7 +358,9 @@ static long msix_garbage(const struct func *f, int memfd)
 			mmio_read(tab + off, width);
 		}
 		/* Past the table, in the PBA, and in the rest of the trapped pages. */
-		for (size_t off = 0; off < len; off += 4 + rnd() % 60) {
+		/* Each access is 4 bytes: it must end inside the mapping (one that crosses its end
+		 * faults the program, not rvmm). */
+		for (size_t off = 0; off + 4 <= len; off += 4 + rnd() % 60) {
 			uint64_t gpa = first + off;
 			if (gpa >= table_gpa && gpa < table_gpa + 16ULL * vectors)
 				continue;
