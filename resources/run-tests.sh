@@ -3,8 +3,8 @@
 # as root: installs the packages (and Debian's Rust toolchain when there is no rustup one, see
 # use_cargo in lib.sh), builds rvmm in release mode, prepares the kernel and the images (cached;
 # rebuilt when their inputs change), runs the unit tests of every crate and a short fuzzing run,
-# then the integration tests, which boot the test host under QEMU/TCG one at a time (both cores
-# each).
+# then the integration tests, which boot the test host under QEMU/TCG one at a time (one vCPU
+# each, tests/README.md says why).
 # Exits non-zero if anything failed. Extra arguments go to the integration test binaries (a test
 # name filter, --nocapture, ...).
 #
