@@ -91,6 +91,14 @@ fn io_err(what: &'static str, timeout: Duration) -> impl FnOnce(io::Error) -> Cl
     }
 }
 
+/// Whether a failed write means the server closed its end (it may have answered already).
+fn peer_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
 /// A successful answer: status and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -171,8 +179,19 @@ impl ApiClient {
         request.push_str("\r\n");
         let mut bytes = request.into_bytes();
         bytes.extend_from_slice(body);
-        write_with_fds(&stream, &bytes, fds).map_err(io_err("send the request", wait))?;
+        let sent = write_with_fds(&stream, &bytes, fds);
         let mut reader = BufReader::new(stream);
+        if let Err(e) = sent {
+            // A server that refuses a connection (503 when it has too many) may answer and
+            // close before it reads the request: its answer is what counts.
+            if !peer_closed(&e) {
+                return Err(io_err("send the request", wait)(e));
+            }
+            return match read_head(&mut reader, wait) {
+                Ok((status, framing)) => Ok((status, framing, reader)),
+                Err(_) => Err(io_err("send the request", wait)(e)),
+            };
+        }
         loop {
             let (status, framing) = read_head(&mut reader, wait)?;
             // Skip interim answers (100 Continue).
@@ -567,6 +586,35 @@ mod tests {
             read_head(&mut r, DEFAULT_TIMEOUT),
             Err(ClientError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn answer_of_a_server_that_closed_before_reading_the_request_is_read() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let body = br#"{"error":"too many API connections"}"#;
+            let head = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            std::io::Write::write_all(&mut conn, head.as_bytes()).expect("head");
+            std::io::Write::write_all(&mut conn, body).expect("body");
+            // Closed without reading anything: the client's write fails (EPIPE or reset).
+        });
+        let client = ApiClient::new(&path);
+        // More than a socket buffer holds: the write cannot complete before the server closes.
+        let big = vec![b'x'; 1 << 20];
+        let (status, message) =
+            match client.call("PUT", "/v1/vm/shutdown", Some(&big), DEFAULT_TIMEOUT) {
+                Err(ClientError::Api { status, message }) => (status, message),
+                other => panic!("not the server's answer: {other:?}"),
+            };
+        server.join().expect("server");
+        assert_eq!(status, 503);
+        assert_eq!(message, "too many API connections");
     }
 
     #[test]

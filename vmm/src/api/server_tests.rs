@@ -196,9 +196,30 @@ fn raw(path: &Path, request: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(path).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    s.write_all(request).expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read to close");
+    // A server that refuses the connection answers and closes without reading the request:
+    // sending then fails (EPIPE), and reading ends in a reset after the answer, not in EOF.
+    let sent = s.write_all(request);
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_error = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Some(e),
+        }
+    };
+    let out = String::from_utf8_lossy(&bytes).into_owned();
+    if out.is_empty() {
+        panic!("no answer (send: {sent:?}, read: {read_error:?})");
+    }
+    if let Some(e) = &read_error {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "read failed after {out:?}"
+        );
+    }
     let status = out
         .get(9..12)
         .and_then(|c| c.parse().ok())
