@@ -33,6 +33,10 @@ const HOT_MAC: &str = "52:54:00:5e:00:0c";
 const GUEST_NEW_MAC: &str = "52:54:00:77:00:01";
 /// The MAC address tenant A's VF is given before rvmm is killed.
 const TENANT_A_MAC: &str = "52:54:00:de:ad:01";
+/// How long the guests hold their VF: they are shut down through the API once the test host has
+/// looked, so this is only a bound, far beyond the scenario's worst case. A hold that ran out
+/// while another guest was still booting once turned one slow boot into three failures.
+const HOLD: &str = "rvmm.hold=800";
 /// A VF the PF has not been told anything about.
 const NO_MAC: &str = "00:00:00:00:00:00";
 
@@ -49,7 +53,7 @@ vm_start() {
   shift
   rm -f "/tmp/vm-$name.console" "/tmp/vm-$name.out"
   hmark vm_start "$name" "$*"
-  RUST_LOG=info timeout -s KILL 400 "$RVMM" run $VM_ARGS --serial "file=/tmp/vm-$name.console" \
+  RUST_LOG=info timeout -s KILL 900 "$RVMM" run $VM_ARGS --serial "file=/tmp/vm-$name.console" \
     "$@" >"/tmp/vm-$name.out" 2>&1 </dev/null &
   echo $! >"/tmp/vm-$name.pid"
 }
@@ -143,11 +147,11 @@ fn scenario() -> String {
     // The guests hold until the test host has looked, then are shut down through the API.
     s += &format!(
         "vm_start pair_a {} --api-socket /tmp/pair_a.sock --vf \"pf=$PF,id=net0,mac={PAIR_A_MAC},vlan=100,spoofchk=on\"\n",
-        cmdline("rvmm.hold=240")
+        cmdline(HOLD)
     );
     s += &format!(
         "vm_start pair_b {} --api-socket /tmp/pair_b.sock --vf \"$PFNET,id=net0,vlan=200,spoofchk=off\"\n",
-        cmdline("rvmm.hold=240")
+        cmdline(HOLD)
     );
     s += "vm_wait_text pair_a 'GUEST vf_hold'\n\
           vm_wait_text pair_b 'GUEST vf_hold'\n\
@@ -168,7 +172,7 @@ fn scenario() -> String {
              vf_view {name}\n\
              ctl {name}_shutdown --api-socket /tmp/{name}.sock shutdown\n\
              vm_end {name}\n",
-            cmdline(&format!("rvmm.hold=240 rvmm.newmac={GUEST_NEW_MAC}"))
+            cmdline(&format!("{HOLD} rvmm.newmac={GUEST_NEW_MAC}"))
         );
     }
     s += "vf_view after_trust\n";
@@ -198,10 +202,10 @@ fn scenario() -> String {
          vm_end hot\n\
          vf_view final\n\
          claims_view final\n",
-        cmdline("rvmm.hold=240"),
-        cmdline("rvmm.hold=240 rvmm.wait=200"),
+        cmdline(HOLD),
+        cmdline(&format!("{HOLD} rvmm.wait=200")),
         cmdline(""),
-        cmdline("rvmm.hold=240"),
+        cmdline(HOLD),
     );
     // Tenant isolation: rvmm killed with SIGKILL while its VF has a policy; the next VM that asks
     // for a VF without one must get that VF clean. busybox `timeout` execs rvmm in its own
@@ -223,7 +227,7 @@ fn scenario() -> String {
          vm_end tenant_b\n\
          vf_view after_tenants\n\
          claims_view after_tenants\n",
-        hold = cmdline("rvmm.hold=240"),
+        hold = cmdline(HOLD),
     );
     s
 }
