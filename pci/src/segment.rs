@@ -334,9 +334,11 @@ impl PciSegment {
             return ABSENT;
         }
         if bus != self.config.bus_start {
+            // The port's lock is let go before the device is called (see downstream_device).
             return self
-                .with_port_for_bus(bus, |port| port.read_downstream(bus, device, function, reg))
-                .unwrap_or(ABSENT);
+                .with_port_for_bus(bus, |port| port.downstream_device(bus, device, function))
+                .flatten()
+                .map_or(ABSENT, |dev| dev.locked().read_config_register(reg));
         }
         match self.root_function(device, function) {
             Some(RootFunction::HostBridge) => self.host_bridge.locked().read_config_register(reg),
@@ -363,9 +365,12 @@ impl PciSegment {
             return;
         }
         if bus != self.config.bus_start {
-            self.with_port_for_bus(bus, |port| {
-                port.write_downstream(bus, device, function, reg, offset, data)
-            });
+            let dev = self
+                .with_port_for_bus(bus, |port| port.downstream_device(bus, device, function))
+                .flatten();
+            if let Some(dev) = dev {
+                dev.locked().write_config_register(reg, offset, data);
+            }
             return;
         }
         match self.root_function(device, function) {

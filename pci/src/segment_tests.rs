@@ -341,3 +341,53 @@ fn config_writes_reach_the_device_behind_a_port() {
     seg.write_config(1, 0, 0, 4, 0, &0xdead_beefu32.to_le_bytes());
     assert_eq!(seg.read_config(1, 0, 0, 4), 0xdead_beef);
 }
+
+/// A device that, when written, records whether its port's lock was free.
+struct PortProbe {
+    port: Arc<std::sync::OnceLock<SharedRootPort>>,
+    port_was_free: Arc<Mutex<Vec<bool>>>,
+}
+
+impl PciDevice for PortProbe {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == 0 {
+            return 0x6666_8086;
+        }
+        self.record();
+        0
+    }
+
+    fn write_config_register(&mut self, _reg: usize, _offset: u64, _data: &[u8]) {
+        self.record();
+    }
+}
+
+impl PortProbe {
+    fn record(&self) {
+        let free = self.port.get().is_some_and(|p| p.try_lock().is_ok());
+        self.port_was_free.lock().unwrap().push(free);
+    }
+}
+
+#[test]
+fn device_behind_a_port_is_called_without_the_port_lock_held() {
+    let seg = segment(1);
+    let port = Arc::new(std::sync::OnceLock::new());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _ = port.set(seg.port(0).unwrap().clone());
+    let probe = Arc::new(Mutex::new(PortProbe {
+        port: port.clone(),
+        port_was_free: seen.clone(),
+    }));
+    seg.port(0)
+        .unwrap()
+        .lock()
+        .unwrap()
+        .insert_device_at_boot(probe)
+        .unwrap();
+
+    seg.write_config(1, 0, 0, 4, 0, &6u32.to_le_bytes());
+    let _ = seg.read_config(1, 0, 0, 4);
+
+    assert_eq!(*seen.lock().unwrap(), [true, true]);
+}

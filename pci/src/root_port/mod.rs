@@ -21,7 +21,7 @@ use crate::header::{self, BusNumbers, PciIds};
 use crate::msi::Msi;
 use crate::pcie_cap::{self, LinkSpeed, LinkWidth, PcieCapParams, MAX_SLOT_NUMBER};
 use rvmm_devices::sync::MutexExt;
-use slot::{Slot, SlotEvents};
+use slot::{Slot, SlotDevice, SlotEvents};
 
 /// Vendor ID of the root port (Red Hat).
 pub const ROOT_PORT_VENDOR_ID: u16 = 0x1b36;
@@ -221,6 +221,18 @@ impl RootPort {
             return None;
         }
         self.slot.device.as_ref().map(|d| d.locked())
+    }
+
+    /// The device a configuration access to `bus`/`device`/`function` reaches, as a handle of
+    /// its own: the caller can let go of the port's lock before it calls into the device (whose
+    /// config writes may take long: MSI-X setup, BAR remapping), so that slot changes of the
+    /// port are not held up. A device removed meanwhile still answers (all ones once released).
+    pub fn downstream_device(&self, bus: u8, device: u8, function: u8) -> Option<SlotDevice> {
+        if bus != self.bus_numbers().secondary || device != 0 || function != 0 || !self.slot.link_up
+        {
+            return None;
+        }
+        self.slot.device.clone()
     }
 
     /// Reads register `reg` of a function behind the port; absent functions read all ones.
