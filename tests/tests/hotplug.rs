@@ -11,8 +11,8 @@
 //! Three test host runs: `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
 //! then host-initiated removals while the guest reads the drive), `hotplug_cycles` (100
 //! add/remove cycles of one drive) and `hotplug_misc` (an igb VF; a cold-plugged drive, requests
-//! the API must refuse while the VM has it, and its removal at runtime). Each test asserts one
-//! behaviour.
+//! the API must refuse while the VM has it, and its removal at runtime; a hot-add whose client
+//! goes away). Each test asserts one behaviour.
 //!
 //! Not covered: a malformed JSON body and two devices in one JSON body sent as raw HTTP. The
 //! test host's busybox `nc` cannot connect to a unix socket (no `-U`), so requests only reach
@@ -262,7 +262,44 @@ fn misc_scenario() -> String {
          hmark step end\n"
     );
     s += &finish_stop("cold");
+    s += &abandon_lines();
     s
+}
+
+/// A hot-add whose client is killed before the answer (`abandon`): the request is sent while
+/// the guest is still booting (its pciehp not ready, so the add waits for the slot) and its
+/// `rvmm ctl` is killed half a second later. rvmm must roll the add back (the guest never gets
+/// the drive, `info` shows nothing) and release the drive, which a later add then gets.
+fn abandon_lines() -> String {
+    let args = GuestRun::new("abandon")
+        .cpus(2)
+        .memory("size=512M")
+        .root_ports(4)
+        .guest_scenario("monitor", &["rvmm.hold=200"])
+        .arg("--api-socket")
+        .arg("/tmp/rvmm-abandon.sock")
+        .rvmm_args();
+    format!(
+        "RVMM_TIMEOUT=230\n\
+         rvmm_start_lines abandon {args}\n\
+         ctl_events abandon\n\
+         hmark step abandon\n\
+         timeout -s KILL 60 \"$RVMM\" ctl --api-socket \"$(api_socket abandon)\" add-device \"path=/sys/bus/pci/devices/$NVME,id=gone0\" >/tmp/abandon.out 2>&1 &\n\
+         abandon_pid=$!\n\
+         sleep 0.5\n\
+         kill -KILL \"$abandon_pid\"\n\
+         hmark abandon_killed \"guest_ready=$(rvmm_count abandon 'GUEST monitor ready')\"\n\
+         if rvmm_wait_output abandon 'GUEST monitor ready' 120; then\n\
+           sleep 2\n\
+           rvmm_ctl abandon info_abandoned info\n\
+           hmark abandon_blocks \"$(rvmm_count abandon 'GUEST block-added')\"\n\
+           hmark step readd\n\
+           rvmm_ctl abandon readd add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"\n\
+           rvmm_wait_more abandon 'GUEST block-added' 0 30\n\
+           hmark step end\n\
+         {}",
+        finish_stop("abandon")
+    )
 }
 
 /// Notes on stderr (shown with a failing test) when the test host's own kernel reported RCU
@@ -319,7 +356,7 @@ fn misc_run() -> &'static TestHostOutput {
                 .needs_rvmm(true)
                 .scenario(&misc_scenario())
         },
-        Duration::from_secs(500),
+        Duration::from_secs(600),
     ))
 }
 

@@ -186,7 +186,7 @@ fn real(request: &Request) {
         Ok(Endpoint::Events) => "events",
         Err(_) => "",
     };
-    let outcome = real_dispatch(request, (Vec::new(), 0), &recorder);
+    let outcome = real_dispatch(request, (Vec::new(), 0), &recorder, &|| false);
     let calls = recorder
         .calls
         .lock()

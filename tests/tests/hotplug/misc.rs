@@ -339,3 +339,69 @@ fn vf_can_be_added_again_after_the_host_took_it_back_while_the_container_stayed(
         ),
     );
 }
+
+// --- a hot-add whose client went away -------------------------------------------------------
+
+fn abandon() -> Section<'static> {
+    misc_run().section("abandon")
+}
+
+#[test]
+fn hot_add_whose_client_went_away_is_rolled_back_and_the_drive_released() {
+    let run = abandon();
+    let killed = run.expect_host("abandon_killed");
+    run.check(
+        killed.field("guest_ready") == Some("0"),
+        &format!(
+            "the guest was up before the client was killed, so the add could have finished: {}",
+            killed.value
+        ),
+    );
+
+    let rolled_back = run.host_all("rvmm_log").into_iter().any(|m| {
+        m.value
+            .contains("hot-add of gone0 rolled back: its client went away")
+    });
+    let info = ctl_ok(&run, "info_abandoned");
+    let blocks = run.expect_host("abandon_blocks");
+
+    run.check(
+        rolled_back,
+        "rvmm never said it rolled the add of gone0 back",
+    );
+    run.check(
+        !info.contains("gone0"),
+        &format!("info still shows the abandoned device: {info}"),
+    );
+    run.check(
+        blocks.value == "0",
+        &format!(
+            "the guest got a drive nobody waited for: {} block devices",
+            blocks.value
+        ),
+    );
+    run.check(
+        events(&run, "device-added", "gone0").is_empty(),
+        "a device-added event was published for the abandoned add",
+    );
+}
+
+#[test]
+fn drive_of_an_abandoned_hot_add_can_be_added_again() {
+    let run = abandon();
+
+    let answer = ctl_ok(&run, "readd");
+    let markers = between(&run, "readd", "end");
+
+    run.check(
+        json_value(answer, "id") == Some("disk0"),
+        &format!("the add after the abandoned one did not answer with disk0: {answer}"),
+    );
+    expect_guest(
+        &run,
+        &markers,
+        "block-added",
+        "",
+        "the drive of the abandoned add never reached the guest when added again",
+    );
+}

@@ -52,6 +52,18 @@ pub trait ApiHandler: Send + Sync {
     fn info(&self) -> Result<VmInfo, ApiError>;
     /// Hot-adds one device; returns when the guest has it.
     fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError>;
+    /// [`ApiHandler::add_device`] for a client that may go away before the answer: the VMM
+    /// asks `client_gone` while it waits, and once it says yes, rolls the add back as it does at
+    /// the add's deadline (a device nobody waits for is not left half-added). The control API
+    /// server calls this with a check of the client's connection; the default ignores it.
+    fn add_device_for(
+        &self,
+        req: DeviceSpec,
+        client_gone: &dyn Fn() -> bool,
+    ) -> Result<DeviceInfo, ApiError> {
+        let _ = client_gone;
+        self.add_device(req)
+    }
     /// Hot-removes one device; returns when it is released from the VM.
     fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError>;
     /// Stops the VM; returns once the shutdown is under way.

@@ -10,6 +10,7 @@
 //! hanging it; a request answered after its client gave up is dropped quietly.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,11 +49,15 @@ impl Default for QueueTimeouts {
     }
 }
 
+/// How often a waiting add-device looks whether its client is still there.
+const CLIENT_CHECK: Duration = Duration::from_millis(100);
+
 /// The answering end of one request: reply exactly once, now or later (it may be stored).
 #[derive(Debug)]
 pub struct Responder<T> {
     tx: Sender<Result<T, ApiError>>,
     queued_at: Instant,
+    client_gone: Arc<AtomicBool>,
 }
 
 impl<T> Responder<T> {
@@ -65,6 +70,12 @@ impl<T> Responder<T> {
     /// Time since the request was queued (e.g. for `duration_ms` of a removal).
     pub fn elapsed(&self) -> Duration {
         self.queued_at.elapsed()
+    }
+
+    /// Whether the client went away without waiting for the answer (its connection closed):
+    /// the operation should be rolled back rather than finished for nobody.
+    pub fn client_gone(&self) -> bool {
+        self.client_gone.load(Ordering::Acquire)
     }
 }
 
@@ -167,10 +178,26 @@ impl QueuedHandler {
         timeout: Duration,
         make: impl FnOnce(Responder<T>) -> PendingRequest,
     ) -> Result<T, ApiError> {
+        self.call_for(name, timeout, &|| false, make)
+    }
+
+    /// Queues a request and waits for its answer; while waiting, looks every
+    /// [`CLIENT_CHECK`] whether `client_gone`, and if so tells the event loop (through the
+    /// responder) and stops waiting.
+    fn call_for<T>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        client_gone: &dyn Fn() -> bool,
+        make: impl FnOnce(Responder<T>) -> PendingRequest,
+    ) -> Result<T, ApiError> {
         let (tx, rx) = mpsc::channel();
+        let gone = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
         let pending = make(Responder {
             tx,
-            queued_at: Instant::now(),
+            queued_at: started,
+            client_gone: gone.clone(),
         });
         self.tx
             .send(pending)
@@ -178,18 +205,35 @@ impl QueuedHandler {
         self.event
             .write(1)
             .map_err(|e| ApiError::Internal(format!("cannot wake the VMM event loop: {e}")))?;
-        match rx.recv_timeout(timeout) {
-            Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => {
-                log::warn!("API {name}: no answer from the VMM within {timeout:?}");
-                Err(ApiError::Timeout {
-                    step: format!("waiting for the VMM to answer {name}"),
-                    after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                })
+        let deadline = started + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(CLIENT_CHECK)) {
+                Ok(result) => return result,
+                Err(RecvTimeoutError::Timeout) if left > CLIENT_CHECK => {
+                    if client_gone() {
+                        log::info!("API {name}: the client went away, the VMM rolls it back");
+                        gone.store(true, Ordering::Release);
+                        // Wake the loop: the rollback need not wait for its next tick.
+                        let _ = self.event.write(1);
+                        return Err(ApiError::Unavailable(format!(
+                            "the client went away before the answer to {name}"
+                        )));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    log::warn!("API {name}: no answer from the VMM within {timeout:?}");
+                    return Err(ApiError::Timeout {
+                        step: format!("waiting for the VMM to answer {name}"),
+                        after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "the VMM stopped before answering {name}"
+                    )))
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => Err(ApiError::Unavailable(format!(
-                "the VMM stopped before answering {name}"
-            ))),
         }
     }
 }
@@ -200,9 +244,17 @@ impl ApiHandler for QueuedHandler {
     }
 
     fn add_device(&self, req: DeviceSpec) -> Result<DeviceInfo, ApiError> {
+        self.add_device_for(req, &|| false)
+    }
+
+    fn add_device_for(
+        &self,
+        req: DeviceSpec,
+        client_gone: &dyn Fn() -> bool,
+    ) -> Result<DeviceInfo, ApiError> {
         // Library callers build requests by hand: the decoder's rules hold here too.
         req.check().map_err(ApiError::BadRequest)?;
-        self.call("add-device", self.timeouts.add, |r| {
+        self.call_for("add-device", self.timeouts.add, client_gone, |r| {
             PendingRequest::AddDevice(req, r)
         })
     }
@@ -379,6 +431,45 @@ mod tests {
             queue.drain().is_empty(),
             "the request reached the event loop"
         );
+    }
+
+    #[test]
+    fn add_whose_client_goes_away_is_marked_for_rollback() {
+        let queue = ApiRequestQueue::new().expect("eventfd");
+        let timeouts = QueueTimeouts {
+            add: Duration::from_secs(10),
+            ..short_timeouts()
+        };
+        let handler = queue.handler(Arc::new(EventBus::new()), timeouts);
+        let gone = Arc::new(AtomicBool::new(false));
+        let client_gone = gone.clone();
+        let spec: DeviceSpec = "path=/sys/bus/pci/devices/0000:01:00.0"
+            .parse()
+            .expect("valid");
+        let client = thread::spawn(move || {
+            handler.add_device_for(spec, &|| client_gone.load(Ordering::Acquire))
+        });
+        let mut stored = Vec::new();
+        serve_once(&queue, |p| stored.push(p));
+        let Some(PendingRequest::AddDevice(_, responder)) = stored.pop() else {
+            panic!("no add request");
+        };
+        assert!(!responder.client_gone());
+
+        gone.store(true, Ordering::Release);
+        let answer = client.join().expect("client thread");
+
+        assert!(
+            matches!(&answer, Err(ApiError::Unavailable(m)) if m.contains("went away")),
+            "{answer:?}"
+        );
+        assert!(responder.client_gone(), "the event loop was not told");
+        assert_eq!(
+            queue.event_fd().read().ok(),
+            Some(1),
+            "the event loop was not woken for the rollback"
+        );
+        assert!(!responder.reply(Err(ApiError::Internal("rolled back".into()))));
     }
 
     #[test]

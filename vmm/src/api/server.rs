@@ -381,6 +381,19 @@ fn peer_gone(stream: &UnixStream) -> bool {
     r > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
+/// Whether the client of `stream` has closed its connection (both directions: a client that
+/// only shut its sending side after the request still waits for the answer).
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut fd, 1, 0) };
+    r > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Ends our side of the connection and reads away what the client still sends (within `budget`),
 /// so that closing does not reset the connection and lose the response: a unix socket closed
 /// with unread data makes the peer's next read fail with ECONNRESET.
@@ -536,7 +549,8 @@ fn serve_request(mut stream: &UnixStream, shared: &Shared) {
             return;
         }
     };
-    let outcome = dispatch(&request, fds, shared.handler.as_ref())
+    let client_gone = || peer_closed(stream);
+    let outcome = dispatch(&request, fds, shared.handler.as_ref(), &client_gone)
         .unwrap_or_else(|e| Outcome::Reply(Response::error(&e)));
     match outcome {
         Outcome::Reply(response) => {
@@ -613,11 +627,14 @@ fn with_group(mut req: DeviceSpec, fd: Option<OwnedFd>) -> Result<DeviceSpec, Ap
 }
 
 /// Answers one request; `fds` are the descriptors that came with it and how many more were
-/// dropped. Public for the fuzz target that drives it with a recording handler.
+/// dropped; `client_gone` tells whether the client has closed its connection (an add it no
+/// longer waits for is rolled back). Public for the fuzz target that drives it with a
+/// recording handler.
 pub fn dispatch(
     request: &Request,
     (mut fds, dropped): (Vec<OwnedFd>, usize),
     handler: &dyn ApiHandler,
+    client_gone: &dyn Fn() -> bool,
 ) -> Result<Outcome, ApiError> {
     let reply = |value: Result<_, ApiError>| value.map(Outcome::Reply);
     let endpoint = route(&request.method, &request.target)?;
@@ -640,7 +657,11 @@ pub fn dispatch(
         }
         Endpoint::AddDevice => {
             let req = with_group(json_body(&request.body)?, fds.pop())?;
-            reply(handler.add_device(req).map(|d| Response::json(200, &d)))
+            reply(
+                handler
+                    .add_device_for(req, client_gone)
+                    .map(|d| Response::json(200, &d)),
+            )
         }
         Endpoint::RemoveDevice => {
             let req: RemoveDeviceRequest = json_body(&request.body)?;

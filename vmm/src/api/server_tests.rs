@@ -29,13 +29,16 @@ use crate::device::GroupFd;
 use crate::device::{DeviceSource, DeviceSpec, DeviceState};
 use rvmm_pci::Bdf;
 
-/// A VMM that hot-plugs instantly. Id `busy` conflicts, id `slow` times out.
+/// A VMM that hot-plugs instantly. Id `busy` conflicts, id `slow` times out; an add of id
+/// `watch` takes a second, during which it watches whether its client goes away.
 struct FakeVmm {
     bus: Arc<EventBus>,
     devices: Mutex<Vec<DeviceInfo>>,
     shutdown_delay: Duration,
     /// (device, inode) of the group descriptor of the last add request that had one.
     group: Mutex<Option<(u64, u64)>>,
+    /// Whether the client of the last `watch` add went away while it was served.
+    client_gone: Mutex<Option<bool>>,
 }
 
 fn bdf(s: &str) -> Bdf {
@@ -57,6 +60,7 @@ impl FakeVmm {
             devices: Mutex::new(Vec::new()),
             shutdown_delay,
             group: Mutex::new(None),
+            client_gone: Mutex::new(None),
         })
     }
 
@@ -119,6 +123,27 @@ impl ApiHandler for FakeVmm {
         self.bus
             .publish(Event::now(EventKind::DeviceAdded(device.clone())));
         Ok(device)
+    }
+
+    fn add_device_for(
+        &self,
+        req: DeviceSpec,
+        client_gone: &dyn Fn() -> bool,
+    ) -> Result<DeviceInfo, ApiError> {
+        if req.id.as_ref().map(DeviceId::as_str) != Some("watch") {
+            return self.add_device(req);
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut gone = false;
+        while !gone && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+            gone = client_gone();
+        }
+        *self.client_gone.lock().expect("not poisoned") = Some(gone);
+        if gone {
+            return Err(ApiError::Unavailable("the client went away".into()));
+        }
+        self.add_device(req)
     }
 
     fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError> {
@@ -739,4 +764,58 @@ fn malformed_json_names_the_position() {
         err.to_string().starts_with("invalid request body: EOF"),
         "{err}"
     );
+}
+
+/// What the fake saw of the client of its last `watch` add, once it has finished.
+fn watched_client_gone(vmm: &FakeVmm) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(gone) = *vmm.client_gone.lock().expect("not poisoned") {
+            return gone;
+        }
+        assert!(Instant::now() < deadline, "the watched add never finished");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Connects and sends an add the fake watches (id `watch`), leaving the connection open.
+fn send_watched_add(path: &Path) -> UnixStream {
+    const BODY: &str = r#"{"path":"/sys/bus/pci/devices/0000:01:00.0","id":"watch"}"#;
+    let req = format!(
+        "PUT /v1/vm/add-device HTTP/1.1\r\nContent-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut conn = UnixStream::connect(path).expect("connect");
+    conn.write_all(req.as_bytes()).expect("send");
+    conn
+}
+
+#[test]
+fn add_whose_client_closed_the_connection_is_told_the_client_is_gone() {
+    let s = start();
+    let conn = send_watched_add(&s.path);
+    thread::sleep(Duration::from_millis(100));
+    drop(conn);
+
+    assert!(
+        watched_client_gone(&s.vmm),
+        "the handler never saw the client go"
+    );
+    assert!(s.vmm.devices().is_empty());
+}
+
+#[test]
+fn add_whose_client_only_shut_its_sending_side_is_answered() {
+    let s = start();
+    let mut conn = send_watched_add(&s.path);
+    conn.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("answer");
+
+    assert!(
+        !watched_client_gone(&s.vmm),
+        "a half-close was taken for a hang-up"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

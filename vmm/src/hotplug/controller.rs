@@ -365,6 +365,18 @@ impl Controller {
     ) -> Option<Op> {
         let port_index = self.passthrough.get(id).map(|d| d.port)?;
         match op {
+            Op::WaitingForSlot { reply, .. } | Op::WaitingForGuest { reply, .. }
+                if reply.as_ref().is_some_and(Responder::client_gone) =>
+            {
+                log::warn!("hot-add of {id} rolled back: its client went away before the answer");
+                self.roll_back_add(id, ops);
+                if let Some(r) = reply {
+                    r.reply(Err(ApiError::Unavailable(format!(
+                        "hot-add of {id} rolled back: the client went away"
+                    ))));
+                }
+                None
+            }
             Op::WaitingForSlot {
                 deadline,
                 end,
@@ -491,6 +503,18 @@ impl Controller {
         ops: &mut EventOps,
     ) {
         log::warn!("hot-add of {id} failed while {step}");
+        self.roll_back_add(id, ops);
+        if let Some(r) = reply {
+            r.reply(Err(ApiError::Timeout {
+                step,
+                after_ms: now_ms(waited),
+            }));
+        }
+    }
+
+    /// Undoes a hot-add that did not finish: takes the device back out of its slot (if it got
+    /// there) and releases it.
+    fn roll_back_add(&mut self, id: &DeviceId, ops: &mut EventOps) {
         if let Some(d) = self.passthrough.get(id) {
             if let Some(port) = self.segment.port(d.port) {
                 let mut port = port.locked();
@@ -501,12 +525,6 @@ impl Controller {
         }
         self.unwatch_vfio(id, ops);
         self.passthrough.detach(id);
-        if let Some(r) = reply {
-            r.reply(Err(ApiError::Timeout {
-                step,
-                after_ms: now_ms(waited),
-            }));
-        }
     }
 
     /// The host asked for device `id` back (VFIO request interrupt) or reported it failed.
@@ -608,6 +626,10 @@ impl MutEventSubscriber for Controller {
         match events.data() {
             TOKEN_QUEUE => {
                 let requests = self.queue.as_ref().map(|q| q.drain()).unwrap_or_default();
+                if requests.is_empty() {
+                    // A wake-up without a request: a client went away (see `Responder`).
+                    self.advance(ops);
+                }
                 for req in requests {
                     self.handle_request(req, ops);
                 }
