@@ -401,6 +401,22 @@ uptime_ms() {
   echo $((${up%.*} * 1000 + (1${up#*.} - 100) * 10))
 }
 
+# msix_table_size BDF: the MSI-X table size of device BDF, read from its config space by walking
+# the capability list (0 when it has no MSI-X capability).
+msix_table_size() {
+  od -An -v -tu1 "/sys/bus/pci/devices/$1/config" | awk '
+    { for (i = 1; i <= NF; i++) b[n++] = $i }
+    END {
+      p = b[52] - b[52] % 4
+      guard = 0
+      while (p >= 64 && guard++ < 48) {
+        if (b[p] == 17) { print b[p + 2] + (b[p + 3] % 8) * 256 + 1; exit }
+        p = b[p + 1] - b[p + 1] % 4
+      }
+      print 0
+    }'
+}
+
 # api_socket NAME: the control API socket of run NAME.
 api_socket() { echo "/tmp/rvmm-$1.sock"; }
 

@@ -84,7 +84,8 @@ fn nvme_scenario() -> String {
     let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
     let pattern = format!("rvmm.pattern={}", token());
     let mut s = String::from(
-        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n",
+        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n\
+         hmark msix_table \"$(msix_table_size \"$NVME\")\"\n",
     );
     s += &start(
         "add",
@@ -442,12 +443,13 @@ fn json_u64(json: &str, key: &str) -> Option<u64> {
 }
 
 /// The `resources` and `root_ports` of an `info` answer: what must not change.
-fn footprint(info: &str) -> [(&'static str, Option<u64>); 5] {
+fn footprint(info: &str) -> [(&'static str, Option<u64>); 6] {
     [
         ("open_fds", json_u64(info, "open_fds")),
         ("memory_slots", json_u64(info, "memory_slots")),
         ("msi_routes", json_u64(info, "msi_routes")),
         ("msi_gsis", json_u64(info, "msi_gsis")),
+        ("host_vectors", json_u64(info, "host_vectors")),
         ("root_ports used", json_u64(info, "used")),
     ]
 }

@@ -42,6 +42,13 @@ pub trait DeviceBackend: Send {
     fn irq_count(&self, index: u32) -> u32;
     /// Makes interrupts `0..fds.len()` of `index` signal `fds`.
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> io::Result<()>;
+    /// Whether interrupts can be added to `index` while it is enabled
+    /// ([`DeviceBackend::set_irq_trigger`]); when not, growing it means disabling it and
+    /// enabling it again with more.
+    fn irq_resizable(&self, index: u32) -> bool;
+    /// Makes interrupt `vector` of the enabled index `index` signal `fd`, allocating it on the
+    /// host if needed (only where [`DeviceBackend::irq_resizable`]).
+    fn set_irq_trigger(&self, index: u32, vector: u32, fd: &EventFd) -> io::Result<()>;
     /// Disables all interrupts of `index`.
     fn disable_irq(&self, index: u32) -> io::Result<()>;
     /// Sets the eventfd that unmasks INTx when signalled (KVM's resamplefd).
@@ -236,6 +243,14 @@ impl DeviceBackend for VfioBackend {
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
         let fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         self.device.enable_irq(index, &fds)
+    }
+
+    fn irq_resizable(&self, index: u32) -> bool {
+        self.device.irq(index).is_some_and(|irq| !irq.noresize)
+    }
+
+    fn set_irq_trigger(&self, index: u32, vector: u32, fd: &EventFd) -> io::Result<()> {
+        self.device.set_irq_trigger(index, vector, fd.as_raw_fd())
     }
 
     fn disable_irq(&self, index: u32) -> io::Result<()> {

@@ -361,6 +361,12 @@ impl VfioPciDevice {
         self.lock().irqs.mode()
     }
 
+    /// How many MSI/MSI-X vectors are live on the host: every MSI vector once MSI is enabled,
+    /// MSI-X vectors as the guest unmasks them.
+    pub fn live_vectors(&self) -> usize {
+        self.lock().irqs.live_vectors()
+    }
+
     /// Signalled when the host asks for the device back (VFIO request IRQ): the VMM should
     /// remove it from the guest (surprise removal if need be) and release it.
     pub fn request_event(&self) -> Option<&EventFd> {
@@ -467,7 +473,10 @@ impl Inner {
                         masked: msi.masked(v),
                         msg: msi.message(v),
                     };
-                    if let Err(e) = self.irqs.update_vector(v as usize, want, &*self.router) {
+                    if let Err(e) =
+                        self.irqs
+                            .update_vector(v as usize, want, backend, &*self.router)
+                    {
                         log_throttled!(
                             self.throttle,
                             Level::Error,
@@ -482,14 +491,17 @@ impl Inner {
     }
 
     fn update_msix_vector(&mut self, v: u16) {
-        let Some(msix) = self.config.msix() else {
+        let (Some(msix), Some(backend)) = (self.config.msix(), self.backend.as_deref()) else {
             return;
         };
         let want = VectorWant {
             masked: msix.masked(v),
             msg: msix.message(v),
         };
-        if let Err(e) = self.irqs.update_vector(usize::from(v), want, &*self.router) {
+        if let Err(e) = self
+            .irqs
+            .update_vector(usize::from(v), want, backend, &*self.router)
+        {
             log_throttled!(
                 self.throttle,
                 Level::Error,

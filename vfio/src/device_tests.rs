@@ -185,7 +185,8 @@ fn enabling_msix_replaces_intx_and_routes_unmasked_vectors() {
     r.enable_msix(false);
     assert_eq!(r.vfio.irq_mode(), IrqMode::Msix(16));
     assert_eq!(r.dev.enabled_irq(VFIO_PCI_INTX_IRQ_INDEX), None);
-    assert_eq!(r.dev.enabled_irq(VFIO_PCI_MSIX_IRQ_INDEX), Some(16));
+    // Live on the host: vector 0 (from the enable) up to the unmasked vector 1, not all 16.
+    assert_eq!(r.dev.enabled_irq(VFIO_PCI_MSIX_IRQ_INDEX), Some(2));
     assert_eq!(r.router.live_gsis().len(), 1);
     let gsi = r.router.live_gsis()[0];
     assert_eq!(r.router.route(gsi).map(|m| m.data), Some(0x4041));
@@ -231,6 +232,9 @@ fn pba_shows_pending_masked_vectors() {
     r.place_bars();
     r.enable_memory();
     r.enable_msix(false);
+    // Vector 3 used by the guest, then masked: the host interrupt stays pending.
+    r.program_vector(3, 0x43);
+    r.table_write(3, 3, 1);
     r.vfio.lock().irqs.signal_vector(3);
     let mut data = [0u8; 8];
     assert!(r.mmio.read(BAR0 + 0x3000, &mut data));

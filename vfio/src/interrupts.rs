@@ -3,6 +3,16 @@
 //!
 //! Masking a vector removes its irqfd, so the host interrupt stays counted in the eventfd
 //! (that is the pending bit); unmasking re-adds the irqfd and KVM delivers what was pending.
+//!
+//! MSI-X vectors are made live as the guest unmasks them, not all at enable: a device with 2048
+//! table entries whose driver uses 9 costs 9 eventfds and host interrupts, not 2048. Enabling
+//! MSI-X makes vector 0 live (the device must be in MSI-X mode on the host as soon as the guest
+//! enables it). A later vector is added to the enabled index where VFIO allows it (no
+//! `VFIO_IRQ_INFO_NORESIZE`: kernels from 6.5 with dynamic MSI-X); elsewhere the index is
+//! disabled and enabled again with more vectors, and every vector that was in use is signalled
+//! once after, so that an interrupt the device raised in between is not lost (a spurious one
+//! is harmless to drivers, a lost one hangs them). MSI vectors (at most 32) are all live at
+//! enable.
 //! INTx uses an irqfd with a resamplefd so VFIO re-arms the level-triggered line on guest EOI.
 
 use std::io;
@@ -96,9 +106,10 @@ pub struct VectorWant {
     pub msg: MsiMessage,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Vector {
-    event: EventFd,
+    /// Its eventfd, once the vector is live on the host.
+    event: Option<EventFd>,
     gsi: Option<u32>,
     route: Option<MsiMessage>,
     irqfd: bool,
@@ -117,6 +128,8 @@ pub struct Interrupts {
     mode: IrqMode,
     vectors: Vec<Vector>,
     intx: Option<Intx>,
+    /// Whether MSI-X vectors can be added while MSI-X is enabled.
+    msix_resizable: bool,
 }
 
 fn eventfd() -> Result<EventFd> {
@@ -167,7 +180,13 @@ impl Interrupts {
             mode: IrqMode::Off,
             vectors: Vec::new(),
             intx,
+            msix_resizable: false,
         })
+    }
+
+    /// How many vectors are live on the host (have an eventfd and a host interrupt).
+    pub fn live_vectors(&self) -> usize {
+        self.vectors.iter().filter(|v| v.event.is_some()).count()
     }
 
     /// The live mode.
@@ -235,7 +254,8 @@ impl Interrupts {
                 Ok(())
             }
             IrqMode::Msi(count) | IrqMode::Msix(count) => {
-                let index = if matches!(want, IrqMode::Msi(_)) {
+                let msi = matches!(want, IrqMode::Msi(_));
+                let index = if msi {
                     VFIO_PCI_MSI_IRQ_INDEX
                 } else {
                     VFIO_PCI_MSIX_IRQ_INDEX
@@ -244,21 +264,21 @@ impl Interrupts {
                 if count == 0 {
                     return Ok(());
                 }
-                let mut vectors = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    vectors.push(Vector {
-                        event: eventfd()?,
-                        gsi: None,
-                        route: None,
-                        irqfd: false,
-                    });
+                let mut vectors: Vec<Vector> = std::iter::repeat_with(Vector::default)
+                    .take(count as usize)
+                    .collect();
+                // MSI: every vector now. MSI-X: vector 0 now, the others as they are unmasked.
+                let live = if msi { vectors.len() } else { 1 };
+                for v in vectors.iter_mut().take(live) {
+                    v.event = Some(eventfd()?);
                 }
-                let fds: Vec<&EventFd> = vectors.iter().map(|v| &v.event).collect();
+                let fds: Vec<&EventFd> = vectors.iter().filter_map(|v| v.event.as_ref()).collect();
                 backend
                     .enable_irq(index, &fds)
                     .map_err(vfio("enable", index))?;
                 self.vectors = vectors;
-                self.mode = if index == VFIO_PCI_MSI_IRQ_INDEX {
+                self.msix_resizable = !msi && backend.irq_resizable(index);
+                self.mode = if msi {
                     IrqMode::Msi(count)
                 } else {
                     IrqMode::Msix(count)
@@ -268,26 +288,92 @@ impl Interrupts {
         }
     }
 
+    /// Makes MSI-X vector `v` live on the host: added to the enabled index, or (where VFIO
+    /// cannot resize it) the index enabled again with vectors `0..=v`, each vector that was in
+    /// use then signalled once so that nothing raised in between is lost.
+    fn make_live(&mut self, v: usize, backend: &dyn DeviceBackend) -> Result<()> {
+        let index = VFIO_PCI_MSIX_IRQ_INDEX;
+        if self
+            .vectors
+            .get(v)
+            .is_none_or(|vector| vector.event.is_some())
+        {
+            return Ok(());
+        }
+        let vector_number = u32::try_from(v).unwrap_or(u32::MAX);
+        if self.msix_resizable {
+            let event = eventfd()?;
+            backend
+                .set_irq_trigger(index, vector_number, &event)
+                .map_err(vfio("add a vector to", index))?;
+            if let Some(vector) = self.vectors.get_mut(v) {
+                vector.event = Some(event);
+            }
+            return Ok(());
+        }
+        let in_use: Vec<usize> = (0..self.vectors.len())
+            .filter(|&i| self.vectors.get(i).is_some_and(|x| x.irqfd))
+            .collect();
+        for vector in self.vectors.iter_mut().take(v + 1) {
+            if vector.event.is_none() {
+                vector.event = Some(eventfd()?);
+            }
+        }
+        let fds: Vec<&EventFd> = self
+            .vectors
+            .iter()
+            .take(v + 1)
+            .filter_map(|x| x.event.as_ref())
+            .collect();
+        let enabled = backend
+            .disable_irq(index)
+            .and_then(|()| backend.enable_irq(index, &fds))
+            .map_err(vfio("enable more vectors of", index));
+        if let Err(e) = enabled {
+            // Nothing is live on the host any more: say so, so that nothing is signalled.
+            for vector in &mut self.vectors {
+                vector.event = None;
+            }
+            return Err(e);
+        }
+        for i in in_use {
+            if let Some(event) = self.vectors.get(i).and_then(|x| x.event.as_ref()) {
+                let _ = event.write(1);
+            }
+        }
+        Ok(())
+    }
+
     /// Brings vector `v` to `want`: unmasked vectors get a GSI, the route and an irqfd; masked
     /// ones lose the irqfd but keep GSI and route. A vector past the live ones is ignored.
     pub fn update_vector(
         &mut self,
         v: usize,
         want: VectorWant,
+        backend: &dyn DeviceBackend,
         router_: &dyn InterruptRouter,
     ) -> Result<()> {
-        let Some(vector) = self.vectors.get_mut(v) else {
-            return Ok(());
-        };
         if want.masked {
-            if let (true, Some(gsi)) = (vector.irqfd, vector.gsi) {
+            let Some(vector) = self.vectors.get_mut(v) else {
+                return Ok(());
+            };
+            if let (true, Some(gsi), Some(event)) = (vector.irqfd, vector.gsi, &vector.event) {
                 router_
-                    .remove_irqfd(gsi, &vector.event)
+                    .remove_irqfd(gsi, event)
                     .map_err(router("remove an irqfd", gsi))?;
                 vector.irqfd = false;
             }
             return Ok(());
         }
+        if matches!(self.mode, IrqMode::Msix(_)) {
+            self.make_live(v, backend)?;
+        }
+        let Some(vector) = self.vectors.get_mut(v) else {
+            return Ok(());
+        };
+        let Some(event) = vector.event.as_ref() else {
+            return Ok(());
+        };
         let gsi = match vector.gsi {
             Some(gsi) => gsi,
             None => {
@@ -306,7 +392,7 @@ impl Interrupts {
         }
         if !vector.irqfd {
             router_
-                .add_irqfd(gsi, &vector.event)
+                .add_irqfd(gsi, event)
                 .map_err(router("add an irqfd", gsi))?;
             vector.irqfd = true;
         }
@@ -317,14 +403,14 @@ impl Interrupts {
     pub fn pending(&self, v: usize) -> bool {
         self.vectors
             .get(v)
-            .is_some_and(|vector| !vector.irqfd && is_signalled(&vector.event))
+            .is_some_and(|vector| !vector.irqfd && vector.event.as_ref().is_some_and(is_signalled))
     }
 
     /// Signals vector `v` as the host would (tests).
     #[cfg(test)]
     pub(crate) fn signal_vector(&self, v: usize) {
-        if let Some(vector) = self.vectors.get(v) {
-            vector.event.write(1).unwrap();
+        if let Some(event) = self.vectors.get(v).and_then(|x| x.event.as_ref()) {
+            event.write(1).unwrap();
         }
     }
 
@@ -334,8 +420,8 @@ impl Interrupts {
         let mut freed = Vec::with_capacity(self.vectors.len());
         for vector in self.vectors.drain(..) {
             if let Some(gsi) = vector.gsi {
-                if vector.irqfd {
-                    if let Err(e) = router_.remove_irqfd(gsi, &vector.event) {
+                if let (true, Some(event)) = (vector.irqfd, &vector.event) {
+                    if let Err(e) = router_.remove_irqfd(gsi, event) {
                         log::warn!("cannot remove irqfd of GSI {gsi}: {e}");
                     }
                 }
@@ -364,155 +450,5 @@ impl Interrupts {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{FakeDevice, FakeRouter, RouterOp};
-
-    fn msg(data: u32) -> MsiMessage {
-        MsiMessage {
-            address: 0xfee0_0000,
-            data,
-        }
-    }
-
-    fn unmasked(data: u32) -> VectorWant {
-        VectorWant {
-            masked: false,
-            msg: msg(data),
-        }
-    }
-
-    #[test]
-    fn unmasked_vector_gets_route_and_irqfd() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msix(4), &dev, &r).unwrap();
-        irqs.update_vector(1, unmasked(0x21), &r).unwrap();
-        assert_eq!(
-            r.ops(),
-            [
-                RouterOp::Allocate(0),
-                RouterOp::Route(0, msg(0x21)),
-                RouterOp::AddIrqfd(0)
-            ]
-        );
-        assert_eq!(dev.enabled_irq(VFIO_PCI_MSIX_IRQ_INDEX), Some(4));
-    }
-
-    #[test]
-    fn masking_removes_the_irqfd_and_keeps_the_gsi() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msix(4), &dev, &r).unwrap();
-        irqs.update_vector(0, unmasked(0x21), &r).unwrap();
-        irqs.update_vector(
-            0,
-            VectorWant {
-                masked: true,
-                msg: msg(0x21),
-            },
-            &r,
-        )
-        .unwrap();
-        assert_eq!(r.ops().last(), Some(&RouterOp::RemoveIrqfd(0)));
-        assert_eq!(r.live_gsis(), [0]);
-    }
-
-    #[test]
-    fn masked_vector_reports_pending_after_a_signal() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msix(2), &dev, &r).unwrap();
-        assert!(!irqs.pending(1));
-        irqs.vectors[1].event.write(1).unwrap();
-        assert!(irqs.pending(1));
-        assert!(!irqs.pending(7));
-    }
-
-    #[test]
-    fn unchanged_message_is_not_rerouted_on_unmask() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msi(1), &dev, &r).unwrap();
-        irqs.update_vector(0, unmasked(1), &r).unwrap();
-        irqs.update_vector(
-            0,
-            VectorWant {
-                masked: true,
-                msg: msg(1),
-            },
-            &r,
-        )
-        .unwrap();
-        irqs.update_vector(0, unmasked(1), &r).unwrap();
-        let routes = r
-            .ops()
-            .iter()
-            .filter(|op| matches!(op, RouterOp::Route(..)))
-            .count();
-        assert_eq!(routes, 1);
-    }
-
-    #[test]
-    fn switching_modes_frees_every_gsi_and_disables_vfio() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(Some(10), &dev).unwrap();
-        irqs.switch(IrqMode::Msix(4), &dev, &r).unwrap();
-        irqs.update_vector(0, unmasked(1), &r).unwrap();
-        irqs.update_vector(3, unmasked(2), &r).unwrap();
-        irqs.switch(IrqMode::Intx, &dev, &r).unwrap();
-        assert!(r.live_gsis().is_empty());
-        assert_eq!(dev.enabled_irq(VFIO_PCI_MSIX_IRQ_INDEX), None);
-        assert_eq!(dev.enabled_irq(VFIO_PCI_INTX_IRQ_INDEX), Some(1));
-        assert_eq!(r.ops().last(), Some(&RouterOp::AddResampleIrqfd(10)));
-    }
-
-    #[test]
-    fn vector_count_is_capped_by_vfio() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msix(5000), &dev, &r).unwrap();
-        assert_eq!(
-            irqs.mode(),
-            IrqMode::Msix(dev.irq_count(VFIO_PCI_MSIX_IRQ_INDEX))
-        );
-    }
-
-    #[test]
-    fn switching_to_the_same_capped_mode_keeps_the_vectors() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msix(2048), &dev, &r).unwrap();
-        irqs.update_vector(0, unmasked(1), &r).unwrap();
-        irqs.switch(IrqMode::Msix(2048), &dev, &r).unwrap();
-        assert_eq!(r.live_gsis(), [0]);
-        assert!(!r.ops().contains(&RouterOp::Free(0)));
-    }
-
-    #[test]
-    fn intx_without_a_line_stays_off() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Intx, &dev, &r).unwrap();
-        assert_eq!(irqs.mode(), IrqMode::Off);
-    }
-
-    #[test]
-    fn failed_gsi_allocation_is_reported() {
-        let dev = FakeDevice::new();
-        let r = FakeRouter::default();
-        r.fail_allocation();
-        let mut irqs = Interrupts::new(None, &dev).unwrap();
-        irqs.switch(IrqMode::Msix(1), &dev, &r).unwrap();
-        let err = irqs.update_vector(0, unmasked(1), &r).unwrap_err();
-        assert!(matches!(err, InterruptError::Router { gsi: 0, .. }));
-    }
-}
+#[path = "interrupts_tests.rs"]
+mod tests;

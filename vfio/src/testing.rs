@@ -26,6 +26,10 @@ struct DeviceState {
     memory: HashMap<u32, Vec<u8>>,
     irq_counts: HashMap<u32, u32>,
     enabled: HashMap<u32, usize>,
+    /// Per index: the vectors with a trigger eventfd, and how often it was enabled.
+    triggers: HashMap<u32, std::collections::BTreeSet<u32>>,
+    enables: HashMap<u32, u32>,
+    resizable: std::collections::HashSet<u32>,
     resets: u32,
 }
 
@@ -177,6 +181,32 @@ impl FakeDevice {
         self.0.lock().unwrap().resets
     }
 
+    /// Lets vectors be added to index `index` while it is enabled (VFIO without
+    /// `VFIO_IRQ_INFO_NORESIZE`).
+    pub fn set_irq_resizable(&self, index: u32) {
+        self.0.lock().unwrap().resizable.insert(index);
+    }
+
+    /// The vectors of index `index` that have a trigger eventfd, in order.
+    pub fn triggered_vectors(&self, index: u32) -> Vec<u32> {
+        let s = self.0.lock().unwrap();
+        s.triggers
+            .get(&index)
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many times index `index` was enabled.
+    pub fn irq_enables(&self, index: u32) -> u32 {
+        self.0
+            .lock()
+            .unwrap()
+            .enables
+            .get(&index)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Sets the number of interrupts VFIO IRQ index `index` reports.
     pub fn set_irq_count(&self, index: u32, count: u32) {
         self.0.lock().unwrap().irq_counts.insert(index, count);
@@ -259,12 +289,38 @@ impl DeviceBackend for FakeDevice {
             // VFIO allows one of INTx, MSI, MSI-X at a time.
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
+        if s.enabled.contains_key(&index) && !s.resizable.contains(&index) {
+            // A NORESIZE index must be disabled before it is enabled with another count.
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         s.enabled.insert(index, fds.len());
+        *s.enables.entry(index).or_default() += 1;
+        let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+        s.triggers.insert(index, (0..count).collect());
+        Ok(())
+    }
+
+    fn irq_resizable(&self, index: u32) -> bool {
+        self.0.lock().unwrap().resizable.contains(&index)
+    }
+
+    fn set_irq_trigger(&self, index: u32, vector: u32, _fd: &EventFd) -> io::Result<()> {
+        let mut s = self.0.lock().unwrap();
+        let available = s.irq_counts.get(&index).copied().unwrap_or(0);
+        if !s.enabled.contains_key(&index) || vector >= available {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if !s.resizable.contains(&index) && vector as usize >= s.enabled[&index] {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        s.triggers.entry(index).or_default().insert(vector);
         Ok(())
     }
 
     fn disable_irq(&self, index: u32) -> io::Result<()> {
-        self.0.lock().unwrap().enabled.remove(&index);
+        let mut s = self.0.lock().unwrap();
+        s.enabled.remove(&index);
+        s.triggers.remove(&index);
         Ok(())
     }
 

@@ -183,6 +183,49 @@ fn info_shows_the_hot_added_nvme_present_in_the_slot_the_guest_sees() {
 }
 
 #[test]
+fn host_vectors_of_the_hot_added_nvme_are_those_the_guest_driver_uses() {
+    let run = add();
+    let table = nvme_run().all().expect_host_u64("msix_table");
+    let info = ctl_ok(&run, "info_added");
+    let markers = between(&run, "add", "graceful");
+
+    let guest = markers
+        .iter()
+        .rev()
+        .find(|m| m.source == Source::Guest && m.key == "irq_mode" && m.word(0) == Some(GUEST_BDF))
+        .unwrap_or_else(|| {
+            run.fail(&format!(
+                "the guest reported no interrupt mode of {GUEST_BDF}"
+            ))
+        });
+    let guest_vectors: Option<u64> = guest.field("vectors").and_then(|v| v.parse().ok());
+    let host_vectors = json_u64(info, "host_vectors");
+
+    run.check(
+        guest.field("mode") == Some("msix"),
+        &format!(
+            "the guest's nvme driver does not use MSI-X: {}",
+            guest.value
+        ),
+    );
+    run.check(
+        host_vectors.is_some() && host_vectors == guest_vectors,
+        &format!(
+            "rvmm has {host_vectors:?} vectors live on the host, the guest's driver uses \
+             {guest_vectors:?} ({})",
+            guest.value
+        ),
+    );
+    run.check(
+        host_vectors.is_some_and(|n| n < table),
+        &format!(
+            "{host_vectors:?} host vectors for a table of {table}: the test proves nothing \
+             unless the driver uses fewer vectors than the table has"
+        ),
+    );
+}
+
+#[test]
 fn each_hot_add_is_reported_as_a_device_added_event() {
     let run = add();
 

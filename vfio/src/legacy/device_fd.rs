@@ -158,6 +158,20 @@ impl VfioDevice {
         self.set_irqs(&mut encode_irq_set(flags, index, 0, count, fds))
     }
 
+    /// Makes interrupt `vector` of the enabled index `index` signal the eventfd `fd` (the
+    /// kernel allocates the vector when the index supports dynamic allocation).
+    pub fn set_irq_trigger(&self, index: u32, vector: u32, fd: RawFd) -> io::Result<()> {
+        let available = self.irq(index).map_or(0, |irq| irq.count);
+        if vector >= available {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("interrupt {vector} requested, index {index} has {available}"),
+            ));
+        }
+        let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        self.set_irqs(&mut encode_irq_set(flags, index, vector, 1, &[fd]))
+    }
+
     /// Disables every interrupt of `index`.
     pub fn disable_irq(&self, index: u32) -> io::Result<()> {
         let flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;

@@ -329,6 +329,10 @@ pub struct VmResources {
     pub msi_routes: u64,
     /// GSIs allocated for MSI routes.
     pub msi_gsis: u64,
+    /// MSI/MSI-X vectors live on the host (an eventfd and a host interrupt each) over all
+    /// passthrough devices: MSI-X vectors become live as the guest unmasks them.
+    #[serde(default)]
+    pub host_vectors: u64,
 }
 
 /// Why the VM ended.

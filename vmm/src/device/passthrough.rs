@@ -239,6 +239,11 @@ impl Passthrough {
             memory_slots: self.guest_mmio.slots_in_use() as u64,
             msi_routes: self.router.msi_routes() as u64,
             msi_gsis: self.router.allocated() as u64,
+            host_vectors: self
+                .devices
+                .values()
+                .map(|d| d.device.live_vectors() as u64)
+                .sum(),
         }
     }
 
