@@ -4,7 +4,7 @@
  * in resources/guest/init). Built static by resources/build-guest-initramfs.sh as /bin/hostile.
  *
  * Usage: hostile [-s SEED] [-r ROUNDS] [PHASE...]
- *   PHASE: discover nvme ports pio ecam (default: all, in that order)
+ *   PHASE: discover nvme ports pio ecam platform (default: all, in that order)
  *   SEED:  seed of the garbage (default: from the clock); ROUNDS: garbage writes per register
  *          in the full passes (default 2)
  *
@@ -14,13 +14,16 @@
  *             and PBA (through /dev/mem at its BAR), its MSI-X and MSI capabilities, its BAR and
  *             ROM registers (sizing, RAM, ECAM, LAPIC and high addresses) and every register of
  *             its config space through ECAM and 0xCF8/0xCFC
- *   ports     every root port: Slot Control/Status, MSI, bridge windows, bus numbers, PCIe
+ *   ports     every root port: Slot Control/Status, MSI (also MSIs that reach no CPU: absent
+ *             APIC IDs in every delivery mode, a broadcast), bridge windows, bus numbers, PCIe
  *             control registers, then every register of its config space
  *   pio       every function on every bus through 0xCF8/0xCFC (ioperm): a probe and a garbage write
  *             each; every register of every function that answers; odd widths and offsets on
  *             the address and data ports
  *   ecam      every function on every bus through ECAM (/dev/mem at 0xE0000000, 256 MiB): the same,
  *             plus 8-byte and unaligned accesses
+ *   platform  the serial port's registers (settings restored after), the i8042, the CMOS and the
+ *             ACPI PM block, every width; never the values that reset or power off the VM
  *
  * The guest must stay alive to report: MSI data written to a register the program knows is one
  * (root ports' and the NVMe's MSI, MSI-X table entries) gets a fixed-delivery vector in
@@ -42,6 +45,7 @@
 #include <string.h>
 #include <sys/io.h>
 #include <sys/mman.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -431,6 +435,44 @@ static void phase_nvme(int memfd)
 	     ecam_read32(f->bus, f->dev, f->fn, 0));
 }
 
+/* MSI messages that reach no CPU, sent by root port `f`: its MSI aimed at APIC IDs no vCPU has
+ * (0x20..0xfe, physical destination mode) in every delivery mode (fixed, lowest priority, SMI,
+ * NMI, INIT, ExtINT), and a broadcast with fixed delivery of a harmless vector; each is sent by a
+ * Command Completed event (a Slot Control write with notifications on). The address always
+ * changes first and the data last, and the data ends harmless, so that no INIT, NMI or SMI can
+ * reach a vCPU through a later address. */
+static void msi_nowhere(const struct func *f)
+{
+	static const uint32_t modes[] = {0, 1, 2, 4, 5, 7};
+	int sltctl = f->pcie + 0x18, sltsta = f->pcie + 0x1a;
+	int is64 = f->msi_data == f->msi + 0x0c;
+	int sent = 0;
+	if (!f->msi)
+		return;
+	uint16_t control = (uint16_t)(ecam_read32(f->bus, f->dev, f->fn, f->msi) >> 16);
+	/* Enabled, one vector; unmasked where per-vector masking exists. */
+	mmio_write(ecam_at(f->bus, f->dev, f->fn, f->msi + 2), 2, (control & ~0x70U) | 1);
+	if (control & 0x100)
+		mmio_write(ecam_at(f->bus, f->dev, f->fn, f->msi + (is64 ? 0x10 : 0x0c)), 4, 0);
+	for (unsigned m = 0; m < sizeof(modes) / sizeof(modes[0]); m++) {
+		for (int k = 0; k < 4 * rounds; k++) {
+			int broadcast = modes[m] == 0 && k == 0;
+			uint32_t dest = broadcast ? 0xff : 0x20 + (uint32_t)(rnd() % 0xdf);
+			uint32_t vector = 0x30 + (uint32_t)(rnd() % 0x50);
+			mmio_write(ecam_at(f->bus, f->dev, f->fn, f->msi + 4), 4, 0xfee00000U | dest << 12);
+			if (is64)
+				mmio_write(ecam_at(f->bus, f->dev, f->fn, f->msi + 8), 4, 0);
+			mmio_write(ecam_at(f->bus, f->dev, f->fn, f->msi_data), 2, modes[m] << 8 | vector);
+			mmio_write(ecam_at(f->bus, f->dev, f->fn, sltsta), 2, 0xffff);
+			mmio_write(ecam_at(f->bus, f->dev, f->fn, sltctl), 2,
+				   0x0030 | ((k & 1) ? 0x0100 : 0x0200));
+			sent++;
+		}
+	}
+	mmio_write(ecam_at(f->bus, f->dev, f->fn, f->msi_data), 2, 0x0040);
+	mark("hostile_msi_nowhere %02x:%02x.%x sent=%d", f->bus, f->dev, f->fn, sent);
+}
+
 static void phase_ports(void)
 {
 	int ports = 0;
@@ -462,6 +504,7 @@ static void phase_ports(void)
 			garbage_at(f, off, width, (r >> 20) & 1);
 			mmio_write(ecam_at(f->bus, f->dev, f->fn, sltctl), 2, rnd());
 		}
+		msi_nowhere(f);
 		/* Bus numbers and bridge windows, including overlaps with other ports and bus 0. */
 		static const uint32_t buses[] = {0x00000000, 0x00ffffff, 0x00010100, 0x00020201,
 						 0x00ff0100, 0x00000101, 0x00080300};
@@ -587,6 +630,89 @@ static void phase_ecam(void)
 		garbage_all(&funcs[i], 0x1000);
 }
 
+/* One garbage access of any width at `port`, with `value` (already made harmless). */
+static void port_garbage(int port, uint64_t r, uint32_t value)
+{
+	writes++;
+	reads++;
+	switch (width_of(r)) {
+	case 1: outb((uint8_t)value, port); inb(port); break;
+	case 2: outw((uint16_t)value, port); inw(port); break;
+	default: outl(value, port); inl(port); break;
+	}
+}
+
+/* The legacy platform devices: the serial port's registers (the console's settings saved and
+ * restored around it, nothing written to its transmit register), the i8042, the CMOS/RTC and the
+ * ACPI PM block (0x600-0x602) and what lies just past it, with every access width. Left out:
+ * the values that reset or power off the VM (i8042 command 0xfe, SLP_EN in sleep control, the
+ * reset value 1 in the reset register), which would end the run rather than attack it. */
+static void phase_platform(void)
+{
+	/* The console's output out of the kernel's buffers first: a stalled transmitter would keep
+	 * it there. */
+	fflush(stdout);
+	tcdrain(STDOUT_FILENO);
+	uint8_t lcr = inb(0x3fb), ier = inb(0x3f9), mcr = inb(0x3fc);
+	outb(lcr | 0x80, 0x3fb);
+	uint8_t dll = inb(0x3f8), dlm = inb(0x3f9);
+	outb(lcr, 0x3fb);
+	for (int i = 0; i < 256 * rounds; i++) {
+		uint64_t r = rnd();
+		int port = 0x3f9 + (int)(r % 7);
+		/* Only byte accesses: a wider one would reach the next port, 0x3f8 included. */
+		writes++;
+		reads++;
+		outb((uint8_t)(r >> 8), port);
+		inb(port);
+		inb(0x3f8); /* the receive buffer, whatever the divisor latch says */
+	}
+	outb(lcr | 0x80, 0x3fb);
+	outb(dll, 0x3f8);
+	outb(dlm, 0x3f9);
+	outb(lcr, 0x3fb);
+	outb(0xc7, 0x3fa);
+	outb(mcr, 0x3fc);
+	outb(ier, 0x3f9);
+	for (int i = 0; i < 256 * rounds; i++) {
+		uint64_t r = rnd();
+		uint32_t v = (uint32_t)(r >> 16);
+		switch (r % 6) {
+		case 0:
+		case 1: {
+			/* i8042 data or command; no byte of a command write may be the reset. */
+			int port = (r % 6) ? 0x64 : 0x60;
+			if (port == 0x64)
+				for (int b = 0; b < 4; b++)
+					if (((v >> (8 * b)) & 0xff) == 0xfe)
+						v ^= 1U << (8 * b);
+			port_garbage(port, r >> 8, v);
+			break;
+		}
+		case 2:
+		case 3:
+			port_garbage(0x70 + (int)(r % 2), r >> 8, v);
+			break;
+		default: {
+			/* ACPI PM: sleep control without SLP_EN, sleep status, reset without its value,
+			 * the port past the block; any byte of a wide access lands on one of them. */
+			int port = 0x600 + (int)((r >> 4) % 4);
+			for (int b = 0; b < 4; b++) {
+				int at = port + b;
+				uint32_t byte = (v >> (8 * b)) & 0xff;
+				if (at == 0x600)
+					byte &= ~0x20U;
+				else if (at == 0x602 && byte == 1)
+					byte = 0;
+				v = (v & ~(0xffU << (8 * b))) | byte << (8 * b);
+			}
+			port_garbage(port, r >> 8, v);
+			break;
+		}
+		}
+	}
+}
+
 static int run_phase(const char *name, int memfd)
 {
 	uint64_t start = now_ms(), w = writes, r = reads;
@@ -601,6 +727,8 @@ static int run_phase(const char *name, int memfd)
 		phase_pio();
 	else if (!strcmp(name, "ecam"))
 		phase_ecam();
+	else if (!strcmp(name, "platform"))
+		phase_platform();
 	else {
 		mark("hostile_error unknown_phase %s", name);
 		return 1;
@@ -613,7 +741,7 @@ static int run_phase(const char *name, int memfd)
 
 int main(int argc, char **argv)
 {
-	static const char *all[] = {"discover", "nvme", "ports", "pio", "ecam"};
+	static const char *all[] = {"discover", "nvme", "ports", "pio", "ecam", "platform"};
 	int opt, status = 0;
 	rng = (uint64_t)now_ms() * 0x9e3779b97f4a7c15ULL | 1;
 	while ((opt = getopt(argc, argv, "s:r:")) != -1) {

@@ -417,6 +417,19 @@ msix_table_size() {
     }'
 }
 
+# api_poller SOCKET FILE: until killed, asks the rvmm at SOCKET for info every half second and
+# appends "rc=<ctl's exit status> ms=<time to the answer>" to FILE (prints nothing itself).
+api_poller() {
+  local start rc
+  while :; do
+    start=$(uptime_ms)
+    timeout -s KILL 30 "$RVMM" ctl --api-socket "$1" info >/dev/null 2>&1
+    rc=$?
+    echo "rc=$rc ms=$(($(uptime_ms) - start))" >>"$2"
+    sleep 0.5
+  done
+}
+
 # api_socket NAME: the control API socket of run NAME.
 api_socket() { echo "/tmp/rvmm-$1.sock"; }
 
