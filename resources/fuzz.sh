@@ -26,7 +26,7 @@ cd "$root"
 . "$root/resources/lib.sh"
 use_cargo
 
-ALL_TARGETS=(api_request pci_config slot_registers msix_table vfio_config vfio_region_info claim_file)
+ALL_TARGETS=(api_request pci_config slot_registers msix_table vfio_config vfio_region_info claim_file netlink_answer)
 seconds="${FUZZ_SECONDS:-30}"
 sanitizer="${FUZZ_SANITIZER:-}"
 fuzz_dir="$root/tests/fuzz"
