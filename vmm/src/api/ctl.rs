@@ -228,6 +228,13 @@ mod tests {
     }
 
     #[test]
+    fn counters_is_a_verb_without_arguments() {
+        let args = parse(&["--api-socket", "/tmp/s", "counters"]).expect("valid");
+        assert!(matches!(args.command, CtlCommand::Counters));
+        assert!(parse(&["--api-socket", "/tmp/s", "counters", "x"]).is_err());
+    }
+
+    #[test]
     fn missing_socket_is_a_usage_error() {
         assert!(parse(&["info"]).is_err());
     }

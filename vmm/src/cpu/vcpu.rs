@@ -178,3 +178,36 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_go_to_the_counter_of_their_reason() {
+        let mut data = [0u8; 4];
+        assert_eq!(
+            exit_reason(&Ok(VcpuExit::IoOut(0x3f8, &data))),
+            ExitReason::IoOut
+        );
+        assert_eq!(
+            exit_reason(&Ok(VcpuExit::MmioRead(0xe000_0000, &mut data))),
+            ExitReason::MmioRead
+        );
+        assert_eq!(exit_reason(&Ok(VcpuExit::Hlt)), ExitReason::Hlt);
+        assert_eq!(
+            exit_reason(&Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]))),
+            ExitReason::SystemEvent
+        );
+    }
+
+    #[test]
+    fn interrupted_runs_count_as_kicks_and_failures_as_other() {
+        let eintr = kvm_ioctls::Error::new(libc::EINTR);
+        let efault = kvm_ioctls::Error::new(libc::EFAULT);
+
+        assert_eq!(exit_reason(&Err(eintr)), ExitReason::Intr);
+        assert_eq!(exit_reason(&Err(efault)), ExitReason::Other);
+        assert_eq!(exit_reason(&Ok(VcpuExit::Unknown)), ExitReason::Other);
+    }
+}
