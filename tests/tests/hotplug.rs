@@ -36,6 +36,9 @@ const HOST_REMOVAL_LIMIT_MS: u64 = 1000;
 const REMOVE_TIMEOUT_MS: u64 = 10_000;
 /// A PCI address the test host does not have.
 const ABSENT_BDF: &str = "0000:7e:1f.7";
+/// The `--event-log` and `--log-file` of the `host_remove` run.
+const EVENT_LOG: &str = "/tmp/host_remove.events";
+const LOG_FILE: &str = "/tmp/host_remove.rvmm.log";
 
 static NVME_RUN: SharedRun = SharedRun::new();
 static CYCLES_RUN: SharedRun = SharedRun::new();
@@ -80,6 +83,9 @@ fn finish_stop(name: &str) -> String {
 /// Hot-add, graceful removal and re-add of the NVMe drive (`add`), the drive read back through
 /// the test host's nvme driver (`readback`), then removals the test host starts itself while
 /// the guest reads the drive (`host_remove`): sysfs `remove`, then an unbind from vfio-pci.
+/// `host_remove` cold-plugs the drive, writes its event log and rvmm's log (level info) to
+/// files, which the scenario prints after rvmm's end, and reads the counters twice while the
+/// guest reads the drive (around a console line of the guest) and once at the end.
 fn nvme_scenario() -> String {
     let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
     let pattern = format!("rvmm.pattern={}", token());
@@ -116,13 +122,18 @@ fn nvme_scenario() -> String {
     s += &start(
         "host_remove",
         &["rvmm.hold=300", "rvmm.io=load", "rvmm.alive=2"],
-        "",
+        &format!(
+            "--device \"path=/sys/bus/pci/devices/$NVME,id=disk0\" --event-log {EVENT_LOG} \
+             --log-level info --log-file {LOG_FILE}"
+        ),
         330,
     );
     s += &format!(
-        "rvmm_ctl host_remove add {add_device}\n\
-         rvmm_wait_more host_remove 'GUEST io-started' 0 60\n\
-         sleep 1\n\
+        "rvmm_wait_more host_remove 'GUEST io-started' 0 60\n\
+         hmark step counters\n\
+         rvmm_ctl host_remove counters_io1 counters\n\
+         rvmm_wait_more host_remove 'GUEST monitor alive' \"$(rvmm_count host_remove 'GUEST monitor alive')\" 10\n\
+         rvmm_ctl host_remove counters_io2 counters\n\
          hmark step sysfs_remove\n\
          timed sysfs_remove \"echo 1 >/sys/bus/pci/devices/$NVME/remove\"\n\
          rvmm_wait_more host_remove 'GUEST block-removed' 0 30\n\
@@ -145,9 +156,17 @@ fn nvme_scenario() -> String {
          hmark step readd_after_unbind\n\
          rvmm_ctl host_remove add_after_unbind {add_device}\n\
          rvmm_wait_more host_remove 'GUEST block-added' 2 60\n\
+         rvmm_ctl host_remove counters_end counters\n\
          hmark step end\n"
     );
     s += &finish_stop("host_remove");
+    // After rvmm's end: the event log and rvmm's own log as it left them.
+    s += &format!(
+        "hmark event_log_lines \"$(grep -c . {EVENT_LOG})\"\n\
+         while IFS= read -r line; do hmark event_log \"$line\"; done <{EVENT_LOG}\n\
+         hmark log_file_lines \"$(grep -c . {LOG_FILE})\"\n\
+         tail -n 300 {LOG_FILE} | while IFS= read -r line; do hmark log_file \"$line\"; done\n"
+    );
     s
 }
 
@@ -619,3 +638,5 @@ mod cycles;
 mod misc;
 #[path = "hotplug/nvme.rs"]
 mod nvme;
+#[path = "hotplug/observe.rs"]
+mod observe;

@@ -379,6 +379,19 @@ impl Container {
         self.backend.info().map_err(ContainerError::Info)
     }
 
+    /// Bytes of guest RAM mapped for DMA now (all registered RAM while a device is attached,
+    /// else none).
+    pub fn mapped_bytes(&self) -> u64 {
+        let state = self.lock();
+        if !state.mapped {
+            return 0;
+        }
+        state
+            .regions
+            .values()
+            .fold(0u64, |a, r| a.saturating_add(r.size))
+    }
+
     /// Number of attached devices.
     pub fn attached_devices(&self) -> usize {
         self.lock().devices

@@ -242,3 +242,19 @@ fn info_without_capabilities_has_no_ranges() {
     assert_eq!(parse_iommu_info(&info_buffer(&[])).iova_ranges, None);
     assert_eq!(parse_iommu_info(&[]), IommuInfo::default());
 }
+
+#[test]
+fn mapped_bytes_count_registered_ram_only_while_a_device_is_attached() {
+    let (_fake, c) = container(FakeIommu::default());
+    // SAFETY: the fake backend never touches the memory.
+    unsafe { c.map_guest_ram(0, 0x1000, 0x1000).unwrap() };
+    // SAFETY: as above.
+    unsafe { c.map_guest_ram(0x1_0000_0000, 0x3000, 0x9000).unwrap() };
+    assert_eq!(c.mapped_bytes(), 0);
+
+    let a = c.attach().unwrap();
+    assert_eq!(c.mapped_bytes(), 0x4000);
+
+    drop(a);
+    assert_eq!(c.mapped_bytes(), 0);
+}

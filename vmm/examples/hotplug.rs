@@ -48,6 +48,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
         api_socket: None,
         devices: Vec::new(),
         seccomp: Default::default(),
+        event_log: None,
     };
     let vm = Vm::new(&config).map_err(|e| format!("cannot build the VM: {e}"))?;
     let handle = vm.handle();

@@ -16,6 +16,7 @@
 //! | [`boot`] | loading the kernel (bzImage or PVH ELF), initramfs and boot parameters |
 //! | [`memory`] | reserving, prefaulting and locking guest RAM |
 //! | [`api`] | the control API (HTTP/JSON server, client, `rvmm ctl`) |
+//! | [`observe`] | the event log, the counters, rvmm's own log |
 //! | [`seccomp`] | per-thread syscall filters |
 
 pub mod api;
@@ -26,6 +27,7 @@ pub mod hotplug;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod observe;
 pub mod seccomp;
 pub mod vm;
 

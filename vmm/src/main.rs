@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rvmm::device::{DeviceSource, DeviceSpec};
+use rvmm::observe::logging::{self, LogLevel};
+use rvmm::observe::EventLogTarget;
 use rvmm::vm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_CPUS, MAX_ROOT_PORTS};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
@@ -70,6 +72,17 @@ struct RunArgs {
     /// rvmm), log (allowed and logged by the kernel) or off.
     #[arg(long, default_value = "on")]
     seccomp: SeccompMode,
+    /// Write every event of the VM from its start (the JSON lines of `rvmm ctl events`) to
+    /// PATH (appended) or to the inherited descriptor N (fd=N, 3 or above).
+    #[arg(long, value_name = "PATH|fd=N")]
+    event_log: Option<EventLogTarget>,
+    /// rvmm's log level: error, warn (the default), info, debug or trace; RUST_LOG still
+    /// works: this flag sets the level of every module RUST_LOG does not name.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<LogLevel>,
+    /// Append rvmm's log to PATH instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
 /// `--vf`: the `pf=` form of a device argument (a bare PF first stands for `pf=PF`).
@@ -102,6 +115,7 @@ impl From<RunArgs> for VmConfig {
             api_socket: a.api_socket,
             devices: a.devices.into_iter().chain(a.vfs).collect(),
             seccomp: a.seccomp,
+            event_log: a.event_log,
         }
     }
 }
@@ -112,10 +126,16 @@ fn report(err: &dyn std::error::Error) {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp_millis()
-        .init();
     let cli = Cli::parse();
+    let (level, file) = match &cli.command {
+        Command::Run(args) => (args.log_level, args.log_file.clone()),
+        Command::Ctl(_) => (None, None),
+    };
+    // Before any thread starts: the log file is opened here.
+    if let Err(e) = logging::init(level, file.as_deref()) {
+        report(&e);
+        return ExitCode::from(EXIT_ERROR);
+    }
     match cli.command {
         Command::Run(args) => {
             let config = VmConfig::from(args);

@@ -14,11 +14,12 @@ use thiserror::Error;
 use crate::api::error::ErrorBody;
 use crate::api::fd_passing::write_with_fds;
 use crate::api::server::{
-    ADD_DEVICE_PATH, EVENTS_PATH, INFO_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
+    ADD_DEVICE_PATH, COUNTERS_PATH, EVENTS_PATH, INFO_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
 };
 use crate::api::types::{DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::device::DeviceSpec;
 use crate::device::GroupFd;
+use crate::observe::Counters;
 
 /// How long a call waits for its answer (hot-add waits for the guest, so this is generous; the
 /// server answers its own timeouts well before).
@@ -281,6 +282,16 @@ impl ApiClient {
         req: &RemoveDeviceRequest,
     ) -> Result<RemoveDeviceResponse, ClientError> {
         self.remove_device_raw(req)?.json()
+    }
+
+    /// `GET /v1/vm/counters`, as the raw answer.
+    pub fn counters_raw(&self) -> Result<Answer, ClientError> {
+        self.call("GET", COUNTERS_PATH, None, self.timeout)
+    }
+
+    /// `GET /v1/vm/counters`.
+    pub fn counters(&self) -> Result<Counters, ClientError> {
+        self.counters_raw()?.json()
     }
 
     /// `PUT /v1/vm/shutdown`.

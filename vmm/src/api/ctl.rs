@@ -62,6 +62,9 @@ pub enum CtlCommand {
     Events,
     /// Stop the VM.
     Shutdown,
+    /// Print the counters: KVM exits per vCPU, interrupts and DMA-mapped bytes per device,
+    /// hotplug operations, memory, uptime, reboots.
+    Counters,
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
@@ -120,6 +123,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
             Ok(())
         }
         CtlCommand::Shutdown => client.shutdown(),
+        CtlCommand::Counters => print_json(&client.counters_raw()?.body),
     }
 }
 
@@ -221,6 +225,13 @@ mod tests {
             "0"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn counters_is_a_verb_without_arguments() {
+        let args = parse(&["--api-socket", "/tmp/s", "counters"]).expect("valid");
+        assert!(matches!(args.command, CtlCommand::Counters));
+        assert!(parse(&["--api-socket", "/tmp/s", "counters", "x"]).is_err());
     }
 
     #[test]

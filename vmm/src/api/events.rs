@@ -16,9 +16,19 @@ struct Subscriber {
     lagged: Arc<AtomicBool>,
 }
 
+/// A receiver the bus hands every event to as it is published, under the bus's lock (so in
+/// publication order); it must never block. The event log is one.
+pub trait EventSink: Send + Sync {
+    /// Takes `event`; must return at once.
+    fn deliver(&self, event: &Event);
+    /// The bus closed: no event follows.
+    fn close(&self);
+}
+
 #[derive(Default)]
 struct BusState {
     subscribers: Vec<Subscriber>,
+    sinks: Vec<Arc<dyn EventSink>>,
     closed: bool,
 }
 
@@ -52,9 +62,24 @@ impl EventBus {
         Subscription { rx, lagged }
     }
 
-    /// Sends `event` to every subscriber; never blocks.
+    /// Hands every event published from now on to `sink` until the bus closes (at once if it
+    /// is closed already). Unlike a [`Subscription`], a sink is never cut off: it decides itself
+    /// what to do when it cannot keep up.
+    pub fn attach(&self, sink: Arc<dyn EventSink>) {
+        let mut state = self.state.locked();
+        if state.closed {
+            sink.close();
+        } else {
+            state.sinks.push(sink);
+        }
+    }
+
+    /// Sends `event` to every sink and subscriber; never blocks.
     pub fn publish(&self, event: Event) {
         let mut state = self.state.locked();
+        for sink in &state.sinks {
+            sink.deliver(&event);
+        }
         state
             .subscribers
             .retain(|s| match s.tx.try_send(event.clone()) {
@@ -75,6 +100,9 @@ impl EventBus {
         let mut state = self.state.locked();
         state.closed = true;
         state.subscribers.clear();
+        for sink in state.sinks.drain(..) {
+            sink.close();
+        }
     }
 
     /// Number of live subscriptions (as of the last publish).
@@ -180,6 +208,46 @@ mod tests {
         }
         assert!(s.lagged());
         assert_eq!(bus.subscriber_count(), 0);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<(Vec<u64>, bool)>);
+
+    impl EventSink for Recorder {
+        fn deliver(&self, event: &Event) {
+            self.0.locked().0.push(event.timestamp_ms);
+        }
+        fn close(&self) {
+            self.0.locked().1 = true;
+        }
+    }
+
+    #[test]
+    fn sink_gets_every_event_in_order_and_is_never_cut_off_then_closed() {
+        let bus = EventBus::new();
+        let sink = Arc::new(Recorder::default());
+        bus.attach(sink.clone());
+        let count = SUBSCRIBER_BACKLOG as u64 * 2;
+
+        for n in 0..count {
+            bus.publish(event(n));
+        }
+        bus.close();
+
+        let (seen, closed) = &*sink.0.locked();
+        assert_eq!(seen, &(0..count).collect::<Vec<_>>());
+        assert!(closed);
+    }
+
+    #[test]
+    fn sink_attached_after_close_is_closed_at_once() {
+        let bus = EventBus::new();
+        bus.close();
+        let sink = Arc::new(Recorder::default());
+
+        bus.attach(sink.clone());
+
+        assert!(sink.0.locked().1);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `PUT /v1/vm/remove-device` | [`RemoveDeviceRequest`] | [`RemoveDeviceResponse`], once released |
 //! | `PUT /v1/vm/shutdown` | none or `{}` | 204 |
 //! | `GET /v1/events` | – | a stream of [`Event`] JSON lines |
+//! | `GET /v1/vm/counters` | – | [`Counters`] |
 //!
 //! Errors are `{"error": "message"}` with the status of [`ApiError::status`].
 //!
@@ -17,6 +18,7 @@
 //! an [`EventBus`]. [`ApiClient`] is the client `rvmm ctl` uses.
 
 use crate::device::DeviceSpec;
+use crate::observe::Counters;
 
 pub mod client;
 pub mod ctl;
@@ -36,7 +38,7 @@ mod openapi_tests;
 pub use client::{ApiClient, ClientError};
 pub use device_arg::DeviceArgError;
 pub use error::{ApiError, ErrorBody};
-pub use events::{EventBus, Received, Subscription};
+pub use events::{EventBus, EventSink, Received, Subscription};
 pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
@@ -70,4 +72,11 @@ pub trait ApiHandler: Send + Sync {
     fn shutdown(&self) -> Result<(), ApiError>;
     /// A stream of every event from now on; it ends when the VM ends.
     fn subscribe(&self) -> Subscription;
+    /// What the VM has done since it started (exits, interrupts, hotplug operations, memory).
+    /// The VMM's handler answers it; a handler that keeps no counters says so with a 404.
+    fn counters(&self) -> Result<Counters, ApiError> {
+        Err(ApiError::UnknownPath {
+            path: server::COUNTERS_PATH.to_owned(),
+        })
+    }
 }

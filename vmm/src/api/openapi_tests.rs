@@ -14,6 +14,11 @@ use crate::api::types::{
 };
 use crate::device::DeviceId;
 use crate::device::{DeviceSpec, DeviceState};
+use crate::observe::counters::ExitCounters;
+use crate::observe::{
+    Counters, DeviceCounters, EventLogCounts, ExitReason, HotplugOpKind, HotplugStats,
+    MemoryCounters, VcpuCounters, VectorCount, VectorKind,
+};
 use rvmm_pci::Bdf;
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.yaml"));
@@ -208,6 +213,7 @@ fn vm_info() -> VmInfo {
 fn events() -> Vec<Event> {
     let d = host_device();
     vec![
+        Event::now(EventKind::VmStarted { cpus: 2 }),
         Event::now(EventKind::DeviceAdded(vf_device())),
         Event::now(EventKind::DeviceRemoving {
             id: d.id.clone(),
@@ -283,6 +289,71 @@ fn remove_response_with_every_reason_matches_its_schema() {
         v.validate("RemoveDeviceResponse", &r)
             .unwrap_or_else(|e| panic!("{reason:?}: {e}"));
     }
+}
+
+fn counters(event_log: Option<EventLogCounts>) -> Counters {
+    let exits = ExitCounters::default();
+    for reason in ExitReason::ALL {
+        exits.count(reason);
+    }
+    let mut stats = HotplugStats::default();
+    for kind in [
+        HotplugOpKind::Add,
+        HotplugOpKind::AddFailed,
+        HotplugOpKind::GracefulRemove,
+        HotplugOpKind::SurpriseRemove,
+        HotplugOpKind::EscalatedRemove,
+        HotplugOpKind::HostRemove,
+        HotplugOpKind::ErrorRemove,
+    ] {
+        stats.record(kind, std::time::Duration::from_millis(12));
+    }
+    let vector = |kind, vector| VectorCount {
+        kind,
+        vector,
+        irq: 40 + vector,
+        count: 1000,
+    };
+    Counters {
+        uptime_ms: 61_000,
+        reboots: 0,
+        vcpus: vec![VcpuCounters {
+            index: 0,
+            exits: exits.snapshot(),
+        }],
+        devices: vec![DeviceCounters {
+            id: id("nvme0"),
+            host_bdf: bdf("0000:01:00.0"),
+            interrupts: vec![
+                vector(VectorKind::Msix, 0),
+                vector(VectorKind::Msi, 1),
+                vector(VectorKind::Intx, 0),
+            ],
+            dma_mapped_bytes: 512 << 20,
+        }],
+        hotplug: stats.snapshot(),
+        memory: MemoryCounters {
+            reserved_bytes: 512 << 20,
+            locked_bytes: 512 << 20,
+            page_size: 4096,
+        },
+        event_log,
+    }
+}
+
+#[test]
+fn counters_with_every_kind_match_their_schema() {
+    let v = Validator::new();
+    v.validate("Counters", &counters(None))
+        .expect("without an event log");
+    v.validate(
+        "Counters",
+        &counters(Some(EventLogCounts {
+            written: 10,
+            dropped: 1,
+        })),
+    )
+    .expect("with an event log");
 }
 
 #[test]

@@ -22,6 +22,7 @@ use crate::api::events::{EventBus, Subscription};
 use crate::api::types::{DeviceInfo, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::api::ApiHandler;
 use crate::device::DeviceSpec;
+use crate::observe::Counters;
 
 /// How long a [`QueuedHandler`] waits for the event loop's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +91,8 @@ pub enum PendingRequest {
     RemoveDevice(RemoveDeviceRequest, Responder<RemoveDeviceResponse>),
     /// `PUT /v1/vm/shutdown`: answer once the shutdown is under way.
     Shutdown(Responder<()>),
+    /// `GET /v1/vm/counters`.
+    Counters(Responder<Counters>),
 }
 
 impl PendingRequest {
@@ -100,6 +103,7 @@ impl PendingRequest {
             PendingRequest::AddDevice(..) => "add-device",
             PendingRequest::RemoveDevice(..) => "remove-device",
             PendingRequest::Shutdown(_) => "shutdown",
+            PendingRequest::Counters(_) => "counters",
         }
     }
 
@@ -111,6 +115,7 @@ impl PendingRequest {
             PendingRequest::AddDevice(_, r) => r.reply(Err(err)),
             PendingRequest::RemoveDevice(_, r) => r.reply(Err(err)),
             PendingRequest::Shutdown(r) => r.reply(Err(err)),
+            PendingRequest::Counters(r) => r.reply(Err(err)),
         }
     }
 }
@@ -273,6 +278,10 @@ impl ApiHandler for QueuedHandler {
 
     fn subscribe(&self) -> Subscription {
         self.events.subscribe()
+    }
+
+    fn counters(&self) -> Result<Counters, ApiError> {
+        self.call("counters", self.timeouts.info, PendingRequest::Counters)
     }
 }
 

@@ -37,6 +37,8 @@ pub const REMOVE_DEVICE_PATH: &str = "/v1/vm/remove-device";
 pub const SHUTDOWN_PATH: &str = "/v1/vm/shutdown";
 /// `GET`: the event stream.
 pub const EVENTS_PATH: &str = "/v1/events";
+/// `GET`: exits, interrupts, hotplug operations, memory, uptime.
+pub const COUNTERS_PATH: &str = "/v1/vm/counters";
 
 /// How often an idle events stream checks whether its client left or the server stops.
 const STREAM_TICK: Duration = Duration::from_millis(250);
@@ -61,15 +63,18 @@ pub enum Endpoint {
     Shutdown,
     /// `GET /v1/events`.
     Events,
+    /// `GET /v1/vm/counters`.
+    Counters,
 }
 
 /// Every endpoint with its path and method.
-pub const ROUTES: [(&str, &str, Endpoint); 5] = [
+pub const ROUTES: [(&str, &str, Endpoint); 6] = [
     (INFO_PATH, "GET", Endpoint::Info),
     (ADD_DEVICE_PATH, "PUT", Endpoint::AddDevice),
     (REMOVE_DEVICE_PATH, "PUT", Endpoint::RemoveDevice),
     (SHUTDOWN_PATH, "PUT", Endpoint::Shutdown),
     (EVENTS_PATH, "GET", Endpoint::Events),
+    (COUNTERS_PATH, "GET", Endpoint::Counters),
 ];
 
 /// The endpoint of `method target`.
@@ -676,6 +681,10 @@ pub fn dispatch(
         Endpoint::Events => {
             no_body(request)?;
             Ok(Outcome::Stream(handler.subscribe()))
+        }
+        Endpoint::Counters => {
+            no_body(request)?;
+            reply(handler.counters().map(|c| Response::json(200, &c)))
         }
     }
 }

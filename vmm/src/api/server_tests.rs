@@ -285,6 +285,16 @@ fn info_returns_the_vm_configuration() {
 }
 
 #[test]
+fn counters_of_a_handler_that_keeps_none_are_404() {
+    let s = start();
+
+    let (status, message) = api_status(s.client().counters());
+
+    assert_eq!(status, 404, "{message}");
+    assert!(message.contains("/v1/vm/counters"), "{message}");
+}
+
+#[test]
 fn add_device_answers_with_guest_and_host_address() {
     let s = start();
     let req = "path=/sys/bus/pci/devices/0000:01:00.0,id=nvme0"

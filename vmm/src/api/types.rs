@@ -382,6 +382,11 @@ impl Event {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum EventKind {
+    /// The vCPUs started: the first event of every VM.
+    VmStarted {
+        /// Number of vCPUs.
+        cpus: u8,
+    },
     /// The guest has the device (same fields as the add-device answer).
     DeviceAdded(DeviceInfo),
     /// The device is being taken back from the guest.

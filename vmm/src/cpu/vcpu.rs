@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use rvmm_devices::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+use crate::observe::counters::{ExitReason, VmCounters};
 use crate::seccomp::ThreadFilter;
 use crate::vm::exit::{ExitSignal, VmExit};
 
@@ -37,6 +38,8 @@ pub struct VcpuContext {
     pub stop: Arc<AtomicBool>,
     /// The vCPU seccomp filter, installed first thing in the thread.
     pub seccomp: Arc<ThreadFilter>,
+    /// Where the vCPU counts its exits.
+    pub counters: Arc<VmCounters>,
 }
 
 /// A running vCPU thread.
@@ -90,9 +93,32 @@ impl VcpuHandle {
     }
 }
 
+/// The counter an exit (or a failed `KVM_RUN`) goes to.
+fn exit_reason(exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) -> ExitReason {
+    match exit {
+        Ok(VcpuExit::IoIn(..)) => ExitReason::IoIn,
+        Ok(VcpuExit::IoOut(..)) => ExitReason::IoOut,
+        Ok(VcpuExit::MmioRead(..)) => ExitReason::MmioRead,
+        Ok(VcpuExit::MmioWrite(..)) => ExitReason::MmioWrite,
+        Ok(VcpuExit::Hlt) => ExitReason::Hlt,
+        Ok(VcpuExit::Intr) => ExitReason::Intr,
+        Ok(VcpuExit::Shutdown) => ExitReason::Shutdown,
+        Ok(VcpuExit::SystemEvent(..)) => ExitReason::SystemEvent,
+        Ok(VcpuExit::FailEntry(..)) => ExitReason::FailEntry,
+        Ok(VcpuExit::InternalError) => ExitReason::InternalError,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitReason::Intr,
+        _ => ExitReason::Other,
+    }
+}
+
 fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let exits = ctx.counters.vcpu(usize::from(index));
     while !ctx.stop.load(Ordering::Acquire) {
-        match vcpu.run() {
+        let exit = vcpu.run();
+        if let Some(exits) = exits {
+            exits.count(exit_reason(&exit));
+        }
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0xff);
@@ -150,5 +176,38 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_go_to_the_counter_of_their_reason() {
+        let mut data = [0u8; 4];
+        assert_eq!(
+            exit_reason(&Ok(VcpuExit::IoOut(0x3f8, &data))),
+            ExitReason::IoOut
+        );
+        assert_eq!(
+            exit_reason(&Ok(VcpuExit::MmioRead(0xe000_0000, &mut data))),
+            ExitReason::MmioRead
+        );
+        assert_eq!(exit_reason(&Ok(VcpuExit::Hlt)), ExitReason::Hlt);
+        assert_eq!(
+            exit_reason(&Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]))),
+            ExitReason::SystemEvent
+        );
+    }
+
+    #[test]
+    fn interrupted_runs_count_as_kicks_and_failures_as_other() {
+        let eintr = kvm_ioctls::Error::new(libc::EINTR);
+        let efault = kvm_ioctls::Error::new(libc::EFAULT);
+
+        assert_eq!(exit_reason(&Err(eintr)), ExitReason::Intr);
+        assert_eq!(exit_reason(&Err(efault)), ExitReason::Other);
+        assert_eq!(exit_reason(&Ok(VcpuExit::Unknown)), ExitReason::Other);
     }
 }

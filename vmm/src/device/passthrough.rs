@@ -247,6 +247,11 @@ impl Passthrough {
         }
     }
 
+    /// Bytes of guest RAM DMA-mapped in the VM's container now (0 without a device).
+    pub fn dma_mapped_bytes(&self) -> u64 {
+        self.container.as_ref().map_or(0, |c| c.mapped_bytes())
+    }
+
     /// The VM's container, created (with every RAM region registered for DMA) on first use.
     fn container(&mut self) -> Result<Arc<Container>, PassthroughError> {
         if let Some(c) = &self.container {

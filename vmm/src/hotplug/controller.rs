@@ -25,6 +25,11 @@ use crate::api::{
 use crate::device::passthrough::{AttachedDevice, Passthrough, PassthroughError};
 use crate::device::{DeviceId, DeviceSpec, DeviceState, ADD_DEADLINE, ADD_SLOT_READY_TIMEOUT};
 use crate::machine::pci::SlotNotifier;
+use crate::observe::event_log::EventLogCountsReader;
+use crate::observe::{
+    interrupts, Counters, DeviceCounters, HotplugOpKind, HotplugStats, MemoryCounters,
+    VcpuCounters, VmCounters,
+};
 use crate::vm::exit::{ExitSignal, VmExit};
 use rvmm_devices::sync::MutexExt;
 
@@ -41,6 +46,16 @@ const TOKEN_SLOTS: u32 = 1;
 const TOKEN_TIMER: u32 = 2;
 /// VFIO interrupt tokens start here: token = FIRST + 2 * n (+1 for the error interrupt).
 const TOKEN_VFIO_FIRST: u32 = 16;
+
+/// What `GET /v1/vm/counters` is answered from besides the controller's own hotplug counts.
+pub struct CounterSources {
+    /// The VM's exit counters, uptime and reboots.
+    pub vm: Arc<VmCounters>,
+    /// Guest RAM (`locked_bytes` is read at each request).
+    pub memory: MemoryCounters,
+    /// The event log's counts, with `--event-log`.
+    pub event_log: Option<EventLogCountsReader>,
+}
 
 /// What the controller reports about the VM itself.
 #[derive(Clone, Copy, Debug)]
@@ -100,6 +115,11 @@ pub struct Controller {
     /// VFIO request/error fds in epoll: token → (device id, raw fd, kind).
     watched: HashMap<u32, (DeviceId, i32, VfioIrq)>,
     next_token: u32,
+    /// Hotplug operations finished so far, by kind.
+    stats: HotplugStats,
+    /// When each pending hot-add was asked for.
+    add_started: HashMap<DeviceId, Instant>,
+    counters: Option<CounterSources>,
 }
 
 fn now_ms(d: Duration) -> u64 {
@@ -145,7 +165,66 @@ impl Controller {
             timer_armed: false,
             watched: HashMap::new(),
             next_token: TOKEN_VFIO_FIRST,
+            stats: HotplugStats::default(),
+            add_started: HashMap::new(),
+            counters: None,
         }
+    }
+
+    /// Lets the controller answer `GET /v1/vm/counters` (else it is answered 404).
+    pub fn with_counters(mut self, sources: CounterSources) -> Self {
+        self.counters = Some(sources);
+        self
+    }
+
+    /// Every passthrough device as `info` shows it, in slot order.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.info().devices
+    }
+
+    fn counters(&self) -> Result<Counters, ApiError> {
+        let Some(sources) = &self.counters else {
+            return Err(ApiError::UnknownPath {
+                path: crate::api::server::COUNTERS_PATH.to_owned(),
+            });
+        };
+        let mut host_irqs = interrupts::read_host();
+        let dma_mapped_bytes = self.passthrough.dma_mapped_bytes();
+        let mut devices: Vec<&AttachedDevice> = self.passthrough.devices().collect();
+        devices.sort_by_key(|d| d.slot);
+        let locked_bytes = crate::memory::locked_memory().unwrap_or_else(|e| {
+            log::warn!("counters: {}", rvmm_devices::error_chain(&e));
+            0
+        });
+        Ok(Counters {
+            uptime_ms: now_ms(sources.vm.uptime()),
+            reboots: sources.vm.reboots(),
+            vcpus: sources
+                .vm
+                .vcpu_exits()
+                .into_iter()
+                .enumerate()
+                .map(|(i, exits)| VcpuCounters {
+                    index: u8::try_from(i).unwrap_or(u8::MAX),
+                    exits,
+                })
+                .collect(),
+            devices: devices
+                .into_iter()
+                .map(|d| DeviceCounters {
+                    id: d.id.clone(),
+                    host_bdf: d.host.bdf,
+                    interrupts: host_irqs.remove(&d.host.bdf).unwrap_or_default(),
+                    dma_mapped_bytes,
+                })
+                .collect(),
+            hotplug: self.stats.snapshot(),
+            memory: MemoryCounters {
+                locked_bytes,
+                ..sources.memory
+            },
+            event_log: sources.event_log.as_ref().map(|r| r.counts()),
+        })
     }
 
     /// Everything the guest would see in `info` for device `d`.
@@ -189,6 +268,9 @@ impl Controller {
                 self.exit.request(VmExit::PowerOff);
                 r.reply(Ok(()));
             }
+            PendingRequest::Counters(r) => {
+                r.reply(self.counters());
+            }
             PendingRequest::AddDevice(add, r) => self.start_add(add, r, ops),
             PendingRequest::RemoveDevice(rm, r) => self.start_remove(rm, r, ops),
         }
@@ -210,6 +292,7 @@ impl Controller {
         match self.passthrough.attach(&spec, &self.segment) {
             Ok(id) => {
                 self.watch_vfio(&id, ops);
+                self.add_started.insert(id.clone(), asked);
                 self.ops.insert(
                     id,
                     Op::WaitingForSlot {
@@ -323,6 +406,8 @@ impl Controller {
         self.ops.remove(id);
         let bdf = d.guest_bdf;
         let host = d.host.bdf;
+        self.add_started.remove(id);
+        self.stats.record(reason.into(), started.elapsed());
         log::info!("device {id} (host {host}) removed: {reason:?}");
         self.publish(EventKind::DeviceRemoved {
             id: d.id.clone(),
@@ -446,6 +531,9 @@ impl Controller {
             }
             let info = self.passthrough.get(id).map(|d| self.device_info(d))?;
             log::info!("device {id} added at {}", info.bdf);
+            if let Some(asked) = self.add_started.remove(id) {
+                self.stats.record(HotplugOpKind::Add, asked.elapsed());
+            }
             self.publish(EventKind::DeviceAdded(info.clone()));
             if let Some(r) = reply {
                 r.reply(Ok(info));
@@ -515,6 +603,9 @@ impl Controller {
     /// Undoes a hot-add that did not finish: takes the device back out of its slot (if it got
     /// there) and releases it.
     fn roll_back_add(&mut self, id: &DeviceId, ops: &mut EventOps) {
+        if let Some(asked) = self.add_started.remove(id) {
+            self.stats.record(HotplugOpKind::AddFailed, asked.elapsed());
+        }
         if let Some(d) = self.passthrough.get(id) {
             if let Some(port) = self.segment.port(d.port) {
                 let mut port = port.locked();

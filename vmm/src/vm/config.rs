@@ -6,6 +6,7 @@ use thiserror::Error;
 
 use crate::device::DeviceSpec;
 use crate::memory::MemoryConfig;
+use crate::observe::EventLogTarget;
 use crate::seccomp::SeccompMode;
 
 /// Default kernel command line when none is given.
@@ -92,6 +93,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// Seccomp filters of the VM's threads (on by default).
     pub seccomp: SeccompMode,
+    /// Where every event of the VM is written from its start (`--event-log`), if anywhere.
+    pub event_log: Option<EventLogTarget>,
 }
 
 /// Errors in a VM description.
@@ -182,6 +185,7 @@ mod tests {
             api_socket: None,
             devices: Vec::new(),
             seccomp: SeccompMode::On,
+            event_log: None,
         }
     }
 

@@ -20,16 +20,18 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::api::{
-    ApiRequestQueue, ApiServer, Event, EventBus, EventKind, QueueTimeouts, QueuedHandler,
-    ServerConfig, ServerError,
+    ApiRequestQueue, ApiServer, DeviceInfo, Event, EventBus, EventKind, QueueTimeouts,
+    QueuedHandler, ServerConfig, ServerError,
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
 use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
 use crate::device::passthrough::raise_fd_limit;
-use crate::hotplug::controller::{Controller, VmSummary};
+use crate::hotplug::controller::{Controller, CounterSources, VmSummary};
 use crate::machine::device_manager::{adopt_inherited_groups, DeviceError, DeviceManager, Machine};
 use crate::memory;
+use crate::observe::event_log::EventLogError;
+use crate::observe::{EventLog, EventLogTarget, MemoryCounters, VmCounters};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
@@ -37,6 +39,8 @@ use crate::vm::exit::{ExitSignal, VmExit};
 
 /// How long the end of a VM waits for the console writer to pass on the guest's last output.
 const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the end of a VM waits for the event log to be written.
+const EVENT_LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// TSS area KVM needs on Intel hosts (3 pages, inside the 32-bit hole, unused by anything else).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -90,6 +94,9 @@ pub enum VmError {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// The event log could not be opened or started.
+    #[error(transparent)]
+    EventLog(#[from] EventLogError),
     /// A thread or fd could not be created.
     #[error("cannot {what}")]
     Io {
@@ -144,6 +151,9 @@ pub struct Vm {
     events: Arc<EventBus>,
     control: ApiRequestQueue,
     created: std::time::Instant,
+    counters: Arc<VmCounters>,
+    event_log: Option<EventLog>,
+    page_size: u64,
 }
 
 impl Vm {
@@ -157,6 +167,13 @@ impl Vm {
             devices: adopt_inherited_groups(&config.devices)?,
             ..config.clone()
         };
+        // The event log next, taken over or opened before anything else, and on the bus before
+        // anything is published.
+        let events = Arc::new(EventBus::new());
+        let event_log = start_event_log(config)?;
+        if let Some(log) = &event_log {
+            events.attach(log.sink());
+        }
         raise_fd_limit();
         let kvm = open_kvm()?;
         let max_cpus = u8::try_from(kvm.get_max_vcpus()).unwrap_or(u8::MAX);
@@ -226,13 +243,21 @@ impl Vm {
             },
             api_socket: config.api_socket.clone(),
             seccomp: config.seccomp,
-            events: Arc::new(EventBus::new()),
+            events,
             control: ApiRequestQueue::new().map_err(|source| VmError::Io {
                 what: "create the control queue",
                 source,
             })?,
             created,
+            counters: Arc::new(VmCounters::new(config.cpus)),
+            event_log,
+            page_size: config.memory.page_size(),
         })
+    }
+
+    /// The VM's counters (exits, uptime, reboots), shared with its threads.
+    pub fn counters(&self) -> &Arc<VmCounters> {
+        &self.counters
     }
 
     /// The guest memory (pinned, locked).
@@ -286,8 +311,17 @@ impl Vm {
             )?),
             None => None,
         };
-        self.add_controller(&mut event_loop)?;
+        let cold_plugged = self.add_controller(&mut event_loop)?;
         let handles = self.start_vcpus(&stop, &vcpu_filter)?;
+        // Before the event loop runs, so these come first in every stream and log.
+        self.counters.mark_started();
+        self.events.publish(Event::now(EventKind::VmStarted {
+            cpus: self.summary.cpus,
+        }));
+        for device in cold_plugged {
+            self.events
+                .publish(Event::now(EventKind::DeviceAdded(device)));
+        }
         log::info!(
             "{} vCPUs running {:?} after the VM began to be built",
             handles.len(),
@@ -312,15 +346,18 @@ impl Vm {
             reason: exit.into(),
         }));
         self.events.close();
+        if let Some(log) = self.event_log.take() {
+            log.finish(EVENT_LOG_DRAIN_TIMEOUT);
+        }
         Ok(exit)
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
-    /// control queue on the event loop.
-    fn add_controller(&mut self, event_loop: &mut EventLoop) -> Result<()> {
+    /// control queue on the event loop; returns the devices attached at boot.
+    fn add_controller(&mut self, event_loop: &mut EventLoop) -> Result<Vec<DeviceInfo>> {
         let passthrough = self.devices.take_passthrough();
         let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let queue = std::mem::replace(
             &mut self.control,
@@ -337,9 +374,19 @@ impl Vm {
             self.events.clone(),
             queue,
             self.summary,
-        );
+        )
+        .with_counters(CounterSources {
+            vm: self.counters.clone(),
+            memory: MemoryCounters {
+                reserved_bytes: self.summary.memory_bytes,
+                locked_bytes: 0,
+                page_size: self.page_size,
+            },
+            event_log: self.event_log.as_ref().map(EventLog::counts_reader),
+        });
+        let cold_plugged = controller.devices();
         event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
-        Ok(())
+        Ok(cold_plugged)
     }
 
     /// Starts one thread per vCPU; if one cannot start, stops and joins those already started.
@@ -357,6 +404,7 @@ impl Vm {
                 exit: self.exit.clone(),
                 stop: stop.clone(),
                 seccomp: filter.clone(),
+                counters: self.counters.clone(),
             };
             // At most MAX_CPUS (254) vCPUs exist.
             match VcpuHandle::spawn(index as u8, vcpu, ctx) {
@@ -401,6 +449,27 @@ fn run_event_loop(event_loop: &mut EventLoop, filter: &ThreadFilter) -> Result<(
             })
         })
     })
+}
+
+/// Opens `config.event_log` (an inherited descriptor must not be a device's group-fd too) and
+/// starts its writer thread.
+fn start_event_log(config: &VmConfig) -> Result<Option<EventLog>> {
+    let Some(target) = &config.event_log else {
+        return Ok(None);
+    };
+    if let EventLogTarget::Fd(fd) = target {
+        let shared = config
+            .devices
+            .iter()
+            .filter_map(|d| d.group.as_ref())
+            .any(|g| g.number() == *fd);
+        if shared {
+            return Err(EventLogError::Shared(*fd).into());
+        }
+    }
+    let out = target.open()?;
+    let filter = ThreadFilter::new(ThreadKind::Console, config.seccomp)?;
+    Ok(Some(EventLog::start(Box::new(out), filter)?))
 }
 
 /// Registers every guest RAM region as a KVM memory slot (slots 0..n).
