@@ -62,6 +62,11 @@ pub enum CtlCommand {
     Events,
     /// Stop the VM.
     Shutdown,
+    /// Pause the VM: returns once every vCPU is stopped. Hotplug requests are refused until
+    /// a resume; passthrough devices keep doing DMA.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
@@ -120,6 +125,8 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
             Ok(())
         }
         CtlCommand::Shutdown => client.shutdown(),
+        CtlCommand::Pause => client.pause(),
+        CtlCommand::Resume => client.resume(),
     }
 }
 
@@ -221,6 +228,14 @@ mod tests {
             "0"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn pause_and_resume_are_verbs() {
+        let pause = parse(&["--api-socket", "/tmp/s", "pause"]).expect("valid");
+        let resume = parse(&["--api-socket", "/tmp/s", "resume"]).expect("valid");
+        assert!(matches!(pause.command, CtlCommand::Pause));
+        assert!(matches!(resume.command, CtlCommand::Resume));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct QueueTimeouts {
     pub remove_margin: Duration,
     /// For shutdown.
     pub shutdown: Duration,
+    /// For pause and resume: a pause waits for every vCPU to stop
+    /// ([`crate::vm::pause::PAUSE_DEADLINE`]).
+    pub pause: Duration,
 }
 
 impl Default for QueueTimeouts {
@@ -45,6 +48,7 @@ impl Default for QueueTimeouts {
             add: crate::device::ADD_DEADLINE + Duration::from_secs(5),
             remove_margin: Duration::from_secs(30),
             shutdown: Duration::from_secs(10),
+            pause: crate::vm::pause::PAUSE_DEADLINE + Duration::from_secs(5),
         }
     }
 }
@@ -90,6 +94,10 @@ pub enum PendingRequest {
     RemoveDevice(RemoveDeviceRequest, Responder<RemoveDeviceResponse>),
     /// `PUT /v1/vm/shutdown`: answer once the shutdown is under way.
     Shutdown(Responder<()>),
+    /// `PUT /v1/vm/pause`: answer once every vCPU is parked.
+    Pause(Responder<()>),
+    /// `PUT /v1/vm/resume`: answer once the vCPUs may run again.
+    Resume(Responder<()>),
 }
 
 impl PendingRequest {
@@ -100,6 +108,8 @@ impl PendingRequest {
             PendingRequest::AddDevice(..) => "add-device",
             PendingRequest::RemoveDevice(..) => "remove-device",
             PendingRequest::Shutdown(_) => "shutdown",
+            PendingRequest::Pause(_) => "pause",
+            PendingRequest::Resume(_) => "resume",
         }
     }
 
@@ -111,6 +121,8 @@ impl PendingRequest {
             PendingRequest::AddDevice(_, r) => r.reply(Err(err)),
             PendingRequest::RemoveDevice(_, r) => r.reply(Err(err)),
             PendingRequest::Shutdown(r) => r.reply(Err(err)),
+            PendingRequest::Pause(r) => r.reply(Err(err)),
+            PendingRequest::Resume(r) => r.reply(Err(err)),
         }
     }
 }
@@ -271,6 +283,14 @@ impl ApiHandler for QueuedHandler {
         self.call("shutdown", self.timeouts.shutdown, PendingRequest::Shutdown)
     }
 
+    fn pause(&self) -> Result<(), ApiError> {
+        self.call("pause", self.timeouts.pause, PendingRequest::Pause)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.call("resume", self.timeouts.pause, PendingRequest::Resume)
+    }
+
     fn subscribe(&self) -> Subscription {
         self.events.subscribe()
     }
@@ -293,6 +313,7 @@ mod tests {
             root_ports: RootPortUsage { used: 0, total: 8 },
             devices: Vec::new(),
             resources: Default::default(),
+            state: crate::vm::pause::VmState::Running,
         }
     }
 
@@ -302,6 +323,7 @@ mod tests {
             add: Duration::from_millis(100),
             remove_margin: Duration::from_millis(100),
             shutdown: Duration::from_millis(100),
+            pause: Duration::from_millis(100),
         }
     }
 
@@ -470,6 +492,32 @@ mod tests {
             "the event loop was not woken for the rollback"
         );
         assert!(!responder.reply(Err(ApiError::Internal("rolled back".into()))));
+    }
+
+    #[test]
+    fn pause_and_resume_are_answered_by_the_event_loop() {
+        let (queue, handler) = setup();
+        let client = {
+            let handler = handler.clone();
+            thread::spawn(move || handler.pause())
+        };
+        serve_once(&queue, |p| match p {
+            PendingRequest::Pause(r) => assert!(r.reply(Ok(()))),
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(()));
+
+        let client = thread::spawn(move || handler.resume());
+        serve_once(&queue, |p| match p {
+            PendingRequest::Resume(r) => {
+                assert!(r.reply(Err(ApiError::Conflict("refused".into()))))
+            }
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(
+            client.join().expect("client thread"),
+            Err(ApiError::Conflict("refused".into()))
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! vCPU threads: run the vCPU, dispatch port and MMIO exits to the buses, nothing else.
+//! vCPU threads: run the vCPU, dispatch port and MMIO exits to the buses, park while the VM is
+//! paused ([`super::pause`]), nothing else.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,11 +11,12 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use rvmm_devices::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+use super::pause::{Kick, VcpuPause};
 use crate::seccomp::ThreadFilter;
 use crate::vm::exit::{ExitSignal, VmExit};
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -35,6 +37,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// Set when all vCPUs must leave their loop.
     pub stop: Arc<AtomicBool>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<VcpuPause>,
     /// The vCPU seccomp filter, installed first thing in the thread.
     pub seccomp: Arc<ThreadFilter>,
 }
@@ -90,8 +94,30 @@ impl VcpuHandle {
     }
 }
 
+/// A kick of the calling thread, for the pause gate.
+fn kick_this_thread() -> Kick {
+    // SAFETY: pthread_self has no preconditions.
+    let thread = unsafe { libc::pthread_self() };
+    Box::new(move || {
+        // SAFETY: the gate calls a kick only while the thread is its member, and the thread
+        // leaves the gate before it ends, so `thread` names a live thread.
+        let r = unsafe { libc::pthread_kill(thread, kick_signal()) };
+        if r != 0 {
+            log::debug!("kicking a vCPU thread: errno {r}");
+        }
+    })
+}
+
 fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let _member = ctx.pause.enter(kick_this_thread());
     while !ctx.stop.load(Ordering::Acquire) {
+        let pausing = ctx.pause.requested();
+        if pausing {
+            // KVM_RUN then completes the I/O of the last exit (if any) and returns EINTR
+            // without running the guest: the vCPU parks between two instructions.
+            vcpu.set_kvm_immediate_exit(1);
+        }
+        let mut interrupted = false;
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
@@ -139,15 +165,24 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
                 ctx.exit.request(VmExit::Crash);
                 break;
             }
-            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Intr) => interrupted = true,
             Ok(other) => {
                 log::warn!("vcpu{index}: unhandled exit {other:?}");
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                interrupted = true;
+            }
             Err(e) => {
                 log::error!("vcpu{index}: KVM_RUN failed: {e}");
                 ctx.exit.request(VmExit::Crash);
                 break;
+            }
+        }
+        if pausing {
+            vcpu.set_kvm_immediate_exit(0);
+            // Another exit (an I/O the completion started) is dispatched first.
+            if interrupted {
+                ctx.pause.park();
             }
         }
     }

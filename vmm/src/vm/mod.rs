@@ -7,9 +7,10 @@ pub mod console;
 pub mod console_out;
 pub mod event_loop;
 pub mod exit;
+pub mod pause;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::api::{
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
+use crate::cpu::pause::VcpuPause;
 use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
 use crate::device::passthrough::raise_fd_limit;
 use crate::hotplug::controller::{Controller, VmSummary};
@@ -34,6 +36,7 @@ use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
+use crate::vm::pause::VmPause;
 
 /// How long the end of a VM waits for the console writer to pass on the guest's last output.
 const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -269,6 +272,7 @@ impl Vm {
         let vcpu_filter = Arc::new(ThreadFilter::new(ThreadKind::Vcpu, self.seccomp)?);
         let loop_filter = ThreadFilter::new(ThreadKind::EventLoop, self.seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(VcpuPause::new(stop.clone()));
         let mut event_loop = EventLoop::new(self.exit.clone())?;
         if self.serial == SerialConfig::Stdio {
             if let Some(serial) = self.devices.serial() {
@@ -286,15 +290,16 @@ impl Vm {
             )?),
             None => None,
         };
-        self.add_controller(&mut event_loop)?;
-        let handles = self.start_vcpus(&stop, &vcpu_filter)?;
+        self.add_controller(&mut event_loop, &pause)?;
+        let handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
         log::info!(
             "{} vCPUs running {:?} after the VM began to be built",
             handles.len(),
             self.created.elapsed()
         );
         let result = run_event_loop(&mut event_loop, &loop_filter);
-        stop.store(true, Ordering::Release);
+        // Also wakes vCPUs parked by a pause.
+        pause.stop();
         handles.into_iter().for_each(VcpuHandle::join);
         event_loop.restore_terminal();
         // Drops the controller: pending API calls are refused, devices released.
@@ -316,8 +321,8 @@ impl Vm {
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
-    /// control queue on the event loop.
-    fn add_controller(&mut self, event_loop: &mut EventLoop) -> Result<()> {
+    /// control queue on the event loop and pauses the vCPUs through `pause`.
+    fn add_controller(&mut self, event_loop: &mut EventLoop, pause: &Arc<VcpuPause>) -> Result<()> {
         let passthrough = self.devices.take_passthrough();
         let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) else {
             return Ok(());
@@ -337,7 +342,12 @@ impl Vm {
             self.events.clone(),
             queue,
             self.summary,
-        );
+        )
+        .with_pause(VmPause::new(
+            pause.clone(),
+            self.vm_fd.clone(),
+            self.events.clone(),
+        ));
         event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
         Ok(())
     }
@@ -346,6 +356,7 @@ impl Vm {
     fn start_vcpus(
         &mut self,
         stop: &Arc<AtomicBool>,
+        pause: &Arc<VcpuPause>,
         filter: &Arc<ThreadFilter>,
     ) -> Result<Vec<VcpuHandle>> {
         let vcpus = std::mem::take(&mut self.vcpus);
@@ -356,13 +367,14 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
                 stop: stop.clone(),
+                pause: pause.clone(),
                 seccomp: filter.clone(),
             };
             // At most MAX_CPUS (254) vCPUs exist.
             match VcpuHandle::spawn(index as u8, vcpu, ctx) {
                 Ok(h) => handles.push(h),
                 Err(source) => {
-                    stop.store(true, Ordering::Release);
+                    pause.stop();
                     handles.into_iter().for_each(VcpuHandle::join);
                     return Err(VmError::Io {
                         what: "start a vCPU thread",
