@@ -5,6 +5,8 @@
 //! asks `info` (`state: paused`), tries a hot-add of a vfio-bound NVMe drive (refused with 409),
 //! pauses again (answered, nothing changes), resumes, waits for the ticks to go on, hot-adds the
 //! drive (hotplug works again), then stops the ticker: the guest powers off and rvmm exits 0.
+//! A second VM (`pause_stop`) is paused and then shut down through the API while paused: rvmm
+//! must end (the parked vCPUs leave) with exit status 0.
 //!
 //! No timing is asserted: only counts before and after the pause, and that ticks continue.
 
@@ -19,15 +21,21 @@ const PAUSED_SECS: u32 = 2;
 /// Ticks the guest must print before the pause, and after the resume.
 const TICKS_AROUND: u32 = 5;
 
-fn scenario() -> String {
-    let args = GuestRun::new("pause")
+/// The rvmm arguments of VM `name`: the ticker guest with its API socket.
+fn ticker_args(name: &str) -> String {
+    GuestRun::new(name)
         .cpus(2)
         .memory("size=512M")
         .root_ports(2)
         .guest_scenario("ticker", &["rvmm.hold=240"])
         .arg("--api-socket")
-        .arg("/tmp/rvmm-pause.sock")
-        .rvmm_args();
+        .arg(&format!("/tmp/rvmm-{name}.sock"))
+        .rvmm_args()
+}
+
+fn scenario() -> String {
+    let args = ticker_args("pause");
+    let stop_args = ticker_args("pause_stop");
     let add = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
     format!(
         r#"NVME=$(pci_find 1b36:0010 | sed -n 1p)
@@ -53,6 +61,14 @@ if rvmm_wait_output pause 'GUEST ticker ready' 120 && rvmm_wait_more pause 'GUES
   rvmm_ctl pause add_resumed {add}
 fi
 rvmm_stop_monitor pause
+RVMM_TIMEOUT=200
+rvmm_start_lines pause_stop {stop_args}
+ctl_events pause_stop
+if rvmm_wait_output pause_stop 'GUEST ticker ready' 120; then
+  rvmm_ctl pause_stop pause pause
+  rvmm_ctl pause_stop shutdown shutdown
+fi
+rvmm_wait_lines pause_stop
 "#
     )
 }
@@ -185,18 +201,22 @@ fn pausing_a_paused_vm_is_answered() {
     ctl_ok(&run, "pause_again");
 }
 
-#[test]
-fn paused_and_resumed_events_are_published_once_each() {
-    let run = run().section("pause");
-    let kinds: Vec<&str> = run
-        .host_all("event")
+/// The `vm-*` events of `run`, in order.
+fn vm_events<'a>(run: &Section<'a>) -> Vec<&'a str> {
+    run.host_all("event")
         .into_iter()
         .filter_map(|m| {
             let start = m.value.find(r#""event":""#)? + r#""event":""#.len();
             m.value.get(start..)?.split('"').next()
         })
         .filter(|kind| kind.starts_with("vm-"))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn paused_and_resumed_events_are_published_once_each() {
+    let run = run().section("pause");
+    let kinds = vm_events(&run);
     run.check(
         kinds == ["vm-paused", "vm-resumed", "vm-shutdown"],
         &format!("VM events: {kinds:?}"),
@@ -211,4 +231,25 @@ fn the_guest_powers_off_cleanly_after_the_resume() {
         "the ticker never took the stop typed after the resume",
     );
     assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "done"], "after the pause");
+}
+
+#[test]
+fn a_paused_vm_can_be_shut_down() {
+    let run = run().section("pause_stop");
+    ctl_ok(&run, "pause");
+    ctl_ok(&run, "shutdown");
+    let exit = run.rvmm_exit();
+    run.check(
+        exit == 0,
+        &format!("rvmm exited with {exit} after a shutdown while paused, not 0"),
+    );
+    run.check(
+        run.guest("done").is_none(),
+        "the guest powered off by itself: the VM was not paused",
+    );
+    let kinds = vm_events(&run);
+    run.check(
+        kinds == ["vm-paused", "vm-shutdown"],
+        &format!("VM events: {kinds:?}"),
+    );
 }
