@@ -194,11 +194,10 @@ impl Controller {
     }
 
     /// Refuses hotplug request `what` while the VM is paused.
-    fn refuse_while_paused(&self, what: impl FnOnce() -> String) -> Result<(), ApiError> {
-        match &self.pause {
-            Some(p) if p.state() == VmState::Paused => p.refuse_while_paused(&what()),
-            _ => Ok(()),
-        }
+    fn refuse_while_paused(&self, what: &str) -> Result<(), ApiError> {
+        self.pause
+            .as_ref()
+            .map_or(Ok(()), |p| p.refuse_while_paused(what))
     }
 
     /// Everything the guest would see in `info` for device `d`.
@@ -244,7 +243,7 @@ impl Controller {
                 r.reply(Ok(()));
             }
             PendingRequest::AddDevice(add, r) => {
-                match self.refuse_while_paused(|| format!("hot-add device {add}")) {
+                match self.refuse_while_paused(&format!("hot-add device {add}")) {
                     Ok(()) => self.start_add(add, r, ops),
                     Err(e) => {
                         r.reply(Err(e));
@@ -252,7 +251,7 @@ impl Controller {
                 }
             }
             PendingRequest::RemoveDevice(rm, r) => {
-                match self.refuse_while_paused(|| format!("remove device {}", rm.id)) {
+                match self.refuse_while_paused(&format!("remove device {}", rm.id)) {
                     Ok(()) => self.start_remove(rm, r, ops),
                     Err(e) => {
                         r.reply(Err(e));
