@@ -24,12 +24,14 @@ use std::sync::Mutex;
 
 use rvmm::api::server::{dispatch as real_dispatch, json_body, route, Endpoint, Outcome};
 use rvmm::api::types::{
-    DeviceInfo, RemovalReason, RemoveDeviceResponse, RootPortUsage, ShutdownRequest, VmInfo,
+    DeviceInfo, EmptyRequest, RemovalReason, RemoveDeviceResponse, RootPortUsage,
+    ShutdownRequest, VmInfo,
 };
 use rvmm::api::{ApiError, ApiHandler, EventBus, RemoveDeviceRequest, Subscription};
 use rvmm::device::DeviceSpec;
 use rvmm::device::DeviceState;
 use rvmm::observe::{Counters, MemoryCounters};
+use rvmm::vm::pause::VmState;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -132,6 +134,7 @@ impl ApiHandler for Recorder {
             root_ports: RootPortUsage { used: 0, total: 8 },
             devices: Vec::new(),
             resources: Default::default(),
+            state: VmState::Running,
         })
     }
 
@@ -169,6 +172,16 @@ impl ApiHandler for Recorder {
         Ok(())
     }
 
+    fn pause(&self) -> Result<(), ApiError> {
+        self.record("pause");
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.record("resume");
+        Ok(())
+    }
+
     fn subscribe(&self) -> Subscription {
         self.record("events");
         self.bus.subscribe()
@@ -203,6 +216,8 @@ fn real(request: &Request) {
         Ok(Endpoint::Shutdown) => "shutdown",
         Ok(Endpoint::Events) => "events",
         Ok(Endpoint::Counters) => "counters",
+        Ok(Endpoint::Pause) => "pause",
+        Ok(Endpoint::Resume) => "resume",
         Err(_) => "",
     };
     let outcome = real_dispatch(request, (Vec::new(), 0), &recorder, &|| false);
@@ -253,6 +268,11 @@ fn dispatch(request: &Request) {
         Endpoint::Shutdown => {
             if !request.body.iter().all(u8::is_ascii_whitespace) {
                 decode::<ShutdownRequest>(&request.body);
+            }
+        }
+        Endpoint::Pause | Endpoint::Resume => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                decode::<EmptyRequest>(&request.body);
             }
         }
     }

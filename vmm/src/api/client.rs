@@ -14,7 +14,8 @@ use thiserror::Error;
 use crate::api::error::ErrorBody;
 use crate::api::fd_passing::write_with_fds;
 use crate::api::server::{
-    ADD_DEVICE_PATH, COUNTERS_PATH, EVENTS_PATH, INFO_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
+    ADD_DEVICE_PATH, COUNTERS_PATH, EVENTS_PATH, INFO_PATH, PAUSE_PATH, REMOVE_DEVICE_PATH,
+    RESUME_PATH, SHUTDOWN_PATH,
 };
 use crate::api::types::{DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::device::DeviceSpec;
@@ -298,6 +299,16 @@ impl ApiClient {
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.call("PUT", SHUTDOWN_PATH, None, self.timeout)
             .map(drop)
+    }
+
+    /// `PUT /v1/vm/pause`: returns once every vCPU is parked.
+    pub fn pause(&self) -> Result<(), ClientError> {
+        self.call("PUT", PAUSE_PATH, None, self.timeout).map(drop)
+    }
+
+    /// `PUT /v1/vm/resume`.
+    pub fn resume(&self) -> Result<(), ClientError> {
+        self.call("PUT", RESUME_PATH, None, self.timeout).map(drop)
     }
 
     /// `GET /v1/events`: a reader of the stream, which blocks until events come.

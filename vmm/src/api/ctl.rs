@@ -65,6 +65,11 @@ pub enum CtlCommand {
     /// Print the counters: KVM exits per vCPU, interrupts and DMA-mapped bytes per device,
     /// hotplug operations, memory, uptime, reboots.
     Counters,
+    /// Pause the VM: returns once every vCPU is stopped. Hotplug requests are refused until
+    /// a resume; passthrough devices keep doing DMA.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
@@ -124,6 +129,8 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
         }
         CtlCommand::Shutdown => client.shutdown(),
         CtlCommand::Counters => print_json(&client.counters_raw()?.body),
+        CtlCommand::Pause => client.pause(),
+        CtlCommand::Resume => client.resume(),
     }
 }
 
@@ -232,6 +239,14 @@ mod tests {
         let args = parse(&["--api-socket", "/tmp/s", "counters"]).expect("valid");
         assert!(matches!(args.command, CtlCommand::Counters));
         assert!(parse(&["--api-socket", "/tmp/s", "counters", "x"]).is_err());
+    }
+
+    #[test]
+    fn pause_and_resume_are_verbs() {
+        let pause = parse(&["--api-socket", "/tmp/s", "pause"]).expect("valid");
+        let resume = parse(&["--api-socket", "/tmp/s", "resume"]).expect("valid");
+        assert!(matches!(pause.command, CtlCommand::Pause));
+        assert!(matches!(resume.command, CtlCommand::Resume));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! | `PUT /v1/vm/add-device` | [`DeviceSpec`] | [`DeviceInfo`], once the guest has the device |
 //! | `PUT /v1/vm/remove-device` | [`RemoveDeviceRequest`] | [`RemoveDeviceResponse`], once released |
 //! | `PUT /v1/vm/shutdown` | none or `{}` | 204 |
+//! | `PUT /v1/vm/pause` | none or `{}` | 204, once every vCPU is parked |
+//! | `PUT /v1/vm/resume` | none or `{}` | 204 |
 //! | `GET /v1/events` | – | a stream of [`Event`] JSON lines |
 //! | `GET /v1/vm/counters` | – | [`Counters`] |
 //!
@@ -70,6 +72,11 @@ pub trait ApiHandler: Send + Sync {
     fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError>;
     /// Stops the VM; returns once the shutdown is under way.
     fn shutdown(&self) -> Result<(), ApiError>;
+    /// Pauses the VM; returns once every vCPU is parked out of `KVM_RUN`. Pausing a paused
+    /// VM succeeds and changes nothing.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Resumes a paused VM. Resuming a running VM succeeds and changes nothing.
+    fn resume(&self) -> Result<(), ApiError>;
     /// A stream of every event from now on; it ends when the VM ends.
     fn subscribe(&self) -> Subscription;
     /// What the VM has done since it started (exits, interrupts, hotplug operations, memory).

@@ -19,6 +19,7 @@ use crate::observe::{
     Counters, DeviceCounters, EventLogCounts, ExitReason, HotplugOpKind, HotplugStats,
     MemoryCounters, VcpuCounters, VectorCount, VectorKind,
 };
+use crate::vm::pause::VmState;
 use rvmm_pci::Bdf;
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.yaml"));
@@ -207,6 +208,7 @@ fn vm_info() -> VmInfo {
         root_ports: RootPortUsage { used: 2, total: 8 },
         devices: vec![host_device(), vf_device()],
         resources: Default::default(),
+        state: VmState::Paused,
     }
 }
 
@@ -227,6 +229,8 @@ fn events() -> Vec<Event> {
             host_bdf: d.host_bdf,
             reason: RemovalReason::HostRequest,
         }),
+        Event::now(EventKind::VmPaused),
+        Event::now(EventKind::VmResumed),
         Event::now(EventKind::VmShutdown {
             reason: ShutdownReason::Crash,
         }),
@@ -435,6 +439,33 @@ fn device_info_fields_for_events_match_device_info() {
 }
 
 #[test]
+fn vm_info_in_both_states_matches_its_schema() {
+    let v = Validator::new();
+    for state in [VmState::Running, VmState::Paused] {
+        let info = VmInfo { state, ..vm_info() };
+        v.validate("VmInfo", &info)
+            .unwrap_or_else(|e| panic!("{state:?}: {e}"));
+    }
+}
+
+#[test]
+fn pause_and_resume_take_the_empty_request() {
+    let spec = spec();
+    for path in ["/v1/vm/pause", "/v1/vm/resume"] {
+        let schema = &spec["paths"][path]["put"]["requestBody"]["content"]["application/json"]
+            ["schema"]["$ref"];
+        assert_eq!(schema, "#/components/schemas/EmptyRequest", "{path}");
+        let answers = spec["paths"][path]["put"]["responses"]
+            .as_object()
+            .expect("responses");
+        assert!(answers.contains_key("204"), "{path}");
+    }
+    Validator::new()
+        .validate("EmptyRequest", &crate::api::types::EmptyRequest {})
+        .expect("valid");
+}
+
+#[test]
 fn validator_catches_a_missing_required_property() {
     let v = Validator::new();
     let mut json = serde_json::to_value(host_device()).expect("serializable");
@@ -447,7 +478,7 @@ fn validator_catches_a_missing_required_property() {
 #[test]
 fn validator_catches_an_undocumented_event_property() {
     let v = Validator::new();
-    let mut json = serde_json::to_value(&events()[3]).expect("serializable");
+    let mut json = serde_json::to_value(&events()[5]).expect("serializable");
     json["extra"] = Value::Bool(true);
     assert!(v.check(v.schema("Event"), &json, "Event").is_err());
 }

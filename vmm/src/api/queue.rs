@@ -37,6 +37,9 @@ pub struct QueueTimeouts {
     pub remove_margin: Duration,
     /// For shutdown.
     pub shutdown: Duration,
+    /// For pause and resume: a pause waits for every vCPU to stop
+    /// ([`crate::vm::pause::PAUSE_DEADLINE`]).
+    pub pause: Duration,
 }
 
 impl Default for QueueTimeouts {
@@ -46,6 +49,7 @@ impl Default for QueueTimeouts {
             add: crate::device::ADD_DEADLINE + Duration::from_secs(5),
             remove_margin: Duration::from_secs(30),
             shutdown: Duration::from_secs(10),
+            pause: crate::vm::pause::PAUSE_DEADLINE + Duration::from_secs(5),
         }
     }
 }
@@ -93,6 +97,10 @@ pub enum PendingRequest {
     Shutdown(Responder<()>),
     /// `GET /v1/vm/counters`.
     Counters(Responder<Counters>),
+    /// `PUT /v1/vm/pause`: answer once every vCPU is parked.
+    Pause(Responder<()>),
+    /// `PUT /v1/vm/resume`: answer once the vCPUs may run again.
+    Resume(Responder<()>),
 }
 
 impl PendingRequest {
@@ -104,6 +112,8 @@ impl PendingRequest {
             PendingRequest::RemoveDevice(..) => "remove-device",
             PendingRequest::Shutdown(_) => "shutdown",
             PendingRequest::Counters(_) => "counters",
+            PendingRequest::Pause(_) => "pause",
+            PendingRequest::Resume(_) => "resume",
         }
     }
 
@@ -116,6 +126,8 @@ impl PendingRequest {
             PendingRequest::RemoveDevice(_, r) => r.reply(Err(err)),
             PendingRequest::Shutdown(r) => r.reply(Err(err)),
             PendingRequest::Counters(r) => r.reply(Err(err)),
+            PendingRequest::Pause(r) => r.reply(Err(err)),
+            PendingRequest::Resume(r) => r.reply(Err(err)),
         }
     }
 }
@@ -276,6 +288,14 @@ impl ApiHandler for QueuedHandler {
         self.call("shutdown", self.timeouts.shutdown, PendingRequest::Shutdown)
     }
 
+    fn pause(&self) -> Result<(), ApiError> {
+        self.call("pause", self.timeouts.pause, PendingRequest::Pause)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.call("resume", self.timeouts.pause, PendingRequest::Resume)
+    }
+
     fn subscribe(&self) -> Subscription {
         self.events.subscribe()
     }
@@ -302,6 +322,7 @@ mod tests {
             root_ports: RootPortUsage { used: 0, total: 8 },
             devices: Vec::new(),
             resources: Default::default(),
+            state: crate::vm::pause::VmState::Running,
         }
     }
 
@@ -311,6 +332,7 @@ mod tests {
             add: Duration::from_millis(100),
             remove_margin: Duration::from_millis(100),
             shutdown: Duration::from_millis(100),
+            pause: Duration::from_millis(100),
         }
     }
 
@@ -479,6 +501,32 @@ mod tests {
             "the event loop was not woken for the rollback"
         );
         assert!(!responder.reply(Err(ApiError::Internal("rolled back".into()))));
+    }
+
+    #[test]
+    fn pause_and_resume_are_answered_by_the_event_loop() {
+        let (queue, handler) = setup();
+        let client = {
+            let handler = handler.clone();
+            thread::spawn(move || handler.pause())
+        };
+        serve_once(&queue, |p| match p {
+            PendingRequest::Pause(r) => assert!(r.reply(Ok(()))),
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(()));
+
+        let client = thread::spawn(move || handler.resume());
+        serve_once(&queue, |p| match p {
+            PendingRequest::Resume(r) => {
+                assert!(r.reply(Err(ApiError::Conflict("refused".into()))))
+            }
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(
+            client.join().expect("client thread"),
+            Err(ApiError::Conflict("refused".into()))
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::api::error::ApiError;
 use crate::api::events::{Received, Subscription};
 use crate::api::fd_passing::{FdReceivingStream, MAX_REQUEST_FDS};
 use crate::api::http::{self, Limits, LineStream, Request, Response};
-use crate::api::types::{RemoveDeviceRequest, ShutdownRequest};
+use crate::api::types::{EmptyRequest, RemoveDeviceRequest, ShutdownRequest};
 use crate::api::ApiHandler;
 use crate::device::DeviceSpec;
 use crate::device::GroupFd;
@@ -35,6 +35,10 @@ pub const ADD_DEVICE_PATH: &str = "/v1/vm/add-device";
 pub const REMOVE_DEVICE_PATH: &str = "/v1/vm/remove-device";
 /// `PUT`: stop the VM.
 pub const SHUTDOWN_PATH: &str = "/v1/vm/shutdown";
+/// `PUT`: pause the VM.
+pub const PAUSE_PATH: &str = "/v1/vm/pause";
+/// `PUT`: resume the VM.
+pub const RESUME_PATH: &str = "/v1/vm/resume";
 /// `GET`: the event stream.
 pub const EVENTS_PATH: &str = "/v1/events";
 /// `GET`: exits, interrupts, hotplug operations, memory, uptime.
@@ -65,16 +69,22 @@ pub enum Endpoint {
     Events,
     /// `GET /v1/vm/counters`.
     Counters,
+    /// `PUT /v1/vm/pause`.
+    Pause,
+    /// `PUT /v1/vm/resume`.
+    Resume,
 }
 
 /// Every endpoint with its path and method.
-pub const ROUTES: [(&str, &str, Endpoint); 6] = [
+pub const ROUTES: [(&str, &str, Endpoint); 8] = [
     (INFO_PATH, "GET", Endpoint::Info),
     (ADD_DEVICE_PATH, "PUT", Endpoint::AddDevice),
     (REMOVE_DEVICE_PATH, "PUT", Endpoint::RemoveDevice),
     (SHUTDOWN_PATH, "PUT", Endpoint::Shutdown),
     (EVENTS_PATH, "GET", Endpoint::Events),
     (COUNTERS_PATH, "GET", Endpoint::Counters),
+    (PAUSE_PATH, "PUT", Endpoint::Pause),
+    (RESUME_PATH, "PUT", Endpoint::Resume),
 ];
 
 /// The endpoint of `method target`.
@@ -685,6 +695,17 @@ pub fn dispatch(
         Endpoint::Counters => {
             no_body(request)?;
             reply(handler.counters().map(|c| Response::json(200, &c)))
+        }
+        Endpoint::Pause | Endpoint::Resume => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                json_body::<EmptyRequest>(&request.body)?;
+            }
+            let done = if endpoint == Endpoint::Pause {
+                handler.pause()
+            } else {
+                handler.resume()
+            };
+            reply(done.map(|()| Response::no_content()))
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::api::{ApiError, ApiHandler};
 use crate::device::DeviceId;
 use crate::device::GroupFd;
 use crate::device::{DeviceSource, DeviceSpec, DeviceState};
+use crate::vm::pause::VmState;
 use rvmm_pci::Bdf;
 
 /// A VMM that hot-plugs instantly. Id `busy` conflicts, id `slow` times out; an add of id
@@ -39,6 +40,8 @@ struct FakeVmm {
     group: Mutex<Option<(u64, u64)>>,
     /// Whether the client of the last `watch` add went away while it was served.
     client_gone: Mutex<Option<bool>>,
+    /// Paused through the API.
+    paused: Mutex<bool>,
 }
 
 fn bdf(s: &str) -> Bdf {
@@ -61,6 +64,7 @@ impl FakeVmm {
             shutdown_delay,
             group: Mutex::new(None),
             client_gone: Mutex::new(None),
+            paused: Mutex::new(false),
         })
     }
 
@@ -83,6 +87,11 @@ impl ApiHandler for FakeVmm {
             },
             devices,
             resources: Default::default(),
+            state: if *self.paused.lock().expect("not poisoned") {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
         })
     }
 
@@ -178,6 +187,24 @@ impl ApiHandler for FakeVmm {
             reason: ShutdownReason::PowerOff,
         }));
         self.bus.close();
+        Ok(())
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        let mut paused = self.paused.lock().expect("not poisoned");
+        if !*paused {
+            *paused = true;
+            self.bus.publish(Event::now(EventKind::VmPaused));
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        let mut paused = self.paused.lock().expect("not poisoned");
+        if *paused {
+            *paused = false;
+            self.bus.publish(Event::now(EventKind::VmResumed));
+        }
         Ok(())
     }
 
@@ -521,6 +548,79 @@ fn shutdown_with_unknown_field_is_400() {
     let s = start();
     let (status, _) = put(&s.path, "/v1/vm/shutdown", r#"{"force":true}"#);
     assert_eq!(status, 400);
+}
+
+#[test]
+fn pause_and_resume_answer_204_and_info_follows() {
+    let s = start();
+
+    s.client().pause().expect("paused");
+    let paused = s.client().info().expect("info").state;
+    s.client().resume().expect("resumed");
+    let resumed = s.client().info().expect("info").state;
+
+    assert_eq!(paused, VmState::Paused);
+    assert_eq!(resumed, VmState::Running);
+}
+
+#[test]
+fn pause_and_resume_take_an_empty_body_or_an_empty_object() {
+    let s = start();
+    for path in ["/v1/vm/pause", "/v1/vm/resume"] {
+        assert_eq!(put(&s.path, path, "").0, 204, "{path}");
+        assert_eq!(put(&s.path, path, "{}").0, 204, "{path}");
+        let (status, text) = put(&s.path, path, r#"{"now":true}"#);
+        assert_eq!(status, 400, "{path}");
+        assert!(text.contains("unknown field `now`"), "{text}");
+    }
+}
+
+#[test]
+fn pause_and_resume_events_reach_the_stream() {
+    let s = start();
+    let mut stream = s.client().events().expect("stream");
+    wait_for_subscribers(&s.vmm, 1);
+
+    s.client().pause().expect("paused");
+    s.client().resume().expect("resumed");
+
+    let first = stream.next_event().expect("read").expect("an event");
+    let second = stream.next_event().expect("read").expect("an event");
+    assert_eq!(first.kind, EventKind::VmPaused);
+    assert_eq!(second.kind, EventKind::VmResumed);
+}
+
+#[test]
+fn queued_handler_carries_a_refused_pause_to_the_client_as_409() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("api.sock");
+    let queue = ApiRequestQueue::new().expect("queue");
+    let handler = Arc::new(queue.handler(Arc::new(EventBus::new()), QueueTimeouts::default()));
+    let _server = ApiServer::start(&path, handler).expect("server starts");
+    let client = thread::spawn(move || ApiClient::new(&path).pause());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pending = loop {
+        if let Some(p) = queue.drain().pop() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no request arrived");
+        thread::sleep(Duration::from_millis(5));
+    };
+    let PendingRequest::Pause(responder) = pending else {
+        panic!("expected pause, got {}", pending.name());
+    };
+
+    assert!(responder.reply(Err(ApiError::Conflict(
+        "cannot pause the VM while device nvme0 is being added".into()
+    ))));
+
+    match client.join().expect("client") {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 409);
+            assert!(message.contains("nvme0 is being added"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Waits until the fake VMM's bus has `n` subscribers.

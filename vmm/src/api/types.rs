@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::api::values::MAX_VLAN;
 use crate::device::{DeviceId, DeviceSource, DeviceSpec, DeviceState, GroupFd};
 use crate::vm::exit::VmExit;
+use crate::vm::pause::VmState;
 
 /// Deadline of a graceful removal when the request gives none.
 pub const DEFAULT_REMOVE_TIMEOUT_MS: u64 = 10_000;
@@ -216,6 +217,11 @@ fn remove_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {}
 
+/// `PUT /v1/vm/pause` and `PUT /v1/vm/resume`: take no fields (an empty body or `{}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
 /// A passthrough device: the answer of add-device and an entry of info.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
@@ -314,6 +320,8 @@ pub struct VmInfo {
     pub devices: Vec<DeviceInfo>,
     /// What the VM holds on the host.
     pub resources: VmResources,
+    /// Whether the guest runs or is paused.
+    pub state: VmState,
 }
 
 /// What the VM holds on the host right now (for leak checks after hotplug cycles).
@@ -411,6 +419,10 @@ pub enum EventKind {
         /// Why it left.
         reason: RemovalReason,
     },
+    /// Every vCPU is parked (`PUT /v1/vm/pause`).
+    VmPaused,
+    /// The vCPUs run again (`PUT /v1/vm/resume`).
+    VmResumed,
     /// The VM ended; the stream ends after this event.
     VmShutdown {
         /// Why.
@@ -577,6 +589,19 @@ mod tests {
         assert_eq!(value["slot"], 1);
         assert_eq!(value["state"], "present");
         assert!(value["timestamp_ms"].as_u64().is_some_and(|t| t > 0));
+    }
+
+    #[test]
+    fn pause_events_carry_only_their_name_and_time() {
+        let json = serde_json::to_string(&Event {
+            timestamp_ms: 5,
+            kind: EventKind::VmPaused,
+        })
+        .expect("serializable");
+        assert_eq!(json, r#"{"timestamp_ms":5,"event":"vm-paused"}"#);
+        let back: Event =
+            serde_json::from_str(r#"{"timestamp_ms":6,"event":"vm-resumed"}"#).expect("valid");
+        assert_eq!(back.kind, EventKind::VmResumed);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! vCPU state set up before the first run: CPUID, MSRs, registers, FPU and LAPIC.
 
 mod cpuid;
+pub mod pause;
 mod regs;
 pub mod vcpu;
 

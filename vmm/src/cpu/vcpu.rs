@@ -1,4 +1,5 @@
-//! vCPU threads: run the vCPU, dispatch port and MMIO exits to the buses, nothing else.
+//! vCPU threads: run the vCPU, dispatch port and MMIO exits to the buses, park while the VM is
+//! paused ([`super::pause`]), nothing else.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,12 +11,13 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use rvmm_devices::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+use super::pause::{Kick, VcpuPause};
 use crate::observe::counters::{ExitReason, VmCounters};
 use crate::seccomp::ThreadFilter;
 use crate::vm::exit::{ExitSignal, VmExit};
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -36,6 +38,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// Set when all vCPUs must leave their loop.
     pub stop: Arc<AtomicBool>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<VcpuPause>,
     /// The vCPU seccomp filter, installed first thing in the thread.
     pub seccomp: Arc<ThreadFilter>,
     /// Where the vCPU counts its exits.
@@ -111,9 +115,31 @@ fn exit_reason(exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) -> ExitReason {
     }
 }
 
+/// A kick of the calling thread, for the pause gate.
+fn kick_this_thread() -> Kick {
+    // SAFETY: pthread_self has no preconditions.
+    let thread = unsafe { libc::pthread_self() };
+    Box::new(move || {
+        // SAFETY: the gate calls a kick only while the thread is its member, and the thread
+        // leaves the gate before it ends, so `thread` names a live thread.
+        let r = unsafe { libc::pthread_kill(thread, kick_signal()) };
+        if r != 0 {
+            log::debug!("kicking a vCPU thread: errno {r}");
+        }
+    })
+}
+
 fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let _member = ctx.pause.enter(kick_this_thread());
     let exits = ctx.counters.vcpu(usize::from(index));
     while !ctx.stop.load(Ordering::Acquire) {
+        let pausing = ctx.pause.requested();
+        if pausing {
+            // KVM_RUN then completes the I/O of the last exit (if any) and returns EINTR
+            // without running the guest: the vCPU parks between two instructions.
+            vcpu.set_kvm_immediate_exit(1);
+        }
+        let mut interrupted = false;
         let exit = vcpu.run();
         if let Some(exits) = exits {
             exits.count(exit_reason(&exit));
@@ -165,15 +191,24 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
                 ctx.exit.request(VmExit::Crash);
                 break;
             }
-            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Intr) => interrupted = true,
             Ok(other) => {
                 log::warn!("vcpu{index}: unhandled exit {other:?}");
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                interrupted = true;
+            }
             Err(e) => {
                 log::error!("vcpu{index}: KVM_RUN failed: {e}");
                 ctx.exit.request(VmExit::Crash);
                 break;
+            }
+        }
+        if pausing {
+            vcpu.set_kvm_immediate_exit(0);
+            // Another exit (an I/O the completion started) is dispatched first.
+            if interrupted {
+                ctx.pause.park();
             }
         }
     }

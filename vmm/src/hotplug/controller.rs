@@ -2,6 +2,10 @@
 //! control API, drives hotplug through the root-port slots (waiting for the guest's pciehp at every
 //! step) and removes a device at once when the host takes it back or reports it failed.
 //!
+//! It also pauses and resumes the VM ([`VmPause`]); while paused, hotplug requests are refused
+//! (the guest takes part in every hotplug), but a device the host takes back is still
+//! released at once: parked vCPUs hold no lock the release needs.
+//!
 //! Nothing here blocks: a hot-add or graceful removal is an operation with a deadline that advances
 //! whenever the guest touches a slot (the slot notifier), a VFIO interrupt arrives, or the
 //! operation timer fires.
@@ -31,6 +35,7 @@ use crate::observe::{
     VcpuCounters, VmCounters,
 };
 use crate::vm::exit::{ExitSignal, VmExit};
+use crate::vm::pause::{VmPause, VmState};
 use rvmm_devices::sync::MutexExt;
 
 /// How long a hot-add waits for the guest to power the slot on and enable the device, at most
@@ -120,6 +125,8 @@ pub struct Controller {
     /// When each pending hot-add was asked for.
     add_started: HashMap<DeviceId, Instant>,
     counters: Option<CounterSources>,
+    /// Pause and resume; a controller given none answers them 503.
+    pause: Option<VmPause>,
 }
 
 fn now_ms(d: Duration) -> u64 {
@@ -168,6 +175,7 @@ impl Controller {
             stats: HotplugStats::default(),
             add_started: HashMap::new(),
             counters: None,
+            pause: None,
         }
     }
 
@@ -227,6 +235,50 @@ impl Controller {
         })
     }
 
+    /// The controller that also pauses and resumes the VM through `pause`.
+    pub fn with_pause(mut self, pause: VmPause) -> Self {
+        self.pause = Some(pause);
+        self
+    }
+
+    fn vm_state(&self) -> VmState {
+        self.pause.as_ref().map_or(VmState::Running, VmPause::state)
+    }
+
+    /// A hotplug operation in flight, as words for a refused pause.
+    fn busy(&self) -> Option<String> {
+        self.ops.iter().next().map(|(id, op)| match op {
+            Op::Removing(_) => format!("device {id} is being removed"),
+            _ => format!("device {id} is being added"),
+        })
+    }
+
+    fn pause_vm(&mut self) -> Result<(), ApiError> {
+        let busy = self.busy();
+        match self.pause.as_mut() {
+            Some(p) => p.pause(busy),
+            None => Err(ApiError::Unavailable(
+                "this VM was started without pause support".into(),
+            )),
+        }
+    }
+
+    fn resume_vm(&mut self) -> Result<(), ApiError> {
+        match self.pause.as_mut() {
+            Some(p) => p.resume(),
+            None => Err(ApiError::Unavailable(
+                "this VM was started without pause support".into(),
+            )),
+        }
+    }
+
+    /// Refuses hotplug request `what` while the VM is paused.
+    fn refuse_while_paused(&self, what: &str) -> Result<(), ApiError> {
+        self.pause
+            .as_ref()
+            .map_or(Ok(()), |p| p.refuse_while_paused(what))
+    }
+
     /// Everything the guest would see in `info` for device `d`.
     fn device_info(&self, d: &AttachedDevice) -> DeviceInfo {
         let port = self.segment.ports().get(d.port).map(|p| p.address);
@@ -256,6 +308,7 @@ impl Controller {
             },
             devices: devices.into_iter().map(|d| self.device_info(d)).collect(),
             resources: self.passthrough.resources(),
+            state: self.vm_state(),
         }
     }
 
@@ -271,8 +324,28 @@ impl Controller {
             PendingRequest::Counters(r) => {
                 r.reply(self.counters());
             }
-            PendingRequest::AddDevice(add, r) => self.start_add(add, r, ops),
-            PendingRequest::RemoveDevice(rm, r) => self.start_remove(rm, r, ops),
+            PendingRequest::AddDevice(add, r) => {
+                match self.refuse_while_paused(&format!("hot-add device {add}")) {
+                    Ok(()) => self.start_add(add, r, ops),
+                    Err(e) => {
+                        r.reply(Err(e));
+                    }
+                }
+            }
+            PendingRequest::RemoveDevice(rm, r) => {
+                match self.refuse_while_paused(&format!("remove device {}", rm.id)) {
+                    Ok(()) => self.start_remove(rm, r, ops),
+                    Err(e) => {
+                        r.reply(Err(e));
+                    }
+                }
+            }
+            PendingRequest::Pause(r) => {
+                r.reply(self.pause_vm());
+            }
+            PendingRequest::Resume(r) => {
+                r.reply(self.resume_vm());
+            }
         }
         self.advance(ops);
     }

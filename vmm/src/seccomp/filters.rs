@@ -153,7 +153,8 @@ fn vcpu(a: &mut Allow) -> Result<(), SeccompError> {
 /// The event loop: epoll, eventfds and the hotplug timer, serial input from stdin, and hot-add
 /// and removal: host checks in /sys and /proc (holders of a busy device), the VFIO container,
 /// group and device (open, ioctls, BAR `mmap`), KVM memory slots, irqfds, GSI routes and the
-/// KVM-VFIO device, SR-IOV claim files under /run/rvmm (`flock`) and VF policy over rtnetlink.
+/// KVM-VFIO device, SR-IOV claim files under /run/rvmm (`flock`) and VF policy over rtnetlink;
+/// a pause: the kick signal to this process's vCPU threads (`tgkill`) and the VM's kvmclock.
 fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
     a.always(&[
         libc::SYS_epoll_wait,
@@ -212,6 +213,14 @@ fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
             libc::F_DUPFD_CLOEXEC as u64,
         ],
     )?;
+    // A pause kicks the vCPU threads out of KVM_RUN: the kick signal, to this process only.
+    a.when(
+        libc::SYS_tgkill,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, u64::from(std::process::id()))?,
+            cond(2, SeccompCmpOp::Eq, crate::cpu::vcpu::kick_signal() as u64)?,
+        ])?],
+    );
     // prlimit64 on this process only (pid 0): the memlock check of a device being added.
     a.when_arg_in(libc::SYS_prlimit64, 0, &[0])?;
     // Sockets: rtnetlink (NETLINK_ROUTE = 0) for VF settings, nothing else.
@@ -227,6 +236,8 @@ fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
         KVM_SET_GSI_ROUTING,
         KVM_IRQFD,
         KVM_SIGNAL_MSI,
+        KVM_GET_CLOCK,
+        KVM_SET_CLOCK,
         KVM_CHECK_EXTENSION,
         KVM_CREATE_DEVICE,
         KVM_SET_DEVICE_ATTR,
@@ -355,6 +366,16 @@ mod tests {
     fn vcpu_ioctls_are_filtered_by_request() {
         let r = rules(ThreadKind::Vcpu).unwrap();
         assert_eq!(r.get(&libc::SYS_ioctl).map(Vec::len), Some(6));
+    }
+
+    #[test]
+    fn only_the_event_loop_may_signal_other_threads() {
+        let tgkill_rules = |kind| rules(kind).unwrap().get(&libc::SYS_tgkill).map(Vec::len);
+        // Its own abort, and the pause's kick of the vCPU threads.
+        assert_eq!(tgkill_rules(ThreadKind::EventLoop), Some(2));
+        for kind in [ThreadKind::Vcpu, ThreadKind::ApiConnection] {
+            assert_eq!(tgkill_rules(kind), Some(1), "{kind:?}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_create_device, kvm_device_attr, kvm_irq_routing, kvm_irqfd, kvm_msi,
+    kvm_clock_data, kvm_create_device, kvm_device_attr, kvm_irq_routing, kvm_irqfd, kvm_msi,
     kvm_userspace_memory_region,
 };
 
@@ -64,6 +64,11 @@ pub const KVM_SET_DEVICE_ATTR: u32 = ioc(IOC_WRITE, KVMIO, 0xe1, size_of::<kvm_d
 /// Asks whether a device attribute exists.
 pub const KVM_HAS_DEVICE_ATTR: u32 = ioc(IOC_WRITE, KVMIO, 0xe3, size_of::<kvm_device_attr>());
 
+/// Reads the VM's kvmclock (a pause holds it still).
+pub const KVM_GET_CLOCK: u32 = ioc(IOC_READ, KVMIO, 0x7c, size_of::<kvm_clock_data>());
+/// Sets the VM's kvmclock (a resume writes back what the pause read).
+pub const KVM_SET_CLOCK: u32 = ioc(IOC_WRITE, KVMIO, 0x7b, size_of::<kvm_clock_data>());
+
 /// `VFIO_GET_API_VERSION`.
 pub const VFIO_GET_API_VERSION: u32 = vfio(0);
 /// `VFIO_CHECK_EXTENSION`.
@@ -114,6 +119,8 @@ mod tests {
         assert_eq!(KVM_SIGNAL_MSI, 0x4020_aea5);
         assert_eq!(KVM_CREATE_DEVICE, 0xc00c_aee0);
         assert_eq!(KVM_SET_DEVICE_ATTR, 0x4018_aee1);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
+        assert_eq!(KVM_SET_CLOCK, 0x4030_ae7b);
     }
 
     #[test]

@@ -7,9 +7,10 @@ pub mod console;
 pub mod console_out;
 pub mod event_loop;
 pub mod exit;
+pub mod pause;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::api::{
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
+use crate::cpu::pause::VcpuPause;
 use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
 use crate::device::passthrough::raise_fd_limit;
 use crate::hotplug::controller::{Controller, CounterSources, VmSummary};
@@ -36,6 +38,7 @@ use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
+use crate::vm::pause::VmPause;
 
 /// How long the end of a VM waits for the console writer to pass on the guest's last output.
 const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -294,6 +297,7 @@ impl Vm {
         let vcpu_filter = Arc::new(ThreadFilter::new(ThreadKind::Vcpu, self.seccomp)?);
         let loop_filter = ThreadFilter::new(ThreadKind::EventLoop, self.seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(VcpuPause::new(stop.clone()));
         let mut event_loop = EventLoop::new(self.exit.clone())?;
         if self.serial == SerialConfig::Stdio {
             if let Some(serial) = self.devices.serial() {
@@ -311,8 +315,8 @@ impl Vm {
             )?),
             None => None,
         };
-        let cold_plugged = self.add_controller(&mut event_loop)?;
-        let handles = self.start_vcpus(&stop, &vcpu_filter)?;
+        let cold_plugged = self.add_controller(&mut event_loop, &pause)?;
+        let handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
         // Before the event loop runs, so these come first in every stream and log.
         self.counters.mark_started();
         self.events.publish(Event::now(EventKind::VmStarted {
@@ -328,7 +332,8 @@ impl Vm {
             self.created.elapsed()
         );
         let result = run_event_loop(&mut event_loop, &loop_filter);
-        stop.store(true, Ordering::Release);
+        // Also wakes vCPUs parked by a pause.
+        pause.stop();
         handles.into_iter().for_each(VcpuHandle::join);
         event_loop.restore_terminal();
         // Drops the controller: pending API calls are refused, devices released.
@@ -353,8 +358,13 @@ impl Vm {
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
-    /// control queue on the event loop; returns the devices attached at boot.
-    fn add_controller(&mut self, event_loop: &mut EventLoop) -> Result<Vec<DeviceInfo>> {
+    /// control queue on the event loop and pauses the vCPUs through `pause`; returns the
+    /// devices attached at boot.
+    fn add_controller(
+        &mut self,
+        event_loop: &mut EventLoop,
+        pause: &Arc<VcpuPause>,
+    ) -> Result<Vec<DeviceInfo>> {
         let passthrough = self.devices.take_passthrough();
         let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) else {
             return Ok(Vec::new());
@@ -383,7 +393,12 @@ impl Vm {
                 page_size: self.page_size,
             },
             event_log: self.event_log.as_ref().map(EventLog::counts_reader),
-        });
+        })
+        .with_pause(VmPause::new(
+            pause.clone(),
+            self.vm_fd.clone(),
+            self.events.clone(),
+        ));
         let cold_plugged = controller.devices();
         event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
         Ok(cold_plugged)
@@ -393,6 +408,7 @@ impl Vm {
     fn start_vcpus(
         &mut self,
         stop: &Arc<AtomicBool>,
+        pause: &Arc<VcpuPause>,
         filter: &Arc<ThreadFilter>,
     ) -> Result<Vec<VcpuHandle>> {
         let vcpus = std::mem::take(&mut self.vcpus);
@@ -403,6 +419,7 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
                 stop: stop.clone(),
+                pause: pause.clone(),
                 seccomp: filter.clone(),
                 counters: self.counters.clone(),
             };
@@ -410,7 +427,7 @@ impl Vm {
             match VcpuHandle::spawn(index as u8, vcpu, ctx) {
                 Ok(h) => handles.push(h),
                 Err(source) => {
-                    stop.store(true, Ordering::Release);
+                    pause.stop();
                     handles.into_iter().for_each(VcpuHandle::join);
                     return Err(VmError::Io {
                         what: "start a vCPU thread",
