@@ -168,6 +168,11 @@ impl ApiHandler for Recorder {
         Ok(())
     }
 
+    fn power_button(&self) -> Result<(), ApiError> {
+        self.record("power-button");
+        Ok(())
+    }
+
     fn subscribe(&self) -> Subscription {
         self.record("events");
         self.bus.subscribe()
@@ -183,6 +188,7 @@ fn real(request: &Request) {
         Ok(Endpoint::AddDevice) => "add",
         Ok(Endpoint::RemoveDevice) => "remove",
         Ok(Endpoint::Shutdown) => "shutdown",
+        Ok(Endpoint::PowerButton) => "power-button",
         Ok(Endpoint::Events) => "events",
         Err(_) => "",
     };

@@ -14,7 +14,7 @@ use thiserror::Error;
 use crate::api::error::ErrorBody;
 use crate::api::fd_passing::write_with_fds;
 use crate::api::server::{
-    ADD_DEVICE_PATH, EVENTS_PATH, INFO_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
+    ADD_DEVICE_PATH, EVENTS_PATH, INFO_PATH, POWER_BUTTON_PATH, REMOVE_DEVICE_PATH, SHUTDOWN_PATH,
 };
 use crate::api::types::{DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::device::DeviceSpec;
@@ -286,6 +286,12 @@ impl ApiClient {
     /// `PUT /v1/vm/shutdown`.
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.call("PUT", SHUTDOWN_PATH, None, self.timeout)
+            .map(drop)
+    }
+
+    /// `PUT /v1/vm/power-button`: returns once the button is pressed.
+    pub fn power_button(&self) -> Result<(), ClientError> {
+        self.call("PUT", POWER_BUTTON_PATH, None, self.timeout)
             .map(drop)
     }
 

@@ -62,6 +62,9 @@ pub enum CtlCommand {
     Events,
     /// Stop the VM.
     Shutdown,
+    /// Press the VM's ACPI power button (returns once it is pressed; the guest then shuts down
+    /// the way it was configured to).
+    PowerButton,
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
@@ -120,6 +123,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
             Ok(())
         }
         CtlCommand::Shutdown => client.shutdown(),
+        CtlCommand::PowerButton => client.power_button(),
     }
 }
 
@@ -221,6 +225,12 @@ mod tests {
             "0"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn power_button_is_a_verb() {
+        let args = parse(&["--api-socket", "/tmp/s", "power-button"]).expect("valid");
+        assert!(matches!(args.command, CtlCommand::PowerButton));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! | `PUT /v1/vm/add-device` | [`DeviceSpec`] | [`DeviceInfo`], once the guest has the device |
 //! | `PUT /v1/vm/remove-device` | [`RemoveDeviceRequest`] | [`RemoveDeviceResponse`], once released |
 //! | `PUT /v1/vm/shutdown` | none or `{}` | 204 |
+//! | `PUT /v1/vm/power-button` | none or `{}` | 204, once the ACPI power button is pressed |
 //! | `GET /v1/events` | – | a stream of [`Event`] JSON lines |
 //!
 //! Errors are `{"error": "message"}` with the status of [`ApiError::status`].
@@ -68,6 +69,9 @@ pub trait ApiHandler: Send + Sync {
     fn remove_device(&self, req: RemoveDeviceRequest) -> Result<RemoveDeviceResponse, ApiError>;
     /// Stops the VM; returns once the shutdown is under way.
     fn shutdown(&self) -> Result<(), ApiError>;
+    /// Presses the VM's ACPI power button; returns once it is pressed. The guest then shuts
+    /// down the way it was configured to (or not at all).
+    fn power_button(&self) -> Result<(), ApiError>;
     /// A stream of every event from now on; it ends when the VM ends.
     fn subscribe(&self) -> Subscription;
 }

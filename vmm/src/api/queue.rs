@@ -22,6 +22,7 @@ use crate::api::events::{EventBus, Subscription};
 use crate::api::types::{DeviceInfo, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::api::ApiHandler;
 use crate::device::DeviceSpec;
+use crate::vm::exit::ForcedPowerOff;
 
 /// How long a [`QueuedHandler`] waits for the event loop's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +35,7 @@ pub struct QueueTimeouts {
     pub add: Duration,
     /// For remove-device: added to the request's own `timeout_ms`, which the VMM escalates at.
     pub remove_margin: Duration,
-    /// For shutdown.
+    /// For shutdown, the power button and a forced power-off (all answered at once).
     pub shutdown: Duration,
 }
 
@@ -90,6 +91,11 @@ pub enum PendingRequest {
     RemoveDevice(RemoveDeviceRequest, Responder<RemoveDeviceResponse>),
     /// `PUT /v1/vm/shutdown`: answer once the shutdown is under way.
     Shutdown(Responder<()>),
+    /// `PUT /v1/vm/power-button`: answer once the button has been pressed (not when the guest
+    /// is off).
+    PowerButton(Responder<()>),
+    /// [`QueuedHandler::force_power_off`]: answer once the power-off is under way.
+    ForcePowerOff(ForcedPowerOff, Responder<()>),
 }
 
 impl PendingRequest {
@@ -100,6 +106,8 @@ impl PendingRequest {
             PendingRequest::AddDevice(..) => "add-device",
             PendingRequest::RemoveDevice(..) => "remove-device",
             PendingRequest::Shutdown(_) => "shutdown",
+            PendingRequest::PowerButton(_) => "power-button",
+            PendingRequest::ForcePowerOff(..) => "force-power-off",
         }
     }
 
@@ -111,6 +119,8 @@ impl PendingRequest {
             PendingRequest::AddDevice(_, r) => r.reply(Err(err)),
             PendingRequest::RemoveDevice(_, r) => r.reply(Err(err)),
             PendingRequest::Shutdown(r) => r.reply(Err(err)),
+            PendingRequest::PowerButton(r) => r.reply(Err(err)),
+            PendingRequest::ForcePowerOff(_, r) => r.reply(Err(err)),
         }
     }
 }
@@ -238,6 +248,19 @@ impl QueuedHandler {
     }
 }
 
+impl QueuedHandler {
+    /// Powers the VM off at once, without the guest's shutdown, for `why` (the VM ends with
+    /// [`crate::VmExit::ShutdownTimeout`] or [`crate::VmExit::Signal`] and its `vm-shutdown`
+    /// event says so); returns once the power-off is under way. Not part of the control API:
+    /// it is how the VM's owner (e.g. `rvmm run` on a signal) ends a guest that does not power
+    /// off when asked.
+    pub fn force_power_off(&self, why: ForcedPowerOff) -> Result<(), ApiError> {
+        self.call("force-power-off", self.timeouts.shutdown, |r| {
+            PendingRequest::ForcePowerOff(why, r)
+        })
+    }
+}
+
 impl ApiHandler for QueuedHandler {
     fn info(&self) -> Result<VmInfo, ApiError> {
         self.call("info", self.timeouts.info, PendingRequest::Info)
@@ -269,6 +292,14 @@ impl ApiHandler for QueuedHandler {
 
     fn shutdown(&self) -> Result<(), ApiError> {
         self.call("shutdown", self.timeouts.shutdown, PendingRequest::Shutdown)
+    }
+
+    fn power_button(&self) -> Result<(), ApiError> {
+        self.call(
+            "power-button",
+            self.timeouts.shutdown,
+            PendingRequest::PowerButton,
+        )
     }
 
     fn subscribe(&self) -> Subscription {
@@ -470,6 +501,31 @@ mod tests {
             "the event loop was not woken for the rollback"
         );
         assert!(!responder.reply(Err(ApiError::Internal("rolled back".into()))));
+    }
+
+    #[test]
+    fn power_button_is_answered_by_the_event_loop() {
+        let (queue, handler) = setup();
+        let client = thread::spawn(move || handler.power_button());
+        serve_once(&queue, |p| match p {
+            PendingRequest::PowerButton(r) => assert!(r.reply(Ok(()))),
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(()));
+    }
+
+    #[test]
+    fn forced_power_off_carries_its_reason_to_the_event_loop() {
+        let (queue, handler) = setup();
+        let client =
+            thread::spawn(move || handler.force_power_off(ForcedPowerOff::ShutdownTimeout));
+        serve_once(&queue, |p| match p {
+            PendingRequest::ForcePowerOff(ForcedPowerOff::ShutdownTimeout, r) => {
+                assert!(r.reply(Ok(())))
+            }
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(()));
     }
 
     #[test]

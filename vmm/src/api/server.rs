@@ -21,7 +21,7 @@ use crate::api::error::ApiError;
 use crate::api::events::{Received, Subscription};
 use crate::api::fd_passing::{FdReceivingStream, MAX_REQUEST_FDS};
 use crate::api::http::{self, Limits, LineStream, Request, Response};
-use crate::api::types::{RemoveDeviceRequest, ShutdownRequest};
+use crate::api::types::{PowerButtonRequest, RemoveDeviceRequest, ShutdownRequest};
 use crate::api::ApiHandler;
 use crate::device::DeviceSpec;
 use crate::device::GroupFd;
@@ -35,6 +35,8 @@ pub const ADD_DEVICE_PATH: &str = "/v1/vm/add-device";
 pub const REMOVE_DEVICE_PATH: &str = "/v1/vm/remove-device";
 /// `PUT`: stop the VM.
 pub const SHUTDOWN_PATH: &str = "/v1/vm/shutdown";
+/// `PUT`: press the ACPI power button.
+pub const POWER_BUTTON_PATH: &str = "/v1/vm/power-button";
 /// `GET`: the event stream.
 pub const EVENTS_PATH: &str = "/v1/events";
 
@@ -59,16 +61,19 @@ pub enum Endpoint {
     RemoveDevice,
     /// `PUT /v1/vm/shutdown`.
     Shutdown,
+    /// `PUT /v1/vm/power-button`.
+    PowerButton,
     /// `GET /v1/events`.
     Events,
 }
 
 /// Every endpoint with its path and method.
-pub const ROUTES: [(&str, &str, Endpoint); 5] = [
+pub const ROUTES: [(&str, &str, Endpoint); 6] = [
     (INFO_PATH, "GET", Endpoint::Info),
     (ADD_DEVICE_PATH, "PUT", Endpoint::AddDevice),
     (REMOVE_DEVICE_PATH, "PUT", Endpoint::RemoveDevice),
     (SHUTDOWN_PATH, "PUT", Endpoint::Shutdown),
+    (POWER_BUTTON_PATH, "PUT", Endpoint::PowerButton),
     (EVENTS_PATH, "GET", Endpoint::Events),
 ];
 
@@ -673,6 +678,12 @@ pub fn dispatch(
             }
             reply(handler.shutdown().map(|()| Response::no_content()))
         }
+        Endpoint::PowerButton => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                json_body::<PowerButtonRequest>(&request.body)?;
+            }
+            reply(handler.power_button().map(|()| Response::no_content()))
+        }
         Endpoint::Events => {
             no_body(request)?;
             Ok(Outcome::Stream(handler.subscribe()))
@@ -690,14 +701,20 @@ fn stream_events(
 ) -> io::Result<()> {
     let mut out = LineStream::start(stream, http11)?;
     loop {
-        if shared.stopping.load(Ordering::Acquire) {
-            break;
-        }
-        match subscription.recv_timeout(STREAM_TICK) {
+        // Once the server stops, the events already published are still sent (the VM's last,
+        // `vm-shutdown`, is published before the server stops), then the stream ends.
+        let stopping = shared.stopping.load(Ordering::Acquire);
+        let wait = if stopping {
+            Duration::ZERO
+        } else {
+            STREAM_TICK
+        };
+        match subscription.recv_timeout(wait) {
             Received::Event(event) => {
                 let line = serde_json::to_vec(&event).map_err(io::Error::other)?;
                 out.send_line(&line)?;
             }
+            Received::Idle if stopping => break,
             Received::Idle => {
                 if peer_gone(stream) {
                     return Ok(());

@@ -8,10 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use rvmm_devices::ged::Ged;
 use rvmm_pci::{PciSegment, SlotState};
 use rvmm_vfio::sriov::SriovError;
 use vmm_sys_util::epoll::EventSet;
@@ -94,6 +95,8 @@ pub struct Controller {
     events: Arc<EventBus>,
     queue: Option<ApiRequestQueue>,
     summary: VmSummary,
+    /// The ACPI Generic Event Device whose power button `power-button` presses.
+    power_button: Option<Arc<Mutex<Ged>>>,
     ops: BTreeMap<DeviceId, Op>,
     timer: Option<TimerFd>,
     timer_armed: bool,
@@ -140,12 +143,35 @@ impl Controller {
             events,
             queue: Some(queue),
             summary,
+            power_button: None,
             ops: BTreeMap::new(),
             timer,
             timer_armed: false,
             watched: HashMap::new(),
             next_token: TOKEN_VFIO_FIRST,
         }
+    }
+
+    /// Gives the controller the VM's power button (the GED that signals it to the guest).
+    pub fn with_power_button(mut self, ged: Arc<Mutex<Ged>>) -> Self {
+        self.power_button = Some(ged);
+        self
+    }
+
+    /// Presses the power button: the GED latches the event and interrupts the guest.
+    fn press_power_button(&self) -> Result<(), ApiError> {
+        let ged = self
+            .power_button
+            .as_ref()
+            .ok_or_else(|| ApiError::Conflict("this VM has no power button".into()))?;
+        ged.locked().press_power_button().map_err(|e| {
+            ApiError::Internal(format!(
+                "cannot raise the power button's interrupt (GSI {}): {e}",
+                crate::machine::layout::GED_IRQ
+            ))
+        })?;
+        log::info!("power button pressed");
+        Ok(())
     }
 
     /// Everything the guest would see in `info` for device `d`.
@@ -187,6 +213,14 @@ impl Controller {
             }
             PendingRequest::Shutdown(r) => {
                 self.exit.request(VmExit::PowerOff);
+                r.reply(Ok(()));
+            }
+            PendingRequest::PowerButton(r) => {
+                r.reply(self.press_power_button());
+            }
+            PendingRequest::ForcePowerOff(why, r) => {
+                log::info!("powering the guest off without its shutdown: {why:?}");
+                self.exit.request(why.into());
                 r.reply(Ok(()));
             }
             PendingRequest::AddDevice(add, r) => self.start_add(add, r, ops),

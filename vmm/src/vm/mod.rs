@@ -21,7 +21,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 
 use crate::api::{
     ApiRequestQueue, ApiServer, Event, EventBus, EventKind, QueueTimeouts, QueuedHandler,
-    ServerConfig, ServerError,
+    ServerConfig, ServerError, ShutdownReason,
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
@@ -252,15 +252,49 @@ impl Vm {
     }
 
     /// A handle to control the VM from other threads while [`Vm::run`] runs: add and remove
-    /// devices, read its info, subscribe to its events, shut it down. The control API server is
+    /// devices, read its info, subscribe to its events, press its power button, shut it down
+    /// (also [`QueuedHandler::force_power_off`]). The control API server is
     /// a thin layer over the same handle. Take handles before calling `run`.
     pub fn handle(&self) -> QueuedHandler {
         self.control
             .handler(self.events.clone(), QueueTimeouts::default())
     }
 
-    /// Runs the VM until the guest powers off or resets, or a vCPU fails.
+    /// Runs the VM until the guest powers off or resets, a vCPU fails, or a handle stops it.
+    ///
+    /// Every way out, an error included, ends the same way: vCPUs stopped, the terminal
+    /// restored, every passthrough device released (VF leases too), the console drained, then
+    /// `vm-shutdown` published with the reason (`error` for an error) and the event streams
+    /// ended, and last the control API stopped.
     pub fn run(mut self) -> Result<VmExit> {
+        let mut server = None;
+        let result = self.run_until_exit(&mut server);
+        // Devices that never reached the controller (it releases its own when it drops).
+        drop(self.devices.take_passthrough());
+        // The guest's last words reach the console unless its reader stalls.
+        if let Some(writer) = self.devices.take_console_writer() {
+            writer.finish(CONSOLE_DRAIN_TIMEOUT);
+        }
+        let reason = match &result {
+            Ok(exit) => ShutdownReason::from(*exit),
+            Err(e) => {
+                log::error!("the VM stops on an error: {}", rvmm_devices::error_chain(e));
+                ShutdownReason::Error
+            }
+        };
+        self.events
+            .publish(Event::now(EventKind::VmShutdown { reason }));
+        self.events.close();
+        // After the last event: open streams send it before they end.
+        if let Some(server) = server {
+            server.stop();
+        }
+        result
+    }
+
+    /// Everything of [`Vm::run`] up to the end of the event loop; the API server it starts is
+    /// left in `server` for `run` to stop last.
+    fn run_until_exit(&mut self, server: &mut Option<ApiServer>) -> Result<VmExit> {
         vcpu::install_kick_handler().map_err(|source| VmError::Io {
             what: "install the vCPU kick signal handler",
             source,
@@ -269,23 +303,24 @@ impl Vm {
         let vcpu_filter = Arc::new(ThreadFilter::new(ThreadKind::Vcpu, self.seccomp)?);
         let loop_filter = ThreadFilter::new(ThreadKind::EventLoop, self.seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
+        // Dropping the loop restores the terminal and drops the controller (pending API calls
+        // refused, devices released), on the error paths below too.
         let mut event_loop = EventLoop::new(self.exit.clone())?;
         if self.serial == SerialConfig::Stdio {
             if let Some(serial) = self.devices.serial() {
                 event_loop.add_stdin_console(serial)?;
             }
         }
-        let server = match &self.api_socket {
-            Some(path) => Some(ApiServer::start_with(
+        if let Some(path) = &self.api_socket {
+            *server = Some(ApiServer::start_with(
                 path,
                 Arc::new(self.handle()),
                 ServerConfig {
                     seccomp: self.seccomp,
                     ..ServerConfig::default()
                 },
-            )?),
-            None => None,
-        };
+            )?);
+        }
         self.add_controller(&mut event_loop)?;
         let handles = self.start_vcpus(&stop, &vcpu_filter)?;
         log::info!(
@@ -297,22 +332,9 @@ impl Vm {
         stop.store(true, Ordering::Release);
         handles.into_iter().for_each(VcpuHandle::join);
         event_loop.restore_terminal();
-        // Drops the controller: pending API calls are refused, devices released.
         drop(event_loop);
-        if let Some(server) = server {
-            server.stop();
-        }
-        // The guest's last words reach the console unless its reader stalls.
-        if let Some(writer) = self.devices.take_console_writer() {
-            writer.finish(CONSOLE_DRAIN_TIMEOUT);
-        }
         result?;
-        let exit = self.exit.requested().unwrap_or(VmExit::PowerOff);
-        self.events.publish(Event::now(EventKind::VmShutdown {
-            reason: exit.into(),
-        }));
-        self.events.close();
-        Ok(exit)
+        Ok(self.exit.requested().unwrap_or(VmExit::PowerOff))
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
@@ -329,7 +351,7 @@ impl Vm {
                 source,
             })?,
         );
-        let controller = Controller::new(
+        let mut controller = Controller::new(
             pci.segment.clone(),
             passthrough,
             pci.notifier.clone(),
@@ -338,6 +360,9 @@ impl Vm {
             queue,
             self.summary,
         );
+        if let Some(ged) = self.devices.ged() {
+            controller = controller.with_power_button(ged);
+        }
         event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
         Ok(())
     }
