@@ -24,7 +24,8 @@ use std::sync::Mutex;
 
 use rvmm::api::server::{dispatch as real_dispatch, json_body, route, Endpoint, Outcome};
 use rvmm::api::types::{
-    DeviceInfo, RemovalReason, RemoveDeviceResponse, RootPortUsage, ShutdownRequest, VmInfo,
+    DeviceInfo, PowerButtonRequest, RemovalReason, RemoveDeviceResponse, RootPortUsage,
+    ShutdownRequest, VmInfo,
 };
 use rvmm::api::{ApiError, ApiHandler, EventBus, RemoveDeviceRequest, Subscription};
 use rvmm::device::DeviceSpec;
@@ -240,6 +241,11 @@ fn dispatch(request: &Request) {
         Endpoint::Shutdown => {
             if !request.body.iter().all(u8::is_ascii_whitespace) {
                 decode::<ShutdownRequest>(&request.body);
+            }
+        }
+        Endpoint::PowerButton => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                decode::<PowerButtonRequest>(&request.body);
             }
         }
     }
