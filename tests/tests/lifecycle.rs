@@ -166,6 +166,18 @@ fn ctl_power_button_powers_off_a_guest_that_handles_it() {
 }
 
 #[test]
+fn guest_kernel_takes_the_power_button_and_ged_without_acpi_complaints() {
+    let run = output().section("button");
+    for key in ["acpi_errors", "acpi_warnings"] {
+        let count = run.expect_guest_u64(key);
+        run.check(
+            count == 0,
+            &format!("the guest kernel logged {count} {key}"),
+        );
+    }
+}
+
+#[test]
 fn sigterm_presses_the_power_button() {
     let run = output().section("sigterm");
     run.expect_host("signal");

@@ -275,12 +275,10 @@ impl Vm {
         if let Some(writer) = self.devices.take_console_writer() {
             writer.finish(CONSOLE_DRAIN_TIMEOUT);
         }
+        // The error itself is the caller's to report (`rvmm run` prints it on one line).
         let reason = match &result {
             Ok(exit) => ShutdownReason::from(*exit),
-            Err(e) => {
-                log::error!("the VM stops on an error: {}", rvmm_devices::error_chain(e));
-                ShutdownReason::Error
-            }
+            Err(_) => ShutdownReason::Error,
         };
         self.events
             .publish(Event::now(EventKind::VmShutdown { reason }));
