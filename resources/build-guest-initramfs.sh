@@ -8,7 +8,7 @@ set -euo pipefail
 # shellcheck source=resources/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-GUEST_MODULES=(nvme-core nvme igbvf)
+GUEST_MODULES=(nvme-core nvme igbvf button evdev)
 output="$IMAGES_DIR/guest-initramfs.cpio.gz"
 busybox="$(static_busybox)"
 

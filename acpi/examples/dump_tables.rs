@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use rvmm_acpi::{
-    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerManagement,
-    RootPort, SerialPort,
+    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
+    PowerManagement, RootPort, SerialPort,
 };
 
 fn machine(cpus: u8) -> MachineDescription {
@@ -51,6 +51,10 @@ fn machine(cpus: u8) -> MachineDescription {
         serial: Some(SerialPort {
             port: 0x3f8,
             irq: 4,
+        }),
+        power_button: Some(PowerButton {
+            event_port: 0x603,
+            irq: 5,
         }),
         legacy: LegacyDevices::default(),
     }

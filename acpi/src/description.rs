@@ -127,6 +127,18 @@ pub enum Error {
         /// The IRQ.
         irq: u8,
     },
+    /// The power button's IRQ is not a usable ISA IRQ.
+    #[error("power button IRQ {irq} is not an ISA IRQ in 1..=15 other than 2")]
+    PowerButtonIrq {
+        /// The IRQ.
+        irq: u8,
+    },
+    /// The power button's IRQ is the serial port's too.
+    #[error("power button IRQ {irq} is the serial port's IRQ: give the power button its own")]
+    PowerButtonIrqShared {
+        /// The IRQ.
+        irq: u8,
+    },
 }
 
 /// Result of validating a description.
@@ -148,6 +160,8 @@ pub struct MachineDescription {
     pub pm: PowerManagement,
     /// COM1, if the machine has one.
     pub serial: Option<SerialPort>,
+    /// The power button and the Generic Event Device that signals it, if the machine has one.
+    pub power_button: Option<PowerButton>,
     /// Legacy devices announced in the FADT boot architecture flags.
     pub legacy: LegacyDevices,
 }
@@ -256,6 +270,25 @@ pub struct SerialPort {
     pub irq: u8,
 }
 
+/// A control-method power button (`PNP0C0C`) signalled through a Generic Event Device
+/// (`ACPI0013`), the only way a hardware-reduced machine has to report one.
+///
+/// The machine raises `irq` (edge-triggered, active high) after setting a bit in the 8-bit
+/// event register at `event_port`; the GED's `_EVT` reads the register, which clears it, and
+/// for [`GED_EVENT_POWER_BUTTON`] notifies the power button device (0x80, "button pressed"),
+/// which the OS reports as a power key press.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PowerButton {
+    /// The GED's event register: one byte, read-to-clear, bit 0 = the power button.
+    pub event_port: u16,
+    /// ISA IRQ of the GED, identity-mapped to the GSI of the same number: 1..=15, not 2, not
+    /// the serial port's.
+    pub irq: u8,
+}
+
+/// Bit of the GED event register that means "the power button was pressed".
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+
 /// Legacy devices the FADT tells the guest about.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LegacyDevices {
@@ -281,6 +314,9 @@ impl MachineDescription {
         }
         if let Some(serial) = &self.serial {
             serial.validate()?;
+        }
+        if let Some(button) = &self.power_button {
+            button.validate(self.serial.as_ref())?;
         }
         Ok(())
     }
@@ -354,11 +390,28 @@ impl SerialPort {
         if self.port.checked_add(SERIAL_PORT_LEN - 1).is_none() {
             return Err(Error::SerialPortWraps { port: self.port });
         }
-        if self.irq == 0 || self.irq == 2 || self.irq > MAX_ISA_IRQ {
+        if !is_isa_irq(self.irq) {
             return Err(Error::SerialIrq { irq: self.irq });
         }
         Ok(())
     }
+}
+
+impl PowerButton {
+    fn validate(&self, serial: Option<&SerialPort>) -> Result<()> {
+        if !is_isa_irq(self.irq) {
+            return Err(Error::PowerButtonIrq { irq: self.irq });
+        }
+        if serial.is_some_and(|s| s.irq == self.irq) {
+            return Err(Error::PowerButtonIrqShared { irq: self.irq });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `irq` is an ISA IRQ a device may use: 1..=15, not 2 (GSI 2 receives ISA IRQ 0).
+fn is_isa_irq(irq: u8) -> bool {
+    irq != 0 && irq != 2 && irq <= MAX_ISA_IRQ
 }
 
 #[cfg(test)]
@@ -411,6 +464,10 @@ pub(crate) mod tests {
             serial: Some(SerialPort {
                 port: 0x3f8,
                 irq: 4,
+            }),
+            power_button: Some(PowerButton {
+                event_port: 0x603,
+                irq: 5,
             }),
             legacy: LegacyDevices::default(),
         }
@@ -644,5 +701,38 @@ pub(crate) mod tests {
             irq: 16,
         });
         assert_eq!(desc.validate(), Err(Error::SerialIrq { irq: 16 }));
+    }
+
+    #[test]
+    fn power_button_irq_out_of_range_is_rejected() {
+        for irq in [0, 2, 16] {
+            let mut desc = example();
+            desc.power_button = Some(PowerButton {
+                event_port: 0x603,
+                irq,
+            });
+            assert_eq!(desc.validate(), Err(Error::PowerButtonIrq { irq }), "{irq}");
+        }
+    }
+
+    #[test]
+    fn power_button_sharing_the_serial_irq_is_rejected() {
+        let mut desc = example();
+        desc.power_button = Some(PowerButton {
+            event_port: 0x603,
+            irq: 4,
+        });
+        assert_eq!(desc.validate(), Err(Error::PowerButtonIrqShared { irq: 4 }));
+    }
+
+    #[test]
+    fn power_button_on_the_serial_irq_is_accepted_without_serial() {
+        let mut desc = example();
+        desc.serial = None;
+        desc.power_button = Some(PowerButton {
+            event_port: 0x603,
+            irq: 4,
+        });
+        assert_eq!(desc.validate(), Ok(()));
     }
 }

@@ -8,18 +8,24 @@
 //!                  would make Linux's pci_slot claim the name for the port itself)
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
 //! \_SB.COM1        PNP0501 16550 UART, when the machine has one
+//! \_SB.PWRB        PNP0C0C control-method power button, when the machine has one
+//! \_SB.GED0        ACPI0013 Generic Event Device signalling the power button: an edge-triggered
+//!                  ISA interrupt, an 8-bit read-to-clear event register, `_EVT` notifying PWRB
 //! \_S5             soft-off sleep type
 //! ```
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else, Equal, If,
-    Interrupt, Memory32Fixed, Method, Name, NotEqual, Or, Package, Path, ResourceTemplate, Return,
-    Scope, Uuid, IO, ZERO,
+    AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Else, Equal,
+    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
+    Memory32Fixed, Method, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package, Path,
+    ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
-use crate::description::{MachineDescription, PciHostBridge, RootPort, SerialPort};
+use crate::description::{
+    MachineDescription, PciHostBridge, PowerButton, RootPort, SerialPort, GED_EVENT_POWER_BUTTON,
+};
 use crate::{oem_table_id, OEM_ID, OEM_REVISION};
 
 /// DSDT revision 2: AML integers are 64 bits wide.
@@ -216,6 +222,70 @@ fn serial_port(serial: &SerialPort) -> RawAml {
     serialise(&Device::new("COM1".into(), vec![&hid, &uid, &crs]))
 }
 
+/// Absolute path of the power button device, which the GED notifies.
+const POWER_BUTTON_PATH: &str = "\\_SB_.PWRB";
+/// Device-specific notification of a power button: "the button was pressed" (ACPI 6.5,
+/// table 5.187).
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// `\_SB.PWRB`, a control-method power button (ACPI 6.5, section 4.8.2.2.1.2): it has no
+/// registers of its own; the GED notifies it.
+fn power_button() -> RawAml {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+    let uid = Name::new("_UID".into(), &ZERO);
+    serialise(&Device::new("PWRB".into(), vec![&hid, &uid]))
+}
+
+/// `\_SB.GED0`, the Generic Event Device (ACPI 6.5, section 5.6.9) of the power button:
+///
+/// ```text
+/// Name (_HID, "ACPI0013")
+/// Name (_CRS, ResourceTemplate () { Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { irq } })
+/// OperationRegion (GEVR, SystemIO, event_port, 1)
+/// Field (GEVR, ByteAcc, NoLock, WriteAsZeros) { GEVT, 8 }
+/// Method (_EVT, 1, Serialized) {
+///     Local0 = GEVT                       // one read: the register clears on read
+///     If ((Local0 & 1) == 1) { Notify (\_SB.PWRB, 0x80) }
+/// }
+/// ```
+///
+/// The OS calls `_EVT` with the interrupt's GSI whenever the interrupt fires (Linux: the evged
+/// driver); the power button device then reports a power key press (Linux: the button driver).
+fn generic_event_device(button: &PowerButton) -> RawAml {
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &ZERO);
+    let irq = Interrupt::new(true, true, false, false, u32::from(button.irq));
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq]));
+    let region = OpRegion::new(
+        "GEVR".into(),
+        OpRegionSpace::SystemIO,
+        &button.event_port,
+        &ONE,
+    );
+    let field = Field::new(
+        "GEVR".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GEVT", 8)],
+    );
+
+    let events = Local(0);
+    let register = Path::new("GEVT");
+    let read_events = Store::new(&events, &register);
+    let button_bit = And::new(&ZERO, &events, &GED_EVENT_POWER_BUTTON);
+    let pressed = Equal::new(&button_bit, &GED_EVENT_POWER_BUTTON);
+    let button_path = Path::new(POWER_BUTTON_PATH);
+    let notify = Notify::new(&button_path, &NOTIFY_BUTTON_PRESSED);
+    let if_pressed = If::new(&pressed, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&read_events, &if_pressed]);
+
+    serialise(&Device::new(
+        "GED0".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    ))
+}
+
 /// `\_S5`: SLP_TYPa and SLP_TYPb for soft off.
 fn s5(sleep_type: u8) -> RawAml {
     serialise(&Name::new(
@@ -229,9 +299,17 @@ pub(crate) fn build(desc: &MachineDescription) -> Vec<u8> {
     let pci0 = pci_host_bridge(&desc.pci);
     let mres = motherboard_resources(&desc.pci);
     let com1 = desc.serial.as_ref().map(serial_port);
+    let button = desc
+        .power_button
+        .as_ref()
+        .map(|b| (power_button(), generic_event_device(b)));
     let mut devices: Vec<&dyn Aml> = vec![&pci0, &mres];
     if let Some(com1) = &com1 {
         devices.push(com1);
+    }
+    if let Some((pwrb, ged)) = &button {
+        devices.push(pwrb);
+        devices.push(ged);
     }
 
     let mut aml = Vec::new();
@@ -436,5 +514,65 @@ mod tests {
             0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
         ];
         assert!(contains(&dsdt, &s5));
+    }
+
+    const PNP0C0C: [u8; 4] = [0x41, 0xd0, 0x0c, 0x0c];
+
+    #[test]
+    fn power_button_is_a_control_method_button_device() {
+        let dsdt = build(&example());
+        assert!(contains(
+            &dsdt,
+            &[b"PWRB".as_slice(), &eisa_name(b"_HID", PNP0C0C)].concat()
+        ));
+    }
+
+    #[test]
+    fn ged_has_its_hid_and_an_edge_triggered_interrupt_on_its_irq() {
+        let dsdt = build(&example());
+        assert!(contains(
+            &dsdt,
+            &[name(b"_HID"), vec![0x0d], b"ACPI0013\0".to_vec()].concat()
+        ));
+        // Extended interrupt: consumer, edge, active high, exclusive, GSI 5.
+        assert!(contains(&dsdt, &[0x89, 0x06, 0x00, 0x03, 0x01, 5, 0, 0, 0]));
+    }
+
+    #[test]
+    fn ged_event_register_is_one_byte_of_system_io_at_the_event_port() {
+        let dsdt = build(&example());
+        // OperationRegion (GEVR, SystemIO, 0x0603, One).
+        assert!(contains(
+            &dsdt,
+            &[0x5b, 0x80, b'G', b'E', b'V', b'R', 0x01, 0x0b, 0x03, 0x06, 0x01]
+        ));
+        // Field (GEVR, ByteAcc, NoLock, WriteAsZeros) { GEVT, 8 }.
+        assert!(contains(
+            &dsdt,
+            &[0x5b, 0x81, 0x0b, b'G', b'E', b'V', b'R', 0x41, b'G', b'E', b'V', b'T', 8]
+        ));
+    }
+
+    #[test]
+    fn ged_evt_reads_the_register_once_and_notifies_the_power_button() {
+        let dsdt = build(&example());
+        let evt = [
+            0x14, 0x21, b'_', b'E', b'V', b'T', 0x09, // Method (_EVT, 1, Serialized)
+            0x70, b'G', b'E', b'V', b'T', 0x60, // Local0 = GEVT
+            0xa0, 0x14, 0x93, 0x7b, 0x60, 0x01, 0x00, 0x01, // If ((Local0 & 1) == 1)
+            0x86, 0x5c, 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a,
+            0x80, // Notify (\_SB.PWRB, 0x80)
+        ];
+        assert!(contains(&dsdt, &evt));
+    }
+
+    #[test]
+    fn power_button_and_ged_are_absent_without_a_power_button() {
+        let mut desc = example();
+        desc.power_button = None;
+        let dsdt = build(&desc);
+        assert!(!contains(&dsdt, b"PWRB"));
+        assert!(!contains(&dsdt, b"GED0"));
+        assert!(!contains(&dsdt, b"ACPI0013"));
     }
 }

@@ -49,10 +49,16 @@ fn boot_arch_flags(desc: &MachineDescription) -> u16 {
 
 /// Builds the FADT pointing at the DSDT at `dsdt_address`.
 pub(crate) fn build(desc: &MachineDescription, dsdt_address: u64) -> Vec<u8> {
+    // No fixed-feature buttons: the power button, when there is one, is a control-method
+    // device in the DSDT (a hardware-reduced machine has no fixed events), and there is no
+    // sleep button. Without these flags Linux adds fixed power and sleep button devices that
+    // never fire.
     let mut fadt = FADTBuilder::new(OEM_ID, oem_table_id(b"FACP"), OEM_REVISION)
         .dsdt_64(dsdt_address)
         .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup);
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
     fadt.iapc_boot_arch = boot_arch_flags(desc).into();
     fadt.reset_reg = io_port_register(desc.pm.reset_port);
     fadt.reset_value = desc.pm.reset_value;
@@ -88,6 +94,8 @@ mod tests {
     /// through `_OSC` only when MSI is usable.
     const BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 
+    const FLAG_PWR_BUTTON: u32 = 1 << 4;
+    const FLAG_SLP_BUTTON: u32 = 1 << 5;
     const FLAG_RESET_REG_SUP: u32 = 1 << 10;
     const FLAG_HW_REDUCED_ACPI: u32 = 1 << 20;
 
@@ -116,9 +124,12 @@ mod tests {
     }
 
     #[test]
-    fn fadt_flags_are_hw_reduced_with_reset_register() {
+    fn fadt_flags_are_hw_reduced_with_reset_register_and_no_fixed_buttons() {
         let flags = read_u32(&fadt(), FLAGS);
-        assert_eq!(flags, FLAG_HW_REDUCED_ACPI | FLAG_RESET_REG_SUP);
+        assert_eq!(
+            flags,
+            FLAG_HW_REDUCED_ACPI | FLAG_RESET_REG_SUP | FLAG_PWR_BUTTON | FLAG_SLP_BUTTON
+        );
     }
 
     #[test]

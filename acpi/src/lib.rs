@@ -15,6 +15,10 @@
 //! base: RSDP | XSDT | FADT | MADT | MCFG | DSDT
 //! ```
 //!
+//! A [`PowerButton`] in the description adds a control-method power button (`PNP0C0C`) and the
+//! Generic Event Device (`ACPI0013`) whose interrupt and event register signal it; the FADT
+//! never announces fixed-feature buttons.
+//!
 //! Limitations: xAPIC only (at most 255 vCPUs), one I/O APIC, one PCI segment with one host
 //! bridge, no host-bridge I/O port window for devices, no `_PRT` (devices must use MSI/MSI-X),
 //! no FACS (hardware-reduced ACPI without waking vectors), S5 is the only sleep state.
@@ -31,8 +35,8 @@ use acpi_tables::Aml;
 
 pub use description::{
     Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow,
-    PciHostBridge, PowerManagement, RootPort, SerialPort, ECAM_BYTES_PER_BUS, MAX_SLEEP_TYPE,
-    MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
+    PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort, ECAM_BYTES_PER_BUS,
+    GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
 };
 
 /// OEM id of every table.

@@ -8,11 +8,13 @@
 //! | 16550A UART | [`serial`] | 8 from the COM base (0x3f8) |
 //! | i8042 (reset line only) | [`i8042`] | 0x60..0x65 |
 //! | ACPI hardware-reduced PM registers | [`acpi_pm`] | 3 from the PM base (0x600) |
+//! | ACPI Generic Event Device event register (power button) | [`ged`] | 1 after the PM block (0x603) |
 //! | MC146818 RTC / CMOS | [`cmos`] | 0x70..0x72 |
 
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod ged;
 pub mod host;
 pub mod i8042;
 pub mod report;
@@ -23,6 +25,7 @@ pub mod throttle;
 pub use acpi_pm::AcpiPm;
 pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
 pub use cmos::Cmos;
+pub use ged::Ged;
 pub use i8042::I8042;
 pub use report::error_chain;
 pub use serial::Serial;

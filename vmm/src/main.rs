@@ -1,7 +1,11 @@
 //! The `rvmm` command: a thin layer that turns arguments into a [`rvmm::VmConfig`] and runs it.
 
+mod signals;
+
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use rvmm::device::{DeviceSource, DeviceSpec};
@@ -10,8 +14,15 @@ use rvmm::observe::EventLogTarget;
 use rvmm::vm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_CPUS, MAX_ROOT_PORTS};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
+use crate::signals::{Policy, ShutdownSignals};
+
 /// Exit code of an rvmm error outside the guest (bad input, host not ready).
 const EXIT_ERROR: u8 = 1;
+/// How long the guest gets to power off after SIGTERM or SIGINT pressed its power button,
+/// unless `--shutdown-timeout-ms` says otherwise.
+const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+/// Longest `--shutdown-timeout-ms`: an hour.
+const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 3_600_000;
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a VM and run it until the guest powers off (exit 0), resets (exit 3) or crashes (4).
+    /// Boot a VM and run it until the guest powers off (exit 0), resets (exit 3) or crashes (4),
+    /// or rvmm powers it off on a signal (exit 5). SIGTERM presses the ACPI power button, and so
+    /// does SIGINT unless the console is an interactive terminal (there Ctrl-C powers off at
+    /// once); a guest still running --shutdown-timeout-ms later is powered off, and a second
+    /// signal powers it off at once.
     Run(RunArgs),
     /// Control a running VM through its API socket (exit 1 when the call fails).
     Ctl(rvmm::api::ctl::CtlArgs),
@@ -83,6 +98,15 @@ struct RunArgs {
     /// Append rvmm's log to PATH instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// After SIGTERM (or SIGINT) pressed the power button, how long the guest gets to power off
+    /// before rvmm powers it off (1 to 3600000).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_SHUTDOWN_TIMEOUT_MS)
+    )]
+    shutdown_timeout_ms: u64,
 }
 
 /// `--vf`: the `pf=` form of a device argument (a bare PF first stands for `pf=PF`).
@@ -125,6 +149,42 @@ fn report(err: &dyn std::error::Error) {
     eprintln!("rvmm: error: {}", rvmm_devices::error_chain(err));
 }
 
+/// `rvmm run`: builds and runs the VM with SIGTERM and SIGINT handled by the signal thread
+/// (see [`signals`]); returns the exit code.
+fn run(config: &VmConfig, shutdown_timeout: Duration) -> u8 {
+    // Before any thread starts (Vm::new starts the console writer), so that every thread
+    // inherits the mask and only the signal thread sees these signals.
+    if let Err(e) = signals::block() {
+        report(&e);
+        return EXIT_ERROR;
+    }
+    let vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let interactive = config.serial == SerialConfig::Stdio && std::io::stdin().is_terminal();
+    let policy = Policy::new(interactive, shutdown_timeout);
+    let watcher = match ShutdownSignals::start(vm.handle(), policy, config.seccomp) {
+        Ok(watcher) => watcher,
+        Err(e) => {
+            report(&e);
+            return EXIT_ERROR;
+        }
+    };
+    let result = vm.run();
+    watcher.stop();
+    match result {
+        Ok(exit) => u8::try_from(exit.exit_code()).unwrap_or(EXIT_ERROR),
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (level, file) = match &cli.command {
@@ -138,14 +198,9 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(args) => {
+            let shutdown_timeout = Duration::from_millis(args.shutdown_timeout_ms);
             let config = VmConfig::from(args);
-            match Vm::new(&config).and_then(Vm::run) {
-                Ok(exit) => ExitCode::from(exit.exit_code() as u8),
-                Err(e) => {
-                    report(&e);
-                    ExitCode::from(EXIT_ERROR)
-                }
-            }
+            ExitCode::from(run(&config, shutdown_timeout))
         }
         Command::Ctl(args) => match rvmm::api::ctl::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -211,6 +266,41 @@ mod tests {
 
             assert_eq!(err.exit_code(), 2, "{args:?}");
             assert!(err.to_string().contains(args[1]), "{args:?}: {err}");
+        }
+    }
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(
+            ["rvmm", "run", "--kernel", "/k"]
+                .into_iter()
+                .chain(extra.iter().copied()),
+        )?;
+        match cli.command {
+            Command::Run(args) => Ok(args),
+            Command::Ctl(_) => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn shutdown_timeout_defaults_to_30_seconds() {
+        assert_eq!(run_args(&[]).expect("valid").shutdown_timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn shutdown_timeout_is_taken_in_milliseconds() {
+        let args = run_args(&["--shutdown-timeout-ms", "3000"]).expect("valid");
+
+        assert_eq!(args.shutdown_timeout_ms, 3000);
+    }
+
+    #[test]
+    fn shutdown_timeout_out_of_range_is_a_usage_error() {
+        for value in ["0", "3600001", "-1", "soon"] {
+            let err = run_args(&["--shutdown-timeout-ms", value])
+                .err()
+                .unwrap_or_else(|| panic!("{value} accepted"));
+
+            assert_eq!(err.exit_code(), 2, "{value}");
         }
     }
 

@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use rvmm::api::server::{dispatch as real_dispatch, json_body, route, Endpoint, Outcome};
 use rvmm::api::types::{
     DeviceInfo, EmptyRequest, RemovalReason, RemoveDeviceResponse, RootPortUsage,
+    DeviceInfo, PowerButtonRequest, RemovalReason, RemoveDeviceResponse, RootPortUsage,
     ShutdownRequest, VmInfo,
 };
 use rvmm::api::{ApiError, ApiHandler, EventBus, RemoveDeviceRequest, Subscription};
@@ -179,6 +180,10 @@ impl ApiHandler for Recorder {
 
     fn resume(&self) -> Result<(), ApiError> {
         self.record("resume");
+    }
+
+    fn power_button(&self) -> Result<(), ApiError> {
+        self.record("power-button");
         Ok(())
     }
 
@@ -214,6 +219,7 @@ fn real(request: &Request) {
         Ok(Endpoint::AddDevice) => "add",
         Ok(Endpoint::RemoveDevice) => "remove",
         Ok(Endpoint::Shutdown) => "shutdown",
+        Ok(Endpoint::PowerButton) => "power-button",
         Ok(Endpoint::Events) => "events",
         Ok(Endpoint::Counters) => "counters",
         Ok(Endpoint::Pause) => "pause",
@@ -273,6 +279,9 @@ fn dispatch(request: &Request) {
         Endpoint::Pause | Endpoint::Resume => {
             if !request.body.iter().all(u8::is_ascii_whitespace) {
                 decode::<EmptyRequest>(&request.body);
+        Endpoint::PowerButton => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                decode::<PowerButtonRequest>(&request.body);
             }
         }
     }

@@ -14,8 +14,8 @@ use thiserror::Error;
 use crate::api::error::ErrorBody;
 use crate::api::fd_passing::write_with_fds;
 use crate::api::server::{
-    ADD_DEVICE_PATH, COUNTERS_PATH, EVENTS_PATH, INFO_PATH, PAUSE_PATH, REMOVE_DEVICE_PATH,
-    RESUME_PATH, SHUTDOWN_PATH,
+    ADD_DEVICE_PATH, COUNTERS_PATH, EVENTS_PATH, INFO_PATH, PAUSE_PATH, POWER_BUTTON_PATH,
+    REMOVE_DEVICE_PATH, RESUME_PATH, SHUTDOWN_PATH,
 };
 use crate::api::types::{DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::device::DeviceSpec;
@@ -309,6 +309,12 @@ impl ApiClient {
     /// `PUT /v1/vm/resume`.
     pub fn resume(&self) -> Result<(), ClientError> {
         self.call("PUT", RESUME_PATH, None, self.timeout).map(drop)
+    }
+
+    /// `PUT /v1/vm/power-button`: returns once the button is pressed.
+    pub fn power_button(&self) -> Result<(), ClientError> {
+        self.call("PUT", POWER_BUTTON_PATH, None, self.timeout)
+            .map(drop)
     }
 
     /// `GET /v1/events`: a reader of the stream, which blocks until events come.

@@ -70,6 +70,9 @@ pub enum CtlCommand {
     Pause,
     /// Resume a paused VM.
     Resume,
+    /// Press the VM's ACPI power button (returns once it is pressed; the guest then shuts down
+    /// the way it was configured to).
+    PowerButton,
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
@@ -131,6 +134,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Counters => print_json(&client.counters_raw()?.body),
         CtlCommand::Pause => client.pause(),
         CtlCommand::Resume => client.resume(),
+        CtlCommand::PowerButton => client.power_button(),
     }
 }
 
@@ -247,6 +251,12 @@ mod tests {
         let resume = parse(&["--api-socket", "/tmp/s", "resume"]).expect("valid");
         assert!(matches!(pause.command, CtlCommand::Pause));
         assert!(matches!(resume.command, CtlCommand::Resume));
+    }
+
+    #[test]
+    fn power_button_is_a_verb() {
+        let args = parse(&["--api-socket", "/tmp/s", "power-button"]).expect("valid");
+        assert!(matches!(args.command, CtlCommand::PowerButton));
     }
 
     #[test]

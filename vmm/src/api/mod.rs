@@ -8,6 +8,7 @@
 //! | `PUT /v1/vm/shutdown` | none or `{}` | 204 |
 //! | `PUT /v1/vm/pause` | none or `{}` | 204, once every vCPU is parked |
 //! | `PUT /v1/vm/resume` | none or `{}` | 204 |
+//! | `PUT /v1/vm/power-button` | none or `{}` | 204, once the ACPI power button is pressed |
 //! | `GET /v1/events` | – | a stream of [`Event`] JSON lines |
 //! | `GET /v1/vm/counters` | – | [`Counters`] |
 //!
@@ -77,6 +78,9 @@ pub trait ApiHandler: Send + Sync {
     fn pause(&self) -> Result<(), ApiError>;
     /// Resumes a paused VM. Resuming a running VM succeeds and changes nothing.
     fn resume(&self) -> Result<(), ApiError>;
+    /// Presses the VM's ACPI power button; returns once it is pressed. The guest then shuts
+    /// down the way it was configured to (or not at all).
+    fn power_button(&self) -> Result<(), ApiError>;
     /// A stream of every event from now on; it ends when the VM ends.
     fn subscribe(&self) -> Subscription;
     /// What the VM has done since it started (exits, interrupts, hotplug operations, memory).

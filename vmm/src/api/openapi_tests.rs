@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::server::ROUTES;
 use crate::api::types::{
-    DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse,
-    RootPortUsage, ShutdownReason, VfInfo, VmInfo,
+    DeviceInfo, Event, EventKind, PowerButtonRequest, RemovalReason, RemoveDeviceRequest,
+    RemoveDeviceResponse, RootPortUsage, ShutdownReason, ShutdownRequest, VfInfo, VmInfo,
 };
 use crate::device::DeviceId;
 use crate::device::{DeviceSpec, DeviceState};
@@ -370,6 +370,38 @@ fn every_event_kind_matches_the_event_schema() {
 }
 
 #[test]
+fn vm_shutdown_with_every_reason_matches_the_event_schema() {
+    let v = Validator::new();
+    for reason in [
+        ShutdownReason::PowerOff,
+        ShutdownReason::Reset,
+        ShutdownReason::Crash,
+        ShutdownReason::ShutdownTimeout,
+        ShutdownReason::Signal,
+        ShutdownReason::Error,
+    ] {
+        let event = Event::now(EventKind::VmShutdown { reason });
+        v.validate("Event", &event)
+            .unwrap_or_else(|e| panic!("{reason:?}: {e}"));
+    }
+}
+
+#[test]
+fn documented_shutdown_reasons_are_the_types_reasons() {
+    let spec = spec();
+    let documented: Vec<String> = spec["components"]["schemas"]["ShutdownReason"]["enum"]
+        .as_array()
+        .expect("enum")
+        .iter()
+        .map(|v| v.as_str().expect("string").to_owned())
+        .collect();
+    for name in &documented {
+        serde_json::from_value::<ShutdownReason>(Value::String(name.clone()))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
 fn error_bodies_match_the_error_schema() {
     let v = Validator::new();
     for err in [
@@ -400,6 +432,10 @@ fn requests_the_types_send_match_their_schemas() {
         timeout_ms: 100,
     };
     v.validate("RemoveDeviceRequest", &remove).expect("valid");
+    v.validate("ShutdownRequest", &ShutdownRequest {})
+        .expect("valid");
+    v.validate("PowerButtonRequest", &PowerButtonRequest {})
+        .expect("valid");
 }
 
 fn request_examples(spec: &Value, path: &str) -> Vec<Value> {

@@ -23,6 +23,7 @@ use crate::api::types::{DeviceInfo, RemoveDeviceRequest, RemoveDeviceResponse, V
 use crate::api::ApiHandler;
 use crate::device::DeviceSpec;
 use crate::observe::Counters;
+use crate::vm::exit::ForcedPowerOff;
 
 /// How long a [`QueuedHandler`] waits for the event loop's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +36,7 @@ pub struct QueueTimeouts {
     pub add: Duration,
     /// For remove-device: added to the request's own `timeout_ms`, which the VMM escalates at.
     pub remove_margin: Duration,
-    /// For shutdown.
+    /// For shutdown, the power button and a forced power-off (all answered at once).
     pub shutdown: Duration,
     /// For pause and resume: a pause waits for every vCPU to stop
     /// ([`crate::vm::pause::PAUSE_DEADLINE`]).
@@ -101,6 +102,11 @@ pub enum PendingRequest {
     Pause(Responder<()>),
     /// `PUT /v1/vm/resume`: answer once the vCPUs may run again.
     Resume(Responder<()>),
+    /// `PUT /v1/vm/power-button`: answer once the button has been pressed (not when the guest
+    /// is off).
+    PowerButton(Responder<()>),
+    /// [`QueuedHandler::force_power_off`]: answer once the power-off is under way.
+    ForcePowerOff(ForcedPowerOff, Responder<()>),
 }
 
 impl PendingRequest {
@@ -114,6 +120,8 @@ impl PendingRequest {
             PendingRequest::Counters(_) => "counters",
             PendingRequest::Pause(_) => "pause",
             PendingRequest::Resume(_) => "resume",
+            PendingRequest::PowerButton(_) => "power-button",
+            PendingRequest::ForcePowerOff(..) => "force-power-off",
         }
     }
 
@@ -128,6 +136,8 @@ impl PendingRequest {
             PendingRequest::Counters(r) => r.reply(Err(err)),
             PendingRequest::Pause(r) => r.reply(Err(err)),
             PendingRequest::Resume(r) => r.reply(Err(err)),
+            PendingRequest::PowerButton(r) => r.reply(Err(err)),
+            PendingRequest::ForcePowerOff(_, r) => r.reply(Err(err)),
         }
     }
 }
@@ -255,6 +265,19 @@ impl QueuedHandler {
     }
 }
 
+impl QueuedHandler {
+    /// Powers the VM off at once, without the guest's shutdown, for `why` (the VM ends with
+    /// [`crate::VmExit::ShutdownTimeout`] or [`crate::VmExit::Signal`] and its `vm-shutdown`
+    /// event says so); returns once the power-off is under way. Not part of the control API:
+    /// it is how the VM's owner (e.g. `rvmm run` on a signal) ends a guest that does not power
+    /// off when asked.
+    pub fn force_power_off(&self, why: ForcedPowerOff) -> Result<(), ApiError> {
+        self.call("force-power-off", self.timeouts.shutdown, |r| {
+            PendingRequest::ForcePowerOff(why, r)
+        })
+    }
+}
+
 impl ApiHandler for QueuedHandler {
     fn info(&self) -> Result<VmInfo, ApiError> {
         self.call("info", self.timeouts.info, PendingRequest::Info)
@@ -294,6 +317,14 @@ impl ApiHandler for QueuedHandler {
 
     fn resume(&self) -> Result<(), ApiError> {
         self.call("resume", self.timeouts.pause, PendingRequest::Resume)
+    }
+
+    fn power_button(&self) -> Result<(), ApiError> {
+        self.call(
+            "power-button",
+            self.timeouts.shutdown,
+            PendingRequest::PowerButton,
+        )
     }
 
     fn subscribe(&self) -> Subscription {
@@ -527,6 +558,31 @@ mod tests {
             client.join().expect("client thread"),
             Err(ApiError::Conflict("refused".into()))
         );
+    }
+
+    #[test]
+    fn power_button_is_answered_by_the_event_loop() {
+        let (queue, handler) = setup();
+        let client = thread::spawn(move || handler.power_button());
+        serve_once(&queue, |p| match p {
+            PendingRequest::PowerButton(r) => assert!(r.reply(Ok(()))),
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(()));
+    }
+
+    #[test]
+    fn forced_power_off_carries_its_reason_to_the_event_loop() {
+        let (queue, handler) = setup();
+        let client =
+            thread::spawn(move || handler.force_power_off(ForcedPowerOff::ShutdownTimeout));
+        serve_once(&queue, |p| match p {
+            PendingRequest::ForcePowerOff(ForcedPowerOff::ShutdownTimeout, r) => {
+                assert!(r.reply(Ok(())))
+            }
+            other => panic!("unexpected {}", other.name()),
+        });
+        assert_eq!(client.join().expect("client thread"), Ok(()));
     }
 
     #[test]

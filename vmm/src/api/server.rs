@@ -21,7 +21,7 @@ use crate::api::error::ApiError;
 use crate::api::events::{Received, Subscription};
 use crate::api::fd_passing::{FdReceivingStream, MAX_REQUEST_FDS};
 use crate::api::http::{self, Limits, LineStream, Request, Response};
-use crate::api::types::{EmptyRequest, RemoveDeviceRequest, ShutdownRequest};
+use crate::api::types::{EmptyRequest, PowerButtonRequest, RemoveDeviceRequest, ShutdownRequest};
 use crate::api::ApiHandler;
 use crate::device::DeviceSpec;
 use crate::device::GroupFd;
@@ -39,6 +39,8 @@ pub const SHUTDOWN_PATH: &str = "/v1/vm/shutdown";
 pub const PAUSE_PATH: &str = "/v1/vm/pause";
 /// `PUT`: resume the VM.
 pub const RESUME_PATH: &str = "/v1/vm/resume";
+/// `PUT`: press the ACPI power button.
+pub const POWER_BUTTON_PATH: &str = "/v1/vm/power-button";
 /// `GET`: the event stream.
 pub const EVENTS_PATH: &str = "/v1/events";
 /// `GET`: exits, interrupts, hotplug operations, memory, uptime.
@@ -46,7 +48,6 @@ pub const COUNTERS_PATH: &str = "/v1/vm/counters";
 
 /// How often an idle events stream checks whether its client left or the server stops.
 const STREAM_TICK: Duration = Duration::from_millis(250);
-/// Write timeout of the refusal sent when there are too many connections.
 /// How long a connection thread drains unread request bytes before closing.
 const CLOSE_DRAIN: Duration = Duration::from_millis(200);
 /// Most unread bytes drained before closing.
@@ -65,6 +66,8 @@ pub enum Endpoint {
     RemoveDevice,
     /// `PUT /v1/vm/shutdown`.
     Shutdown,
+    /// `PUT /v1/vm/power-button`.
+    PowerButton,
     /// `GET /v1/events`.
     Events,
     /// `GET /v1/vm/counters`.
@@ -76,11 +79,12 @@ pub enum Endpoint {
 }
 
 /// Every endpoint with its path and method.
-pub const ROUTES: [(&str, &str, Endpoint); 8] = [
+pub const ROUTES: [(&str, &str, Endpoint); 9] = [
     (INFO_PATH, "GET", Endpoint::Info),
     (ADD_DEVICE_PATH, "PUT", Endpoint::AddDevice),
     (REMOVE_DEVICE_PATH, "PUT", Endpoint::RemoveDevice),
     (SHUTDOWN_PATH, "PUT", Endpoint::Shutdown),
+    (POWER_BUTTON_PATH, "PUT", Endpoint::PowerButton),
     (EVENTS_PATH, "GET", Endpoint::Events),
     (COUNTERS_PATH, "GET", Endpoint::Counters),
     (PAUSE_PATH, "PUT", Endpoint::Pause),
@@ -688,6 +692,12 @@ pub fn dispatch(
             }
             reply(handler.shutdown().map(|()| Response::no_content()))
         }
+        Endpoint::PowerButton => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                json_body::<PowerButtonRequest>(&request.body)?;
+            }
+            reply(handler.power_button().map(|()| Response::no_content()))
+        }
         Endpoint::Events => {
             no_body(request)?;
             Ok(Outcome::Stream(handler.subscribe()))
@@ -720,14 +730,20 @@ fn stream_events(
 ) -> io::Result<()> {
     let mut out = LineStream::start(stream, http11)?;
     loop {
-        if shared.stopping.load(Ordering::Acquire) {
-            break;
-        }
-        match subscription.recv_timeout(STREAM_TICK) {
+        // Once the server stops, the events already published are still sent (the VM's last,
+        // `vm-shutdown`, is published before the server stops), then the stream ends.
+        let stopping = shared.stopping.load(Ordering::Acquire);
+        let wait = if stopping {
+            Duration::ZERO
+        } else {
+            STREAM_TICK
+        };
+        match subscription.recv_timeout(wait) {
             Received::Event(event) => {
                 let line = serde_json::to_vec(&event).map_err(io::Error::other)?;
                 out.send_line(&line)?;
             }
+            Received::Idle if stopping => break,
             Received::Idle => {
                 if peer_gone(stream) {
                     return Ok(());

@@ -42,6 +42,8 @@ struct FakeVmm {
     client_gone: Mutex<Option<bool>>,
     /// Paused through the API.
     paused: Mutex<bool>,
+    /// How often the power button was pressed.
+    presses: Mutex<u32>,
 }
 
 fn bdf(s: &str) -> Bdf {
@@ -65,6 +67,7 @@ impl FakeVmm {
             group: Mutex::new(None),
             client_gone: Mutex::new(None),
             paused: Mutex::new(false),
+            presses: Mutex::new(0),
         })
     }
 
@@ -205,6 +208,11 @@ impl ApiHandler for FakeVmm {
             *paused = false;
             self.bus.publish(Event::now(EventKind::VmResumed));
         }
+        Ok(())
+    }
+
+    fn power_button(&self) -> Result<(), ApiError> {
+        *self.presses.lock().expect("not poisoned") += 1;
         Ok(())
     }
 
@@ -623,6 +631,32 @@ fn queued_handler_carries_a_refused_pause_to_the_client_as_409() {
     }
 }
 
+#[test]
+fn power_button_answers_204_and_presses_once() {
+    let s = start();
+    let (status, text) = put(&s.path, "/v1/vm/power-button", "");
+    assert_eq!(status, 204);
+    assert!(text.ends_with("\r\n\r\n"), "{text}");
+    s.client().power_button().expect("pressed");
+    assert_eq!(*s.vmm.presses.lock().expect("not poisoned"), 2);
+}
+
+#[test]
+fn power_button_takes_an_empty_object_only() {
+    let s = start();
+    let (ok, _) = put(&s.path, "/v1/vm/power-button", "{}");
+    let (bad, _) = put(&s.path, "/v1/vm/power-button", r#"{"hold_ms":5000}"#);
+    assert_eq!((ok, bad), (204, 400));
+    assert_eq!(*s.vmm.presses.lock().expect("not poisoned"), 1);
+}
+
+#[test]
+fn power_button_answers_405_to_get() {
+    let s = start();
+    let (status, text) = raw(&s.path, b"GET /v1/vm/power-button HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 405, "{text}");
+}
+
 /// Waits until the fake VMM's bus has `n` subscribers.
 fn wait_for_subscribers(vmm: &FakeVmm, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -653,6 +687,27 @@ fn events_stream_ends_properly_when_the_server_stops() {
     let mut stream = s.client().events().expect("stream");
     wait_for_subscribers(&s.vmm, 1);
     s.server.stop();
+    assert!(stream.next_line().expect("proper end").is_none());
+}
+
+#[test]
+fn events_published_just_before_the_server_stops_are_still_sent() {
+    let s = start();
+    let mut stream = s.client().events().expect("stream");
+    wait_for_subscribers(&s.vmm, 1);
+    s.vmm.bus.publish(Event::now(EventKind::VmShutdown {
+        reason: ShutdownReason::Signal,
+    }));
+
+    s.server.stop();
+
+    let last = stream.next_event().expect("read").expect("an event");
+    assert_eq!(
+        last.kind,
+        EventKind::VmShutdown {
+            reason: ShutdownReason::Signal
+        }
+    );
     assert!(stream.next_line().expect("proper end").is_none());
 }
 

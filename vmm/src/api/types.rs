@@ -221,6 +221,10 @@ pub struct ShutdownRequest {}
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmptyRequest {}
+/// `PUT /v1/vm/power-button`: takes no fields (an empty body or `{}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerButtonRequest {}
 
 /// A passthrough device: the answer of add-device and an entry of info.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,6 +357,14 @@ pub enum ShutdownReason {
     Reset,
     /// A vCPU failed.
     Crash,
+    /// The guest did not power off within the shutdown timeout after its power button was
+    /// pressed (`rvmm run` on SIGTERM or SIGINT), and rvmm powered it off.
+    ShutdownTimeout,
+    /// rvmm powered the guest off at once on a signal (a second SIGTERM or SIGINT, or Ctrl-C on
+    /// an interactive console).
+    Signal,
+    /// rvmm stopped the VM because of an error of its own (its event loop failed).
+    Error,
 }
 
 impl From<VmExit> for ShutdownReason {
@@ -361,6 +373,8 @@ impl From<VmExit> for ShutdownReason {
             VmExit::PowerOff => ShutdownReason::PowerOff,
             VmExit::Reset => ShutdownReason::Reset,
             VmExit::Crash => ShutdownReason::Crash,
+            VmExit::ShutdownTimeout => ShutdownReason::ShutdownTimeout,
+            VmExit::Signal => ShutdownReason::Signal,
         }
     }
 }

@@ -12,10 +12,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use rvmm_devices::ged::Ged;
 use rvmm_pci::{PciSegment, SlotState};
 use rvmm_vfio::sriov::SriovError;
 use vmm_sys_util::epoll::EventSet;
@@ -114,6 +115,8 @@ pub struct Controller {
     events: Arc<EventBus>,
     queue: Option<ApiRequestQueue>,
     summary: VmSummary,
+    /// The ACPI Generic Event Device whose power button `power-button` presses.
+    power_button: Option<Arc<Mutex<Ged>>>,
     ops: BTreeMap<DeviceId, Op>,
     timer: Option<TimerFd>,
     timer_armed: bool,
@@ -167,6 +170,7 @@ impl Controller {
             events,
             queue: Some(queue),
             summary,
+            power_button: None,
             ops: BTreeMap::new(),
             timer,
             timer_armed: false,
@@ -279,6 +283,28 @@ impl Controller {
             .map_or(Ok(()), |p| p.refuse_while_paused(what))
     }
 
+    /// Gives the controller the VM's power button (the GED that signals it to the guest).
+    pub fn with_power_button(mut self, ged: Arc<Mutex<Ged>>) -> Self {
+        self.power_button = Some(ged);
+        self
+    }
+
+    /// Presses the power button: the GED latches the event and interrupts the guest.
+    fn press_power_button(&self) -> Result<(), ApiError> {
+        let ged = self
+            .power_button
+            .as_ref()
+            .ok_or_else(|| ApiError::Conflict("this VM has no power button".into()))?;
+        ged.locked().press_power_button().map_err(|e| {
+            ApiError::Internal(format!(
+                "cannot raise the power button's interrupt (GSI {}): {e}",
+                crate::machine::layout::GED_IRQ
+            ))
+        })?;
+        log::info!("power button pressed");
+        Ok(())
+    }
+
     /// Everything the guest would see in `info` for device `d`.
     fn device_info(&self, d: &AttachedDevice) -> DeviceInfo {
         let port = self.segment.ports().get(d.port).map(|p| p.address);
@@ -345,6 +371,14 @@ impl Controller {
             }
             PendingRequest::Resume(r) => {
                 r.reply(self.resume_vm());
+            }
+            PendingRequest::PowerButton(r) => {
+                r.reply(self.press_power_button());
+            }
+            PendingRequest::ForcePowerOff(why, r) => {
+                log::info!("powering the guest off without its shutdown: {why:?}");
+                self.exit.request(why.into());
+                r.reply(Ok(()));
             }
         }
         self.advance(ops);

@@ -1,8 +1,8 @@
 //! Describes the machine to `rvmm-acpi` and writes the tables into guest memory.
 
 use rvmm_acpi::{
-    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerManagement,
-    RootPort, SerialPort,
+    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
+    PowerManagement, RootPort, SerialPort,
 };
 use rvmm_devices::acpi_pm::{
     RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, SLEEP_TYPE_S5,
@@ -88,6 +88,10 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
         serial: machine.serial.then_some(SerialPort {
             port: layout::SERIAL_PORT as u16,
             irq: layout::SERIAL_IRQ as u8,
+        }),
+        power_button: Some(PowerButton {
+            event_port: layout::GED_PORT as u16,
+            irq: layout::GED_IRQ as u8,
         }),
         legacy: LegacyDevices {
             cmos_rtc: true,

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use rvmm_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_COUNT};
 use rvmm_devices::cmos::{Cmos, CMOS_PORT_COUNT};
+use rvmm_devices::ged::{Ged, GED_PORT_COUNT};
 use rvmm_devices::i8042::{I8042, I8042_PORT_COUNT};
 use rvmm_devices::serial::{Serial, SERIAL_PORT_COUNT};
 use rvmm_devices::{Bus, BusError, Interrupt, SharedBusDevice, VmEvents};
@@ -77,6 +78,7 @@ pub type Result<T> = std::result::Result<T, DeviceError>;
 /// Owns the VM's devices; the buses hold weak references to them.
 pub struct DeviceManager {
     serial: Option<Arc<Mutex<Serial>>>,
+    ged: Option<Arc<Mutex<Ged>>>,
     console_writer: Option<ConsoleWriter>,
     owned: Vec<SharedBusDevice>,
     _irqfds: Vec<EventFd>,
@@ -117,6 +119,7 @@ impl DeviceManager {
         } = machine;
         let mut dm = Self {
             serial: None,
+            ged: None,
             console_writer: None,
             owned: Vec::new(),
             _irqfds: Vec::new(),
@@ -154,8 +157,8 @@ impl DeviceManager {
         Ok(dm)
     }
 
-    /// The serial port (unless `--serial off`), the i8042 reset line, the ACPI PM registers and
-    /// the CMOS RTC, on port I/O.
+    /// The serial port (unless `--serial off`), the i8042 reset line, the ACPI PM registers, the
+    /// GED's event register (the power button) and the CMOS RTC, on port I/O.
     fn add_platform_devices(
         &mut self,
         vm_fd: &VmFd,
@@ -194,6 +197,11 @@ impl DeviceManager {
             layout::ACPI_PM_PORT,
             ACPI_PM_PORT_COUNT,
         )?;
+        let ged_irq = self.irqfd(vm_fd, "ACPI GED", layout::GED_IRQ)?;
+        let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+        let shared: SharedBusDevice = ged.clone();
+        self.register(pio, "ACPI GED", &shared, layout::GED_PORT, GED_PORT_COUNT)?;
+        self.ged = Some(ged);
         let cmos: SharedBusDevice = Arc::new(Mutex::new(Cmos::new()));
         self.register(pio, "CMOS RTC", &cmos, layout::CMOS_PORT, CMOS_PORT_COUNT)
     }
@@ -240,6 +248,11 @@ impl DeviceManager {
     /// The serial port, when the VM has one.
     pub fn serial(&self) -> Option<Arc<Mutex<Serial>>> {
         self.serial.clone()
+    }
+
+    /// The ACPI Generic Event Device, whose power button the VM controller presses.
+    pub fn ged(&self) -> Option<Arc<Mutex<Ged>>> {
+        self.ged.clone()
     }
 
     /// The PCIe segment.

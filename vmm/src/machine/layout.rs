@@ -76,6 +76,11 @@ pub const CMOS_PORT: u64 = 0x70;
 pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
 /// ACPI hardware-reduced power management registers (sleep control, sleep status, reset).
 pub const ACPI_PM_PORT: u64 = 0x600;
+/// The ACPI Generic Event Device's event register (the power button), right after the PM block.
+pub const GED_PORT: u64 = ACPI_PM_PORT + rvmm_devices::acpi_pm::ACPI_PM_PORT_COUNT;
+/// The GED's ISA IRQ (also its GSI), edge-triggered: free of the serial port (4), the PIT (0,
+/// on GSI 2), the RTC (8) and the i8042 lines (1, 12).
+pub const GED_IRQ: u32 = 5;
 
 /// Largest 64-bit MMIO window rvmm offers (split among the root ports).
 pub const MMIO64_MAX_SIZE: u64 = 1 << 39;

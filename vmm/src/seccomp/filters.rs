@@ -319,6 +319,13 @@ fn api_accept(a: &mut Allow) -> Result<(), SeccompError> {
     )
 }
 
+/// The `rvmm` binary's signal thread: wait on its signalfd and stop eventfd (`poll`/`ppoll`),
+/// read them (`read`); asking the VM (a channel send, an eventfd write, a wait for the answer)
+/// is in the base.
+fn signals(a: &mut Allow) {
+    a.always(&[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll]);
+}
+
 /// The rules of threads of `kind`.
 pub(super) fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
     let mut a = Allow::default();
@@ -330,6 +337,7 @@ pub(super) fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
         ThreadKind::ApiConnection => api_connection(&mut a)?,
         // Writes (stdout or the console file, opened before) and waits: the base is all it does.
         ThreadKind::Console => {}
+        ThreadKind::Signals => signals(&mut a),
     }
     Ok(a.0)
 }
@@ -405,11 +413,26 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::EventLoop,
             ThreadKind::ApiConnection,
+            ThreadKind::Signals,
         ] {
             let r = rules(kind).unwrap();
             assert!(!r.contains_key(&libc::SYS_clone3), "{kind:?}");
             assert!(!r.contains_key(&libc::SYS_clone), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn signal_thread_only_reads_and_waits_beyond_the_base() {
+        let mut base_rules = Allow::default();
+        base(&mut base_rules).unwrap();
+        let extra: Vec<i64> = rules(ThreadKind::Signals)
+            .unwrap()
+            .into_keys()
+            .filter(|nr| !base_rules.0.contains_key(nr))
+            .collect();
+        let mut want = vec![libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
+        want.sort_unstable();
+        assert_eq!(extra, want);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! | `rvmm-vmm` (event loop) | [`ThreadKind::EventLoop`] | before the loop's first wait |
 //! | `rvmm-api` (accept) | [`ThreadKind::ApiAccept`] | first thing in the thread |
 //! | `rvmm-api-conn` | [`ThreadKind::ApiConnection`] (on top of the inherited accept filter) | first thing in the thread |
+//! | `rvmm-console` | [`ThreadKind::Console`] | first thing in the thread |
+//! | `rvmm-signals` (the `rvmm` binary's) | [`ThreadKind::Signals`] | first thing in the thread |
 //!
 //! Filters are on by default ([`SeccompMode::On`]): a syscall outside the list raises SIGSYS and
 //! rvmm's handler (`reporter.rs`) prints e.g. `rvmm: seccomp blocked syscall openat (257) on
@@ -88,16 +90,20 @@ pub enum ThreadKind {
     ApiConnection,
     /// The console writer: guest console output to stdout or a file.
     Console,
+    /// The `rvmm` binary's signal thread: reads SIGTERM/SIGINT from a signalfd and asks the VM
+    /// (through a handle) to press the power button or power off.
+    Signals,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::ApiAccept,
         ThreadKind::ApiConnection,
         ThreadKind::Console,
+        ThreadKind::Signals,
     ];
 
     /// The kind's name in messages.
@@ -108,6 +114,7 @@ impl ThreadKind {
             ThreadKind::ApiAccept => "api-accept",
             ThreadKind::ApiConnection => "api-connection",
             ThreadKind::Console => "console",
+            ThreadKind::Signals => "signals",
         }
     }
 }

@@ -14,16 +14,44 @@ pub enum VmExit {
     Reset,
     /// A vCPU failed (KVM internal error or failed entry): the guest cannot go on.
     Crash,
+    /// The guest did not power off within the shutdown timeout after its power button was
+    /// pressed, and the VM's owner powered it off ([`ForcedPowerOff::ShutdownTimeout`]).
+    ShutdownTimeout,
+    /// The VM's owner powered it off at once on a signal ([`ForcedPowerOff::Signal`]).
+    Signal,
+}
+
+/// Why the VM's owner powers the VM off without waiting for the guest (see
+/// [`crate::api::QueuedHandler::force_power_off`]): the two ways `rvmm run` ends a VM on a
+/// signal when the guest does not power off itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForcedPowerOff {
+    /// The power button was pressed and the guest did not power off in time.
+    ShutdownTimeout,
+    /// A signal asked for an immediate power-off (a second SIGTERM or SIGINT, or Ctrl-C on an
+    /// interactive console).
+    Signal,
+}
+
+impl From<ForcedPowerOff> for VmExit {
+    fn from(why: ForcedPowerOff) -> Self {
+        match why {
+            ForcedPowerOff::ShutdownTimeout => VmExit::ShutdownTimeout,
+            ForcedPowerOff::Signal => VmExit::Signal,
+        }
+    }
 }
 
 impl VmExit {
-    /// The process exit code `rvmm run` uses: 0 power-off, 3 reset/reboot, 4 crash
+    /// The process exit code `rvmm run` uses: 0 power-off, 3 reset/reboot, 4 crash, 5 powered
+    /// off by rvmm without the guest's shutdown (shutdown timeout or signal)
     /// (1 is an rvmm error before or outside the guest, 2 a command-line error).
     pub fn exit_code(self) -> i32 {
         match self {
             VmExit::PowerOff => 0,
             VmExit::Reset => 3,
             VmExit::Crash => 4,
+            VmExit::ShutdownTimeout | VmExit::Signal => 5,
         }
     }
 
@@ -32,6 +60,8 @@ impl VmExit {
             VmExit::PowerOff => 1,
             VmExit::Reset => 2,
             VmExit::Crash => 3,
+            VmExit::ShutdownTimeout => 4,
+            VmExit::Signal => 5,
         }
     }
 
@@ -40,6 +70,8 @@ impl VmExit {
             1 => Some(VmExit::PowerOff),
             2 => Some(VmExit::Reset),
             3 => Some(VmExit::Crash),
+            4 => Some(VmExit::ShutdownTimeout),
+            5 => Some(VmExit::Signal),
             _ => None,
         }
     }
@@ -105,5 +137,27 @@ mod tests {
         s.reset();
         assert_eq!(s.requested(), Some(VmExit::PowerOff));
         assert_eq!(s.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn every_reason_survives_the_signal() {
+        for why in [
+            VmExit::PowerOff,
+            VmExit::Reset,
+            VmExit::Crash,
+            VmExit::ShutdownTimeout,
+            VmExit::Signal,
+        ] {
+            let s = ExitSignal::new().unwrap();
+            s.request(why);
+            assert_eq!(s.requested(), Some(why));
+        }
+    }
+
+    #[test]
+    fn forced_power_offs_exit_with_code_5() {
+        assert_eq!(VmExit::from(ForcedPowerOff::ShutdownTimeout).exit_code(), 5);
+        assert_eq!(VmExit::from(ForcedPowerOff::Signal).exit_code(), 5);
+        assert_eq!(VmExit::PowerOff.exit_code(), 0);
     }
 }

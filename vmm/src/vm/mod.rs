@@ -22,7 +22,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 
 use crate::api::{
     ApiRequestQueue, ApiServer, DeviceInfo, Event, EventBus, EventKind, QueueTimeouts,
-    QueuedHandler, ServerConfig, ServerError,
+    QueuedHandler, ServerConfig, ServerError, ShutdownReason,
 };
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
@@ -280,15 +280,50 @@ impl Vm {
     }
 
     /// A handle to control the VM from other threads while [`Vm::run`] runs: add and remove
-    /// devices, read its info, subscribe to its events, shut it down. The control API server is
+    /// devices, read its info, subscribe to its events, press its power button, shut it down
+    /// (also [`QueuedHandler::force_power_off`]). The control API server is
     /// a thin layer over the same handle. Take handles before calling `run`.
     pub fn handle(&self) -> QueuedHandler {
         self.control
             .handler(self.events.clone(), QueueTimeouts::default())
     }
 
-    /// Runs the VM until the guest powers off or resets, or a vCPU fails.
+    /// Runs the VM until the guest powers off or resets, a vCPU fails, or a handle stops it.
+    ///
+    /// Every way out, an error included, ends the same way: vCPUs stopped, the terminal
+    /// restored, every passthrough device released (VF leases too), the console drained, then
+    /// `vm-shutdown` published with the reason (`error` for an error) and the event streams
+    /// ended, and last the control API stopped.
     pub fn run(mut self) -> Result<VmExit> {
+        let mut server = None;
+        let result = self.run_until_exit(&mut server);
+        // Devices that never reached the controller (it releases its own when it drops).
+        drop(self.devices.take_passthrough());
+        // The guest's last words reach the console unless its reader stalls.
+        if let Some(writer) = self.devices.take_console_writer() {
+            writer.finish(CONSOLE_DRAIN_TIMEOUT);
+        }
+        // The error itself is the caller's to report (`rvmm run` prints it on one line).
+        let reason = match &result {
+            Ok(exit) => ShutdownReason::from(*exit),
+            Err(_) => ShutdownReason::Error,
+        };
+        self.events
+            .publish(Event::now(EventKind::VmShutdown { reason }));
+        self.events.close();
+        if let Some(log) = self.event_log.take() {
+            log.finish(EVENT_LOG_DRAIN_TIMEOUT);
+        }
+        // After the last event: open streams send it before they end.
+        if let Some(server) = server {
+            server.stop();
+        }
+        result
+    }
+
+    /// Everything of [`Vm::run`] up to the end of the event loop; the API server it starts is
+    /// left in `server` for `run` to stop last.
+    fn run_until_exit(&mut self, server: &mut Option<ApiServer>) -> Result<VmExit> {
         vcpu::install_kick_handler().map_err(|source| VmError::Io {
             what: "install the vCPU kick signal handler",
             source,
@@ -298,23 +333,24 @@ impl Vm {
         let loop_filter = ThreadFilter::new(ThreadKind::EventLoop, self.seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(VcpuPause::new(stop.clone()));
+        // Dropping the loop restores the terminal and drops the controller (pending API calls
+        // refused, devices released), on the error paths below too.
         let mut event_loop = EventLoop::new(self.exit.clone())?;
         if self.serial == SerialConfig::Stdio {
             if let Some(serial) = self.devices.serial() {
                 event_loop.add_stdin_console(serial)?;
             }
         }
-        let server = match &self.api_socket {
-            Some(path) => Some(ApiServer::start_with(
+        if let Some(path) = &self.api_socket {
+            *server = Some(ApiServer::start_with(
                 path,
                 Arc::new(self.handle()),
                 ServerConfig {
                     seccomp: self.seccomp,
                     ..ServerConfig::default()
                 },
-            )?),
-            None => None,
-        };
+            )?);
+        }
         let cold_plugged = self.add_controller(&mut event_loop, &pause)?;
         let handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
         // Before the event loop runs, so these come first in every stream and log.
@@ -336,25 +372,9 @@ impl Vm {
         pause.stop();
         handles.into_iter().for_each(VcpuHandle::join);
         event_loop.restore_terminal();
-        // Drops the controller: pending API calls are refused, devices released.
         drop(event_loop);
-        if let Some(server) = server {
-            server.stop();
-        }
-        // The guest's last words reach the console unless its reader stalls.
-        if let Some(writer) = self.devices.take_console_writer() {
-            writer.finish(CONSOLE_DRAIN_TIMEOUT);
-        }
         result?;
-        let exit = self.exit.requested().unwrap_or(VmExit::PowerOff);
-        self.events.publish(Event::now(EventKind::VmShutdown {
-            reason: exit.into(),
-        }));
-        self.events.close();
-        if let Some(log) = self.event_log.take() {
-            log.finish(EVENT_LOG_DRAIN_TIMEOUT);
-        }
-        Ok(exit)
+        Ok(self.exit.requested().unwrap_or(VmExit::PowerOff))
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
@@ -376,7 +396,7 @@ impl Vm {
                 source,
             })?,
         );
-        let controller = Controller::new(
+        let mut controller = Controller::new(
             pci.segment.clone(),
             passthrough,
             pci.notifier.clone(),
@@ -400,6 +420,9 @@ impl Vm {
             self.events.clone(),
         ));
         let cold_plugged = controller.devices();
+        if let Some(ged) = self.devices.ged() {
+            controller = controller.with_power_button(ged);
+        }
         event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
         Ok(cold_plugged)
     }
