@@ -40,8 +40,8 @@ pub use events::{EventBus, Received, Subscription};
 pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
-    DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse,
-    RootPortUsage, ShutdownReason, VfInfo, VmInfo,
+    ConsoleInfo, ConsoleKind, DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest,
+    RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VmInfo,
 };
 pub use values::ValueError;
 

@@ -293,6 +293,7 @@ mod tests {
             root_ports: RootPortUsage { used: 0, total: 8 },
             devices: Vec::new(),
             resources: Default::default(),
+            console: None,
         }
     }
 

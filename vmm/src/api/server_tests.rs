@@ -83,6 +83,7 @@ impl ApiHandler for FakeVmm {
             },
             devices,
             resources: Default::default(),
+            console: None,
         })
     }
 

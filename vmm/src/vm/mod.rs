@@ -5,6 +5,8 @@
 pub mod config;
 pub mod console;
 pub mod console_out;
+pub mod console_pty;
+pub mod console_socket;
 pub mod event_loop;
 pub mod exit;
 
@@ -31,7 +33,7 @@ use crate::hotplug::controller::{Controller, VmSummary};
 use crate::machine::device_manager::{adopt_inherited_groups, DeviceError, DeviceManager, Machine};
 use crate::memory;
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
-use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
+use crate::vm::config::{ConfigError, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
 
@@ -137,7 +139,6 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     devices: DeviceManager,
     vcpus: Vec<VcpuFd>,
-    serial: SerialConfig,
     summary: VmSummary,
     api_socket: Option<PathBuf>,
     seccomp: SeccompMode,
@@ -210,6 +211,7 @@ impl Vm {
             },
         )?;
         let vcpus = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
+        let console = Some(devices.console_info());
         Ok(Self {
             vm_fd,
             memory,
@@ -218,11 +220,11 @@ impl Vm {
             exit,
             devices,
             vcpus,
-            serial: config.serial.clone(),
             summary: VmSummary {
                 cpus: config.cpus,
                 memory_bytes: config.memory.size,
                 hugepages: config.memory.hugepages,
+                console,
             },
             api_socket: config.api_socket.clone(),
             seccomp: config.seccomp,
@@ -270,10 +272,10 @@ impl Vm {
         let loop_filter = ThreadFilter::new(ThreadKind::EventLoop, self.seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut event_loop = EventLoop::new(self.exit.clone())?;
-        if self.serial == SerialConfig::Stdio {
-            if let Some(serial) = self.devices.serial() {
-                event_loop.add_stdin_console(serial)?;
-            }
+        if let (Some(serial), Some(host)) =
+            (self.devices.serial(), self.devices.take_console_host())
+        {
+            event_loop.add_console(host, serial)?;
         }
         let server = match &self.api_socket {
             Some(path) => Some(ApiServer::start_with(
@@ -336,7 +338,7 @@ impl Vm {
             self.exit.clone(),
             self.events.clone(),
             queue,
-            self.summary,
+            self.summary.clone(),
         );
         event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
         Ok(())
