@@ -60,6 +60,10 @@ pub enum CtlCommand {
     },
     /// Print events as JSON lines until the VM ends.
     Events,
+    /// Attach to the VM's socket console (`rvmm run --serial socket=PATH`, found in its info).
+    /// On a terminal: raw mode, Ctrl-] detaches. Otherwise stdin is copied to the console and
+    /// the console to stdout until stdin ends or the console closes.
+    Console,
     /// Stop the VM.
     Shutdown,
 }
@@ -120,6 +124,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
             Ok(())
         }
         CtlCommand::Shutdown => client.shutdown(),
+        CtlCommand::Console => crate::api::ctl_console::run(&client),
     }
 }
 

@@ -20,6 +20,7 @@ use crate::device::DeviceSpec;
 
 pub mod client;
 pub mod ctl;
+pub mod ctl_console;
 pub mod device_arg;
 pub mod error;
 pub mod events;
