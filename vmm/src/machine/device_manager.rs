@@ -299,9 +299,15 @@ type SerialParts = (ConsoleWriter, ConsoleOutput, ConsoleHost, ConsoleInfo);
 /// Opens the serial output of `config` behind a console writer thread (the UART never waits
 /// for the sink), with the host side of its input.
 fn serial_output(config: &SerialConfig, seccomp: SeccompMode) -> Result<Option<SerialParts>> {
+    // Absolute in `info`: a client (`rvmm ctl console`) may run elsewhere than rvmm's directory.
     let info = |kind, path: Option<&std::path::Path>| ConsoleInfo {
         kind,
-        path: path.map(|p| p.to_string_lossy().into_owned()),
+        path: path.map(|p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .to_string_lossy()
+                .into_owned()
+        }),
     };
     let mut socket = None;
     let (sink, limit, host, info): (Box<dyn Write + Send>, Option<u64>, _, _) = match config {
