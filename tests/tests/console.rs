@@ -539,7 +539,7 @@ fn socket_console_is_in_info() {
         .host_all("ctl_out")
         .into_iter()
         .find(|m| m.word(0) == Some("info"))
-        .map(|m| m.value)
+        .map(|m| m.value.replace(' ', ""))
         .unwrap_or_default();
     run.check(
         info.contains(r#""kind":"socket""#) && info.contains(r#""path":"/tmp/sockcon.console""#),
