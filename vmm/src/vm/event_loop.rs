@@ -1,5 +1,6 @@
-//! The VMM's event loop: serial input from stdin ([`StdinConsole`]), a socket or a pty, the VM-exit event, the control
-//! API and VFIO interrupts (the controller). Every change of the device tree happens on this thread.
+//! The VMM's event loop: serial input from stdin ([`StdinConsole`]), a socket or a pty, the
+//! VM-exit event, the control API and VFIO interrupts (the controller). Every change of the device
+//! tree happens on this thread.
 
 use std::sync::{Arc, Mutex};
 
