@@ -393,6 +393,8 @@ rvmm_capture() {
 #   rvmm_stop_monitor NAME              types "stop" for the monitor scenario, waits for the end
 #   uptime_ms, timed LABEL COMMAND      wall time of a command (10 ms resolution)
 #   pci_rescan BDF                      brings a removed host device back
+#   console_attach NAME N, console_type LINE, console_wait N TEXT [SECS], console_detach N,
+#   console_report N                    `rvmm ctl console` on run NAME's socket console
 
 # uptime_ms: the test host's uptime in milliseconds (10 ms resolution; shell builtins only).
 uptime_ms() {
@@ -614,4 +616,63 @@ pci_rescan() {
     sleep 0.1
   done
   hmark rescan "$1" "driver=$(driver_of "$dev")"
+}
+
+# --- socket consoles (rvmm run --serial socket=PATH) -------------------------------------------
+
+# console_attach NAME N: attaches `rvmm ctl console` (non-interactive: stdin is no terminal) to
+# run NAME's socket console, found through its API socket, as attachment N: its stdin is the
+# FIFO /tmp/console-N.in, held open for writing as this shell's descriptor 4 (console_type), its
+# output goes to /tmp/console-N.out: HOST console_attach N.
+console_attach() {
+  local fifo="/tmp/console-$2.in"
+  rm -f "$fifo" "/tmp/console-$2.out" "/tmp/console-$2.err"
+  mkfifo "$fifo"
+  timeout -s KILL 300 "$RVMM" ctl --api-socket "$(api_socket "$1")" console <"$fifo" \
+    >"/tmp/console-$2.out" 2>"/tmp/console-$2.err" &
+  echo $! >"/tmp/console-$2.pid"
+  exec 4>"$fifo"
+  hmark console_attach "$2"
+}
+
+# console_type LINE: types LINE into the attached console (descriptor 4): HOST console_type LINE.
+console_type() {
+  echo "$1" >&4
+  hmark console_type "$1"
+}
+
+# console_wait N TEXT [SECS]: waits until attachment N's output contains TEXT (fixed string), at
+# most SECS seconds (default 60): HOST console_wait N ok|timeout TEXT.
+console_wait() {
+  local deadline=$(($(uptime_ms) + ${3:-60} * 1000))
+  until grep -qF -- "$2" "/tmp/console-$1.out" 2>/dev/null; do
+    if [ "$(uptime_ms)" -gt "$deadline" ]; then
+      hmark console_wait "$1" timeout "$2"
+      return 1
+    fi
+    sleep 0.1
+  done
+  hmark console_wait "$1" ok "$2"
+}
+
+# console_detach N: ends attachment N's stdin (which detaches it) and waits for it to exit:
+# HOST console_detach N rc=<exit status>, then console_report N.
+console_detach() {
+  local rc
+  exec 4>&-
+  wait "$(cat "/tmp/console-$1.pid")"
+  rc=$?
+  hmark console_detach "$1" "rc=$rc"
+  console_report "$1"
+}
+
+# console_report N: attachment N's output as HOST console_out N <line> (carriage returns
+# removed) and its stderr as HOST console_err N <line>.
+console_report() {
+  local line
+  tr -d '\r' <"/tmp/console-$1.out" | while IFS= read -r line || [ -n "$line" ]; do
+    hmark console_out "$1" "$line"
+  done
+  while IFS= read -r line || [ -n "$line" ]; do hmark console_err "$1" "$line"; done \
+    <"/tmp/console-$1.err"
 }

@@ -11,6 +11,12 @@
 //! rvmm whose stdout is a pipe nobody reads still gets a hot-added drive, `info` answers, and a
 //! shutdown ends rvmm (output beyond the bounded buffer is dropped and counted).
 //!
+//! A socket console (`--serial socket=PATH`, `sockcon` run, after the `stall` run in the same test
+//! host): `rvmm ctl console` attaches (non-interactive), sees the guest's numbered lines, types a
+//! line the guest echoes, detaches; the guest prints on meanwhile; a second attachment gets every
+//! line printed while nobody was attached (no gap in the numbering) and types `stop`, which ends
+//! the guest. A client that connects while another is attached is refused.
+//!
 //! Two kinds of input tests:
 //! - on the build machine, with its busybox (the guest's): the mechanism, deterministically (a
 //!   line whose second half arrives after a waiting reader's deadline), and the guest's console
@@ -372,7 +378,8 @@ wait "$STALL_PID"
 hmark stall_exit "rc=$?" "ms=$(($(uptime_ms) - start))"
 while IFS= read -r line; do hmark stderr "$line"; done </tmp/stall.err
 hmark end stall
-"#
+{socket}"#,
+        socket = socket_scenario()
     )
 }
 
@@ -385,7 +392,7 @@ fn stall_run() -> &'static TestHostOutput {
                 .needs_rvmm(true)
                 .scenario(&stall_scenario())
         },
-        Duration::from_secs(420),
+        Duration::from_secs(540),
     )
 }
 
@@ -447,5 +454,193 @@ fn dropped_console_output_is_reported() {
     run.check(
         stderr.iter().any(|l| l.contains("console output")),
         &format!("rvmm did not say that console output was dropped: {stderr:?}"),
+    );
+}
+
+// --- a socket console: attach, detach, re-attach ----------------------------------------------
+
+/// Seconds the test host waits, detached, while the guest prints a numbered line every second.
+const DETACHED_SECS: u32 = 4;
+
+/// The `sockcon` run's scenario lines (appended to the stall run's).
+fn socket_scenario() -> String {
+    format!(
+        r#"CON=/tmp/sockcon.console
+API=$(api_socket sockcon)
+RVMM_TIMEOUT=240
+rvmm_start_lines sockcon run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
+  --cmdline "$(guest_cmdline monitor rvmm.hold=200 rvmm.alive=1)" --memory size=256M \
+  --serial "socket=$CON" --api-socket "$API"
+deadline=$(($(uptime_ms) + 60000))
+until {{ [ -S "$CON" ] && [ -S "$API" ]; }} || [ "$(uptime_ms)" -gt "$deadline" ]; do sleep 0.1; done
+rvmm_ctl sockcon info info
+console_attach sockcon 1
+if console_wait 1 'GUEST monitor ready' 120 && console_wait 1 'n=3' 30; then
+  console_type hello-socket
+  console_wait 1 'GUEST console_input hello-socket' 30
+fi
+# A second client while the first is attached (its stdin stays open while it waits).
+sleep 3 | timeout -s KILL 30 "$RVMM" ctl --api-socket "$API" console \
+  >/tmp/console-2.out 2>/tmp/console-2.err
+hmark console_second "rc=$?"
+console_report 2
+console_detach 1
+last=$(tr -d '\r' </tmp/console-1.out | sed -n 's/.*GUEST monitor alive .* n=\([0-9]*\).*/\1/p' | tail -n 1)
+hmark console_detached "last=$last"
+# The guest prints on while nobody is attached.
+sleep {DETACHED_SECS}
+console_attach sockcon 3
+console_wait 3 "n=$((${{last:-0}} + {DETACHED_SECS} + 2))" 60
+console_type stop
+console_wait 3 'GUEST done' 60 || rvmm_ctl sockcon shutdown shutdown
+# The VM ends: rvmm closes the console and the attachment ends by itself.
+wait "$(cat /tmp/console-3.pid)"
+hmark console_end 3 "rc=$?"
+# rvmm removed its socket before it closed the console.
+if [ -e "$CON" ]; then hmark console_socket_left yes; else hmark console_socket_left no; fi
+console_report 3
+exec 4>&-
+rvmm_wait_lines sockcon
+"#
+    )
+}
+
+/// The `sockcon` section of the stall run.
+fn sockcon() -> Section<'static> {
+    stall_run().section("sockcon")
+}
+
+/// Attachment `n`'s output lines (`HOST console_out N <line>`).
+fn console_lines<'a>(run: &Section<'a>, n: &str) -> Vec<&'a str> {
+    run.host_all("console_out")
+        .into_iter()
+        .filter(|m| m.word(0) == Some(n))
+        .map(|m| m.value.split_once(' ').map_or("", |(_, line)| line))
+        .collect()
+}
+
+/// Attachment `n`'s output as one text (its lines joined by newlines, no newline at the end).
+fn console_text(run: &Section<'_>, n: &str) -> String {
+    console_lines(run, n).join("\n")
+}
+
+/// The numbers `k` of the guest's `GUEST monitor alive <uptime> n=<k>` lines in `text`, in order.
+/// Found anywhere in the text, not per line: a line the guest was printing when a client detached
+/// is cut in two, its start in one attachment's output and its rest in the next one's.
+fn alive_numbers(text: &str) -> Vec<u64> {
+    const MARK: &str = "monitor alive ";
+    text.match_indices(MARK)
+        .filter_map(|(at, _)| {
+            let rest = text.get(at + MARK.len()..)?;
+            let (_, after) = rest.split_once(" n=")?;
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn socket_console_is_in_info() {
+    let run = sockcon();
+    let info = run
+        .host_all("ctl_out")
+        .into_iter()
+        .find(|m| m.word(0) == Some("info"))
+        .map(|m| m.value.replace(' ', ""))
+        .unwrap_or_default();
+    run.check(
+        info.contains(r#""kind":"socket""#) && info.contains(r#""path":"/tmp/sockcon.console""#),
+        &format!("info does not show the socket console: {info}"),
+    );
+}
+
+#[test]
+fn socket_console_input_reaches_the_guest() {
+    let run = sockcon();
+    run.check(
+        console_lines(&run, "1").contains(&"GUEST console_input hello-socket"),
+        "the line typed through the socket console did not reach the guest's monitor",
+    );
+}
+
+#[test]
+fn socket_console_replays_what_the_guest_printed_while_detached() {
+    let run = sockcon();
+    let detach = run.expect_host("console_detach");
+    run.check(
+        detach.field("rc") == Some("0"),
+        &format!("the first attachment did not end cleanly: {}", detach.value),
+    );
+    let first = alive_numbers(&console_text(&run, "1"));
+    // The two attachments' outputs end to end: what the guest printed, once each, in order.
+    let both = alive_numbers(&(console_text(&run, "1") + &console_text(&run, "3")));
+    let last = first.last().copied().unwrap_or(0);
+    let gaps: Vec<(u64, u64)> = both
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    run.check(
+        first.first() == Some(&1) && first.len() >= 3,
+        &format!("the first attachment should see the guest's lines from n=1 on: {first:?}"),
+    );
+    run.check(
+        gaps.is_empty() && both.last().copied().unwrap_or(0) >= last + u64::from(DETACHED_SECS) + 2,
+        &format!(
+            "the lines printed while nobody was attached (after n={last}) should reach the second \
+             attachment with no gap or repeat (gaps {gaps:?}): {both:?}"
+        ),
+    );
+}
+
+#[test]
+fn second_socket_console_client_is_refused_while_one_is_attached() {
+    let run = sockcon();
+    let rc = run.expect_host("console_second");
+    let err: Vec<&str> = run
+        .host_all("console_err")
+        .into_iter()
+        .filter(|m| m.word(0) == Some("2"))
+        .map(|m| m.value)
+        .collect();
+    run.check(
+        rc.field("rc") == Some("1")
+            && err.iter().any(|l| l.contains("another client is attached"))
+            && console_lines(&run, "2").is_empty(),
+        &format!(
+            "the second client was not refused cleanly: {} {err:?}",
+            rc.value
+        ),
+    );
+}
+
+#[test]
+fn socket_console_ends_with_the_vm_and_its_socket_is_removed() {
+    let run = sockcon();
+    let end = run.expect_host("console_end");
+    run.check(
+        console_lines(&run, "3").contains(&"GUEST monitor stop")
+            && end.field("rc") == Some("0")
+            && run.rvmm_exit() == 0
+            && run.expect_host("console_socket_left").value == "no",
+        &format!(
+            "the guest should stop on the typed stop and power off, ending the attachment and \
+             removing the socket: attachment {}, rvmm exit {}",
+            end.value,
+            run.rvmm_exit()
+        ),
+    );
+}
+
+/// On the build machine: the numbering check reads a line cut in two by a detach whole.
+#[test]
+fn alive_numbers_are_read_across_a_line_cut_by_a_detach() {
+    let first = "GUEST monitor ready\nGUEST monitor alive 10.01 n=1\nGUEST monitor alive 11.02 n=";
+    let second = "2\nGUEST monitor alive 12.00 n=3";
+
+    assert_eq!(alive_numbers(&format!("{first}{second}")), [1, 2, 3]);
+    assert_eq!(
+        alive_numbers("GUEST monitor alive 1.5 n=1GUEST monitor alive 2.5 n=2"),
+        [1, 2]
     );
 }

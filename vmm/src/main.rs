@@ -68,8 +68,10 @@ struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_ROOT_PORTS, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_ROOT_PORTS)))]
     root_ports: u8,
     /// Serial console: stdio, file=PATH[,max_size=SIZE] (at most 64M unless max_size says
-    /// otherwise) or off. Output never waits for a slow reader: past a 1 MiB buffer it is
-    /// dropped and counted.
+    /// otherwise), socket=PATH[,buffer=SIZE] (one client at a time, e.g. `rvmm ctl console`;
+    /// output while nobody is attached kept in a ring, 64K by default, and replayed on attach),
+    /// pty (its path is logged and shown in info) or off. Output never waits for a slow reader:
+    /// past a 1 MiB buffer it is dropped and counted.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// Unix socket for the control API.

@@ -75,6 +75,9 @@ pub enum ClientError {
     /// The answer is not the JSON document the endpoint returns.
     #[error("unexpected answer from rvmm")]
     Decode(#[source] serde_json::Error),
+    /// `rvmm ctl console` failed.
+    #[error(transparent)]
+    Console(#[from] crate::api::ctl_console::ConsoleError),
     /// The request could not be encoded.
     #[error("cannot encode the request")]
     Encode(#[source] serde_json::Error),

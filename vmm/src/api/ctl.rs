@@ -60,6 +60,10 @@ pub enum CtlCommand {
     },
     /// Print events as JSON lines until the VM ends.
     Events,
+    /// Attach to the VM's socket console (`rvmm run --serial socket=PATH`, found in its info).
+    /// On a terminal: raw mode, Ctrl-] detaches. Otherwise stdin is copied to the console and
+    /// the console to stdout until stdin ends or the console closes.
+    Console,
     /// Stop the VM.
     Shutdown,
     /// Print the counters: KVM exits per vCPU, interrupts and DMA-mapped bytes per device,
@@ -135,6 +139,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Pause => client.pause(),
         CtlCommand::Resume => client.resume(),
         CtlCommand::PowerButton => client.power_button(),
+        CtlCommand::Console => crate::api::ctl_console::run(&client),
     }
 }
 

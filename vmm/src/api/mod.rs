@@ -25,6 +25,7 @@ use crate::observe::Counters;
 
 pub mod client;
 pub mod ctl;
+pub mod ctl_console;
 pub mod device_arg;
 pub mod error;
 pub mod events;
@@ -45,8 +46,8 @@ pub use events::{EventBus, EventSink, Received, Subscription};
 pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
-    DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse,
-    RootPortUsage, ShutdownReason, VfInfo, VmInfo,
+    ConsoleInfo, ConsoleKind, DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest,
+    RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VmInfo,
 };
 pub use values::ValueError;
 

@@ -9,8 +9,9 @@ use serde_json::Value;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::server::ROUTES;
 use crate::api::types::{
-    DeviceInfo, Event, EventKind, PowerButtonRequest, RemovalReason, RemoveDeviceRequest,
-    RemoveDeviceResponse, RootPortUsage, ShutdownReason, ShutdownRequest, VfInfo, VmInfo,
+    ConsoleInfo, ConsoleKind, DeviceInfo, Event, EventKind, PowerButtonRequest, RemovalReason,
+    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, ShutdownRequest,
+    VfInfo, VmInfo,
 };
 use crate::device::DeviceId;
 use crate::device::{DeviceSpec, DeviceState};
@@ -209,6 +210,10 @@ fn vm_info() -> VmInfo {
         devices: vec![host_device(), vf_device()],
         resources: Default::default(),
         state: VmState::Paused,
+        console: Some(ConsoleInfo {
+            kind: ConsoleKind::Socket,
+            path: Some("/run/rvmm/vm0.console".into()),
+        }),
     }
 }
 
@@ -263,6 +268,40 @@ fn vm_info_matches_its_schema() {
     Validator::new()
         .validate("VmInfo", &vm_info())
         .expect("valid");
+}
+
+#[test]
+fn every_console_kind_matches_its_schema_and_info_without_console_too() {
+    let v = Validator::new();
+    for (kind, path) in [
+        (ConsoleKind::Stdio, None),
+        (ConsoleKind::File, Some("/var/log/vm0.log")),
+        (ConsoleKind::Socket, Some("/run/vm0.console")),
+        (ConsoleKind::Pty, Some("/dev/pts/3")),
+        (ConsoleKind::Off, None),
+    ] {
+        let info = ConsoleInfo {
+            kind,
+            path: path.map(Into::into),
+        };
+        v.validate("ConsoleInfo", &info)
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    }
+    let older = VmInfo {
+        console: None,
+        ..vm_info()
+    };
+    v.validate("VmInfo", &older).expect("valid");
+}
+
+#[test]
+fn info_of_an_older_server_without_console_is_read() {
+    let mut value = serde_json::to_value(vm_info()).unwrap();
+    value.as_object_mut().unwrap().remove("console");
+
+    let info: VmInfo = serde_json::from_value(value).expect("console is optional");
+
+    assert_eq!(info.console, None);
 }
 
 #[test]

@@ -354,6 +354,7 @@ mod tests {
             devices: Vec::new(),
             resources: Default::default(),
             state: crate::vm::pause::VmState::Running,
+            console: None,
         }
     }
 

@@ -95,6 +95,7 @@ impl ApiHandler for FakeVmm {
             } else {
                 VmState::Running
             },
+            console: None,
         })
     }
 

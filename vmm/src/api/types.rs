@@ -326,6 +326,35 @@ pub struct VmInfo {
     pub resources: VmResources,
     /// Whether the guest runs or is paused.
     pub state: VmState,
+    /// Where the guest's serial console is (absent in answers of older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<ConsoleInfo>,
+}
+
+/// Where the guest's serial console is, as `--serial` chose.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleInfo {
+    /// What it is.
+    pub kind: ConsoleKind,
+    /// The file, socket or terminal (file, socket and pty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// The kinds of serial console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleKind {
+    /// rvmm's stdin and stdout.
+    Stdio,
+    /// Output appended to a file, no input.
+    File,
+    /// A unix socket one client at a time attaches to (`rvmm ctl console`).
+    Socket,
+    /// A pseudo-terminal.
+    Pty,
+    /// No serial port.
+    Off,
 }
 
 /// What the VM holds on the host right now (for leak checks after hotplug cycles).

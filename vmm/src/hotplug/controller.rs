@@ -22,7 +22,7 @@ use rvmm_vfio::sriov::SriovError;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::types::RootPortUsage;
+use crate::api::types::{ConsoleInfo, RootPortUsage};
 use crate::api::{
     ApiError, ApiRequestQueue, DeviceInfo, Event, EventBus, EventKind, PendingRequest,
     RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, Responder, VmInfo,
@@ -64,7 +64,7 @@ pub struct CounterSources {
 }
 
 /// What the controller reports about the VM itself.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct VmSummary {
     /// vCPUs.
     pub cpus: u8,
@@ -72,6 +72,8 @@ pub struct VmSummary {
     pub memory_bytes: u64,
     /// Whether RAM is on hugepages.
     pub hugepages: bool,
+    /// Where the serial console is.
+    pub console: Option<ConsoleInfo>,
 }
 
 enum Op {
@@ -335,6 +337,7 @@ impl Controller {
             devices: devices.into_iter().map(|d| self.device_info(d)).collect(),
             resources: self.passthrough.resources(),
             state: self.vm_state(),
+            console: self.summary.console.clone(),
         }
     }
 

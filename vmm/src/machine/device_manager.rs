@@ -15,6 +15,7 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::types::{ConsoleInfo, ConsoleKind};
 use crate::device::passthrough::{Passthrough, PassthroughError};
 use crate::device::{DeviceSpec, InheritedFds};
 use crate::kvm::guest_mmio::KvmGuestMmio;
@@ -24,7 +25,10 @@ use crate::machine::layout;
 use crate::machine::pci::{self, PciRoot};
 use crate::seccomp::{SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{SerialConfig, VmConfig};
+use crate::vm::console::ConsoleHost;
 use crate::vm::console_out::{ConsoleOutput, ConsoleWriter};
+use crate::vm::console_pty::Pty;
+use crate::vm::console_socket::{ConsoleListener, SocketConsoleError, SocketShared, SocketSink};
 use crate::vm::exit::ExitSignal;
 
 /// Errors of device creation.
@@ -70,6 +74,12 @@ pub enum DeviceError {
     /// The serial output could not be opened.
     #[error("cannot open the serial console output")]
     SerialOutput(#[source] std::io::Error),
+    /// The console socket could not be set up.
+    #[error("cannot set up the serial console socket")]
+    ConsoleSocket(#[source] SocketConsoleError),
+    /// No pseudo-terminal could be opened for the console.
+    #[error("cannot open a pseudo-terminal for the serial console (is /dev/pts mounted?)")]
+    ConsolePty(#[source] std::io::Error),
 }
 
 /// Result type of device creation.
@@ -80,6 +90,8 @@ pub struct DeviceManager {
     serial: Option<Arc<Mutex<Serial>>>,
     ged: Option<Arc<Mutex<Ged>>>,
     console_writer: Option<ConsoleWriter>,
+    console_host: Option<ConsoleHost>,
+    console_info: ConsoleInfo,
     owned: Vec<SharedBusDevice>,
     _irqfds: Vec<EventFd>,
     rsdp: u64,
@@ -121,6 +133,11 @@ impl DeviceManager {
             serial: None,
             ged: None,
             console_writer: None,
+            console_host: None,
+            console_info: ConsoleInfo {
+                kind: ConsoleKind::Off,
+                path: None,
+            },
             owned: Vec::new(),
             _irqfds: Vec::new(),
             rsdp: 0,
@@ -166,8 +183,10 @@ impl DeviceManager {
         exit: Arc<ExitSignal>,
         config: &VmConfig,
     ) -> Result<()> {
-        if let Some((writer, out)) = serial_output(&config.serial, config.seccomp)? {
+        if let Some((writer, out, host, info)) = serial_output(&config.serial, config.seccomp)? {
             self.console_writer = Some(writer);
+            self.console_host = Some(host);
+            self.console_info = info;
             let irq = self.irqfd(vm_fd, "serial port", layout::SERIAL_IRQ)?;
             let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(out))));
             let shared: SharedBusDevice = serial.clone();
@@ -260,6 +279,16 @@ impl DeviceManager {
         self.pci.as_ref()
     }
 
+    /// Hands the host side of the console over (once), for the event loop to serve.
+    pub fn take_console_host(&mut self) -> Option<ConsoleHost> {
+        self.console_host.take()
+    }
+
+    /// Where the serial console is, for `info`.
+    pub fn console_info(&self) -> ConsoleInfo {
+        self.console_info.clone()
+    }
+
     /// Hands the console writer over (once), to finish it when the VM ends.
     pub fn take_console_writer(&mut self) -> Option<ConsoleWriter> {
         self.console_writer.take()
@@ -276,14 +305,31 @@ impl DeviceManager {
     }
 }
 
+/// The serial console's writer thread, the UART's output, the host side the event loop serves
+/// and what `info` says of it.
+type SerialParts = (ConsoleWriter, ConsoleOutput, ConsoleHost, ConsoleInfo);
+
 /// Opens the serial output of `config` behind a console writer thread (the UART never waits
-/// for the sink).
-fn serial_output(
-    config: &SerialConfig,
-    seccomp: SeccompMode,
-) -> Result<Option<(ConsoleWriter, ConsoleOutput)>> {
-    let (sink, limit): (Box<dyn Write + Send>, Option<u64>) = match config {
-        SerialConfig::Stdio => (Box::new(std::io::stdout()), None),
+/// for the sink), with the host side of its input.
+fn serial_output(config: &SerialConfig, seccomp: SeccompMode) -> Result<Option<SerialParts>> {
+    // Absolute in `info`: a client (`rvmm ctl console`) may run elsewhere than rvmm's directory.
+    let info = |kind, path: Option<&std::path::Path>| ConsoleInfo {
+        kind,
+        path: path.map(|p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .to_string_lossy()
+                .into_owned()
+        }),
+    };
+    let mut socket = None;
+    let (sink, limit, host, info): (Box<dyn Write + Send>, Option<u64>, _, _) = match config {
+        SerialConfig::Stdio => (
+            Box::new(std::io::stdout()),
+            None,
+            ConsoleHost::Stdin,
+            info(ConsoleKind::Stdio, None),
+        ),
         SerialConfig::File { path, max_size } => (
             Box::new(
                 OpenOptions::new()
@@ -293,14 +339,48 @@ fn serial_output(
                     .map_err(DeviceError::SerialOutput)?,
             ),
             Some(*max_size),
+            ConsoleHost::Nothing,
+            info(ConsoleKind::File, Some(path)),
         ),
+        SerialConfig::Socket { path, buffer } => {
+            let listener = ConsoleListener::bind(path).map_err(DeviceError::ConsoleSocket)?;
+            let shared = SocketShared::new(usize::try_from(*buffer).unwrap_or(usize::MAX));
+            log::info!("guest serial console on the unix socket {}", path.display());
+            let sink = Box::new(SocketSink::new(shared.clone()));
+            socket = Some((listener, shared));
+            (
+                sink,
+                None,
+                ConsoleHost::Nothing,
+                info(ConsoleKind::Socket, Some(path)),
+            )
+        }
+        SerialConfig::Pty => {
+            let pty = Pty::open().map_err(DeviceError::ConsolePty)?;
+            let sink = Box::new(pty.output().map_err(DeviceError::ConsolePty)?);
+            // The operator needs the path to reach the console: shown at the default level.
+            log::warn!(
+                "guest serial console on the pseudo-terminal {}",
+                pty.path().display()
+            );
+            let info = info(ConsoleKind::Pty, Some(pty.path()));
+            (sink, None, ConsoleHost::Pty(pty), info)
+        }
         SerialConfig::Off => return Ok(None),
     };
     let filter = ThreadFilter::new(ThreadKind::Console, seccomp)
         .map_err(|e| DeviceError::SerialOutput(std::io::Error::other(e)))?;
-    ConsoleWriter::start(sink, limit, filter)
-        .map(Some)
-        .map_err(DeviceError::SerialOutput)
+    let (writer, output) =
+        ConsoleWriter::start(sink, limit, filter).map_err(DeviceError::SerialOutput)?;
+    let host = match socket {
+        Some((listener, shared)) => ConsoleHost::Socket {
+            listener,
+            shared,
+            waker: writer.waker(),
+        },
+        None => host,
+    };
+    Ok(Some((writer, output, host, info)))
 }
 
 /// Attaches the devices given at boot (present and powered when the guest starts).

@@ -150,7 +150,9 @@ fn vcpu(a: &mut Allow) -> Result<(), SeccompError> {
     ])
 }
 
-/// The event loop: epoll, eventfds and the hotplug timer, serial input from stdin, and hot-add
+/// The event loop: epoll, eventfds and the hotplug timer, serial input from stdin or a pty, the
+/// socket console's clients (`accept4` on its listener, `shutdown` of a client that detaches,
+/// `recvfrom`/`sendto` for a refused one), and hot-add
 /// and removal: host checks in /sys and /proc (holders of a busy device), the VFIO container,
 /// group and device (open, ioctls, BAR `mmap`), KVM memory slots, irqfds, GSI routes and the
 /// KVM-VFIO device, SR-IOV claim files under /run/rvmm (`flock`) and VF policy over rtnetlink;
@@ -201,6 +203,8 @@ fn event_loop(a: &mut Allow) -> Result<(), SeccompError> {
         libc::SYS_recvfrom,
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
+        libc::SYS_accept4,
+        libc::SYS_shutdown,
     ]);
     a.when_arg_in(
         libc::SYS_fcntl,
@@ -335,9 +339,10 @@ pub(super) fn rules(kind: ThreadKind) -> Result<Rules, SeccompError> {
         ThreadKind::EventLoop => event_loop(&mut a)?,
         ThreadKind::ApiAccept => api_accept(&mut a)?,
         ThreadKind::ApiConnection => api_connection(&mut a)?,
-        // Writes (stdout or the console file, opened before) and waits: the base is all it does.
-        ThreadKind::Console => {}
         ThreadKind::Signals => signals(&mut a),
+        // Writes (stdout, the console file or pty, opened before) and waits; `sendto` for an
+        // attached socket console client (`send` with `MSG_NOSIGNAL`).
+        ThreadKind::Console => a.always(&[libc::SYS_sendto]),
     }
     Ok(a.0)
 }
@@ -433,6 +438,30 @@ mod tests {
         let mut want = vec![libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
         want.sort_unstable();
         assert_eq!(extra, want);
+    }
+
+    #[test]
+    fn event_loop_may_accept_and_detach_socket_console_clients() {
+        for nr in [libc::SYS_accept4, libc::SYS_shutdown, libc::SYS_recvfrom] {
+            assert!(allows_unconditionally(ThreadKind::EventLoop, nr), "{nr}");
+        }
+    }
+
+    #[test]
+    fn console_writer_may_send_to_a_socket_client_but_not_accept_or_open() {
+        assert!(allows_unconditionally(
+            ThreadKind::Console,
+            libc::SYS_sendto
+        ));
+        let r = rules(ThreadKind::Console).unwrap();
+        for nr in [
+            libc::SYS_accept4,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+        ] {
+            assert!(!r.contains_key(&nr), "{nr}");
+        }
     }
 
     #[test]

@@ -33,6 +33,17 @@ pub enum SerialConfig {
         /// `max_size=` says otherwise).
         max_size: u64,
     },
+    /// A unix socket one client at a time attaches to; output while nobody is attached is kept
+    /// in a ring of `buffer` bytes (the oldest dropped) and replayed on attach.
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// Output kept while detached ([`crate::vm::console_socket::DEFAULT_RING_SIZE`] unless
+        /// `buffer=` says otherwise).
+        buffer: u64,
+    },
+    /// A pseudo-terminal; its path is logged and shown in `info`.
+    Pty,
     /// No serial port at all.
     Off,
 }
@@ -44,6 +55,8 @@ impl std::str::FromStr for SerialConfig {
         match s {
             "stdio" => Ok(SerialConfig::Stdio),
             "off" => Ok(SerialConfig::Off),
+            "pty" => Ok(SerialConfig::Pty),
+            _ if s.starts_with("socket=") => parse_socket(s),
             _ => {
                 let err = || ConfigError::Serial(s.to_owned());
                 let spec = s.strip_prefix("file=").ok_or_else(err)?;
@@ -68,6 +81,33 @@ impl std::str::FromStr for SerialConfig {
             }
         }
     }
+}
+
+/// `socket=PATH[,buffer=SIZE]`: `buffer=` comes last, so that a path may hold commas.
+fn parse_socket(s: &str) -> Result<SerialConfig, ConfigError> {
+    use crate::vm::console_socket::{DEFAULT_RING_SIZE, MAX_RING_SIZE};
+    let err = || ConfigError::Serial(s.to_owned());
+    let spec = s.strip_prefix("socket=").ok_or_else(err)?;
+    let (path, buffer) = match spec.rsplit_once(",buffer=") {
+        Some((path, size)) => {
+            let size = crate::memory::parse_size(size).map_err(|_| err())?;
+            if size == 0 || size > MAX_RING_SIZE {
+                return Err(ConfigError::SerialBuffer {
+                    given: size,
+                    max: MAX_RING_SIZE,
+                });
+            }
+            (path, size)
+        }
+        None => (spec, DEFAULT_RING_SIZE),
+    };
+    if path.is_empty() {
+        return Err(err());
+    }
+    Ok(SerialConfig::Socket {
+        path: PathBuf::from(path),
+        buffer,
+    })
 }
 
 /// Everything needed to build and boot a VM.
@@ -117,8 +157,16 @@ pub enum ConfigError {
         max: u8,
     },
     /// `--serial` not understood.
-    #[error("--serial {0:?} is not understood: use stdio, file=PATH[,max_size=SIZE] or off")]
+    #[error("--serial {0:?} is not understood: use stdio, file=PATH[,max_size=SIZE], socket=PATH[,buffer=SIZE], pty or off")]
     Serial(String),
+    /// `--serial socket=PATH,buffer=SIZE` out of range.
+    #[error("--serial socket buffer={given} bytes is not supported: give 1 byte to {max} bytes (e.g. 64K)")]
+    SerialBuffer {
+        /// The size given, in bytes.
+        given: u64,
+        /// The largest supported.
+        max: u64,
+    },
     /// More boot devices than root ports.
     #[error("{devices} devices given (--device and --vf) but only {ports} root ports; raise --root-ports")]
     TooManyDevices {
@@ -212,6 +260,40 @@ mod tests {
         assert_eq!("file=/tmp/x".parse::<SerialConfig>().map(|_| ()), Ok(()));
         assert!("file=".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn socket_and_pty_values_parse() {
+        assert_eq!("pty".parse(), Ok(SerialConfig::Pty));
+        assert_eq!(
+            "socket=/run/vm.sock".parse(),
+            Ok(SerialConfig::Socket {
+                path: PathBuf::from("/run/vm.sock"),
+                buffer: crate::vm::console_socket::DEFAULT_RING_SIZE,
+            })
+        );
+        assert_eq!(
+            "socket=/tmp/a,b,buffer=1M".parse(),
+            Ok(SerialConfig::Socket {
+                path: PathBuf::from("/tmp/a,b"),
+                buffer: 1 << 20,
+            })
+        );
+        assert!("socket=".parse::<SerialConfig>().is_err());
+        assert!("socket=/tmp/x,buffer=lots".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn socket_buffer_out_of_range_is_refused_with_the_limit() {
+        let err = "socket=/tmp/x,buffer=0"
+            .parse::<SerialConfig>()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::SerialBuffer { given: 0, .. }));
+
+        let err = "socket=/tmp/x,buffer=1G"
+            .parse::<SerialConfig>()
+            .unwrap_err();
+        assert!(err.to_string().contains("64K"), "{err}");
     }
 
     #[test]

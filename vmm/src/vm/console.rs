@@ -1,5 +1,5 @@
 //! Host input for the guest's serial console: an event-loop subscriber that reads a descriptor
-//! (rvmm's stdin) and hands the bytes to the UART with flow control, so that no byte is lost and
+//! (rvmm's stdin, a pty master) and hands the bytes to the UART with flow control, so that no byte is lost and
 //! the loop never spins:
 //!
 //! - the descriptor is read only while fewer than [`PENDING_LIMIT`] bytes wait for the guest; at
@@ -10,6 +10,9 @@
 //!   not on a timer;
 //! - a writer that hangs up leaves its last bytes readable: the descriptor is read to its end of
 //!   file before it is dropped, so input piped into rvmm arrives whole.
+//!
+//! [`ConsoleInput`] is the part every console input shares (the socket console's client input
+//! too, `console_socket.rs`): the pending bytes and the input-drained notifier.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -27,12 +30,95 @@ pub const PENDING_LIMIT: usize = 4096;
 /// Bytes taken from the descriptor per read.
 const READ_CHUNK: usize = 256;
 
-/// Feeds a host descriptor to the guest's UART (see the module documentation).
-pub struct StdinConsole {
-    input: RawFd,
+/// Input on its way to the guest's UART: the bytes read from the host that the guest has not
+/// taken yet, and the UART's input-drained notifier that says when to offer them again. Shared
+/// by every kind of console input (stdin, a pty, a socket client); the descriptor and when to
+/// read it are the caller's.
+pub struct ConsoleInput {
     serial: Arc<Mutex<Serial>>,
     drained: EventFd,
     pending: Vec<u8>,
+}
+
+/// What reading a console input descriptor found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Bytes, or nothing right now: read again when it is readable.
+    Open,
+    /// End of file or an error: the descriptor has nothing more to give.
+    Closed,
+}
+
+impl ConsoleInput {
+    /// Input for `serial`, whose input-drained notifier it sets.
+    pub fn new(serial: Arc<Mutex<Serial>>) -> std::io::Result<Self> {
+        let drained = EventFd::new(EFD_NONBLOCK)?;
+        let notifier = drained.try_clone()?;
+        serial.locked().set_input_drained(Arc::new(notifier));
+        Ok(Self {
+            serial,
+            drained,
+            pending: Vec::new(),
+        })
+    }
+
+    /// The eventfd the UART raises when the guest has read its receive FIFO empty; watch it
+    /// and call [`ConsoleInput::take_drained`] and [`ConsoleInput::flush`] when it is readable.
+    pub fn drained(&self) -> &EventFd {
+        &self.drained
+    }
+
+    /// Consumes the input-drained notification.
+    pub fn take_drained(&self) {
+        // The counter only says "the FIFO ran empty at least once"; its value is not needed.
+        let _ = self.drained.read();
+    }
+
+    /// Bytes read from the host that the guest has not taken yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether more may be read from the host: fewer than [`PENDING_LIMIT`] bytes wait.
+    pub fn has_room(&self) -> bool {
+        self.pending.len() < PENDING_LIMIT
+    }
+
+    /// Offers the pending bytes to the UART and forgets what it took.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let taken = self.serial.locked().enqueue_input(&self.pending);
+        self.pending.drain(..taken.min(self.pending.len()));
+    }
+
+    /// Reads what `fd` has into the pending bytes (call it when `fd` is readable).
+    pub fn read_from(&mut self, fd: RawFd) -> ReadOutcome {
+        match read_fd(fd, &mut self.pending) {
+            Ok(0) => ReadOutcome::Closed,
+            Ok(_) => ReadOutcome::Open,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                ReadOutcome::Open
+            }
+            Err(e) => {
+                log::warn!("serial console input stopped: {e}");
+                ReadOutcome::Closed
+            }
+        }
+    }
+}
+
+/// Feeds a host descriptor that stays for the VM's life (rvmm's stdin, a pty master) to the
+/// guest's UART (see the module documentation).
+pub struct StdinConsole {
+    input: RawFd,
+    feed: ConsoleInput,
     /// Whether `input` is in the epoll set.
     reading: bool,
     /// End of file or a read error: `input` is never read again.
@@ -43,14 +129,9 @@ impl StdinConsole {
     /// A console that reads `input` (a descriptor the caller keeps open for the loop's lifetime,
     /// e.g. `STDIN_FILENO`) and feeds `serial`, whose input-drained notifier it sets.
     pub fn new(input: RawFd, serial: Arc<Mutex<Serial>>) -> std::io::Result<Self> {
-        let drained = EventFd::new(EFD_NONBLOCK)?;
-        let notifier = drained.try_clone()?;
-        serial.locked().set_input_drained(Arc::new(notifier));
         Ok(Self {
             input,
-            serial,
-            drained,
-            pending: Vec::new(),
+            feed: ConsoleInput::new(serial)?,
             reading: false,
             closed: false,
         })
@@ -58,40 +139,13 @@ impl StdinConsole {
 
     /// Bytes read from the host that the guest has not taken yet.
     pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// Offers the pending bytes to the UART and forgets what it took.
-    fn flush_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let taken = self.serial.locked().enqueue_input(&self.pending);
-        self.pending.drain(..taken.min(self.pending.len()));
-    }
-
-    /// Reads what the descriptor has into `pending`; marks the console closed at end of file
-    /// or on an error other than "try again".
-    fn read_input(&mut self) {
-        match read_fd(self.input, &mut self.pending) {
-            Ok(0) => self.closed = true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-                ) => {}
-            Err(e) => {
-                log::warn!("serial console input stopped: {e}");
-                self.closed = true;
-            }
-        }
+        self.feed.pending()
     }
 
     /// Puts the descriptor in the epoll set, or takes it out, as the state asks: read while open
     /// and below the limit.
     fn update_interest(&mut self, ops: &mut EventOps) {
-        let want = !self.closed && self.pending.len() < PENDING_LIMIT;
+        let want = !self.closed && self.feed.has_room();
         if want == self.reading {
             return;
         }
@@ -116,33 +170,52 @@ impl StdinConsole {
 
 impl MutEventSubscriber for StdinConsole {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.drained.as_raw_fd() {
-            // The counter only says "the FIFO ran empty at least once"; its value is not needed.
-            let _ = self.drained.read();
+        if events.fd() == self.feed.drained().as_raw_fd() {
+            self.feed.take_drained();
         } else if events.fd() == self.input && !self.closed {
             // A hang-up with bytes left is reported as readable too: read until end of file.
             if events
                 .event_set()
                 .intersects(EventSet::IN | EventSet::HANG_UP)
+                && self.feed.read_from(self.input) == ReadOutcome::Closed
             {
-                self.read_input();
+                self.closed = true;
             }
-            if events.event_set().contains(EventSet::ERROR) && self.pending.is_empty() {
+            if events.event_set().contains(EventSet::ERROR) && self.feed.pending() == 0 {
                 self.closed = true;
             }
         }
-        self.flush_pending();
+        self.feed.flush();
         self.update_interest(ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.feed.drained(), EventSet::IN)) {
             log::error!("cannot watch the serial input FIFO: {e:?}; the console has no input");
             self.closed = true;
             return;
         }
         self.update_interest(ops);
     }
+}
+
+/// The host side of the serial console that the event loop serves, as `--serial` chose.
+pub enum ConsoleHost {
+    /// rvmm's stdin ([`StdinConsole`]).
+    Stdin,
+    /// A unix socket ([`crate::vm::console_socket::SocketConsole`]).
+    Socket {
+        /// The listening socket.
+        listener: crate::vm::console_socket::ConsoleListener,
+        /// The attachment shared with the console writer's sink.
+        shared: Arc<crate::vm::console_socket::SocketShared>,
+        /// Wakes the console writer to replay its ring to a client that attached.
+        waker: crate::vm::console_out::ConsoleWaker,
+    },
+    /// A pseudo-terminal ([`crate::vm::console_pty::PtyConsole`]).
+    Pty(crate::vm::console_pty::Pty),
+    /// No input (`--serial file=`).
+    Nothing,
 }
 
 /// Reads what `fd` has (at most [`READ_CHUNK`] bytes) straight from the descriptor and appends

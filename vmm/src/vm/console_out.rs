@@ -8,6 +8,9 @@
 //! - A file sink has a size limit ([`DEFAULT_FILE_LIMIT`] unless `max_size=` says otherwise):
 //!   past it, one line says that output was dropped and nothing more is written, so a guest
 //!   cannot fill the host's disk.
+//! - A sink that changes on its own (a socket console a client attaches to) is woken through a
+//!   [`ConsoleWaker`]: the thread then calls the sink's `flush` with no new bytes, so that it can
+//!   replay what it kept for the new client.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -34,6 +37,8 @@ struct State {
     /// Bytes dropped in all.
     dropped_total: u64,
     closed: bool,
+    /// A [`ConsoleWaker`] asked for the sink to be flushed.
+    wake: bool,
     /// The writer thread has written everything and ended.
     finished: bool,
 }
@@ -117,6 +122,13 @@ impl ConsoleWriter {
         ))
     }
 
+    /// A handle that wakes this writer to flush its sink without new output.
+    pub fn waker(&self) -> ConsoleWaker {
+        ConsoleWaker {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Bytes dropped so far because the sink was too slow.
     pub fn dropped_total(&self) -> u64 {
         self.shared.state.locked().dropped_total
@@ -164,6 +176,21 @@ impl Drop for ConsoleWriter {
     }
 }
 
+/// Wakes the writer thread to flush its sink although no output arrived (see the module
+/// documentation); cheap, never blocks on the sink.
+#[derive(Clone)]
+pub struct ConsoleWaker {
+    shared: Arc<Shared>,
+}
+
+impl ConsoleWaker {
+    /// Asks the writer thread to call its sink's `flush`.
+    pub fn wake(&self) {
+        self.shared.state.locked().wake = true;
+        self.shared.changed.notify_all();
+    }
+}
+
 /// The writer thread: moves the buffer to `sink` until the output is closed and drained.
 fn drain(shared: &Shared, mut sink: Box<dyn Write + Send>, limit: Option<u64>) {
     let mut written: u64 = 0;
@@ -172,14 +199,22 @@ fn drain(shared: &Shared, mut sink: Box<dyn Write + Send>, limit: Option<u64>) {
     loop {
         let (chunk, dropped) = {
             let mut state = shared.state.locked();
-            while state.buffer.is_empty() && state.dropped == 0 && !state.closed {
+            while state.buffer.is_empty() && state.dropped == 0 && !state.closed && !state.wake {
                 state = match shared.changed.wait(state) {
                     Ok(guard) => guard,
                     Err(poisoned) => poisoned.into_inner(),
                 };
             }
-            if state.buffer.is_empty() && state.dropped == 0 && state.closed {
-                return;
+            let woken = std::mem::take(&mut state.wake);
+            if state.buffer.is_empty() && state.dropped == 0 {
+                if woken {
+                    drop(state);
+                    flush_sink(&mut sink, &mut failing);
+                    continue;
+                }
+                if state.closed {
+                    return;
+                }
             }
             let n = state.buffer.len().min(CHUNK);
             let chunk: Vec<u8> = state.buffer.drain(..n).collect();
@@ -213,16 +248,27 @@ fn drain(shared: &Shared, mut sink: Box<dyn Write + Send>, limit: Option<u64>) {
                 );
             }
         }
-        match sink.write_all(&out).and_then(|()| sink.flush()) {
-            Ok(()) => failing = false,
-            // Once per run of failures: a closed stdout fails every write.
-            Err(e) if !failing => {
-                log::warn!("guest console output lost: {e}");
-                failing = true;
-            }
-            Err(_) => {}
-        }
+        let result = sink.write_all(&out).and_then(|()| sink.flush());
+        note_result(result, &mut failing);
         written = written.saturating_add(out.len() as u64);
+    }
+}
+
+/// Flushes `sink` when woken without new output.
+fn flush_sink(sink: &mut Box<dyn Write + Send>, failing: &mut bool) {
+    let result = sink.flush();
+    note_result(result, failing);
+}
+
+/// Logs a failed write once per run of failures: a closed stdout fails every write.
+fn note_result(result: io::Result<()>, failing: &mut bool) {
+    match result {
+        Ok(()) => *failing = false,
+        Err(e) if !*failing => {
+            log::warn!("guest console output lost: {e}");
+            *failing = true;
+        }
+        Err(_) => {}
     }
 }
 

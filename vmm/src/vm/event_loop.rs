@@ -1,5 +1,6 @@
-//! The VMM's event loop: serial input from stdin ([`StdinConsole`]), the VM-exit event, the control
-//! API and VFIO interrupts (the controller). Every change of the device tree happens on this thread.
+//! The VMM's event loop: serial input from stdin ([`StdinConsole`]), a socket or a pty, the
+//! VM-exit event, the control API and VFIO interrupts (the controller). Every change of the device
+//! tree happens on this thread.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,7 +9,9 @@ use rvmm_devices::serial::Serial;
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::vm::console::StdinConsole;
+use crate::vm::console::{ConsoleHost, StdinConsole};
+use crate::vm::console_pty::PtyConsole;
+use crate::vm::console_socket::SocketConsole;
 use crate::vm::exit::ExitSignal;
 
 /// How long the loop waits for events at most before it looks at the exit request again.
@@ -67,6 +70,34 @@ impl EventLoop {
             .map_err(|source| EventLoopError::Console { source })?;
         self.saved_termios = set_raw_mode();
         self.manager.add_subscriber(Arc::new(Mutex::new(console)));
+        Ok(())
+    }
+
+    /// Serves the console's host side `host` for `serial`: stdin (a terminal in raw mode until
+    /// [`EventLoop::restore_terminal`]), a socket's clients or a pty.
+    pub fn add_console(
+        &mut self,
+        host: ConsoleHost,
+        serial: Arc<Mutex<Serial>>,
+    ) -> Result<(), EventLoopError> {
+        let console = |source| EventLoopError::Console { source };
+        match host {
+            ConsoleHost::Stdin => self.add_stdin_console(serial)?,
+            ConsoleHost::Socket {
+                listener,
+                shared,
+                waker,
+            } => {
+                let socket =
+                    SocketConsole::new(listener, shared, waker, serial).map_err(console)?;
+                self.manager.add_subscriber(Arc::new(Mutex::new(socket)));
+            }
+            ConsoleHost::Pty(pty) => {
+                let pty = PtyConsole::new(pty, serial).map_err(console)?;
+                self.manager.add_subscriber(Arc::new(Mutex::new(pty)));
+            }
+            ConsoleHost::Nothing => {}
+        }
         Ok(())
     }
 

@@ -5,6 +5,8 @@
 pub mod config;
 pub mod console;
 pub mod console_out;
+pub mod console_pty;
+pub mod console_socket;
 pub mod event_loop;
 pub mod exit;
 pub mod pause;
@@ -35,7 +37,7 @@ use crate::memory;
 use crate::observe::event_log::EventLogError;
 use crate::observe::{EventLog, EventLogTarget, MemoryCounters, VmCounters};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
-use crate::vm::config::{ConfigError, SerialConfig, VmConfig};
+use crate::vm::config::{ConfigError, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
 use crate::vm::pause::VmPause;
@@ -147,7 +149,6 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     devices: DeviceManager,
     vcpus: Vec<VcpuFd>,
-    serial: SerialConfig,
     summary: VmSummary,
     api_socket: Option<PathBuf>,
     seccomp: SeccompMode,
@@ -230,6 +231,7 @@ impl Vm {
             },
         )?;
         let vcpus = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
+        let console = Some(devices.console_info());
         Ok(Self {
             vm_fd,
             memory,
@@ -238,11 +240,11 @@ impl Vm {
             exit,
             devices,
             vcpus,
-            serial: config.serial.clone(),
             summary: VmSummary {
                 cpus: config.cpus,
                 memory_bytes: config.memory.size,
                 hugepages: config.memory.hugepages,
+                console,
             },
             api_socket: config.api_socket.clone(),
             seccomp: config.seccomp,
@@ -336,10 +338,10 @@ impl Vm {
         // Dropping the loop restores the terminal and drops the controller (pending API calls
         // refused, devices released), on the error paths below too.
         let mut event_loop = EventLoop::new(self.exit.clone())?;
-        if self.serial == SerialConfig::Stdio {
-            if let Some(serial) = self.devices.serial() {
-                event_loop.add_stdin_console(serial)?;
-            }
+        if let (Some(serial), Some(host)) =
+            (self.devices.serial(), self.devices.take_console_host())
+        {
+            event_loop.add_console(host, serial)?;
         }
         if let Some(path) = &self.api_socket {
             *server = Some(ApiServer::start_with(
@@ -403,7 +405,7 @@ impl Vm {
             self.exit.clone(),
             self.events.clone(),
             queue,
-            self.summary,
+            self.summary.clone(),
         )
         .with_counters(CounterSources {
             vm: self.counters.clone(),
