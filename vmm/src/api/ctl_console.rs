@@ -474,12 +474,15 @@ mod tests {
     /// other end `console` plays the VM; returns how it ended and what reached the output.
     fn pumped(
         terminal: bool,
-        type_in: impl FnOnce(std::io::PipeWriter) + Send + 'static,
+        type_in: impl FnOnce(std::io::PipeWriter, std::sync::mpsc::Receiver<()>) + Send + 'static,
         console: impl FnOnce(UnixStream) + Send + 'static,
     ) -> (Result<Ended, ConsoleError>, Vec<u8>) {
         let (input, writer) = std::io::pipe().unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let typist = std::thread::spawn(move || type_in(writer));
+        // Disconnected once the pump has returned: a typist that waits on it keeps its input
+        // open for the whole session.
+        let (pumped_tx, pumped_rx) = std::sync::mpsc::channel::<()>();
+        let typist = std::thread::spawn(move || type_in(writer, pumped_rx));
         let vm = std::thread::spawn(move || console(theirs));
         let signals = SignalFd::new().unwrap();
         let mut output = Vec::new();
@@ -492,6 +495,7 @@ mod tests {
                 terminal,
             },
         );
+        drop(pumped_tx);
         drop(ours);
         typist.join().unwrap();
         vm.join().unwrap();
@@ -503,7 +507,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let (ended, output) = pumped(
             false,
-            move |mut w| {
+            move |mut w, _pumped| {
                 w.write_all(b"ls\n").unwrap();
                 // Input ends once the console has answered.
                 rx.recv().unwrap();
@@ -531,7 +535,7 @@ mod tests {
     fn escape_on_a_terminal_detaches_after_sending_what_came_before() {
         let (ended, _) = pumped(
             true,
-            |mut w| w.write_all(b"ab\x1dcd").unwrap(),
+            |mut w, _pumped| w.write_all(b"ab\x1dcd").unwrap(),
             |mut vm| {
                 let mut got = Vec::new();
                 vm.read_to_end(&mut got).unwrap();
@@ -546,7 +550,7 @@ mod tests {
     fn escape_byte_in_piped_input_is_just_input() {
         let (ended, _) = pumped(
             false,
-            |mut w| w.write_all(b"a\x1db").unwrap(),
+            |mut w, _pumped| w.write_all(b"a\x1db").unwrap(),
             |mut vm| {
                 let mut got = Vec::new();
                 vm.read_to_end(&mut got).unwrap();
@@ -559,16 +563,13 @@ mod tests {
 
     #[test]
     fn console_that_closes_ends_the_session() {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (ended, output) = pumped(
             false,
-            move |_w| {
-                let _ = rx.recv();
+            |_w, pumped| {
+                let _ = pumped.recv();
             },
-            move |mut vm| {
+            |mut vm| {
                 vm.write_all(b"bye\r\n").unwrap();
-                drop(vm);
-                drop(tx);
             },
         );
 
@@ -578,16 +579,13 @@ mod tests {
 
     #[test]
     fn refused_attach_is_an_error_and_prints_nothing() {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (ended, output) = pumped(
             false,
-            move |_w| {
-                let _ = rx.recv();
+            |_w, pumped| {
+                let _ = pumped.recv();
             },
-            move |mut vm| {
+            |mut vm| {
                 vm.write_all(REFUSAL.as_bytes()).unwrap();
-                drop(vm);
-                drop(tx);
             },
         );
 
