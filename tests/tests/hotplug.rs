@@ -162,10 +162,12 @@ fn nvme_scenario() -> String {
     s += &finish_stop("host_remove");
     // After rvmm's end: the event log and rvmm's own log as it left them.
     s += &format!(
-        "hmark event_log_lines \"$(grep -c . {EVENT_LOG})\"\n\
+        "hmark begin host_remove_files\n\
+         hmark event_log_lines \"$(grep -c . {EVENT_LOG})\"\n\
          while IFS= read -r line; do hmark event_log \"$line\"; done <{EVENT_LOG}\n\
          hmark log_file_lines \"$(grep -c . {LOG_FILE})\"\n\
-         tail -n 300 {LOG_FILE} | while IFS= read -r line; do hmark log_file \"$line\"; done\n"
+         tail -n 300 {LOG_FILE} | while IFS= read -r line; do hmark log_file \"$line\"; done\n\
+         hmark end host_remove_files\n"
     );
     s
 }

@@ -9,8 +9,14 @@ fn host_remove() -> Section<'static> {
     nvme_run().section("host_remove")
 }
 
+/// The event log and rvmm's log file, printed after the `host_remove` run ended.
+fn files() -> Section<'static> {
+    nvme_run().section("host_remove_files")
+}
+
 /// Every line of the event log, in order (printed after rvmm's end).
-fn event_log<'a>(run: &Section<'a>) -> Vec<&'a str> {
+fn event_log() -> Vec<&'static str> {
+    let run = files();
     let lines: Vec<&str> = run
         .host_all("event_log")
         .into_iter()
@@ -74,9 +80,9 @@ fn total_exits(counters: &str) -> u64 {
 
 #[test]
 fn event_log_holds_every_event_of_the_run_in_order() {
-    let run = host_remove();
+    let run = files();
 
-    let log = event_log(&run);
+    let log = event_log();
 
     let events: Vec<String> = log.iter().map(|json| summary(json)).collect();
     let expected = [
@@ -105,7 +111,7 @@ fn event_log_holds_every_event_of_the_run_in_order() {
 #[test]
 fn event_log_ends_with_exactly_what_an_events_client_connected_early_saw() {
     let run = host_remove();
-    let log = event_log(&run);
+    let log = event_log();
 
     let seen: Vec<&str> = run
         .host_all("event")
@@ -212,7 +218,7 @@ fn counters_count_the_hotplug_operations_done() {
 #[test]
 fn log_file_lines_carry_a_timestamp_the_level_and_the_thread() {
     let run = host_remove();
-    let lines: Vec<&str> = run
+    let lines: Vec<&str> = files()
         .host_all("log_file")
         .into_iter()
         .map(|marker| marker.value)

@@ -75,8 +75,9 @@ pub struct DeviceCounters {
 pub struct MemoryCounters {
     /// Guest RAM mapped and prefaulted.
     pub reserved_bytes: u64,
-    /// Memory the kernel counts as locked in rvmm (`VmLck`: all of 4 KiB-backed guest RAM;
-    /// hugetlb pages, never swapped, are not counted there by Linux).
+    /// Memory the kernel counts as locked in rvmm (`VmLck`: all of 4 KiB-backed guest RAM, and
+    /// again while a passthrough device has it pinned for DMA; hugetlb pages, never swapped,
+    /// are not counted there by Linux).
     pub locked_bytes: u64,
     /// The page size backing guest RAM.
     pub page_size: u64,
