@@ -24,9 +24,8 @@ use std::sync::Mutex;
 
 use rvmm::api::server::{dispatch as real_dispatch, json_body, route, Endpoint, Outcome};
 use rvmm::api::types::{
-    DeviceInfo, EmptyRequest, RemovalReason, RemoveDeviceResponse, RootPortUsage,
-    DeviceInfo, PowerButtonRequest, RemovalReason, RemoveDeviceResponse, RootPortUsage,
-    ShutdownRequest, VmInfo,
+    DeviceInfo, EmptyRequest, PowerButtonRequest, RemovalReason, RemoveDeviceResponse,
+    RootPortUsage, ShutdownRequest, VmInfo,
 };
 use rvmm::api::{ApiError, ApiHandler, EventBus, RemoveDeviceRequest, Subscription};
 use rvmm::device::DeviceSpec;
@@ -136,6 +135,7 @@ impl ApiHandler for Recorder {
             devices: Vec::new(),
             resources: Default::default(),
             state: VmState::Running,
+            console: None,
         })
     }
 
@@ -180,6 +180,7 @@ impl ApiHandler for Recorder {
 
     fn resume(&self) -> Result<(), ApiError> {
         self.record("resume");
+        Ok(())
     }
 
     fn power_button(&self) -> Result<(), ApiError> {
@@ -279,6 +280,8 @@ fn dispatch(request: &Request) {
         Endpoint::Pause | Endpoint::Resume => {
             if !request.body.iter().all(u8::is_ascii_whitespace) {
                 decode::<EmptyRequest>(&request.body);
+            }
+        }
         Endpoint::PowerButton => {
             if !request.body.iter().all(u8::is_ascii_whitespace) {
                 decode::<PowerButtonRequest>(&request.body);

@@ -38,7 +38,10 @@ fn check_layout(bar: u64, mmappable: &Mmappable, holes: &[Area]) {
     all.sort_by_key(|(a, _)| a.offset);
     let mut end = 0u64;
     for (area, direct) in &all {
-        assert_eq!(area.offset, end, "gap or overlap before {area:?} in {layout:?}");
+        assert_eq!(
+            area.offset, end,
+            "gap or overlap before {area:?} in {layout:?}"
+        );
         end = area
             .offset
             .checked_add(area.size)
@@ -48,18 +51,25 @@ fn check_layout(bar: u64, mmappable: &Mmappable, holes: &[Area]) {
             assert_eq!(area.offset % PAGE, 0, "unaligned direct {area:?}");
             assert_eq!(area.size % PAGE, 0, "unaligned direct {area:?}");
             for hole in holes {
-                let overlap = area.offset < hole.offset.saturating_add(hole.size)
-                    && hole.offset < end;
+                let overlap =
+                    area.offset < hole.offset.saturating_add(hole.size) && hole.offset < end;
                 assert!(!overlap, "direct {area:?} covers the hole {hole:?}");
             }
         }
     }
-    assert_eq!(end, bar, "the layout {layout:?} does not cover the BAR of {bar:#x}");
+    assert_eq!(
+        end, bar,
+        "the layout {layout:?} does not cover the BAR of {bar:#x}"
+    );
 }
 
 fuzz_target!(|input: Input| {
     if let Some(needed) = region_info_needs(&input.buffer) {
-        assert!(needed > input.buffer.len(), "asked for {needed} bytes, has {}", input.buffer.len());
+        assert!(
+            needed > input.buffer.len(),
+            "asked for {needed} bytes, has {}",
+            input.buffer.len()
+        );
         assert!(needed <= 1 << 16, "asked for {needed} bytes");
     }
     let Some(region) = parse_region_info(&input.buffer) else {
