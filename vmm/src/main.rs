@@ -38,10 +38,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest powers off (exit 0), resets (exit 3) or crashes (4),
-    /// or rvmm powers it off on a signal (exit 5). SIGTERM presses the ACPI power button, and so
-    /// does SIGINT unless the console is an interactive terminal (there Ctrl-C powers off at
-    /// once); a guest still running --shutdown-timeout-ms later is powered off, and a second
-    /// signal powers it off at once.
+    /// or rvmm powers it off on a signal (exit 5).
+    ///
+    /// SIGTERM presses the ACPI power button, and so does SIGINT unless the console is an
+    /// interactive terminal (there Ctrl-C powers off at once); a guest still running
+    /// --shutdown-timeout-ms later is powered off, and a second signal powers it off at once.
     Run(RunArgs),
     /// Control a running VM through its API socket (exit 1 when the call fails).
     Ctl(rvmm::api::ctl::CtlArgs),
