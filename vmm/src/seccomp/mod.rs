@@ -22,6 +22,7 @@
 
 mod filters;
 mod ioctls;
+mod malloc_arenas;
 mod names;
 mod reporter;
 
@@ -182,6 +183,9 @@ impl ThreadFilter {
             SeccompMode::On => SeccompAction::Trap,
             SeccompMode::Log => SeccompAction::Log,
         };
+        // Before any filtered thread starts: it may otherwise be the one glibc makes read a
+        // file to size its malloc arenas.
+        malloc_arenas::settle();
         let build = |source| SeccompError::Build { kind, source };
         let filter = SeccompFilter::new(
             filters::rules(kind)?,
