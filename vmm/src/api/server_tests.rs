@@ -599,6 +599,18 @@ fn pause_and_resume_events_reach_the_stream() {
     assert_eq!(second.kind, EventKind::VmResumed);
 }
 
+/// Plays the event loop: the one request that arrives in `queue` (within 5 s).
+fn next_pending(queue: &ApiRequestQueue) -> PendingRequest {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(p) = queue.drain().pop() {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no request arrived");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn queued_handler_carries_a_refused_pause_to_the_client_as_409() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -607,14 +619,7 @@ fn queued_handler_carries_a_refused_pause_to_the_client_as_409() {
     let handler = Arc::new(queue.handler(Arc::new(EventBus::new()), QueueTimeouts::default()));
     let _server = ApiServer::start(&path, handler).expect("server starts");
     let client = thread::spawn(move || ApiClient::new(&path).pause());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let pending = loop {
-        if let Some(p) = queue.drain().pop() {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no request arrived");
-        thread::sleep(Duration::from_millis(5));
-    };
+    let pending = next_pending(&queue);
     let PendingRequest::Pause(responder) = pending else {
         panic!("expected pause, got {}", pending.name());
     };
@@ -871,14 +876,7 @@ fn queued_handler_serves_requests_through_the_event_loop_thread() {
     let _server = ApiServer::start(&path, handler).expect("server starts");
     let client = thread::spawn(move || ApiClient::new(&path).info());
     // Play the event loop: answer the one request that arrives.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let pending = loop {
-        if let Some(p) = queue.drain().pop() {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no request arrived");
-        thread::sleep(Duration::from_millis(5));
-    };
+    let pending = next_pending(&queue);
     let PendingRequest::Info(responder) = pending else {
         panic!("expected info, got {}", pending.name());
     };

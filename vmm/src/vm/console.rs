@@ -231,6 +231,28 @@ fn read_fd(fd: RawFd, pending: &mut Vec<u8>) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// What the guest reads from `serial`'s receive FIFO until it is empty, as the 8250 driver does
+/// on an interrupt (for the console tests).
+#[cfg(test)]
+pub(crate) fn guest_reads_fifo(serial: &Mutex<Serial>) -> Vec<u8> {
+    use rvmm_devices::BusDevice;
+    const DATA: u64 = 0;
+    const LSR: u64 = 5;
+    const LSR_DATA_READY: u8 = 1;
+    let mut serial = serial.locked();
+    let mut got = Vec::new();
+    loop {
+        let mut lsr = [0u8];
+        serial.read(0, LSR, &mut lsr);
+        if lsr[0] & LSR_DATA_READY == 0 {
+            return got;
+        }
+        let mut byte = [0u8];
+        serial.read(0, DATA, &mut byte);
+        got.push(byte[0]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,13 +260,8 @@ mod tests {
     use std::io::{PipeReader, PipeWriter, Write};
 
     use event_manager::{EventManager, SubscriberOps};
-    use rvmm_devices::BusDevice;
 
     type Shared = Arc<Mutex<StdinConsole>>;
-
-    const DATA: u64 = 0;
-    const LSR: u64 = 5;
-    const LSR_DATA_READY: u8 = 1;
 
     struct Fixture {
         manager: EventManager<Shared>,
@@ -293,18 +310,7 @@ mod tests {
 
         /// The guest reads the receive FIFO empty, as the 8250 driver does on an interrupt.
         fn guest_reads(&self) -> Vec<u8> {
-            let mut serial = self.serial.locked();
-            let mut got = Vec::new();
-            loop {
-                let mut lsr = [0u8];
-                serial.read(0, LSR, &mut lsr);
-                if lsr[0] & LSR_DATA_READY == 0 {
-                    return got;
-                }
-                let mut byte = [0u8];
-                serial.read(0, DATA, &mut byte);
-                got.push(byte[0]);
-            }
+            guest_reads_fifo(&self.serial)
         }
 
         /// The guest reads whatever arrives until the loop has nothing more to give.

@@ -4,7 +4,6 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use rvmm_devices::BusDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::seccomp::{SeccompMode, ThreadFilter, ThreadKind};
@@ -143,10 +142,6 @@ fn tempdir() -> PathBuf {
     dir
 }
 
-const DATA: u64 = 0;
-const LSR: u64 = 5;
-const LSR_DATA_READY: u8 = 1;
-
 type Shared = Arc<Mutex<SocketConsole>>;
 
 /// A socket console as the VM runs it: the UART, the writer thread with a [`SocketSink`], the
@@ -203,18 +198,7 @@ impl Fixture {
 
     /// The guest reads its receive FIFO empty.
     fn guest_reads(&self) -> Vec<u8> {
-        let mut serial = self.serial.locked();
-        let mut got = Vec::new();
-        loop {
-            let mut lsr = [0u8];
-            serial.read(0, LSR, &mut lsr);
-            if lsr[0] & LSR_DATA_READY == 0 {
-                return got;
-            }
-            let mut byte = [0u8];
-            serial.read(0, DATA, &mut byte);
-            got.push(byte[0]);
-        }
+        crate::vm::console::guest_reads_fifo(&self.serial)
     }
 
     fn wait_detached(&mut self) {
