@@ -22,6 +22,10 @@
 #   --append STR       more test host kernel parameters
 #   --cpus N           test host vCPUs (default 2). One rules out QEMU's cross-vCPU races in
 #                      long runs that remap device memory hundreds of times.
+#   --numa             two host NUMA nodes (needs --cpus 2: one CPU and half the RAM each) and
+#                      one more NVMe drive (serial nvme-node1) on a root port behind a PCIe
+#                      expander bus (pxb-pcie, buses 0x80..) on node 1. QEMU emulates the nodes
+#                      without any distance between them.
 # Exit status: QEMU's (0 after the test host powered off), 124 on timeout.
 set -euo pipefail
 # shellcheck source=resources/lib.sh
@@ -39,6 +43,7 @@ initramfs="$IMAGES_DIR/host-initramfs.cpio"
 kernel="$KERNEL_DIR/vmlinuz"
 append=""
 cpus=2
+numa=0
 extra=()
 
 usage() { sed -n '/^# Usage:/,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -57,6 +62,7 @@ while [ $# -gt 0 ]; do
     --kernel) kernel="$2"; shift 2 ;;
     --append) append="$2"; shift 2 ;;
     --cpus) cpus="$2"; shift 2 ;;
+    --numa) numa=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h | --help) usage ;;
     *) echo "testhost.sh: unknown option $1" >&2; usage ;;
@@ -111,6 +117,26 @@ if [ "$igb" = 1 ]; then
   args+=(-device "igb,bus=rp$port,netdev=n0,romfile=" -netdev user,id=n0,restrict=on)
 fi
 for ((i = 0; i < spare_ports; i++)); do add_port; done
+if [ "$numa" = 1 ]; then
+  [ "$cpus" = 2 ] || die "--numa needs --cpus 2 (one CPU per node)"
+  case "$memory" in
+    *[Gg]) memory_mib=$((${memory%[Gg]} * 1024)) ;;
+    *[Mm]) memory_mib=${memory%[Mm]} ;;
+    *) die "--numa needs --memory in M or G (e.g. 3G)" ;;
+  esac
+  case "$memory_mib" in '' | *[!0-9]*) die "--numa needs --memory in whole M or G" ;; esac
+  node0_mib=$((memory_mib / 2))
+  rm -f "$workdir/nvme-node1.img"
+  truncate -s "$nvme_size" "$workdir/nvme-node1.img"
+  # shellcheck disable=SC2054
+  args+=(-object "memory-backend-ram,id=mem0,size=${node0_mib}M"
+    -object "memory-backend-ram,id=mem1,size=$((memory_mib - node0_mib))M"
+    -numa node,nodeid=0,cpus=0,memdev=mem0 -numa node,nodeid=1,cpus=1,memdev=mem1
+    -device pxb-pcie,id=pxb1,bus_nr=128,numa_node=1,bus=pcie.0
+    -device pcie-root-port,id=rpnode1,bus=pxb1,chassis=200,slot=200
+    -drive "file=$workdir/nvme-node1.img,if=none,format=raw,id=nvnode1"
+    -device nvme,serial=nvme-node1,drive=nvnode1,bus=rpnode1)
+fi
 args+=(-kernel "$kernel" -initrd "$initrd"
   -append "console=ttyS0 quiet intel_iommu=on no_timer_check panic=-1 $append" "${extra[@]}")
 

@@ -31,6 +31,7 @@ pub struct TestHost {
     kernel_args: String,
     qemu_args: Vec<String>,
     cpus: u32,
+    numa: bool,
     scenario: String,
     needs_rvmm: bool,
 }
@@ -76,6 +77,7 @@ impl TestHost {
             kernel_args: String::new(),
             qemu_args: Vec::new(),
             cpus: default_cpus(),
+            numa: false,
             scenario: String::new(),
             needs_rvmm: false,
         }
@@ -126,6 +128,15 @@ impl TestHost {
     /// Test host vCPUs (default: `$RVMM_TESTHOST_CPUS`, else 1).
     pub fn cpus(mut self, count: u32) -> Self {
         self.cpus = count;
+        self
+    }
+
+    /// Two host NUMA nodes, one CPU and half the RAM each (so two test host vCPUs), and one
+    /// more NVMe drive (serial `nvme-node1`, its `numa_node` 1) on a root port behind a PCIe
+    /// expander bus on node 1 (`resources/testhost.sh --numa`).
+    pub fn two_numa_nodes(mut self) -> Self {
+        self.numa = true;
+        self.cpus = 2;
         self
     }
 
@@ -195,6 +206,7 @@ impl TestHost {
             .args(["--timeout", &timeout.as_secs().max(1).to_string()])
             .args(["--append", &self.kernel_args])
             .args(["--cpus", &self.cpus.to_string()])
+            .args(self.numa.then_some("--numa"))
             .arg("--")
             .args(&self.qemu_args)
             .env("RVMM_BUILD_DIR", paths::build_dir())

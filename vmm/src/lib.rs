@@ -15,6 +15,7 @@
 //! | [`cpu`] | vCPU setup and the vCPU threads |
 //! | [`boot`] | loading the kernel (bzImage or PVH ELF), initramfs and boot parameters |
 //! | [`memory`] | reserving, prefaulting and locking guest RAM |
+//! | [`placement`] | host locality: guest RAM and vCPU threads on the devices' NUMA node |
 //! | [`api`] | the control API (HTTP/JSON server, client, `rvmm ctl`) |
 //! | [`observe`] | the event log, the counters, rvmm's own log |
 //! | [`seccomp`] | per-thread syscall filters |
@@ -28,6 +29,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod observe;
+pub mod placement;
 pub mod seccomp;
 pub mod vm;
 

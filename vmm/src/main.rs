@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use rvmm::device::{DeviceSource, DeviceSpec};
 use rvmm::observe::logging::{self, LogLevel};
 use rvmm::observe::EventLogTarget;
-use rvmm::vm::config::{DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_CPUS, MAX_ROOT_PORTS};
+use rvmm::placement::PlacementMode;
+use rvmm::vm::config::{CpusArg, DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_ROOT_PORTS};
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 use crate::signals::{Policy, ShutdownSignals};
@@ -43,7 +44,7 @@ enum Command {
     /// SIGTERM presses the ACPI power button, and so does SIGINT unless the console is an
     /// interactive terminal (there Ctrl-C powers off at once); a guest still running
     /// --shutdown-timeout-ms later is powered off, and a second signal powers it off at once.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Control a running VM through its API socket (exit 1 when the call fails).
     Ctl(rvmm::api::ctl::CtlArgs),
 }
@@ -59,12 +60,20 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Number of vCPUs (1 to 254; at most what KVM supports on this host).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
-    cpus: u8,
-    /// Guest memory: size=SIZE[,hugepages=on|off][,hugepage_size=2M|1G].
+    /// Number of vCPUs (1 to 254; at most what KVM supports on this host), optionally with the
+    /// host CPUs of the vCPU threads: N[,affinity=CPULIST] (e.g. 2,affinity=4-7; every vCPU
+    /// thread may run on every CPU of the list, not vCPU i on the i-th CPU).
+    #[arg(long, value_name = "N[,affinity=CPULIST]", default_value = "1")]
+    cpus: CpusArg,
+    /// Guest memory: size=SIZE[,hugepages=on|off][,hugepage_size=2M|1G][,host_node=N];
+    /// host_node=N binds it strictly to host NUMA node N (refused when the node cannot hold it).
     #[arg(long, default_value = "size=512M")]
     memory: MemoryConfig,
+    /// Host locality: auto binds guest RAM to the host NUMA node of the passthrough devices
+    /// given at start (when they share one) and keeps the vCPU threads on its CPUs; off leaves
+    /// both to the host. The decision and its reason are logged and shown by info.
+    #[arg(long, value_name = "auto|off", default_value = "auto")]
+    placement: PlacementMode,
     /// Number of hotplug-capable PCIe root ports (1 to 128).
     #[arg(long, default_value_t = DEFAULT_ROOT_PORTS, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_ROOT_PORTS)))]
     root_ports: u8,
@@ -135,7 +144,7 @@ impl From<RunArgs> for VmConfig {
             kernel: a.kernel,
             initramfs: a.initramfs,
             cmdline: a.cmdline,
-            cpus: a.cpus,
+            cpus: a.cpus.count,
             memory: a.memory,
             root_ports: a.root_ports,
             serial: a.serial,
@@ -143,6 +152,8 @@ impl From<RunArgs> for VmConfig {
             devices: a.devices.into_iter().chain(a.vfs).collect(),
             seccomp: a.seccomp,
             event_log: a.event_log,
+            placement: a.placement,
+            cpu_affinity: a.cpus.affinity,
         }
     }
 }
@@ -202,7 +213,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let shutdown_timeout = Duration::from_millis(args.shutdown_timeout_ms);
-            let config = VmConfig::from(args);
+            let config = VmConfig::from(*args);
             ExitCode::from(run(&config, shutdown_timeout))
         }
         Command::Ctl(args) => match rvmm::api::ctl::run(args) {
@@ -249,7 +260,7 @@ mod tests {
             panic!("not run");
         };
 
-        let config = VmConfig::from(args);
+        let config = VmConfig::from(*args);
 
         assert!(matches!(config.devices[0].source, DeviceSource::Host(_)));
         assert!(matches!(config.devices[1].source, DeviceSource::Vf(_)));
@@ -279,9 +290,40 @@ mod tests {
                 .chain(extra.iter().copied()),
         )?;
         match cli.command {
-            Command::Run(args) => Ok(args),
+            Command::Run(args) => Ok(*args),
             Command::Ctl(_) => panic!("not run"),
         }
+    }
+
+    #[test]
+    fn cpus_keep_the_bare_count_and_take_an_affinity() {
+        let plain = VmConfig::from(run_args(&["--cpus", "2"]).expect("valid"));
+        let pinned = VmConfig::from(run_args(&["--cpus", "2,affinity=0-1"]).expect("valid"));
+
+        assert_eq!((plain.cpus, plain.cpu_affinity), (2, None));
+        assert_eq!(pinned.cpus, 2);
+        assert_eq!(
+            pinned.cpu_affinity.map(|c| c.to_string()).as_deref(),
+            Some("0-1")
+        );
+    }
+
+    #[test]
+    fn bad_affinity_and_placement_are_command_line_errors() {
+        for args in [["--cpus", "2,affinity=x"], ["--placement", "numa"]] {
+            let err = run_args(&args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn placement_defaults_to_auto() {
+        let config = VmConfig::from(run_args(&[]).expect("valid"));
+
+        assert_eq!(config.placement, PlacementMode::Auto);
     }
 
     #[test]

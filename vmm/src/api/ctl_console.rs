@@ -415,6 +415,7 @@ mod tests {
                 kind,
                 path: path.map(Into::into),
             }),
+            placement: None,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::observe::{
     Counters, DeviceCounters, EventLogCounts, ExitReason, HotplugOpKind, HotplugStats,
     MemoryCounters, VcpuCounters, VectorCount, VectorKind,
 };
+use crate::placement::{CpuList, MemoryPolicy, Placement, PlacementMode};
 use crate::vm::pause::VmState;
 use rvmm_pci::Bdf;
 
@@ -214,6 +215,16 @@ fn vm_info() -> VmInfo {
             kind: ConsoleKind::Socket,
             path: Some("/run/rvmm/vm0.console".into()),
         }),
+        placement: Some(Placement {
+            mode: PlacementMode::Auto,
+            memory_policy: MemoryPolicy::Bind,
+            memory_node: Some(1),
+            vcpu_cpus: Some(CpuList::from_ids([1, 2, 3])),
+            reason: "disk0 (0000:10:00.0) on host node 1: guest RAM bound to node 1; vCPU \
+                     threads on node 1's CPUs 1-3"
+                .into(),
+            prefault_cpus: CpuList::default(),
+        }),
     }
 }
 
@@ -289,6 +300,34 @@ fn every_console_kind_matches_its_schema_and_info_without_console_too() {
     }
     let older = VmInfo {
         console: None,
+        ..vm_info()
+    };
+    v.validate("VmInfo", &older).expect("valid");
+}
+
+#[test]
+fn every_placement_matches_its_schema_and_info_without_placement_too() {
+    let v = Validator::new();
+    for policy in [
+        MemoryPolicy::Default,
+        MemoryPolicy::Bind,
+        MemoryPolicy::Preferred,
+    ] {
+        for mode in [PlacementMode::Auto, PlacementMode::Off] {
+            let placement = Placement {
+                mode,
+                memory_policy: policy,
+                memory_node: (policy != MemoryPolicy::Default).then_some(0),
+                vcpu_cpus: None,
+                reason: "why".into(),
+                prefault_cpus: CpuList::default(),
+            };
+            v.validate("Placement", &placement)
+                .unwrap_or_else(|e| panic!("{policy:?} {mode:?}: {e}"));
+        }
+    }
+    let older = VmInfo {
+        placement: None,
         ..vm_info()
     };
     v.validate("VmInfo", &older).expect("valid");

@@ -355,6 +355,7 @@ mod tests {
             resources: Default::default(),
             state: crate::vm::pause::VmState::Running,
             console: None,
+            placement: None,
         }
     }
 

@@ -96,6 +96,7 @@ impl ApiHandler for FakeVmm {
                 VmState::Running
             },
             console: None,
+            placement: None,
         })
     }
 

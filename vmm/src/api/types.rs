@@ -329,6 +329,10 @@ pub struct VmInfo {
     /// Where the guest's serial console is (absent in answers of older servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<ConsoleInfo>,
+    /// Where guest RAM and the vCPU threads are on the host and why (absent in answers of
+    /// older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::placement::Placement>,
 }
 
 /// Where the guest's serial console is, as `--serial` chose.

@@ -13,6 +13,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use super::pause::{Kick, VcpuPause};
 use crate::observe::counters::{ExitReason, VmCounters};
+use crate::placement::policy::set_thread_affinity;
+use crate::placement::CpuList;
 use crate::seccomp::ThreadFilter;
 use crate::vm::exit::{ExitSignal, VmExit};
 
@@ -44,6 +46,9 @@ pub struct VcpuContext {
     pub seccomp: Arc<ThreadFilter>,
     /// Where the vCPU counts its exits.
     pub counters: Arc<VmCounters>,
+    /// The host CPUs the thread may run on (set first thing, before the seccomp filter), if
+    /// restricted; every vCPU thread gets the same list.
+    pub affinity: Option<Arc<CpuList>>,
 }
 
 /// A running vCPU thread.
@@ -52,14 +57,28 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread, which installs its seccomp filter before it runs
-    /// the vCPU; an error installing it is returned here and the vCPU never runs.
+    /// Starts vCPU `index` on its own thread, which restricts itself to the context's host CPUs
+    /// and installs its seccomp filter before it runs the vCPU; an error doing either is
+    /// returned here and the vCPU never runs.
     pub fn spawn(index: u8, vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
         let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let filtered = ctx.seccomp.apply();
+                let placed = match &ctx.affinity {
+                    Some(cpus) => set_thread_affinity(cpus).map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("cannot restrict vCPU {index} to host CPUs {cpus}: {e}"),
+                        )
+                    }),
+                    None => Ok(()),
+                };
+                if let Err(e) = placed {
+                    let _ = filtered_tx.send(Err(e));
+                    return;
+                }
+                let filtered = ctx.seccomp.apply().map_err(std::io::Error::other);
                 let ok = filtered.is_ok();
                 let _ = filtered_tx.send(filtered);
                 if ok {
@@ -70,7 +89,7 @@ impl VcpuHandle {
             Ok(Ok(())) => Ok(Self { thread }),
             Ok(Err(e)) => {
                 let _ = thread.join();
-                Err(std::io::Error::other(e))
+                Err(e)
             }
             Err(_) => {
                 let _ = thread.join();

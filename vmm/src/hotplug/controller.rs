@@ -74,6 +74,8 @@ pub struct VmSummary {
     pub hugepages: bool,
     /// Where the serial console is.
     pub console: Option<ConsoleInfo>,
+    /// Where guest RAM and the vCPU threads are on the host, and why.
+    pub placement: Option<crate::placement::Placement>,
 }
 
 enum Op {
@@ -338,6 +340,7 @@ impl Controller {
             resources: self.passthrough.resources(),
             state: self.vm_state(),
             console: self.summary.console.clone(),
+            placement: self.summary.placement.clone(),
         }
     }
 

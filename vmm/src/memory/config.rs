@@ -68,8 +68,8 @@ impl FromStr for HugepageSize {
 
 /// Guest RAM: its size and its backing.
 ///
-/// Parsed from the CLI value `size=512M[,hugepages=on|off][,hugepage_size=2M|1G]`; displays back
-/// in the same syntax.
+/// Parsed from the CLI value `size=512M[,hugepages=on|off][,hugepage_size=2M|1G][,host_node=N]`;
+/// displays back in the same syntax.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// Guest RAM in bytes.
@@ -78,6 +78,9 @@ pub struct MemoryConfig {
     pub hugepages: bool,
     /// Size of the hugetlb pages; used only when `hugepages` is set.
     pub hugepage_size: HugepageSize,
+    /// Host NUMA node guest RAM is strictly bound to (`host_node=N`); checked against the
+    /// node's free memory before anything is reserved ([`crate::placement`]).
+    pub host_node: Option<u32>,
 }
 
 impl MemoryConfig {
@@ -122,7 +125,7 @@ impl MemoryConfig {
 impl FromStr for MemoryConfig {
     type Err = MemoryError;
 
-    /// Parses and validates `size=<size>[,hugepages=on|off][,hugepage_size=2M|1G]`.
+    /// Parses and validates `size=<size>[,hugepages=on|off][,hugepage_size=2M|1G][,host_node=N]`.
     fn from_str(s: &str) -> Result<Self> {
         if s.is_empty() {
             return Err(MemoryError::EmptyOptions);
@@ -130,6 +133,7 @@ impl FromStr for MemoryConfig {
         let mut size = None;
         let mut hugepages = None;
         let mut hugepage_size = None;
+        let mut host_node = None;
         for option in s.split(',') {
             if option.is_empty() {
                 return Err(MemoryError::EmptyOption {
@@ -145,6 +149,7 @@ impl FromStr for MemoryConfig {
                 "size" => set_once(&mut size, key, parse_size(value)?)?,
                 "hugepages" => set_once(&mut hugepages, key, parse_switch(key, value)?)?,
                 "hugepage_size" => set_once(&mut hugepage_size, key, value.parse()?)?,
+                "host_node" => set_once(&mut host_node, key, parse_node(value)?)?,
                 _ => {
                     return Err(MemoryError::UnknownKey {
                         key: key.to_string(),
@@ -160,6 +165,7 @@ impl FromStr for MemoryConfig {
             size: size.ok_or(MemoryError::MissingSize)?,
             hugepages,
             hugepage_size: hugepage_size.unwrap_or_default(),
+            host_node,
         };
         config.validate()?;
         Ok(config)
@@ -171,6 +177,9 @@ impl fmt::Display for MemoryConfig {
         write!(f, "size={}", DisplaySize(self.size))?;
         if self.hugepages {
             write!(f, ",hugepages=on,hugepage_size={}", self.hugepage_size)?;
+        }
+        if let Some(node) = self.host_node {
+            write!(f, ",host_node={node}")?;
         }
         Ok(())
     }
@@ -185,6 +194,17 @@ fn set_once<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<()> {
     }
     *slot = Some(value);
     Ok(())
+}
+
+/// Parses a host NUMA node number (0 to 1023, the kernel's `MAX_NUMNODES` limit).
+fn parse_node(value: &str) -> Result<u32> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|&n| n < 1024 && !value.starts_with('+'))
+        .ok_or_else(|| MemoryError::InvalidHostNode {
+            value: value.chars().take(40).collect(),
+        })
 }
 
 /// Parses `on` or `off`.
@@ -215,6 +235,7 @@ mod tests {
                 size: 512 << 20,
                 hugepages: false,
                 hugepage_size: HugepageSize::Size2M,
+                host_node: None,
             }
         );
     }
@@ -234,8 +255,30 @@ mod tests {
                 size: 4 << 30,
                 hugepages: true,
                 hugepage_size: HugepageSize::Size1G,
+                host_node: None,
             }
         );
+    }
+
+    #[test]
+    fn host_node_is_parsed_and_displayed_back() {
+        let config = parse("size=512M,host_node=1").unwrap();
+
+        assert_eq!(config.host_node, Some(1));
+        assert_eq!(config.to_string(), "size=512M,host_node=1");
+    }
+
+    #[test]
+    fn host_node_must_be_a_node_number() {
+        for value in ["-1", "x", "1024", "+1", ""] {
+            assert!(
+                matches!(
+                    parse(&format!("size=512M,host_node={value}")),
+                    Err(MemoryError::InvalidHostNode { .. })
+                ),
+                "{value}"
+            );
+        }
     }
 
     #[test]

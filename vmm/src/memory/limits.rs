@@ -317,6 +317,7 @@ pub(crate) mod tests {
             size,
             hugepages: hugepages.is_some(),
             hugepage_size: hugepages.unwrap_or_default(),
+            host_node: None,
         }
     }
 

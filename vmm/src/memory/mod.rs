@@ -9,8 +9,9 @@
 //!    process has `CAP_IPC_LOCK`), the hugepage pool or the host's available memory. A refusal
 //!    names the numbers and the fix.
 //! 3. [`reserve`] maps each region of [`ram_regions`] (anonymous, private, optionally hugetlb),
-//!    prefaults it with `MADV_POPULATE_WRITE` (touching every page on kernels before 5.14) and
-//!    `mlock`s it.
+//!    gives it the memory policy of the VM's [`Placement`](crate::placement::Placement)
+//!    ([`reserve_placed`]), prefaults it with `MADV_POPULATE_WRITE` (touching every page on
+//!    kernels before 5.14) from several threads ([`prefault`]) and `mlock`s it.
 //!
 //! The mappings are created by vm-memory's `MmapRegionBuilder`, so each `MmapRegion` owns its
 //! mapping and unmaps it when dropped; unmapping also drops the lock. Dropping the returned
@@ -29,6 +30,7 @@
 
 mod config;
 mod limits;
+pub mod prefault;
 mod reserve;
 mod size;
 
@@ -40,7 +42,7 @@ pub use limits::{
     check_host_memory, check_hugepage_pool, check_memlock, locked_memory, preflight, HostMemory,
     HostProbe, HugepagePool, SystemHost,
 };
-pub use reserve::{ram_regions, reserve, reserve_with};
+pub use reserve::{ram_regions, reserve, reserve_placed, reserve_with};
 pub use size::parse_size;
 
 use size::DisplayBytes;
@@ -120,7 +122,8 @@ pub enum MemoryError {
     },
     /// An option key is not known.
     #[error(
-        "unknown memory option \"{key}\"; valid options are size, hugepages and hugepage_size"
+        "unknown memory option \"{key}\"; valid options are size, hugepages, hugepage_size and \
+         host_node"
     )]
     UnknownKey {
         /// The rejected key.
@@ -146,6 +149,12 @@ pub enum MemoryError {
     /// A hugepage size other than 2M or 1G was requested.
     #[error("unsupported hugepage size \"{value}\"; use 2M or 1G")]
     UnsupportedHugepageSize {
+        /// The rejected value.
+        value: String,
+    },
+    /// `host_node` is not a node number.
+    #[error("invalid host_node \"{value}\"; give a host NUMA node number, e.g. host_node=1")]
+    InvalidHostNode {
         /// The rejected value.
         value: String,
     },
@@ -255,6 +264,22 @@ pub enum MemoryError {
         /// Region size in bytes.
         size: u64,
         /// The mmap error.
+        #[source]
+        source: io::Error,
+    },
+    /// Giving a guest RAM region its memory policy failed.
+    #[error(
+        "cannot bind guest RAM region at {start:#x} of {} to host node {node}",
+        DisplayBytes(*.size)
+    )]
+    Bind {
+        /// Guest physical start address.
+        start: u64,
+        /// Region size in bytes.
+        size: u64,
+        /// The host node.
+        node: u32,
+        /// The mbind error.
         #[source]
         source: io::Error,
     },

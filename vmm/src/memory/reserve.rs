@@ -7,14 +7,12 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use super::limits::{preflight, HostProbe, SystemHost};
+use super::prefault::{populate_write, prefault_parallel, thread_count, Span};
 use super::size::DisplayBytes;
 use super::{HugepageSize, MemoryConfig, MemoryError, Result};
 use crate::machine::layout::{HIGH_RAM_START, MMIO32_HOLE_START};
+use crate::placement::{allowed_cpus, policy::bind_memory, MemoryPolicy, Placement};
 use rvmm_devices::host::page_size as host_page_size;
-
-/// `madvise` advice that write-faults every page of a range (Linux 5.14+, `<linux/mman.h>`); the
-/// libc crate does not export it.
-const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// Splits `size` bytes of guest RAM around the 32-bit MMIO hole: up to
 /// [`MMIO32_HOLE_START`] from address 0, the rest from [`HIGH_RAM_START`].
@@ -44,44 +42,79 @@ pub fn reserve(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
     reserve_with(config, &SystemHost)
 }
 
-/// [`reserve`] with the host facts read by `host`.
+/// [`reserve`] with the host facts read by `host`: no memory policy, prefaulted by one thread per
+/// CPU this process may use (bounded).
 pub fn reserve_with(config: &MemoryConfig, host: &dyn HostProbe) -> Result<GuestMemoryMmap> {
+    let placement = Placement {
+        prefault_cpus: allowed_cpus().unwrap_or_default(),
+        ..Placement::default()
+    };
+    reserve_placed(config, host, &placement)
+}
+
+/// [`reserve_with`] under `placement`: each region gets the placement's memory policy
+/// (`mbind`) before its first touch, then is prefaulted by threads on the placement's prefault
+/// CPUs (one per CPU, bounded: [`super::prefault::thread_count`]) and locked. All or nothing:
+/// on any error every region made so far is unmapped.
+pub fn reserve_placed(
+    config: &MemoryConfig,
+    host: &dyn HostProbe,
+    placement: &Placement,
+) -> Result<GuestMemoryMmap> {
     preflight(config, host)?;
     let backing = config.hugepages.then_some(config.hugepage_size);
     let started = Instant::now();
-    let regions = map_regions(&ram_regions(config.size), backing)?;
+    let mut threads = 0;
+    let regions = map_regions(&ram_regions(config.size), backing, placement, &mut threads)?;
     let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
+    let elapsed = started.elapsed();
+    let policy = match (placement.memory_policy, placement.memory_node) {
+        (MemoryPolicy::Bind, Some(node)) => format!(", bound to host node {node}"),
+        (MemoryPolicy::Preferred, Some(node)) => format!(", preferring host node {node}"),
+        _ => String::new(),
+    };
     log::info!(
-        "reserved {} of guest RAM on {} pages, prefaulted and locked in {:?}",
+        "reserved {} of guest RAM on {} pages, prefaulted and locked in {:?} ({} prefault \
+         threads{policy})",
         DisplayBytes(config.size),
         backing.map_or_else(
             || DisplayBytes(host_page_size()).to_string(),
             |s| s.to_string()
         ),
-        started.elapsed()
+        elapsed,
+        threads,
     );
     Ok(memory)
 }
 
 /// Maps, prefaults and locks each of `regions`; on the first failure the regions made so far are
-/// dropped, which unmaps them.
+/// dropped, which unmaps them. `threads` ends as the most prefault threads a region had.
 fn map_regions(
     regions: &[(GuestAddress, u64)],
     backing: Option<HugepageSize>,
+    placement: &Placement,
+    threads: &mut usize,
 ) -> Result<Vec<GuestRegionMmap>> {
     regions
         .iter()
-        .map(|&(start, size)| map_region(start, size, backing))
+        .map(|&(start, size)| {
+            let (region, used) = map_region(start, size, backing, placement, populate_write)?;
+            *threads = (*threads).max(used);
+            Ok(region)
+        })
         .collect()
 }
 
-/// Maps one region of guest RAM (anonymous, private, hugetlb if `backing` is set), prefaults it
-/// and locks it.
+/// Maps one region of guest RAM (anonymous, private, hugetlb if `backing` is set), gives it the
+/// placement's memory policy, prefaults it with `populate` in parallel and locks it; returns it
+/// with the number of prefault threads.
 fn map_region(
     start: GuestAddress,
     size: u64,
     backing: Option<HugepageSize>,
-) -> Result<GuestRegionMmap> {
+    placement: &Placement,
+    populate: fn(Span) -> io::Result<()>,
+) -> Result<(GuestRegionMmap, usize)> {
     let len = usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge {
         start: start.0,
         size,
@@ -109,12 +142,30 @@ fn map_region(
                 other => io::Error::new(io::ErrorKind::InvalidInput, other),
             },
         })?;
+    if let Some(node) = placement.memory_node {
+        // SAFETY: the range is exactly the fresh mapping owned by `mapping` (page-aligned by
+        // mmap), untouched so far, so every page faulted in below follows the policy.
+        unsafe { bind_memory(mapping.as_ptr(), len, placement.memory_policy, node) }.map_err(
+            |source| MemoryError::Bind {
+                start: start.0,
+                size,
+                node,
+                source,
+            },
+        )?;
+    }
     let page_size = backing.map_or_else(host_page_size, HugepageSize::bytes);
-    prefault(&mapping, page_size, populate_write).map_err(|source| MemoryError::Populate {
-        start: start.0,
-        size,
-        source,
-    })?;
+    let span = Span {
+        addr: mapping.as_ptr() as usize,
+        len,
+    };
+    let threads = thread_count(len, placement.prefault_cpus.len());
+    let used = prefault_parallel(span, page_size, threads, &placement.prefault_cpus, populate)
+        .map_err(|source| MemoryError::Populate {
+            start: start.0,
+            size,
+            source,
+        })?;
     lock(&mapping).map_err(|source| MemoryError::Lock {
         start: start.0,
         size,
@@ -126,62 +177,11 @@ fn map_region(
         start.0.saturating_add(size),
         mapping.as_ptr()
     );
-    GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
+    let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
         start: start.0,
         size,
-    })
-}
-
-/// Write-faults every page of `mapping` with `populate`, or by touching every `page_size`-th byte
-/// when `populate` reports `EINVAL` (a kernel before 5.14 that does not know the advice).
-fn prefault(
-    mapping: &MmapRegion,
-    page_size: u64,
-    populate: fn(&MmapRegion) -> io::Result<()>,
-) -> io::Result<()> {
-    match populate(mapping) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            log::debug!("MADV_POPULATE_WRITE not supported, touching every page instead");
-            touch_pages(mapping, page_size);
-            Ok(())
-        }
-        result => result,
-    }
-}
-
-/// Prefaults `mapping` with `madvise(MADV_POPULATE_WRITE)`.
-fn populate_write(mapping: &MmapRegion) -> io::Result<()> {
-    // SAFETY: the range is exactly the live mapping owned by `mapping`; the advice only faults
-    // pages in and does not change their contents or the mapping.
-    let ret = unsafe {
-        libc::madvise(
-            mapping.as_ptr().cast::<libc::c_void>(),
-            mapping.size(),
-            MADV_POPULATE_WRITE,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Write-faults every page of `mapping` by rewriting the first byte of each page with its value.
-///
-/// Only used on a fresh mapping nobody else accesses yet; on hugetlb the pool was reserved by
-/// `mmap` (no `MAP_NORESERVE`), so the faults cannot run out of pages.
-fn touch_pages(mapping: &MmapRegion, page_size: u64) {
-    let base = mapping.as_ptr();
-    let step = usize::try_from(page_size).unwrap_or(usize::MAX).max(1);
-    for offset in (0..mapping.size()).step_by(step) {
-        // SAFETY: `offset` is below the size of the live, readable and writable mapping that
-        // `mapping` owns, so the byte is in bounds; rewriting its own value keeps the contents,
-        // and volatile accesses keep the compiler from eliding the write that faults the page in.
-        unsafe {
-            let byte = base.add(offset);
-            byte.write_volatile(byte.read_volatile());
-        }
-    }
+    })?;
+    Ok((region, used))
 }
 
 /// Locks all of `mapping` in memory.
@@ -204,6 +204,7 @@ mod tests {
     use super::*;
     use crate::memory::limits::tests::FakeHost;
     use crate::memory::locked_memory;
+    use crate::memory::prefault::{prefault, touch_pages};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
@@ -221,6 +222,7 @@ mod tests {
             size,
             hugepages: false,
             hugepage_size: HugepageSize::Size2M,
+            host_node: None,
         }
     }
 
@@ -242,6 +244,55 @@ mod tests {
 
     fn unpopulated(size: usize) -> MmapRegion {
         MmapRegion::new(size).unwrap()
+    }
+
+    fn span(mapping: &MmapRegion) -> Span {
+        Span {
+            addr: mapping.as_ptr() as usize,
+            len: mapping.size(),
+        }
+    }
+
+    #[test]
+    fn failed_parallel_prefault_releases_the_region() {
+        let _guard = vmlck_guard();
+        let before = locked_memory().unwrap();
+        fn out_of_memory(_: Span) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOMEM))
+        }
+        let placement = Placement {
+            prefault_cpus: crate::placement::CpuList::from_ids(0..4),
+            ..Placement::default()
+        };
+
+        let result = map_region(GuestAddress(0), 128 * MIB, None, &placement, out_of_memory);
+
+        assert!(matches!(result, Err(MemoryError::Populate { size, .. }) if size == 128 * MIB));
+        assert_eq!(locked_memory().unwrap(), before);
+    }
+
+    #[test]
+    fn placed_reservation_binds_ram_to_the_node() {
+        let _guard = vmlck_guard();
+        let node = crate::placement::HostTopology::read(std::path::Path::new("/sys"))
+            .unwrap()
+            .nodes
+            .first()
+            .map_or(0, |n| n.id);
+        let placement = Placement {
+            memory_policy: MemoryPolicy::Bind,
+            memory_node: Some(node),
+            prefault_cpus: allowed_cpus().unwrap(),
+            ..Placement::default()
+        };
+
+        let memory = reserve_placed(&config(64 * MIB), &SystemHost, &placement).unwrap();
+
+        let region = memory.iter().next().unwrap();
+        let (mode, nodes) = crate::placement::policy::policy_of(region.as_ptr()).unwrap();
+        assert_eq!(mode, 2, "MPOL_BIND");
+        assert_eq!(nodes, crate::placement::CpuList::from_ids([node]));
+        assert!(all_resident(&region.get_mmap()));
     }
 
     #[test]
@@ -376,7 +427,7 @@ mod tests {
             (GuestAddress(HIGH_RAM_START), 0),
         ];
 
-        let result = map_regions(&regions, None);
+        let result = map_regions(&regions, None, &Placement::default(), &mut 0);
 
         assert!(matches!(
             result,
@@ -388,7 +439,13 @@ mod tests {
 
     #[test]
     fn map_error_names_region_and_size() {
-        let err = map_regions(&[(GuestAddress(HIGH_RAM_START), 0)], None).unwrap_err();
+        let err = map_regions(
+            &[(GuestAddress(HIGH_RAM_START), 0)],
+            None,
+            &Placement::default(),
+            &mut 0,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "cannot map guest RAM region at 0x100000000 of 0 bytes"
@@ -399,7 +456,14 @@ mod tests {
     fn mapped_region_is_owned_by_vm_memory() {
         let _guard = vmlck_guard();
 
-        let region = map_region(GuestAddress(0), 4 * MIB, None).unwrap();
+        let (region, _) = map_region(
+            GuestAddress(0),
+            4 * MIB,
+            None,
+            &Placement::default(),
+            populate_write,
+        )
+        .unwrap();
 
         assert!(region.owned());
         assert_eq!(region.start_addr(), GuestAddress(0));
@@ -411,7 +475,7 @@ mod tests {
         let mapping = unpopulated(4 * MIB as usize);
         assert!(!all_resident(&mapping));
 
-        populate_write(&mapping).unwrap();
+        populate_write(span(&mapping)).unwrap();
 
         assert!(all_resident(&mapping));
     }
@@ -419,12 +483,12 @@ mod tests {
     #[test]
     fn prefault_falls_back_to_touching_pages_on_einval() {
         let mapping = unpopulated(4 * MIB as usize);
-        fn unsupported(_: &MmapRegion) -> io::Result<()> {
+        fn unsupported(_: Span) -> io::Result<()> {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
         }
         assert!(!all_resident(&mapping));
 
-        prefault(&mapping, host_page_size(), unsupported).unwrap();
+        prefault(span(&mapping), host_page_size(), unsupported).unwrap();
 
         assert!(all_resident(&mapping));
     }
@@ -432,11 +496,11 @@ mod tests {
     #[test]
     fn prefault_reports_other_errors() {
         let mapping = unpopulated(4 * MIB as usize);
-        fn out_of_memory(_: &MmapRegion) -> io::Result<()> {
+        fn out_of_memory(_: Span) -> io::Result<()> {
             Err(io::Error::from_raw_os_error(libc::ENOMEM))
         }
 
-        let result = prefault(&mapping, host_page_size(), out_of_memory);
+        let result = prefault(span(&mapping), host_page_size(), out_of_memory);
 
         assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::ENOMEM));
     }
@@ -447,7 +511,7 @@ mod tests {
         // SAFETY: offset 4097 is inside the 64 KiB mapping owned by `mapping`.
         unsafe { mapping.as_ptr().add(4097).write(0x5a) };
 
-        touch_pages(&mapping, host_page_size());
+        touch_pages(span(&mapping), host_page_size());
 
         // SAFETY: as above.
         assert_eq!(unsafe { mapping.as_ptr().add(4097).read() }, 0x5a);

@@ -7,6 +7,7 @@ use thiserror::Error;
 use crate::device::DeviceSpec;
 use crate::memory::MemoryConfig;
 use crate::observe::EventLogTarget;
+use crate::placement::{CpuList, PlacementMode};
 use crate::seccomp::SeccompMode;
 
 /// Default kernel command line when none is given.
@@ -135,6 +136,58 @@ pub struct VmConfig {
     pub seccomp: SeccompMode,
     /// Where every event of the VM is written from its start (`--event-log`), if anywhere.
     pub event_log: Option<EventLogTarget>,
+    /// Automatic placement by the cold-plugged devices' host node (`--placement`, on by
+    /// default; [`crate::placement`]).
+    pub placement: PlacementMode,
+    /// Host CPUs every vCPU thread may run on (`--cpus N,affinity=CPULIST`); all vCPU threads
+    /// share the list.
+    pub cpu_affinity: Option<CpuList>,
+}
+
+/// `--cpus N[,affinity=CPULIST]`: the vCPU count and, optionally, the host CPUs of every vCPU
+/// thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpusArg {
+    /// Number of vCPUs, 1 to [`MAX_CPUS`].
+    pub count: u8,
+    /// `affinity=`: host CPUs shared by every vCPU thread.
+    pub affinity: Option<CpuList>,
+}
+
+impl std::str::FromStr for CpusArg {
+    type Err = String;
+
+    /// Parses `N` or `N,affinity=CPULIST`; the count is checked against 1..=[`MAX_CPUS`].
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (count, rest) = match s.split_once(',') {
+            Some((count, rest)) => (count, Some(rest)),
+            None => (s, None),
+        };
+        let count = match count.parse::<u64>() {
+            Ok(n) if (1..=u64::from(MAX_CPUS)).contains(&n) => n as u8,
+            Ok(n) => return Err(format!("{n} is not in 1..={MAX_CPUS}")),
+            Err(_) => {
+                return Err(format!(
+                    "\"{count}\" is not a number of vCPUs; give N[,affinity=CPULIST], e.g. 2 or \
+                     2,affinity=0-3"
+                ))
+            }
+        };
+        let affinity = match rest {
+            None => None,
+            Some(option) => {
+                let list = option.strip_prefix("affinity=").ok_or_else(|| {
+                    format!("unknown option \"{option}\"; the only option is affinity=CPULIST")
+                })?;
+                let list: CpuList = list.parse().map_err(|e| format!("{e}"))?;
+                if list.is_empty() {
+                    return Err("affinity= needs at least one host CPU, e.g. affinity=0-3".into());
+                }
+                Some(list)
+            }
+        };
+        Ok(CpusArg { count, affinity })
+    }
 }
 
 /// Errors in a VM description.
@@ -221,6 +274,50 @@ impl VmConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn cpus_alone_is_a_count() {
+        assert_eq!(
+            "2".parse::<CpusArg>().unwrap(),
+            CpusArg {
+                count: 2,
+                affinity: None
+            }
+        );
+    }
+
+    #[test]
+    fn cpus_with_affinity_takes_a_cpu_list() {
+        let arg: CpusArg = "2,affinity=0-1,4".parse().unwrap();
+
+        assert_eq!(arg.count, 2);
+        assert_eq!(arg.affinity, Some(CpuList::from_ids([0, 1, 4])));
+    }
+
+    #[test]
+    fn cpus_out_of_range_are_refused() {
+        assert_eq!("0".parse::<CpusArg>().unwrap_err(), "0 is not in 1..=254");
+        assert_eq!(
+            "255".parse::<CpusArg>().unwrap_err(),
+            "255 is not in 1..=254"
+        );
+    }
+
+    #[test]
+    fn cpus_bad_options_are_refused() {
+        assert!("2,pin=0"
+            .parse::<CpusArg>()
+            .unwrap_err()
+            .contains("affinity=CPULIST"));
+        assert!("2,affinity="
+            .parse::<CpusArg>()
+            .unwrap_err()
+            .contains("at least one"));
+        assert!("2,affinity=3-1"
+            .parse::<CpusArg>()
+            .unwrap_err()
+            .contains("backwards"));
+    }
+
     fn config() -> VmConfig {
         VmConfig {
             kernel: PathBuf::from("/proc/self/exe"),
@@ -228,6 +325,8 @@ mod tests {
             cmdline: DEFAULT_CMDLINE.into(),
             cpus: 1,
             memory: "size=128M".parse().unwrap(),
+            placement: Default::default(),
+            cpu_affinity: None,
             root_ports: DEFAULT_ROOT_PORTS,
             serial: SerialConfig::Stdio,
             api_socket: None,

@@ -36,6 +36,7 @@ use crate::machine::device_manager::{adopt_inherited_groups, DeviceError, Device
 use crate::memory;
 use crate::observe::event_log::EventLogError;
 use crate::observe::{EventLog, EventLogTarget, MemoryCounters, VmCounters};
+use crate::placement::{self, PlacementError};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{ConfigError, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
@@ -78,6 +79,9 @@ pub enum VmError {
         "/dev/kvm lacks {0:?}, which rvmm needs (an in-kernel IRQ chip host with KVM_CAP_{0:?})"
     )]
     KvmCap(Cap),
+    /// Guest RAM or the vCPUs cannot be placed as asked.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
     /// Guest memory could not be reserved.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
@@ -158,6 +162,8 @@ pub struct Vm {
     counters: Arc<VmCounters>,
     event_log: Option<EventLog>,
     page_size: u64,
+    /// The host CPUs of the vCPU threads ([`placement`]), if restricted.
+    vcpu_cpus: Option<Arc<placement::CpuList>>,
 }
 
 impl Vm {
@@ -182,6 +188,8 @@ impl Vm {
         let kvm = open_kvm()?;
         let max_cpus = u8::try_from(kvm.get_max_vcpus()).unwrap_or(u8::MAX);
         config.validate(max_cpus)?;
+        // Before anything is reserved: explicit options that cannot be honoured are refused here.
+        let placement = placement::plan(config, std::path::Path::new(placement::SYSFS))?;
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
@@ -199,7 +207,7 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let memory = memory::reserve(&config.memory)?;
+        let memory = memory::reserve_placed(&config.memory, &memory::SystemHost, &placement)?;
         register_memory(&vm_fd, &memory)?;
 
         let exit = Arc::new(ExitSignal::new().map_err(|source| VmError::Io {
@@ -245,6 +253,7 @@ impl Vm {
                 memory_bytes: config.memory.size,
                 hugepages: config.memory.hugepages,
                 console,
+                placement: Some(placement.clone()),
             },
             api_socket: config.api_socket.clone(),
             seccomp: config.seccomp,
@@ -257,6 +266,7 @@ impl Vm {
             counters: Arc::new(VmCounters::new(config.cpus)),
             event_log,
             page_size: config.memory.page_size(),
+            vcpu_cpus: placement.vcpu_cpus.map(Arc::new),
         })
     }
 
@@ -447,6 +457,7 @@ impl Vm {
                 pause: pause.clone(),
                 seccomp: filter.clone(),
                 counters: self.counters.clone(),
+                affinity: self.vcpu_cpus.clone(),
             };
             // At most MAX_CPUS (254) vCPUs exist.
             match VcpuHandle::spawn(index as u8, vcpu, ctx) {

@@ -1,0 +1,272 @@
+//! Host locality on a two-node test host (`TestHost::two_numa_nodes`: one CPU and half the RAM
+//! per node, an NVMe drive behind a PCIe expander bus on node 1). One test host run:
+//!
+//! - `auto`: that drive passed through with no placement option: guest RAM must be on node 1
+//!   (the mapping's policy `bind:1` and its pages counted on `N1=` in `/proc/PID/numa_maps`),
+//!   both vCPU threads allowed only node 1's CPU (`Cpus_allowed_list`), and `info` says why;
+//! - `explicit`: `--memory ...,host_node=0 --cpus 2,affinity=0` with the same drive: RAM bound
+//!   to node 0 and vCPUs on CPU 0 whatever the drive's node;
+//! - refusals, made before anything is reserved (no `reserved ... of guest RAM` in rvmm's info
+//!   log): a node that cannot hold the RAM (with the numbers), a node that does not exist, an
+//!   affinity naming a CPU the host does not have.
+
+use std::time::Duration;
+
+use rvmm_tests::{
+    assert_clean_poweroff, assert_refused, GuestRun, Section, SharedRun, TestHost, TestHostOutput,
+};
+
+static RUN: SharedRun = SharedRun::new();
+
+/// Guest RAM of the placed runs, in MiB.
+const GUEST_MIB: u64 = 256;
+/// A valid run for the refusal cases, which add one option.
+const VALID: &str = r#"--kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" --cmdline "$(guest_cmdline basic)" --serial stdio --log-level info"#;
+
+/// A guest holding still for a few seconds with the node-1 drive and an API socket; while it
+/// holds, the test host reports its placement (`placement_report`) and asks `info`.
+fn placed(name: &str) -> GuestRun {
+    GuestRun::new(name)
+        .guest_scenario("hold", &["rvmm.hold=6"])
+        .arg("--api-socket")
+        .arg(&format!("/tmp/rvmm-{name}.sock"))
+        .arg("--device")
+        .shell_arg("\"path=/sys/bus/pci/devices/$NODE1_NVME,id=disk1\"")
+        .while_running(
+            "GUEST hold ",
+            &format!("placement_report {name}\nrvmm_ctl {name} info info"),
+        )
+        .timeout_secs(150)
+}
+
+fn scenario() -> String {
+    let auto = placed("auto").cpus(2).memory(&format!("size={GUEST_MIB}M"));
+    let explicit = placed("explicit")
+        .memory(&format!("size={GUEST_MIB}M,host_node=0"))
+        .arg("--cpus")
+        .arg("2,affinity=0");
+    let mut scenario = String::from(
+        r#"RVMM_CAPTURE_TIMEOUT=30
+# placement_report NAME: the NUMA policy lines of run NAME's numa_maps and each vCPU thread's
+# allowed CPUs.
+placement_report() {
+  local pid task comm line
+  pid=$(cat "/tmp/rvmm-$1.pid")
+  grep -E ' (bind|prefer|preferred|interleave)[:=]' "/proc/$pid/numa_maps" | while IFS= read -r line; do
+    hmark numa_maps "$line"
+  done
+  for task in /proc/"$pid"/task/*; do
+    comm=$(cat "$task/comm")
+    case "$comm" in
+      vcpu*) hmark vcpu_cpus "$comm" "$(awk '/^Cpus_allowed_list:/ { print $2 }' "$task/status")" ;;
+    esac
+  done
+}
+NODE1_NVME=""
+for dev in $(pci_find 1b36:0010); do
+  if [ "$(cat "/sys/bus/pci/devices/$dev/numa_node")" = 1 ]; then NODE1_NVME=$dev; fi
+done
+hmark host_nodes "$(cat /sys/devices/system/node/online)"
+for node in /sys/devices/system/node/node*; do
+  hmark host_node "$(basename "$node")" "cpus=$(cat "$node/cpulist")" \
+    "free_kb=$(awk '/MemFree:/ { print $4 }' "$node/meminfo")"
+done
+hmark node1_nvme "$NODE1_NVME"
+vfio_bind "$NODE1_NVME"
+"#,
+    );
+    scenario += &auto.script();
+    scenario += &explicit.script();
+    scenario += &format!("rvmm_capture too_big run {VALID} --memory size=2G,host_node=1\n");
+    scenario += &format!("rvmm_capture no_node run {VALID} --memory size=256M,host_node=3\n");
+    scenario += &format!("rvmm_capture bad_affinity run {VALID} --cpus 2,affinity=5\n");
+    scenario
+}
+
+fn output() -> &'static TestHostOutput {
+    RUN.get(
+        || {
+            TestHost::new("placement")
+                .two_numa_nodes()
+                .igb(false)
+                .nvme_drives(0)
+                .needs_rvmm(true)
+                .scenario(&scenario())
+        },
+        Duration::from_secs(420),
+    )
+}
+
+fn run(name: &str) -> Section<'static> {
+    output().section(name)
+}
+
+/// The `HOST numa_maps` line of guest RAM: the one mapping of GUEST_MIB with a policy.
+#[track_caller]
+fn guest_ram_line<'a>(run: &Section<'a>) -> &'a str {
+    let lines: Vec<&str> = run.host_all("numa_maps").iter().map(|m| m.value).collect();
+    lines
+        .iter()
+        .copied()
+        .find(|l| l.contains(" bind:"))
+        .unwrap_or_else(|| run.fail(&format!("no mapping of rvmm has a bind policy: {lines:?}")))
+}
+
+/// Pages of the `N<node>=` word of a numa_maps line (0 when absent).
+fn pages_on(line: &str, node: u32) -> u64 {
+    let key = format!("N{node}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `info` answer of run `run` as JSON.
+#[track_caller]
+fn info(run: &Section<'_>) -> serde_json::Value {
+    let out = run
+        .host_all("ctl_out")
+        .into_iter()
+        .find_map(|m| m.value.strip_prefix("info "))
+        .unwrap_or_else(|| run.fail("the scenario got no info answer"));
+    serde_json::from_str(out)
+        .unwrap_or_else(|e| run.fail(&format!("info is not JSON ({e}): {out}")))
+}
+
+#[track_caller]
+fn assert_vcpus_on(run: &Section<'_>, cpus: &str) {
+    let vcpus = run.host_all("vcpu_cpus");
+    run.check(
+        vcpus.len() == 2,
+        &format!("expected 2 vCPU threads, saw {vcpus:?}"),
+    );
+    for vcpu in vcpus {
+        run.check(
+            vcpu.word(1) == Some(cpus),
+            &format!(
+                "{} may run on host CPUs {:?}, not only {cpus}",
+                vcpu.word(0).unwrap_or("?"),
+                vcpu.word(1)
+            ),
+        );
+    }
+}
+
+#[test]
+fn test_host_has_two_nodes_and_the_drive_on_node_1() {
+    let all = output().all();
+    all.check(
+        all.host("host_nodes").map(|m| m.value) == Some("0-1"),
+        "the test host does not have nodes 0-1",
+    );
+    all.check(
+        all.host("node1_nvme").is_some_and(|m| !m.value.is_empty()),
+        "no NVMe drive with numa_node 1",
+    );
+}
+
+#[test]
+fn auto_placement_binds_guest_ram_to_the_devices_node() {
+    let run = run("auto");
+    let line = guest_ram_line(&run);
+
+    run.check(
+        line.contains(" bind:1 "),
+        &format!("guest RAM is not bound to node 1: {line}"),
+    );
+    run.check(
+        pages_on(line, 1) * 4096 >= GUEST_MIB << 20 && pages_on(line, 0) == 0,
+        &format!("guest RAM is not all on node 1: {line}"),
+    );
+}
+
+#[test]
+fn auto_placement_keeps_vcpus_on_the_devices_node() {
+    assert_vcpus_on(&run("auto"), "1");
+}
+
+#[test]
+fn info_says_where_and_why() {
+    let run = run("auto");
+    let placement = &info(&run)["placement"];
+
+    run.check(placement["mode"] == "auto", &format!("{placement}"));
+    run.check(
+        placement["memory_policy"] == "bind",
+        &format!("{placement}"),
+    );
+    run.check(placement["memory_node"] == 1, &format!("{placement}"));
+    run.check(placement["vcpu_cpus"] == "1", &format!("{placement}"));
+    let reason = placement["reason"].as_str().unwrap_or_default();
+    run.check(
+        reason.contains("disk1") && reason.contains("on host node 1"),
+        &format!("the reason does not name the device and its node: {reason}"),
+    );
+}
+
+#[test]
+fn auto_placed_guest_powers_off_cleanly() {
+    let run = run("auto");
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "hold_done"], "");
+}
+
+#[test]
+fn explicit_node_and_affinity_win_over_the_devices_node() {
+    let run = run("explicit");
+    let line = guest_ram_line(&run);
+
+    run.check(
+        line.contains(" bind:0 "),
+        &format!("guest RAM is not bound to node 0: {line}"),
+    );
+    run.check(
+        pages_on(line, 0) * 4096 >= GUEST_MIB << 20 && pages_on(line, 1) == 0,
+        &format!("guest RAM is not all on node 0: {line}"),
+    );
+    assert_vcpus_on(&run, "0");
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "hold_done"], "");
+}
+
+/// Asserts that run `name` was refused before any guest RAM was reserved; returns its stderr.
+#[track_caller]
+fn refused_before_reserving(name: &str) -> String {
+    let run = run(name);
+    let stderr = assert_refused(&run);
+    run.check(
+        !stderr.contains("of guest RAM on"),
+        &format!("rvmm reserved guest RAM before refusing: {stderr}"),
+    );
+    stderr
+}
+
+#[test]
+fn node_too_small_is_refused_with_the_numbers() {
+    let stderr = refused_before_reserving("too_big");
+
+    assert!(
+        stderr.contains("host node 1 cannot hold guest RAM: it needs 2048 MiB and node 1 has"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn absent_node_is_refused() {
+    let stderr = refused_before_reserving("no_node");
+
+    assert!(
+        stderr.contains("host node 3 does not exist (the host's nodes: 0-1)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn affinity_outside_the_host_is_refused() {
+    let stderr = refused_before_reserving("bad_affinity");
+
+    assert!(
+        stderr.contains(
+            "--cpus affinity= names host CPUs 5 that rvmm may not run on; it may use 0-1"
+        ),
+        "{stderr}"
+    );
+}
