@@ -136,6 +136,7 @@ impl ApiHandler for Recorder {
             resources: Default::default(),
             state: VmState::Running,
             console: None,
+            placement: None,
         })
     }
 
