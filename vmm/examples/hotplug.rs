@@ -49,6 +49,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
         devices: Vec::new(),
         seccomp: Default::default(),
         event_log: None,
+        on_reboot: Default::default(),
     };
     let vm = Vm::new(&config).map_err(|e| format!("cannot build the VM: {e}"))?;
     let handle = vm.handle();

@@ -48,7 +48,8 @@ pub struct VcpuContext {
 
 /// A running vCPU thread.
 pub struct VcpuHandle {
-    thread: JoinHandle<()>,
+    /// Gives the vCPU back when its loop ends (`None` when the seccomp filter failed).
+    thread: JoinHandle<Option<VcpuFd>>,
 }
 
 impl VcpuHandle {
@@ -62,9 +63,7 @@ impl VcpuHandle {
                 let filtered = ctx.seccomp.apply();
                 let ok = filtered.is_ok();
                 let _ = filtered_tx.send(filtered);
-                if ok {
-                    run(index, vcpu, ctx);
-                }
+                ok.then(|| run(index, vcpu, ctx))
             })?;
         match filtered_rx.recv() {
             Ok(Ok(())) => Ok(Self { thread }),
@@ -81,8 +80,9 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the thread (the caller has set the stop flag) and waits for it.
-    pub fn join(self) {
+    /// Stops the thread (the caller has set the stop flag), waits for it and gives the vCPU
+    /// back (`None` if the thread panicked).
+    pub fn join(self) -> Option<VcpuFd> {
         // A signal sent just before the thread enters KVM_RUN is lost, so keep kicking until it
         // has left its loop.
         while !self.thread.is_finished() {
@@ -91,8 +91,12 @@ impl VcpuHandle {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        if self.thread.join().is_err() {
-            log::error!("a vCPU thread panicked");
+        match self.thread.join() {
+            Ok(vcpu) => vcpu,
+            Err(_) => {
+                log::error!("a vCPU thread panicked");
+                None
+            }
         }
     }
 }
@@ -129,7 +133,12 @@ fn kick_this_thread() -> Kick {
     })
 }
 
-fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
+    run_loop(index, &mut vcpu, &ctx);
+    vcpu
+}
+
+fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
     let _member = ctx.pause.enter(kick_this_thread());
     let exits = ctx.counters.vcpu(usize::from(index));
     while !ctx.stop.load(Ordering::Acquire) {

@@ -8,6 +8,7 @@ use crate::device::DeviceSpec;
 use crate::memory::MemoryConfig;
 use crate::observe::EventLogTarget;
 use crate::seccomp::SeccompMode;
+use crate::vm::reboot::OnReboot;
 
 /// Default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
@@ -135,6 +136,8 @@ pub struct VmConfig {
     pub seccomp: SeccompMode,
     /// Where every event of the VM is written from its start (`--event-log`), if anywhere.
     pub event_log: Option<EventLogTarget>,
+    /// What a guest reset does (`--on-reboot`): restart in place (default) or end the VM.
+    pub on_reboot: OnReboot,
 }
 
 /// Errors in a VM description.
@@ -234,6 +237,7 @@ mod tests {
             devices: Vec::new(),
             seccomp: SeccompMode::On,
             event_log: None,
+            on_reboot: Default::default(),
         }
     }
 

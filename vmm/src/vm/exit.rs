@@ -110,6 +110,22 @@ impl ExitSignal {
         VmExit::from_code(self.reason.load(Ordering::SeqCst))
     }
 
+    /// Takes back a reset request for a reboot in place: returns whether the request was a
+    /// reset, which is then withdrawn (and the event consumed) so that the restarted VM can be
+    /// stopped again. Any other request stays.
+    pub fn take_reset(&self) -> bool {
+        let reset = VmExit::Reset.code();
+        let taken = self
+            .reason
+            .compare_exchange(reset, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if taken {
+            // Consumed so that the event loop does not wake for a request that is gone.
+            let _ = self.event.read();
+        }
+        taken
+    }
+
     /// The event fd that becomes readable when a stop is requested.
     pub fn event(&self) -> &EventFd {
         &self.event
@@ -137,6 +153,28 @@ mod tests {
         s.reset();
         assert_eq!(s.requested(), Some(VmExit::PowerOff));
         assert_eq!(s.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_taken_reset_lets_the_next_request_through() {
+        let s = ExitSignal::new().unwrap();
+        s.reset();
+
+        assert!(s.take_reset());
+
+        assert_eq!(s.requested(), None);
+        s.power_off();
+        assert_eq!(s.requested(), Some(VmExit::PowerOff));
+    }
+
+    #[test]
+    fn only_a_reset_is_taken_back() {
+        let s = ExitSignal::new().unwrap();
+        s.power_off();
+
+        assert!(!s.take_reset());
+
+        assert_eq!(s.requested(), Some(VmExit::PowerOff));
     }
 
     #[test]

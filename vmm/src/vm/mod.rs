@@ -10,6 +10,7 @@ pub mod console_socket;
 pub mod event_loop;
 pub mod exit;
 pub mod pause;
+pub mod reboot;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -41,6 +42,7 @@ use crate::vm::config::{ConfigError, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
 use crate::vm::pause::VmPause;
+use crate::vm::reboot::{ControllerHandle, OnReboot, Payload, PowerOnState};
 
 /// How long the end of a VM waits for the console writer to pass on the guest's last output.
 const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -158,6 +160,11 @@ pub struct Vm {
     counters: Arc<VmCounters>,
     event_log: Option<EventLog>,
     page_size: u64,
+    on_reboot: OnReboot,
+    /// Loaded again at each reboot in place.
+    payload: Payload,
+    /// The interrupt controllers and PIT as created, written back at each reboot in place.
+    power_on: PowerOnState,
 }
 
 impl Vm {
@@ -198,6 +205,7 @@ impl Vm {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let power_on = PowerOnState::capture(&vm_fd)?;
 
         let memory = memory::reserve(&config.memory)?;
         register_memory(&vm_fd, &memory)?;
@@ -257,6 +265,13 @@ impl Vm {
             counters: Arc::new(VmCounters::new(config.cpus)),
             event_log,
             page_size: config.memory.page_size(),
+            on_reboot: config.on_reboot,
+            payload: Payload {
+                kernel: config.kernel.clone(),
+                initramfs: config.initramfs.clone(),
+                cmdline: config.cmdline.clone(),
+            },
+            power_on,
         })
     }
 
@@ -353,8 +368,8 @@ impl Vm {
                 },
             )?);
         }
-        let cold_plugged = self.add_controller(&mut event_loop, &pause)?;
-        let handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
+        let (cold_plugged, controller) = self.add_controller(&mut event_loop, &pause)?;
+        let mut handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
         // Before the event loop runs, so these come first in every stream and log.
         self.counters.mark_started();
         self.events.publish(Event::now(EventKind::VmStarted {
@@ -369,14 +384,26 @@ impl Vm {
             handles.len(),
             self.created.elapsed()
         );
-        let result = run_event_loop(&mut event_loop, &loop_filter);
-        // Also wakes vCPUs parked by a pause.
-        pause.stop();
-        handles.into_iter().for_each(VcpuHandle::join);
-        event_loop.restore_terminal();
-        drop(event_loop);
-        result?;
-        Ok(self.exit.requested().unwrap_or(VmExit::PowerOff))
+        loop {
+            let result = run_event_loop(&mut event_loop, &loop_filter);
+            // Also wakes vCPUs parked by a pause.
+            pause.stop();
+            let vcpus: Vec<Option<VcpuFd>> = handles.into_iter().map(VcpuHandle::join).collect();
+            let restart = result.is_ok()
+                && self.on_reboot == OnReboot::Restart
+                && vcpus.iter().all(Option::is_some)
+                && self.exit.take_reset();
+            if !restart {
+                event_loop.restore_terminal();
+                drop(event_loop);
+                result?;
+                return Ok(self.exit.requested().unwrap_or(VmExit::PowerOff));
+            }
+            self.vcpus = vcpus.into_iter().flatten().collect();
+            self.reboot(&mut event_loop, controller.as_ref())?;
+            pause.rearm();
+            handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
+        }
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
@@ -386,10 +413,10 @@ impl Vm {
         &mut self,
         event_loop: &mut EventLoop,
         pause: &Arc<VcpuPause>,
-    ) -> Result<Vec<DeviceInfo>> {
+    ) -> Result<(Vec<DeviceInfo>, Option<ControllerHandle>)> {
         let passthrough = self.devices.take_passthrough();
         let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let queue = std::mem::replace(
             &mut self.control,
@@ -425,8 +452,9 @@ impl Vm {
         if let Some(ged) = self.devices.ged() {
             controller = controller.with_power_button(ged);
         }
-        event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
-        Ok(cold_plugged)
+        let controller = Arc::new(Mutex::new(controller));
+        let id = event_loop.add_subscriber(controller.clone());
+        Ok((cold_plugged, Some(ControllerHandle { controller, id })))
     }
 
     /// Starts one thread per vCPU; if one cannot start, stops and joins those already started.
@@ -453,7 +481,9 @@ impl Vm {
                 Ok(h) => handles.push(h),
                 Err(source) => {
                     pause.stop();
-                    handles.into_iter().for_each(VcpuHandle::join);
+                    for handle in handles {
+                        handle.join();
+                    }
                     return Err(VmError::Io {
                         what: "start a vCPU thread",
                         source,
