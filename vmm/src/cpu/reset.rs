@@ -3,13 +3,14 @@
 //! The vCPU fds stay (KVM has no vCPU reset ioctl for userspace, and a new fd would need a new
 //! VM); what the last guest left in them is overwritten with what the boot path writes:
 //! pending events cleared, the MP state as at creation (the BSP runnable, application processors
-//! waiting for INIT/SIPI), the paravirtual MSRs that make KVM write into guest memory
+//! waiting for INIT/SIPI), the segment and control registers, APIC base and LAPIC as KVM
+//! created them ([`VcpuPowerOn`]), the paravirtual MSRs that make KVM write into guest memory
 //! (kvmclock, steal time, async page faults, PV EOI) switched off so that KVM does not scribble
 //! over the next kernel, then the boot MSRs, registers, FPU and LAPIC as for the first boot.
 
 use kvm_bindings::{
-    kvm_mp_state, kvm_msr_entry, kvm_vcpu_events, Msrs, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_sregs, kvm_vcpu_events, Msrs,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
@@ -30,6 +31,25 @@ const PV_MSRS_OFF: [u32; 7] = [
     0x4b56_4d04, // MSR_KVM_PV_EOI_EN
 ];
 
+/// What KVM gave a vCPU at creation, before the boot path changed anything: the baseline the
+/// boot path builds on, written back at a reboot so that nothing of the last guest (control
+/// registers, APIC base and x2APIC mode, descriptor tables, pending interrupts, TPR) remains.
+pub struct VcpuPowerOn {
+    sregs: kvm_sregs,
+    lapic: kvm_lapic_state,
+}
+
+impl VcpuPowerOn {
+    /// Reads the state of vCPU `cpu`, which has not been configured nor run yet.
+    pub fn capture(vcpu: &VcpuFd, cpu: u8) -> Result<Self> {
+        let kvm = |what: &'static str| move |source| CpuError::Kvm { cpu, what, source };
+        Ok(Self {
+            sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+        })
+    }
+}
+
 /// The MP state vCPU `cpu` has at power-on.
 pub fn power_on_mp_state(cpu: u8) -> u32 {
     if cpu == 0 {
@@ -41,10 +61,21 @@ pub fn power_on_mp_state(cpu: u8) -> u32 {
 
 /// Puts vCPU `cpu` back to the state the boot path gives it for `entry` (the kernel just loaded
 /// again into `mem`).
-pub fn reset_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: EntryPoint, cpu: u8) -> Result<()> {
+pub fn reset_vcpu(
+    vcpu: &VcpuFd,
+    power_on: &VcpuPowerOn,
+    mem: &GuestMemoryMmap,
+    entry: EntryPoint,
+    cpu: u8,
+) -> Result<()> {
     let kvm = |what: &'static str| move |source| CpuError::Kvm { cpu, what, source };
     vcpu.set_vcpu_events(&kvm_vcpu_events::default())
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    // The APIC base (in sregs) before the LAPIC registers: they are read in the mode it sets.
+    vcpu.set_sregs(&power_on.sregs)
+        .map_err(kvm("KVM_SET_SREGS"))?;
+    vcpu.set_lapic(&power_on.lapic)
+        .map_err(kvm("KVM_SET_LAPIC"))?;
     disable_pv_msrs(vcpu, cpu);
     configure_msrs(vcpu, cpu)?;
     configure_registers(vcpu, mem, entry, cpu)?;

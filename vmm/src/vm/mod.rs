@@ -30,6 +30,7 @@ use crate::api::{
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
 use crate::cpu::pause::VcpuPause;
+use crate::cpu::reset::VcpuPowerOn;
 use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
 use crate::device::passthrough::raise_fd_limit;
 use crate::hotplug::controller::{Controller, CounterSources, VmSummary};
@@ -165,6 +166,8 @@ pub struct Vm {
     payload: Payload,
     /// The interrupt controllers and PIT as created, written back at each reboot in place.
     power_on: PowerOnState,
+    /// Each vCPU's state as created, the baseline of its reset at each reboot in place.
+    vcpus_power_on: Vec<VcpuPowerOn>,
 }
 
 impl Vm {
@@ -238,7 +241,7 @@ impl Vm {
                 rsdp: devices.rsdp_address(),
             },
         )?;
-        let vcpus = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
+        let (vcpus, vcpus_power_on) = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
         let console = Some(devices.console_info());
         Ok(Self {
             vm_fd,
@@ -272,6 +275,7 @@ impl Vm {
                 cmdline: config.cmdline.clone(),
             },
             power_on,
+            vcpus_power_on,
         })
     }
 
@@ -588,7 +592,7 @@ fn create_vcpus(
     memory: &GuestMemoryMmap,
     entry: EntryPoint,
     count: u8,
-) -> Result<Vec<VcpuFd>> {
+) -> Result<(Vec<VcpuFd>, Vec<VcpuPowerOn>)> {
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -597,12 +601,14 @@ fn create_vcpus(
             let vcpu = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let power_on = VcpuPowerOn::capture(&vcpu, i)?;
             cpu::configure_cpuid(&vcpu, &supported, i, count)?;
             cpu::configure_msrs(&vcpu, i)?;
             cpu::configure_registers(&vcpu, memory, entry, i)?;
             cpu::configure_fpu(&vcpu, i)?;
             cpu::configure_lapic(&vcpu, i)?;
-            Ok(vcpu)
+            Ok((vcpu, power_on))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.into_iter().unzip())
 }

@@ -142,9 +142,9 @@ impl Vm {
                 rsdp,
             },
         )?;
-        for (index, vcpu) in self.vcpus.iter().enumerate() {
+        for (index, (vcpu, power_on)) in self.vcpus.iter().zip(&self.vcpus_power_on).enumerate() {
             // At most MAX_CPUS (254) vCPUs exist.
-            reset_vcpu(vcpu, &self.memory, entry, index as u8)?;
+            reset_vcpu(vcpu, power_on, &self.memory, entry, index as u8)?;
         }
         self.counters.count_reboot();
         let reboots = self.counters.reboots();
