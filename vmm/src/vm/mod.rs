@@ -309,7 +309,9 @@ impl Vm {
             .handler(self.events.clone(), QueueTimeouts::default())
     }
 
-    /// Runs the VM until the guest powers off or resets, a vCPU fails, or a handle stops it.
+    /// Runs the VM until the guest powers off, a vCPU fails, or a handle stops it. A guest reset
+    /// reboots the VM in place with [`OnReboot::Restart`] (see [`reboot`]) and ends it with
+    /// [`OnReboot::Exit`].
     ///
     /// Every way out, an error included, ends the same way: vCPUs stopped, the terminal
     /// restored, every passthrough device released (VF leases too), the console drained, then
