@@ -92,13 +92,19 @@ impl ExitSignal {
         })
     }
 
-    /// Asks the VM to stop for `why`; later requests are ignored.
+    /// Asks the VM to stop for `why`; later requests are ignored, except that any other
+    /// reason replaces a pending reset: a reset may become a reboot in place, and a power-off
+    /// or crash asked for meanwhile must end the VM rather than be lost to the reboot.
     pub fn request(&self, why: VmExit) {
-        if self
+        let code = why.code();
+        let reset = VmExit::Reset.code();
+        let taken = self
             .reason
-            .compare_exchange(0, why.code(), Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                (current == 0 || (current == reset && code != reset)).then_some(code)
+            })
+            .is_ok();
+        if taken {
             if let Err(e) = self.event.write(1) {
                 log::error!("cannot wake the event loop for VM exit: {e}");
             }
@@ -165,6 +171,17 @@ mod tests {
         assert_eq!(s.requested(), None);
         s.power_off();
         assert_eq!(s.requested(), Some(VmExit::PowerOff));
+    }
+
+    #[test]
+    fn a_stop_replaces_a_pending_reset() {
+        let s = ExitSignal::new().unwrap();
+        s.reset();
+
+        s.request(VmExit::Signal);
+
+        assert_eq!(s.requested(), Some(VmExit::Signal));
+        assert!(!s.take_reset());
     }
 
     #[test]
