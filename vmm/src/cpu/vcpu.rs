@@ -134,11 +134,48 @@ fn kick_this_thread() -> Kick {
 }
 
 fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
-    run_loop(index, &mut vcpu, &ctx);
+    if run_loop(index, &mut vcpu, &ctx) {
+        complete_pending_io(&mut vcpu, &ctx);
+    }
     vcpu
 }
 
-fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+/// Most I/O exits completed at the end of a vCPU loop (a string instruction continues with
+/// another exit after each completion).
+const MAX_PENDING_IO: usize = 64;
+
+/// Completes the I/O of the last exit without running the guest (`immediate_exit`): KVM would
+/// otherwise complete it at the next `KVM_RUN`, after a reboot in place has set the power-on
+/// registers, and write the old instruction's result over them.
+fn complete_pending_io(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+    vcpu.set_kvm_immediate_exit(1);
+    for _ in 0..MAX_PENDING_IO {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            _ => break,
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+/// Runs the vCPU until the VM stops or the vCPU cannot go on; returns false in the latter case
+/// (a failed entry, an internal error, a failed `KVM_RUN`).
+fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> bool {
     let _member = ctx.pause.enter(kick_this_thread());
     let exits = ctx.counters.vcpu(usize::from(index));
     while !ctx.stop.load(Ordering::Acquire) {
@@ -193,12 +230,12 @@ fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 log::error!("vcpu{index}: VM entry failed (reason {reason:#x}, host cpu {cpu})");
                 ctx.exit.request(VmExit::Crash);
-                break;
+                return false;
             }
             Ok(VcpuExit::InternalError) => {
                 log::error!("vcpu{index}: KVM internal error");
                 ctx.exit.request(VmExit::Crash);
-                break;
+                return false;
             }
             Ok(VcpuExit::Intr) => interrupted = true,
             Ok(other) => {
@@ -210,7 +247,7 @@ fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
             Err(e) => {
                 log::error!("vcpu{index}: KVM_RUN failed: {e}");
                 ctx.exit.request(VmExit::Crash);
-                break;
+                return false;
             }
         }
         if pausing {
@@ -221,6 +258,7 @@ fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
             }
         }
     }
+    true
 }
 
 #[cfg(test)]
