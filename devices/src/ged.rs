@@ -59,6 +59,11 @@ impl Ged {
         self.notify(EVENT_POWER_BUTTON)
     }
 
+    /// Drops the latched events (a reset of the machine: the next guest starts with none).
+    pub fn reset(&mut self) {
+        self.pending = 0;
+    }
+
     /// The events latched and not yet read by the guest.
     pub fn pending(&self) -> u8 {
         self.pending

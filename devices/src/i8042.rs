@@ -93,6 +93,14 @@ impl I8042 {
         }
     }
 
+    /// Puts the controller back to its power-on state (a reset of the machine).
+    pub fn reset(&mut self) {
+        self.ctr = CTR_DEFAULT;
+        self.output = None;
+        self.ctr_write_pending = false;
+        self.last_was_command = false;
+    }
+
     fn status(&self) -> u8 {
         let mut status = 0;
         if self.output.is_some() {

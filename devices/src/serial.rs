@@ -83,6 +83,34 @@ impl Serial {
         self.input_drained = Some(notifier);
     }
 
+    /// Puts the UART's registers back to their power-on values for a reset of the machine:
+    /// 9600 baud (divisor 12), 8N1, interrupts disabled, OUT2 set, scratch cleared. The host side
+    /// (output writer, input notifier) stays connected.
+    pub fn reset_registers(&mut self) {
+        const DLL: u8 = 0;
+        const DLM: u8 = 1;
+        const IER: u8 = 1;
+        const LCR: u8 = 3;
+        const SCR: u8 = 7;
+        const LCR_DLAB: u8 = 1 << 7;
+        const LCR_8N1: u8 = 0x03;
+        const MCR_OUT2: u8 = 1 << 3;
+        const DIVISOR_9600: u8 = 12;
+        for (reg, value) in [
+            (LCR, LCR_DLAB),
+            (DLL, DIVISOR_9600),
+            (DLM, 0),
+            (LCR, LCR_8N1),
+            (IER, 0),
+            (MCR_OFFSET, MCR_OUT2),
+            (SCR, 0),
+        ] {
+            if let Err(e) = self.uart.write(reg, value) {
+                self.log_uart_error(&e);
+            }
+        }
+    }
+
     /// How many more input bytes the receive FIFO can take now.
     pub fn input_capacity(&self) -> usize {
         self.uart.fifo_capacity()
@@ -213,6 +241,33 @@ mod tests {
     const IER_THRE: u8 = 1 << 1;
     const LCR_DLAB: u8 = 1 << 7;
     const FIFO_SIZE: usize = 64;
+
+    #[test]
+    fn reset_registers_restores_power_on_values() {
+        let (mut serial, _) = fixture_for_reset();
+        serial.write(0, IER, &[IER_RDA | IER_THRE]);
+        serial.write(0, LCR, &[LCR_DLAB | 0x1f]);
+        serial.write(0, MCR, &[MCR_LOOP]);
+
+        serial.reset_registers();
+
+        let mut byte = [0u8];
+        serial.read(0, IER, &mut byte);
+        assert_eq!(byte[0], 0);
+        serial.read(0, LCR, &mut byte);
+        assert_eq!(byte[0], 0x03);
+        serial.read(0, MCR, &mut byte);
+        assert_eq!(byte[0], 0x08);
+    }
+
+    fn fixture_for_reset() -> (Serial, SharedBuffer) {
+        let out = SharedBuffer::default();
+        let serial = Serial::new(
+            Arc::new(RecordingInterrupt::default()),
+            Box::new(out.clone()),
+        );
+        (serial, out)
+    }
 
     /// A writer the test can look into.
     #[derive(Clone, Default)]

@@ -68,6 +68,11 @@ impl Msi {
         Ok(Self { offset, sender })
     }
 
+    /// Where the capability's messages are delivered.
+    pub fn sender(&self) -> Arc<dyn MsiSender> {
+        self.sender.clone()
+    }
+
     /// Offset of the capability in configuration space.
     pub fn offset(&self) -> usize {
         self.offset

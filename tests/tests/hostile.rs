@@ -76,6 +76,10 @@ fn scenario() -> String {
         .shell_arg("\"$NVME,id=victim\"")
         .arg("--api-socket")
         .arg(API_SOCKET)
+        // A guest that resets itself under the attack ends the run (exit code 3) rather than
+        // booting into the attack again.
+        .arg("--on-reboot")
+        .arg("exit")
         .timeout_secs(900)
         // Nothing here prints while rvmm runs (a marker could land inside a guest line): the
         // results go to files, printed as markers once rvmm has ended.

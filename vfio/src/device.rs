@@ -79,18 +79,21 @@ pub enum DeviceError {
 /// Result of device operations.
 pub type Result<T> = std::result::Result<T, DeviceError>;
 
-struct Inner {
-    name: Arc<str>,
-    backend: Option<Box<dyn DeviceBackend>>,
-    router: Arc<dyn InterruptRouter>,
-    mmio: Arc<dyn GuestMmio>,
-    config: VirtualConfig,
-    irqs: Interrupts,
-    maps: Vec<BarMap>,
-    self_ref: Weak<Mutex<Inner>>,
-    notify_irqs: Vec<u32>,
+pub(crate) struct Inner {
+    pub(crate) name: Arc<str>,
+    pub(crate) backend: Option<Box<dyn DeviceBackend>>,
+    pub(crate) router: Arc<dyn InterruptRouter>,
+    pub(crate) mmio: Arc<dyn GuestMmio>,
+    pub(crate) config: VirtualConfig,
+    pub(crate) irqs: Interrupts,
+    pub(crate) maps: Vec<BarMap>,
+    pub(crate) self_ref: Weak<Mutex<Inner>>,
+    pub(crate) notify_irqs: Vec<u32>,
+    /// BAR addresses programmed as firmware would ([`VfioPciDevice::set_bar_address`]),
+    /// programmed again after a reset for a reboot.
+    pub(crate) firmware_bars: Vec<(usize, u64)>,
     /// Limits what a guest can make us log by programming interrupts and BARs.
-    throttle: LogThrottle,
+    pub(crate) throttle: LogThrottle,
 }
 
 /// A passthrough PCI function.
@@ -103,7 +106,7 @@ pub struct VfioPciDevice {
 }
 
 /// The sizes of the six BAR regions and of the ROM region the kernel reports (0: none).
-fn region_sizes(backend: &dyn DeviceBackend) -> ([u64; NUM_BARS], u64) {
+pub(crate) fn region_sizes(backend: &dyn DeviceBackend) -> ([u64; NUM_BARS], u64) {
     let mut bar_sizes = [0u64; NUM_BARS];
     for (i, size) in bar_sizes.iter_mut().enumerate() {
         *size = backend.region(i as u32).map_or(0, |r| r.size);
@@ -136,7 +139,7 @@ fn bar_maps(backend: &dyn DeviceBackend, vconfig: &VirtualConfig, name: &str) ->
 }
 
 /// Clears the decode and bus-master bits of the device's command register.
-fn quiesce(backend: &dyn DeviceBackend, name: &str) {
+pub(crate) fn quiesce(backend: &dyn DeviceBackend, name: &str) {
     let mut cmd = [0u8; 2];
     let result = backend
         .read(VFIO_PCI_CONFIG_REGION_INDEX, 4, &mut cmd)
@@ -307,6 +310,7 @@ impl VfioPciDevice {
                 maps,
                 self_ref: weak.clone(),
                 notify_irqs,
+                firmware_bars: Vec::new(),
                 throttle: LogThrottle::default(),
             })
         });
@@ -318,7 +322,7 @@ impl VfioPciDevice {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.locked()
     }
 
@@ -343,6 +347,10 @@ impl VfioPciDevice {
     pub fn set_bar_address(&self, index: usize, gpa: u64) -> bool {
         let mut inner = self.lock();
         let done = inner.config.bars_mut().set_address(index, gpa);
+        if done {
+            inner.firmware_bars.retain(|&(i, _)| i != index);
+            inner.firmware_bars.push((index, gpa));
+        }
         inner.sync_bars();
         done
     }
@@ -512,7 +520,7 @@ impl Inner {
     }
 
     /// Places every BAR where the guest programmed it, or removes it when decoding is off.
-    fn sync_bars(&mut self) {
+    pub(crate) fn sync_bars(&mut self) {
         if self.backend.is_none() {
             return;
         }

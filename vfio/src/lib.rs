@@ -29,6 +29,7 @@ pub mod limit;
 pub mod mmio;
 pub mod msi;
 pub mod msix;
+mod reboot;
 pub mod sriov;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -13,6 +13,7 @@ use rvmm::observe::logging::{self, LogLevel};
 use rvmm::observe::EventLogTarget;
 use rvmm::placement::PlacementMode;
 use rvmm::vm::config::{CpusArg, DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_ROOT_PORTS};
+use rvmm::vm::reboot::OnReboot;
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 use crate::signals::{Policy, ShutdownSignals};
@@ -119,6 +120,10 @@ struct RunArgs {
         value_parser = clap::value_parser!(u64).range(1..=MAX_SHUTDOWN_TIMEOUT_MS)
     )]
     shutdown_timeout_ms: u64,
+    /// What a guest reset (reboot) does: restart (the VM reboots in place, in the same
+    /// process, with its devices, memory and API) or exit (rvmm ends with exit code 3).
+    #[arg(long, value_name = "restart|exit", default_value = "restart")]
+    on_reboot: OnReboot,
 }
 
 /// `--vf`: the `pf=` form of a device argument (a bare PF first stands for `pf=PF`).
@@ -154,6 +159,7 @@ impl From<RunArgs> for VmConfig {
             event_log: a.event_log,
             placement: a.placement,
             cpu_affinity: a.cpus.affinity,
+            on_reboot: a.on_reboot,
         }
     }
 }

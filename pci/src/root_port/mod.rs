@@ -8,6 +8,7 @@
 //!
 //! The slot logic (state machine, guest handshake, interrupts) is in [`slot`].
 
+mod reset;
 pub mod slot;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -115,6 +116,8 @@ pub type Result<T> = std::result::Result<T, RootPortError>;
 /// Lock order: a port's mutex is taken before the mutex of the device in its slot, never the
 /// other way round.
 pub struct RootPort {
+    /// What the port was built from; a reset builds it again from this.
+    pub(crate) config: RootPortConfig,
     pub(crate) index: usize,
     pub(crate) slot_number: u16,
     pub(crate) windows: PortWindows,
@@ -136,27 +139,9 @@ impl RootPort {
         events: Arc<dyn SlotEvents>,
     ) -> Result<Self> {
         validate(&config)?;
-        let ids = PciIds {
-            vendor_id: ROOT_PORT_VENDOR_ID,
-            device_id: ROOT_PORT_DEVICE_ID,
-            revision: 0,
-            class_code: ROOT_PORT_CLASS,
-        };
-        let mut cfg = header::type1(&ids, config.multi_function);
-        header::set_bus_numbers(&mut cfg, config.buses);
-        header::set_memory_window(&mut cfg, Some(config.windows.mmio32));
-        header::set_prefetchable_window(&mut cfg, Some(config.windows.mmio64));
-        let pcie = pcie_cap::add_root_port_capability(
-            &mut cfg,
-            &PcieCapParams {
-                slot_number: config.slot_number,
-                port_number: config.port_number,
-                link_speed: config.link_speed,
-                link_width: config.link_width,
-            },
-        )?;
-        let msi = Msi::add_to(&mut cfg, msi)?;
+        let (cfg, pcie, msi) = build_config_space(&config, msi)?;
         Ok(Self {
+            config,
             index: config.index,
             slot_number: config.slot_number,
             windows: config.windows,
@@ -258,6 +243,36 @@ impl RootPort {
             dev.write_config_register(reg, offset, data);
         }
     }
+}
+
+/// The port's configuration space as at power-on: header with the initial bus numbers and
+/// windows, PCI Express capability (empty, powered-off slot) and MSI capability; returns the
+/// space, the offset of the PCI Express capability and the MSI capability.
+fn build_config_space(
+    config: &RootPortConfig,
+    msi: Arc<dyn MsiSender>,
+) -> Result<(ConfigSpace, usize, Msi)> {
+    let ids = PciIds {
+        vendor_id: ROOT_PORT_VENDOR_ID,
+        device_id: ROOT_PORT_DEVICE_ID,
+        revision: 0,
+        class_code: ROOT_PORT_CLASS,
+    };
+    let mut cfg = header::type1(&ids, config.multi_function);
+    header::set_bus_numbers(&mut cfg, config.buses);
+    header::set_memory_window(&mut cfg, Some(config.windows.mmio32));
+    header::set_prefetchable_window(&mut cfg, Some(config.windows.mmio64));
+    let pcie = pcie_cap::add_root_port_capability(
+        &mut cfg,
+        &PcieCapParams {
+            slot_number: config.slot_number,
+            port_number: config.port_number,
+            link_speed: config.link_speed,
+            link_width: config.link_width,
+        },
+    )?;
+    let msi = Msi::add_to(&mut cfg, msi)?;
+    Ok((cfg, pcie, msi))
 }
 
 fn validate(config: &RootPortConfig) -> Result<()> {

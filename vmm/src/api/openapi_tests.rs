@@ -247,6 +247,11 @@ fn events() -> Vec<Event> {
         }),
         Event::now(EventKind::VmPaused),
         Event::now(EventKind::VmResumed),
+        Event::now(EventKind::VmRebooted {
+            reboots: 1,
+            rolled_back: vec![id("vf0")],
+            removed: vec![id("nvme0")],
+        }),
         Event::now(EventKind::VmShutdown {
             reason: ShutdownReason::Crash,
         }),
@@ -360,6 +365,7 @@ fn remove_response_with_every_reason_matches_its_schema() {
         RemovalReason::HostRequest,
         RemovalReason::DeviceError,
         RemovalReason::TimeoutEscalated,
+        RemovalReason::Reboot,
     ] {
         let r = RemoveDeviceResponse {
             id: id("nvme0"),

@@ -281,6 +281,9 @@ pub enum RemovalReason {
     DeviceError,
     /// The guest did not release the device before the deadline; it was surprise-removed.
     TimeoutEscalated,
+    /// The guest rebooted while it was being asked to release the device: the guest that was
+    /// asked is gone, so the removal was completed before the VM restarted.
+    Reboot,
 }
 
 /// `PUT /v1/vm/remove-device` answer: the device is released from the VM.
@@ -470,6 +473,18 @@ pub enum EventKind {
     VmPaused,
     /// The vCPUs run again (`PUT /v1/vm/resume`).
     VmResumed,
+    /// The guest reset and the VM restarted in place (`--on-reboot restart`): vCPUs, platform
+    /// and passthrough devices reset, the payload loaded again; memory, devices and the API
+    /// stayed.
+    VmRebooted {
+        /// Reboots of this VM so far, this one included.
+        reboots: u64,
+        /// Hot-adds in flight at the reset, rolled back (the guest they waited for is gone).
+        rolled_back: Vec<DeviceId>,
+        /// Graceful removals in flight at the reset, completed (`device-removed` with reason
+        /// `reboot` came first).
+        removed: Vec<DeviceId>,
+    },
     /// The VM ended; the stream ends after this event.
     VmShutdown {
         /// Why.

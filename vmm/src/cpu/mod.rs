@@ -3,6 +3,7 @@
 mod cpuid;
 pub mod pause;
 mod regs;
+pub mod reset;
 pub mod vcpu;
 
 pub use cpuid::configure_cpuid;

@@ -217,6 +217,16 @@ impl VcpuPause {
         true
     }
 
+    /// Makes the gate usable again after [`VcpuPause::stop`] once every vCPU thread has left
+    /// (a reboot in place starts new ones): the stop flag cleared, no pause requested.
+    pub fn rearm(&self) {
+        let mut state = self.lock();
+        state.requested = false;
+        state.parked = 0;
+        self.requested.store(false, Ordering::Release);
+        self.stop.store(false, Ordering::Release);
+    }
+
     /// Sets the stop flag and wakes parked vCPUs, which then leave their loops.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);

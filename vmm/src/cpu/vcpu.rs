@@ -53,7 +53,8 @@ pub struct VcpuContext {
 
 /// A running vCPU thread.
 pub struct VcpuHandle {
-    thread: JoinHandle<()>,
+    /// Gives the vCPU back when its loop ends (`None` when the seccomp filter failed).
+    thread: JoinHandle<Option<VcpuFd>>,
 }
 
 impl VcpuHandle {
@@ -76,14 +77,12 @@ impl VcpuHandle {
                 };
                 if let Err(e) = placed {
                     let _ = filtered_tx.send(Err(e));
-                    return;
+                    return None;
                 }
                 let filtered = ctx.seccomp.apply().map_err(std::io::Error::other);
                 let ok = filtered.is_ok();
                 let _ = filtered_tx.send(filtered);
-                if ok {
-                    run(index, vcpu, ctx);
-                }
+                ok.then(|| run(index, vcpu, ctx))
             })?;
         match filtered_rx.recv() {
             Ok(Ok(())) => Ok(Self { thread }),
@@ -100,8 +99,9 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the thread (the caller has set the stop flag) and waits for it.
-    pub fn join(self) {
+    /// Stops the thread (the caller has set the stop flag), waits for it and gives the vCPU
+    /// back (`None` if the thread panicked).
+    pub fn join(self) -> Option<VcpuFd> {
         // A signal sent just before the thread enters KVM_RUN is lost, so keep kicking until it
         // has left its loop.
         while !self.thread.is_finished() {
@@ -110,8 +110,12 @@ impl VcpuHandle {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        if self.thread.join().is_err() {
-            log::error!("a vCPU thread panicked");
+        match self.thread.join() {
+            Ok(vcpu) => vcpu,
+            Err(_) => {
+                log::error!("a vCPU thread panicked");
+                None
+            }
         }
     }
 }
@@ -148,7 +152,49 @@ fn kick_this_thread() -> Kick {
     })
 }
 
-fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
+    if run_loop(index, &mut vcpu, &ctx) {
+        complete_pending_io(&mut vcpu, &ctx);
+    }
+    vcpu
+}
+
+/// Most I/O exits completed at the end of a vCPU loop (a string instruction continues with
+/// another exit after each completion).
+const MAX_PENDING_IO: usize = 64;
+
+/// Completes the I/O of the last exit without running the guest (`immediate_exit`): KVM would
+/// otherwise complete it at the next `KVM_RUN`, after a reboot in place has set the power-on
+/// registers, and write the old instruction's result over them.
+fn complete_pending_io(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+    vcpu.set_kvm_immediate_exit(1);
+    for _ in 0..MAX_PENDING_IO {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            _ => break,
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+/// Runs the vCPU until the VM stops or the vCPU cannot go on; returns false in the latter case
+/// (a failed entry, an internal error, a failed `KVM_RUN`).
+fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> bool {
     let _member = ctx.pause.enter(kick_this_thread());
     let exits = ctx.counters.vcpu(usize::from(index));
     while !ctx.stop.load(Ordering::Acquire) {
@@ -203,12 +249,12 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 log::error!("vcpu{index}: VM entry failed (reason {reason:#x}, host cpu {cpu})");
                 ctx.exit.request(VmExit::Crash);
-                break;
+                return false;
             }
             Ok(VcpuExit::InternalError) => {
                 log::error!("vcpu{index}: KVM internal error");
                 ctx.exit.request(VmExit::Crash);
-                break;
+                return false;
             }
             Ok(VcpuExit::Intr) => interrupted = true,
             Ok(other) => {
@@ -220,7 +266,7 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
             Err(e) => {
                 log::error!("vcpu{index}: KVM_RUN failed: {e}");
                 ctx.exit.request(VmExit::Crash);
-                break;
+                return false;
             }
         }
         if pausing {
@@ -231,6 +277,7 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
             }
         }
     }
+    true
 }
 
 #[cfg(test)]

@@ -136,6 +136,10 @@ pub struct Controller {
     pause: Option<VmPause>,
 }
 
+#[path = "controller_reboot.rs"]
+mod reboot;
+pub use reboot::RebootOutcome;
+
 fn now_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

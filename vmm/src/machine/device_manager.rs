@@ -10,6 +10,7 @@ use rvmm_devices::cmos::{Cmos, CMOS_PORT_COUNT};
 use rvmm_devices::ged::{Ged, GED_PORT_COUNT};
 use rvmm_devices::i8042::{I8042, I8042_PORT_COUNT};
 use rvmm_devices::serial::{Serial, SERIAL_PORT_COUNT};
+use rvmm_devices::sync::MutexExt;
 use rvmm_devices::{Bus, BusError, Interrupt, SharedBusDevice, VmEvents};
 use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
@@ -95,8 +96,19 @@ pub struct DeviceManager {
     owned: Vec<SharedBusDevice>,
     _irqfds: Vec<EventFd>,
     rsdp: u64,
+    /// What the ACPI tables describe, to write them again at a reboot.
+    acpi: AcpiInputs,
+    i8042: Option<Arc<Mutex<I8042>>>,
     pci: Option<PciRoot>,
     passthrough: Option<Passthrough>,
+}
+
+/// What the ACPI tables are built from.
+#[derive(Default)]
+struct AcpiInputs {
+    cpus: u8,
+    mmio64: (u64, u64),
+    root_ports: Vec<(u8, u8, u16)>,
 }
 
 /// The parts of the VM the devices are built on.
@@ -141,6 +153,8 @@ impl DeviceManager {
             owned: Vec::new(),
             _irqfds: Vec::new(),
             rsdp: 0,
+            acpi: AcpiInputs::default(),
+            i8042: None,
             pci: None,
             passthrough: None,
         };
@@ -148,17 +162,12 @@ impl DeviceManager {
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
         let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64)?;
-        let ports = pci.acpi_ports();
-        dm.rsdp = acpi::write_tables(
-            memory,
-            &acpi::Machine {
-                cpus: config.cpus,
-                bus_end: pci::BUS_END,
-                mmio64,
-                root_ports: &ports,
-                serial: dm.serial.is_some(),
-            },
-        )?;
+        dm.acpi = AcpiInputs {
+            cpus: config.cpus,
+            mmio64,
+            root_ports: pci.acpi_ports(),
+        };
+        dm.rsdp = dm.write_acpi_tables(memory)?;
         let router = Arc::new(GsiRouter::new(vm_fd.clone()));
         let guest_mmio = Arc::new(KvmGuestMmio::new(
             vm_fd.clone(),
@@ -200,7 +209,9 @@ impl DeviceManager {
             self.serial = Some(serial);
         }
         let events: Arc<dyn VmEvents> = exit;
-        let i8042: SharedBusDevice = Arc::new(Mutex::new(I8042::new(events.clone())));
+        let i8042_dev = Arc::new(Mutex::new(I8042::new(events.clone())));
+        self.i8042 = Some(i8042_dev.clone());
+        let i8042: SharedBusDevice = i8042_dev;
         self.register(
             pio,
             "i8042",
@@ -262,6 +273,39 @@ impl DeviceManager {
             })?;
         self.owned.push(dev.clone());
         Ok(())
+    }
+
+    /// Writes the ACPI tables into guest memory (at build, and again at each reboot: the last
+    /// guest may have overwritten them) and returns the RSDP address. They describe the root
+    /// ports, not the devices in them: with native PCIe hotplug the guest finds devices by
+    /// enumeration, so hot-added devices need no change here.
+    pub fn write_acpi_tables(&self, memory: &GuestMemoryMmap) -> Result<u64> {
+        Ok(acpi::write_tables(
+            memory,
+            &acpi::Machine {
+                cpus: self.acpi.cpus,
+                bus_end: pci::BUS_END,
+                mmio64: self.acpi.mmio64,
+                root_ports: &self.acpi.root_ports,
+                serial: self.serial.is_some(),
+            },
+        )?)
+    }
+
+    /// Puts the platform devices with guest-programmed state back to power-on for a reboot:
+    /// the serial port's registers (its console connection stays), the i8042, the GED's
+    /// latched events. The ACPI PM block holds no state; the CMOS keeps its NVRAM, as on real
+    /// hardware.
+    pub fn reset_platform(&self) {
+        if let Some(serial) = &self.serial {
+            serial.locked().reset_registers();
+        }
+        if let Some(i8042) = &self.i8042 {
+            i8042.locked().reset();
+        }
+        if let Some(ged) = &self.ged {
+            ged.locked().reset();
+        }
     }
 
     /// The serial port, when the VM has one.

@@ -33,7 +33,7 @@ pub enum HotplugOpKind {
 impl From<RemovalReason> for HotplugOpKind {
     fn from(reason: RemovalReason) -> Self {
         match reason {
-            RemovalReason::GuestEjected => HotplugOpKind::GracefulRemove,
+            RemovalReason::GuestEjected | RemovalReason::Reboot => HotplugOpKind::GracefulRemove,
             RemovalReason::Surprise => HotplugOpKind::SurpriseRemove,
             RemovalReason::TimeoutEscalated => HotplugOpKind::EscalatedRemove,
             RemovalReason::HostRequest => HotplugOpKind::HostRemove,

@@ -9,6 +9,7 @@ use crate::memory::MemoryConfig;
 use crate::observe::EventLogTarget;
 use crate::placement::{CpuList, PlacementMode};
 use crate::seccomp::SeccompMode;
+use crate::vm::reboot::OnReboot;
 
 /// Default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
@@ -142,6 +143,8 @@ pub struct VmConfig {
     /// Host CPUs every vCPU thread may run on (`--cpus N,affinity=CPULIST`); all vCPU threads
     /// share the list.
     pub cpu_affinity: Option<CpuList>,
+    /// What a guest reset does (`--on-reboot`): restart in place or end the VM (the default).
+    pub on_reboot: OnReboot,
 }
 
 /// `--cpus N[,affinity=CPULIST]`: the vCPU count and, optionally, the host CPUs of every vCPU
@@ -333,6 +336,7 @@ mod tests {
             devices: Vec::new(),
             seccomp: SeccompMode::On,
             event_log: None,
+            on_reboot: Default::default(),
         }
     }
 

@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use rvmm_devices::serial::Serial;
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
@@ -101,9 +103,26 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Adds a subscriber (e.g. the VM controller) to the loop.
-    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
-        self.manager.add_subscriber(subscriber);
+    /// Adds a subscriber (e.g. the VM controller) to the loop; returns its id there.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) -> SubscriberId {
+        self.manager.add_subscriber(subscriber)
+    }
+
+    /// Calls `f` with the `EventOps` of subscriber `id` while the loop is not running (a
+    /// reboot in place changes the controller's fds this way).
+    pub fn with_ops<R>(
+        &mut self,
+        id: SubscriberId,
+        f: impl FnOnce(&mut EventOps) -> R,
+    ) -> Result<R, EventLoopError> {
+        let mut ops = self
+            .manager
+            .event_ops(id)
+            .map_err(|source| EventLoopError::Epoll {
+                what: "reaching a subscriber's events",
+                source,
+            })?;
+        Ok(f(&mut ops))
     }
 
     /// Runs until a VM exit is requested.

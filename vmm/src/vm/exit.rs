@@ -92,13 +92,19 @@ impl ExitSignal {
         })
     }
 
-    /// Asks the VM to stop for `why`; later requests are ignored.
+    /// Asks the VM to stop for `why`; later requests are ignored, except that any other
+    /// reason replaces a pending reset: a reset may become a reboot in place, and a power-off
+    /// or crash asked for meanwhile must end the VM rather than be lost to the reboot.
     pub fn request(&self, why: VmExit) {
-        if self
+        let code = why.code();
+        let reset = VmExit::Reset.code();
+        let taken = self
             .reason
-            .compare_exchange(0, why.code(), Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                (current == 0 || (current == reset && code != reset)).then_some(code)
+            })
+            .is_ok();
+        if taken {
             if let Err(e) = self.event.write(1) {
                 log::error!("cannot wake the event loop for VM exit: {e}");
             }
@@ -108,6 +114,22 @@ impl ExitSignal {
     /// The reason, once a stop was requested.
     pub fn requested(&self) -> Option<VmExit> {
         VmExit::from_code(self.reason.load(Ordering::SeqCst))
+    }
+
+    /// Takes back a reset request for a reboot in place: returns whether the request was a
+    /// reset, which is then withdrawn (and the event consumed) so that the restarted VM can be
+    /// stopped again. Any other request stays.
+    pub fn take_reset(&self) -> bool {
+        let reset = VmExit::Reset.code();
+        let taken = self
+            .reason
+            .compare_exchange(reset, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if taken {
+            // Consumed so that the event loop does not wake for a request that is gone.
+            let _ = self.event.read();
+        }
+        taken
     }
 
     /// The event fd that becomes readable when a stop is requested.
@@ -137,6 +159,39 @@ mod tests {
         s.reset();
         assert_eq!(s.requested(), Some(VmExit::PowerOff));
         assert_eq!(s.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_taken_reset_lets_the_next_request_through() {
+        let s = ExitSignal::new().unwrap();
+        s.reset();
+
+        assert!(s.take_reset());
+
+        assert_eq!(s.requested(), None);
+        s.power_off();
+        assert_eq!(s.requested(), Some(VmExit::PowerOff));
+    }
+
+    #[test]
+    fn a_stop_replaces_a_pending_reset() {
+        let s = ExitSignal::new().unwrap();
+        s.reset();
+
+        s.request(VmExit::Signal);
+
+        assert_eq!(s.requested(), Some(VmExit::Signal));
+        assert!(!s.take_reset());
+    }
+
+    #[test]
+    fn only_a_reset_is_taken_back() {
+        let s = ExitSignal::new().unwrap();
+        s.power_off();
+
+        assert!(!s.take_reset());
+
+        assert_eq!(s.requested(), Some(VmExit::PowerOff));
     }
 
     #[test]

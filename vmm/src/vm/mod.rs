@@ -10,6 +10,7 @@ pub mod console_socket;
 pub mod event_loop;
 pub mod exit;
 pub mod pause;
+pub mod reboot;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -29,6 +30,7 @@ use crate::api::{
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::cpu;
 use crate::cpu::pause::VcpuPause;
+use crate::cpu::reset::VcpuPowerOn;
 use crate::cpu::vcpu::{self, VcpuContext, VcpuHandle};
 use crate::device::passthrough::raise_fd_limit;
 use crate::hotplug::controller::{Controller, CounterSources, VmSummary};
@@ -42,6 +44,7 @@ use crate::vm::config::{ConfigError, VmConfig};
 use crate::vm::event_loop::{EventLoop, EventLoopError};
 use crate::vm::exit::{ExitSignal, VmExit};
 use crate::vm::pause::VmPause;
+use crate::vm::reboot::{ControllerHandle, OnReboot, Payload, PowerOnState};
 
 /// How long the end of a VM waits for the console writer to pass on the guest's last output.
 const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -164,6 +167,13 @@ pub struct Vm {
     page_size: u64,
     /// The host CPUs of the vCPU threads ([`placement`]), if restricted.
     vcpu_cpus: Option<Arc<placement::CpuList>>,
+    on_reboot: OnReboot,
+    /// Loaded again at each reboot in place.
+    payload: Payload,
+    /// The interrupt controllers and PIT as created, written back at each reboot in place.
+    power_on: PowerOnState,
+    /// Each vCPU's state as created, the baseline of its reset at each reboot in place.
+    vcpus_power_on: Vec<VcpuPowerOn>,
 }
 
 impl Vm {
@@ -206,6 +216,7 @@ impl Vm {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let power_on = PowerOnState::capture(&vm_fd)?;
 
         let memory = memory::reserve_placed(&config.memory, &memory::SystemHost, &placement)?;
         register_memory(&vm_fd, &memory)?;
@@ -238,7 +249,7 @@ impl Vm {
                 rsdp: devices.rsdp_address(),
             },
         )?;
-        let vcpus = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
+        let (vcpus, vcpus_power_on) = create_vcpus(&kvm, &vm_fd, &memory, entry, config.cpus)?;
         let console = Some(devices.console_info());
         Ok(Self {
             vm_fd,
@@ -267,6 +278,14 @@ impl Vm {
             event_log,
             page_size: config.memory.page_size(),
             vcpu_cpus: placement.vcpu_cpus.map(Arc::new),
+            on_reboot: config.on_reboot,
+            payload: Payload {
+                kernel: config.kernel.clone(),
+                initramfs: config.initramfs.clone(),
+                cmdline: config.cmdline.clone(),
+            },
+            power_on,
+            vcpus_power_on,
         })
     }
 
@@ -300,7 +319,9 @@ impl Vm {
             .handler(self.events.clone(), QueueTimeouts::default())
     }
 
-    /// Runs the VM until the guest powers off or resets, a vCPU fails, or a handle stops it.
+    /// Runs the VM until the guest powers off, a vCPU fails, or a handle stops it. A guest reset
+    /// reboots the VM in place with [`OnReboot::Restart`] (see [`reboot`]) and ends it with
+    /// [`OnReboot::Exit`].
     ///
     /// Every way out, an error included, ends the same way: vCPUs stopped, the terminal
     /// restored, every passthrough device released (VF leases too), the console drained, then
@@ -363,8 +384,8 @@ impl Vm {
                 },
             )?);
         }
-        let cold_plugged = self.add_controller(&mut event_loop, &pause)?;
-        let handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
+        let (cold_plugged, controller) = self.add_controller(&mut event_loop, &pause)?;
+        let mut handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
         // Before the event loop runs, so these come first in every stream and log.
         self.counters.mark_started();
         self.events.publish(Event::now(EventKind::VmStarted {
@@ -379,14 +400,26 @@ impl Vm {
             handles.len(),
             self.created.elapsed()
         );
-        let result = run_event_loop(&mut event_loop, &loop_filter);
-        // Also wakes vCPUs parked by a pause.
-        pause.stop();
-        handles.into_iter().for_each(VcpuHandle::join);
-        event_loop.restore_terminal();
-        drop(event_loop);
-        result?;
-        Ok(self.exit.requested().unwrap_or(VmExit::PowerOff))
+        loop {
+            let result = run_event_loop(&mut event_loop, &loop_filter);
+            // Also wakes vCPUs parked by a pause.
+            pause.stop();
+            let vcpus: Vec<Option<VcpuFd>> = handles.into_iter().map(VcpuHandle::join).collect();
+            let restart = result.is_ok()
+                && self.on_reboot == OnReboot::Restart
+                && vcpus.iter().all(Option::is_some)
+                && self.exit.take_reset();
+            if !restart {
+                event_loop.restore_terminal();
+                drop(event_loop);
+                result?;
+                return Ok(self.exit.requested().unwrap_or(VmExit::PowerOff));
+            }
+            self.vcpus = vcpus.into_iter().flatten().collect();
+            self.reboot(&mut event_loop, controller.as_ref())?;
+            pause.rearm();
+            handles = self.start_vcpus(&stop, &pause, &vcpu_filter)?;
+        }
     }
 
     /// Hands the passthrough devices to the hotplug controller, which then serves the VM's
@@ -396,10 +429,10 @@ impl Vm {
         &mut self,
         event_loop: &mut EventLoop,
         pause: &Arc<VcpuPause>,
-    ) -> Result<Vec<DeviceInfo>> {
+    ) -> Result<(Vec<DeviceInfo>, Option<ControllerHandle>)> {
         let passthrough = self.devices.take_passthrough();
         let (Some(pci), Some(passthrough)) = (self.devices.pci(), passthrough) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let queue = std::mem::replace(
             &mut self.control,
@@ -435,8 +468,9 @@ impl Vm {
         if let Some(ged) = self.devices.ged() {
             controller = controller.with_power_button(ged);
         }
-        event_loop.add_subscriber(Arc::new(Mutex::new(controller)));
-        Ok(cold_plugged)
+        let controller = Arc::new(Mutex::new(controller));
+        let id = event_loop.add_subscriber(controller.clone());
+        Ok((cold_plugged, Some(ControllerHandle { controller, id })))
     }
 
     /// Starts one thread per vCPU; if one cannot start, stops and joins those already started.
@@ -464,7 +498,9 @@ impl Vm {
                 Ok(h) => handles.push(h),
                 Err(source) => {
                     pause.stop();
-                    handles.into_iter().for_each(VcpuHandle::join);
+                    for handle in handles {
+                        handle.join();
+                    }
                     return Err(VmError::Io {
                         what: "start a vCPU thread",
                         source,
@@ -569,7 +605,7 @@ fn create_vcpus(
     memory: &GuestMemoryMmap,
     entry: EntryPoint,
     count: u8,
-) -> Result<Vec<VcpuFd>> {
+) -> Result<(Vec<VcpuFd>, Vec<VcpuPowerOn>)> {
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -578,12 +614,14 @@ fn create_vcpus(
             let vcpu = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let power_on = VcpuPowerOn::capture(&vcpu, i)?;
             cpu::configure_cpuid(&vcpu, &supported, i, count)?;
             cpu::configure_msrs(&vcpu, i)?;
             cpu::configure_registers(&vcpu, memory, entry, i)?;
             cpu::configure_fpu(&vcpu, i)?;
             cpu::configure_lapic(&vcpu, i)?;
-            Ok(vcpu)
+            Ok((vcpu, power_on))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.into_iter().unzip())
 }
