@@ -154,7 +154,7 @@ fn kick_this_thread() -> Kick {
 
 fn run(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
     if run_loop(index, &mut vcpu, &ctx) {
-        complete_pending_io(&mut vcpu, &ctx);
+        complete_pending_io(index, &mut vcpu, &ctx);
     }
     vcpu
 }
@@ -166,30 +166,45 @@ const MAX_PENDING_IO: usize = 64;
 /// Completes the I/O of the last exit without running the guest (`immediate_exit`): KVM would
 /// otherwise complete it at the next `KVM_RUN`, after a reboot in place has set the power-on
 /// registers, and write the old instruction's result over them.
-fn complete_pending_io(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+fn complete_pending_io(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) {
     vcpu.set_kvm_immediate_exit(1);
     for _ in 0..MAX_PENDING_IO {
-        match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                }
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                ctx.pio.write(u64::from(port), data);
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !ctx.mmio.read(addr, data) {
-                    data.fill(0xff);
-                }
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                ctx.mmio.write(addr, data);
-            }
-            _ => break,
+        let Ok(mut exit) = vcpu.run() else {
+            break;
+        };
+        if !dispatch_io(index, &mut exit, ctx) {
+            break;
         }
     }
     vcpu.set_kvm_immediate_exit(0);
+}
+
+/// Dispatches a port or MMIO exit to its bus (unclaimed reads return all-ones); false for any
+/// other exit.
+fn dispatch_io(index: u8, exit: &mut VcpuExit<'_>, ctx: &VcpuContext) -> bool {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(*port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(*port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(*addr, data) {
+                log::debug!("vcpu{index}: unclaimed MMIO read at {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio.write(*addr, data) {
+                log::debug!("vcpu{index}: unclaimed MMIO write at {addr:#x}");
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// Runs the vCPU until the VM stops or the vCPU cannot go on; returns false in the latter case
@@ -205,68 +220,58 @@ fn run_loop(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> bool {
             vcpu.set_kvm_immediate_exit(1);
         }
         let mut interrupted = false;
-        let exit = vcpu.run();
+        let mut exit = vcpu.run();
         if let Some(exits) = exits {
             exits.count(exit_reason(&exit));
         }
-        match exit {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
+        let dispatched = match &mut exit {
+            Ok(io) => dispatch_io(index, io, ctx),
+            Err(_) => false,
+        };
+        // A port or MMIO access is all done; the other exits are handled here.
+        if !dispatched {
+            match exit {
+                Ok(VcpuExit::Hlt) => {}
+                Ok(VcpuExit::Shutdown) => {
+                    log::warn!("vcpu{index}: the guest triple-faulted; resetting the VM");
+                    ctx.exit.request(VmExit::Reset);
+                    break;
                 }
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                ctx.pio.write(u64::from(port), data);
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !ctx.mmio.read(addr, data) {
-                    log::debug!("vcpu{index}: unclaimed MMIO read at {addr:#x}");
-                    data.fill(0xff);
-                }
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if !ctx.mmio.write(addr, data) {
-                    log::debug!("vcpu{index}: unclaimed MMIO write at {addr:#x}");
-                }
-            }
-            Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => {
-                log::warn!("vcpu{index}: the guest triple-faulted; resetting the VM");
-                ctx.exit.request(VmExit::Reset);
-                break;
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(VmExit::PowerOff),
-                    KVM_SYSTEM_EVENT_RESET => ctx.exit.request(VmExit::Reset),
-                    other => {
-                        log::error!("vcpu{index}: unexpected system event {other}");
-                        ctx.exit.request(VmExit::Crash);
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(VmExit::PowerOff),
+                        KVM_SYSTEM_EVENT_RESET => ctx.exit.request(VmExit::Reset),
+                        other => {
+                            log::error!("vcpu{index}: unexpected system event {other}");
+                            ctx.exit.request(VmExit::Crash);
+                        }
                     }
+                    break;
                 }
-                break;
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                log::error!("vcpu{index}: VM entry failed (reason {reason:#x}, host cpu {cpu})");
-                ctx.exit.request(VmExit::Crash);
-                return false;
-            }
-            Ok(VcpuExit::InternalError) => {
-                log::error!("vcpu{index}: KVM internal error");
-                ctx.exit.request(VmExit::Crash);
-                return false;
-            }
-            Ok(VcpuExit::Intr) => interrupted = true,
-            Ok(other) => {
-                log::warn!("vcpu{index}: unhandled exit {other:?}");
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                interrupted = true;
-            }
-            Err(e) => {
-                log::error!("vcpu{index}: KVM_RUN failed: {e}");
-                ctx.exit.request(VmExit::Crash);
-                return false;
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    log::error!(
+                        "vcpu{index}: VM entry failed (reason {reason:#x}, host cpu {cpu})"
+                    );
+                    ctx.exit.request(VmExit::Crash);
+                    return false;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    log::error!("vcpu{index}: KVM internal error");
+                    ctx.exit.request(VmExit::Crash);
+                    return false;
+                }
+                Ok(VcpuExit::Intr) => interrupted = true,
+                Ok(other) => {
+                    log::warn!("vcpu{index}: unhandled exit {other:?}");
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    interrupted = true;
+                }
+                Err(e) => {
+                    log::error!("vcpu{index}: KVM_RUN failed: {e}");
+                    ctx.exit.request(VmExit::Crash);
+                    return false;
+                }
             }
         }
         if pausing {
