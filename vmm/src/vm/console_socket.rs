@@ -327,8 +327,11 @@ impl Drop for ConsoleListener {
     }
 }
 
-/// Removes a socket file nobody listens on; refuses a live socket and other files. A live
-/// rvmm sees the check as a client that attaches and detaches at once.
+/// Removes a socket file nobody listens on; refuses a live socket and other files. Whether a
+/// process listens is read from `/proc/net/unix` rather than by connecting: a connection would
+/// attach to a live rvmm's console and take the output it keeps for its next client. Only when
+/// that table cannot tell (unreadable, or a listener bound by a relative name that may be this
+/// file) is a connection tried.
 fn remove_stale_socket(path: &Path) -> Result<(), SocketConsoleError> {
     let io_err = |what| {
         move |source| SocketConsoleError::Io {
@@ -345,6 +348,14 @@ fn remove_stale_socket(path: &Path) -> Result<(), SocketConsoleError> {
     if !meta.file_type().is_socket() {
         return Err(SocketConsoleError::NotASocket(path.to_path_buf()));
     }
+    match listening_at(path) {
+        Some(true) => return Err(SocketConsoleError::InUse(path.to_path_buf())),
+        Some(false) => {
+            log::info!("removing the stale console socket {}", path.display());
+            return std::fs::remove_file(path).map_err(io_err("remove the stale socket"));
+        }
+        None => {}
+    }
     match UnixStream::connect(path) {
         Ok(_) => Err(SocketConsoleError::InUse(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -353,6 +364,53 @@ fn remove_stale_socket(path: &Path) -> Result<(), SocketConsoleError> {
         }
         Err(e) => Err(io_err("check whether another process listens on")(e)),
     }
+}
+
+/// Whether a process listens on the unix socket at `path`, from the kernel's table of unix
+/// sockets; `None` when the table cannot tell.
+fn listening_at(path: &Path) -> Option<bool> {
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    listening_in(&table, path)
+}
+
+/// [`listening_at`] on the text of `/proc/net/unix`: a listening socket (flag `__SO_ACCEPTCON`,
+/// 0x10000) bound to the same file. Absolute names are compared after resolving their
+/// directories; a relative name with the same file name makes the answer unknown.
+fn listening_in(table: &str, path: &Path) -> Option<bool> {
+    const ACCEPTCON: u32 = 0x1_0000;
+    let canonical = |p: &Path| -> Option<PathBuf> {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty())?;
+        Some(dir.canonicalize().ok()?.join(p.file_name()?))
+    };
+    let ours = canonical(path)?;
+    let mut unknown = false;
+    // Num RefCount Protocol Flags Type St Inode [Path]
+    for line in table.lines().skip(1) {
+        let mut fields = line.split_whitespace();
+        let flags = fields.nth(3);
+        // The name is what follows the inode (a name with runs of spaces is not told apart).
+        let bound = fields
+            .nth(2)
+            .map(|_inode| fields.collect::<Vec<_>>().join(" "));
+        let (Some(flags), Some(bound)) = (flags, bound) else {
+            continue;
+        };
+        let Ok(flags) = u32::from_str_radix(flags, 16) else {
+            continue;
+        };
+        if flags & ACCEPTCON == 0 || bound.is_empty() || bound.starts_with('@') {
+            continue;
+        }
+        let bound = Path::new(&bound);
+        if bound.is_absolute() {
+            if canonical(bound).is_some_and(|b| b == ours) {
+                return Some(true);
+            }
+        } else if bound.file_name() == ours.file_name() {
+            unknown = true;
+        }
+    }
+    (!unknown).then_some(false)
 }
 
 /// What the event loop watches on the attached client.

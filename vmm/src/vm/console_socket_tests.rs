@@ -119,6 +119,52 @@ fn live_socket_is_refused() {
 }
 
 #[test]
+fn the_check_for_a_live_socket_does_not_connect_to_it() {
+    let dir = tempdir();
+    let path = dir.join("console.sock");
+    let live = UnixListener::bind(&path).unwrap();
+    live.set_nonblocking(true).unwrap();
+
+    let err = ConsoleListener::bind(&path).expect_err("in use");
+
+    assert!(matches!(err, SocketConsoleError::InUse(_)), "{err}");
+    // A live rvmm would have taken a connection as a client and replayed its output to it.
+    assert_eq!(
+        live.accept().map(|_| ()).unwrap_err().kind(),
+        io::ErrorKind::WouldBlock,
+        "the check connected to the live socket"
+    );
+}
+
+#[test]
+fn the_unix_socket_table_tells_listening_sockets_by_their_file() {
+    let dir = tempdir();
+    let path = dir.join("console.sock");
+    let other = dir.join("other.sock");
+    let header = "Num       RefCount Protocol Flags    Type St Inode Path\n";
+    let line = |flags: &str, name: &Path| {
+        format!(
+            "0000000000000000: 00000002 00000000 {flags} 0001 01   123 {}\n",
+            name.display()
+        )
+    };
+    let listening = format!("{header}{}", line("00010000", &path));
+    let connected = format!("{header}{}", line("00000000", &path));
+    let elsewhere = format!("{header}{}", line("00010000", &other));
+    let relative = format!("{header}{}", line("00010000", Path::new("console.sock")));
+    let unnamed = format!("{header}0000000000000000: 00000003 00000000 00000000 0001 03 77\n");
+    // The directory must exist to be resolved.
+    std::fs::create_dir_all(&dir).unwrap();
+
+    assert_eq!(listening_in(&listening, &path), Some(true));
+    assert_eq!(listening_in(&connected, &path), Some(false));
+    assert_eq!(listening_in(&elsewhere, &path), Some(false));
+    assert_eq!(listening_in(&relative, &path), None);
+    assert_eq!(listening_in(&unnamed, &path), Some(false));
+    assert_eq!(listening_in(&listening, Path::new("console.sock")), None);
+}
+
+#[test]
 fn other_file_is_not_replaced() {
     let dir = tempdir();
     let path = dir.join("console.sock");
