@@ -28,7 +28,8 @@ pub fn memory_map(mem: &GuestMemoryMmap) -> Vec<E820Entry> {
         let start = region.start_addr().raw_value();
         let end = start + region.len();
         if start < layout::HIGH_MEMORY_START {
-            // Real-mode RAM, then the legacy hole where the ACPI tables live.
+            // Real-mode RAM, then the legacy hole where the ACPI tables and the reset vector
+            // live.
             map.push(E820Entry {
                 addr: start,
                 size: 0xA_0000 - start,
@@ -36,7 +37,7 @@ pub fn memory_map(mem: &GuestMemoryMmap) -> Vec<E820Entry> {
             });
             map.push(E820Entry {
                 addr: layout::ACPI_START,
-                size: layout::ACPI_SIZE,
+                size: layout::HIGH_MEMORY_START - layout::ACPI_START,
                 kind: E820_RESERVED,
             });
             if end > layout::HIGH_MEMORY_START {

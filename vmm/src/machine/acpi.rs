@@ -1,4 +1,5 @@
-//! Describes the machine to `rvmm-acpi` and writes the tables into guest memory.
+//! Describes the machine to `rvmm-acpi` and writes the tables into guest memory, with the
+//! real-mode reset vector that uses their reset register ([`reset_vector`]).
 
 use rvmm_acpi::{
     IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
@@ -10,7 +11,7 @@ use rvmm_devices::acpi_pm::{
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::machine::layout;
+use crate::machine::{layout, reset_vector};
 
 /// Errors of ACPI table creation.
 #[derive(Debug, Error)]
@@ -27,6 +28,12 @@ pub enum AcpiError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// The reset vector could not be written into guest memory.
+    #[error(
+        "cannot write the real-mode reset vector at {:#x} into guest memory",
+        reset_vector::RESET_VECTOR
+    )]
+    ResetVector(#[source] vm_memory::GuestMemoryError),
 }
 
 /// What the VMM knows of the machine that ACPI must describe.
@@ -107,5 +114,8 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
                 source,
             })?;
     }
+    // The reset vector resets through the FADT's reset register, written with it.
+    reset_vector::write(mem, desc.pm.reset_port, desc.pm.reset_value)
+        .map_err(AcpiError::ResetVector)?;
     Ok(tables.rsdp_address)
 }

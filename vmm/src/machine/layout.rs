@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0x0000_0000 ..             RAM (real-mode area, zero page, command line, page tables, ACPI)
-//!   0x000E_0000 .. 0x0010_0000   ACPI tables (reserved in E820)
+//!   0x000E_0000 .. 0x000F_F000   ACPI tables (reserved in E820)
+//!   0x000F_F000 .. 0x0010_0000   firmware page: the real-mode reset vector at 0xF_FFF0 (reserved)
 //! ..0xC000_0000              RAM below the 32-bit hole
 //! 0xC000_0000 .. 0xE000_0000 PCI 32-bit MMIO window (root-port windows carved from it)
 //! 0xE000_0000 .. 0xF000_0000 PCIe ECAM (buses 0..=255)
@@ -36,8 +37,12 @@ pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
 /// Start of the reserved area holding the ACPI tables.
 pub const ACPI_START: u64 = 0xE_0000;
-/// Size of the ACPI area.
-pub const ACPI_SIZE: u64 = 0x2_0000;
+/// Size of the ACPI area (up to the firmware page).
+pub const ACPI_SIZE: u64 = 0x1_F000;
+/// The page below 1 MiB where a PC has its firmware; holds the real-mode reset vector.
+pub const FIRMWARE_PAGE: u64 = 0xF_F000;
+/// Where `ljmp $0xf000, $0xfff0` (a reboot "through the BIOS") lands.
+pub const RESET_VECTOR: u64 = 0xF_FFF0;
 /// End of the low 1 MiB.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Where the kernel image is loaded (bzImage protected-mode part, 16 MiB like most loaders).

@@ -6,3 +6,4 @@ pub mod acpi;
 pub mod device_manager;
 pub mod layout;
 pub mod pci;
+pub mod reset_vector;
