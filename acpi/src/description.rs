@@ -139,6 +139,9 @@ pub enum Error {
         /// The IRQ.
         irq: u8,
     },
+    /// The NUMA description is inconsistent.
+    #[error("invalid NUMA description: {0}")]
+    Numa(String),
 }
 
 /// Result of validating a description.
@@ -164,6 +167,88 @@ pub struct MachineDescription {
     pub power_button: Option<PowerButton>,
     /// Legacy devices announced in the FADT boot architecture flags.
     pub legacy: LegacyDevices,
+    /// The guest NUMA topology (SRAT, SLIT, `_PXM` of the root ports); `None`: one node, no
+    /// SRAT or SLIT.
+    pub numa: Option<Numa>,
+}
+
+/// The NUMA topology: proximity domain `i` is `nodes[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Numa {
+    /// The nodes, in proximity domain order.
+    pub nodes: Vec<NumaNode>,
+    /// SLIT distances: `distances[i][j]` from domain `i` to `j`; 10 on the diagonal, 11 to
+    /// 254 elsewhere.
+    pub distances: Vec<Vec<u8>>,
+    /// The proximity domain of each root port, in the order of [`PciHostBridge::root_ports`].
+    pub root_port_domains: Vec<u32>,
+}
+
+/// One proximity domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumaNode {
+    /// Its vCPUs (local APIC ids).
+    pub cpus: Vec<u8>,
+    /// Its RAM: (base, size) ranges of guest physical addresses.
+    pub memory: Vec<(u64, u64)>,
+}
+
+impl Numa {
+    /// Checks the topology against `cpus` vCPUs and `root_ports` root ports.
+    fn validate(&self, cpus: u8, root_ports: usize) -> Result<()> {
+        let err = |s: String| Err(Error::Numa(s));
+        let n = self.nodes.len();
+        if n == 0 {
+            return err("no node".into());
+        }
+        let mut owner = vec![None; usize::from(cpus)];
+        for (domain, node) in self.nodes.iter().enumerate() {
+            for &cpu in &node.cpus {
+                match owner.get_mut(usize::from(cpu)) {
+                    None => return err(format!("node {domain} has vCPU {cpu} of {cpus}")),
+                    Some(Some(other)) => {
+                        return err(format!("vCPU {cpu} in nodes {other} and {domain}"))
+                    }
+                    Some(slot) => *slot = Some(domain),
+                }
+            }
+            for &(base, size) in &node.memory {
+                if size == 0 || base.checked_add(size).is_none() {
+                    return err(format!(
+                        "node {domain} has an empty or wrapping memory range"
+                    ));
+                }
+            }
+        }
+        if let Some(cpu) = owner.iter().position(Option::is_none) {
+            return err(format!("vCPU {cpu} in no node"));
+        }
+        if self.distances.len() != n || self.distances.iter().any(|row| row.len() != n) {
+            return err(format!("distances are not {n} x {n}"));
+        }
+        for (i, row) in self.distances.iter().enumerate() {
+            for (j, &d) in row.iter().enumerate() {
+                let ok = if i == j {
+                    d == 10
+                } else {
+                    (11..=254).contains(&d)
+                };
+                if !ok {
+                    return err(format!("distance {i} -> {j} is {d}"));
+                }
+            }
+        }
+        if self.root_port_domains.len() != root_ports {
+            return err(format!(
+                "{} root port domains for {root_ports} root ports",
+                self.root_port_domains.len()
+            ));
+        }
+        if let Some(d) = self.root_port_domains.iter().find(|d| **d as usize >= n) {
+            return err(format!("root port in domain {d} of {n}"));
+        }
+        Ok(())
+    }
 }
 
 /// The I/O APIC.
@@ -318,6 +403,9 @@ impl MachineDescription {
         if let Some(button) = &self.power_button {
             button.validate(self.serial.as_ref())?;
         }
+        if let Some(numa) = &self.numa {
+            numa.validate(self.cpus, self.pci.root_ports.len())?;
+        }
         Ok(())
     }
 }
@@ -470,6 +558,55 @@ pub(crate) mod tests {
                 irq: 5,
             }),
             legacy: LegacyDevices::default(),
+            numa: None,
+        }
+    }
+
+    /// [`example`] with two NUMA nodes: vCPUs 0, 2 and the first 1 GiB on node 0, vCPUs 1, 3
+    /// and the rest on node 1; root port 0 on node 0, port 1 on node 1.
+    pub(crate) fn numa_example() -> MachineDescription {
+        MachineDescription {
+            numa: Some(Numa {
+                nodes: vec![
+                    NumaNode {
+                        cpus: vec![0, 2],
+                        memory: vec![(0, 0x4000_0000)],
+                    },
+                    NumaNode {
+                        cpus: vec![1, 3],
+                        memory: vec![(0x4000_0000, 0x8000_0000), (0x1_0000_0000, 0x4000_0000)],
+                    },
+                ],
+                distances: vec![vec![10, 21], vec![21, 10]],
+                root_port_domains: vec![0, 1],
+            }),
+            ..example()
+        }
+    }
+
+    #[test]
+    fn numa_example_is_valid() {
+        assert_eq!(numa_example().validate(), Ok(()));
+    }
+
+    #[test]
+    fn inconsistent_numa_is_rejected() {
+        let cases: [fn(&mut Numa); 6] = [
+            |n| n.nodes[0].cpus.push(1),
+            |n| n.nodes[0].cpus.push(9),
+            |n| n.nodes[1].cpus.pop().map(drop).unwrap_or(()),
+            |n| n.distances[0][0] = 11,
+            |n| n.distances[0][1] = 10,
+            |n| n.root_port_domains[1] = 2,
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let mut desc = numa_example();
+            case(desc.numa.as_mut().unwrap());
+            assert!(
+                matches!(desc.validate(), Err(Error::Numa(_))),
+                "case {i}: {:?}",
+                desc.validate()
+            );
         }
     }
 

@@ -3,7 +3,8 @@
 //! ```text
 //! \_SB.PCI0        PCIe host bridge: ids, _SEG/_BBN, _CRS windows, _OSC granting native
 //!                  control (PCIe hot-plug above all) to the OS
-//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR (no _SUN: the slot is
+//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR, and _PXM (its
+//!                  proximity domain) when the machine has a NUMA topology (no _SUN: the slot is
 //!                  the port's downstream one, named by pciehp from Slot Capabilities; a _SUN here
 //!                  would make Linux's pci_slot claim the name for the port itself)
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
@@ -24,7 +25,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use crate::description::{
-    MachineDescription, PciHostBridge, PowerButton, RootPort, SerialPort, GED_EVENT_POWER_BUTTON,
+    MachineDescription, Numa, PciHostBridge, PowerButton, RootPort, SerialPort,
+    GED_EVENT_POWER_BUTTON,
 };
 use crate::{oem_table_id, OEM_ID, OEM_REVISION};
 
@@ -97,15 +99,24 @@ pub(crate) fn root_port_name(port: &RootPort) -> String {
     format!("RP{devfn:02X}")
 }
 
-/// A root port under the host bridge.
-fn root_port(port: &RootPort) -> RawAml {
+/// A root port under the host bridge, in proximity domain `pxm` if the machine has NUMA.
+fn root_port(port: &RootPort, pxm: Option<u32>) -> RawAml {
     let address = (u32::from(port.device) << 16) | u32::from(port.function);
     let adr = Name::new("_ADR".into(), &address);
-    serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr]))
+    match pxm {
+        Some(domain) => {
+            let pxm = Name::new("_PXM".into(), &domain);
+            serialise(&Device::new(
+                Path::new(&root_port_name(port)),
+                vec![&adr, &pxm],
+            ))
+        }
+        None => serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr])),
+    }
 }
 
 /// `\_SB.PCI0`, the PCIe host bridge with its root ports.
-fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
+fn pci_host_bridge(pci: &PciHostBridge, numa: Option<&Numa>) -> RawAml {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &ZERO);
@@ -144,7 +155,12 @@ fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
     );
 
     let osc = osc_method();
-    let ports: Vec<RawAml> = pci.root_ports.iter().map(root_port).collect();
+    let ports: Vec<RawAml> = pci
+        .root_ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| root_port(port, numa.and_then(|n| n.root_port_domains.get(i).copied())))
+        .collect();
 
     let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc];
     children.extend(ports.iter().map(|port| port as &dyn Aml));
@@ -296,7 +312,7 @@ fn s5(sleep_type: u8) -> RawAml {
 
 /// Builds the DSDT of a validated description.
 pub(crate) fn build(desc: &MachineDescription) -> Vec<u8> {
-    let pci0 = pci_host_bridge(&desc.pci);
+    let pci0 = pci_host_bridge(&desc.pci, desc.numa.as_ref());
     let mres = motherboard_resources(&desc.pci);
     let com1 = desc.serial.as_ref().map(serial_port);
     let button = desc
@@ -436,6 +452,19 @@ mod tests {
             &[name(b"_ADR"), vec![0x0c, 7, 0, 0x1f, 0]].concat()
         ));
         assert!(!contains(&dsdt, b"_SUN"));
+    }
+
+    #[test]
+    fn root_ports_have_pxm_only_with_numa() {
+        assert!(!contains(&build(&example()), b"_PXM"));
+        let dsdt = build(&crate::description::tests::numa_example());
+        let rp08 = dsdt.windows(4).position(|w| w == b"RP08").unwrap();
+        let rp10 = dsdt.windows(4).position(|w| w == b"RP10").unwrap();
+        let pxm = |domain: u32| serialise(&Name::new("_PXM".into(), &domain)).0;
+        let (pxm0, pxm1) = (pxm(0), pxm(1));
+        assert_ne!(pxm0, pxm1);
+        assert!(contains(&dsdt[rp08..rp10], &pxm0), "port 0 in domain 0");
+        assert!(contains(&dsdt[rp10..], &pxm1), "port 1 in domain 1");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::kvm::irq_routing::GsiRouter;
 use crate::machine::acpi;
 use crate::machine::layout;
 use crate::machine::pci::{self, PciRoot};
+use crate::placement::GuestTopology;
 use crate::seccomp::{SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{SerialConfig, VmConfig};
 use crate::vm::console::ConsoleHost;
@@ -109,6 +110,7 @@ struct AcpiInputs {
     cpus: u8,
     mmio64: (u64, u64),
     root_ports: Vec<(u8, u8, u16)>,
+    numa: Option<GuestTopology>,
 }
 
 /// The parts of the VM the devices are built on.
@@ -127,6 +129,8 @@ pub struct Machine<'a> {
     pub phys_bits: u8,
     /// KVM's number of memory slots.
     pub max_memslots: u32,
+    /// The guest NUMA topology (`--numa`), if any.
+    pub guest_topology: Option<&'a GuestTopology>,
 }
 
 impl DeviceManager {
@@ -140,6 +144,7 @@ impl DeviceManager {
             exit,
             phys_bits,
             max_memslots,
+            guest_topology,
         } = machine;
         let mut dm = Self {
             serial: None,
@@ -166,6 +171,7 @@ impl DeviceManager {
             cpus: config.cpus,
             mmio64,
             root_ports: pci.acpi_ports(),
+            numa: guest_topology.cloned(),
         };
         dm.rsdp = dm.write_acpi_tables(memory)?;
         let router = Arc::new(GsiRouter::new(vm_fd.clone()));
@@ -177,6 +183,14 @@ impl DeviceManager {
             max_memslots,
         ));
         let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
+        if let Some(topology) = guest_topology {
+            let nodes = topology.nodes.len();
+            passthrough.set_port_host_nodes(
+                (0..usize::from(config.root_ports))
+                    .map(|p| topology.host_node(acpi::port_guest_node(p, nodes)))
+                    .collect(),
+            );
+        }
         attach_boot_devices(&mut passthrough, &pci, &config.devices)?;
         dm.pci = Some(pci);
         dm.passthrough = Some(passthrough);
@@ -287,6 +301,7 @@ impl DeviceManager {
                 bus_end: pci::BUS_END,
                 mmio64: self.acpi.mmio64,
                 root_ports: &self.acpi.root_ports,
+                numa: self.acpi.numa.as_ref(),
                 serial: self.serial.is_some(),
             },
         )?)
