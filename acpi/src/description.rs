@@ -182,6 +182,25 @@ pub struct Numa {
     pub distances: Vec<Vec<u8>>,
     /// The proximity domain of each root port, in the order of [`PciHostBridge::root_ports`].
     pub root_port_domains: Vec<u32>,
+    /// One host bridge per node holding root ports, the first becoming `PCI0`; empty: the one
+    /// `PCI0` of [`PciHostBridge`] with every port (a Linux guest then gives no device a node:
+    /// it takes a PCI device's node from its host bridge only).
+    pub bridges: Vec<NumaBridge>,
+}
+
+/// A host bridge of one NUMA node: its own root bus and bus range in the segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumaBridge {
+    /// Its proximity domain (`_PXM`).
+    pub domain: u32,
+    /// Its root bus (`_BBN`), the first bus of its range.
+    pub bus_start: u8,
+    /// The last bus of its range.
+    pub bus_end: u8,
+    /// Its root ports: indices into [`PciHostBridge::root_ports`].
+    pub ports: Vec<usize>,
+    /// The memory windows it forwards (its ports' windows).
+    pub windows: Vec<MmioWindow>,
 }
 
 /// One proximity domain.
@@ -246,6 +265,33 @@ impl Numa {
         }
         if let Some(d) = self.root_port_domains.iter().find(|d| **d as usize >= n) {
             return err(format!("root port in domain {d} of {n}"));
+        }
+        if !self.bridges.is_empty() {
+            let mut seen = vec![false; root_ports];
+            for bridge in &self.bridges {
+                if bridge.domain as usize >= n || bridge.bus_start > bridge.bus_end {
+                    return err(format!(
+                        "host bridge of domain {} with buses {}..={}",
+                        bridge.domain, bridge.bus_start, bridge.bus_end
+                    ));
+                }
+                for &port in &bridge.ports {
+                    match seen.get_mut(port) {
+                        Some(s) if !*s => *s = true,
+                        _ => return err(format!("root port {port} in no or two host bridges")),
+                    }
+                }
+                if bridge
+                    .windows
+                    .iter()
+                    .any(|w| w.size == 0 || w.last().is_none())
+                {
+                    return err("empty or wrapping host bridge window".into());
+                }
+            }
+            if seen.iter().any(|s| !*s) {
+                return err("a root port is in no host bridge".into());
+            }
         }
         Ok(())
     }
@@ -391,7 +437,9 @@ impl MachineDescription {
         if self.cpus == 0 {
             return Err(Error::NoCpus);
         }
-        self.pci.validate()?;
+        // With a host bridge per node, ports on different root buses may share an address.
+        let bridges = self.numa.as_ref().map_or(&[][..], |n| &n.bridges[..]);
+        self.pci.validate(bridges)?;
         if self.pm.s5_sleep_type > MAX_SLEEP_TYPE {
             return Err(Error::SleepType {
                 sleep_type: self.pm.s5_sleep_type,
@@ -411,7 +459,7 @@ impl MachineDescription {
 }
 
 impl PciHostBridge {
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, bridges: &[NumaBridge]) -> Result<()> {
         if self.bus_start > self.bus_end {
             return Err(Error::BusRange {
                 start: self.bus_start,
@@ -447,18 +495,19 @@ impl PciHostBridge {
                 size: self.mmio32.size,
             });
         }
-        self.validate_root_ports()
+        self.validate_root_ports(bridges)
     }
 
-    fn validate_root_ports(&self) -> Result<()> {
+    fn validate_root_ports(&self, bridges: &[NumaBridge]) -> Result<()> {
         let mut addresses = HashSet::new();
         let mut slots = HashSet::new();
-        for port in &self.root_ports {
+        for (i, port) in self.root_ports.iter().enumerate() {
             let (device, function) = (port.device, port.function);
             if device > MAX_PCI_DEVICE || function > MAX_PCI_FUNCTION {
                 return Err(Error::RootPortAddress { device, function });
             }
-            if !addresses.insert((device, function)) {
+            let bridge = bridges.iter().position(|b| b.ports.contains(&i));
+            if !addresses.insert((bridge, device, function)) {
                 return Err(Error::DuplicateRootPort { device, function });
             }
             let slot_number = port.slot_number;
@@ -579,6 +628,7 @@ pub(crate) mod tests {
                 ],
                 distances: vec![vec![10, 21], vec![21, 10]],
                 root_port_domains: vec![0, 1],
+                bridges: Vec::new(),
             }),
             ..example()
         }

@@ -39,7 +39,7 @@ use acpi_tables::Aml;
 
 pub use description::{
     Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow, Numa,
-    NumaNode, PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort,
+    NumaBridge, NumaNode, PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort,
     ECAM_BYTES_PER_BUS, GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
 };
 

@@ -44,11 +44,18 @@ pub struct Machine<'a> {
     pub serial: bool,
     /// The guest NUMA topology (`--numa`), if any.
     pub numa: Option<&'a GuestTopology>,
+    /// With `--numa`, the host bridge of each root bus (one per guest node holding ports).
+    pub numa_bridges: &'a [rvmm_acpi::NumaBridge],
 }
 
-/// The ACPI NUMA description of `topology` for `ports` root ports: guest node `i` is proximity
-/// domain `i`; root port `p` is in domain [`port_guest_node`]`(p)`.
-pub fn numa_description(topology: &GuestTopology, ports: usize) -> Numa {
+/// The ACPI NUMA description of `topology` for `ports` root ports on the host bridges
+/// `bridges`: guest node `i` is proximity domain `i`; root port `p` is in domain
+/// [`port_guest_node`]`(p)`.
+pub fn numa_description(
+    topology: &GuestTopology,
+    ports: usize,
+    bridges: &[rvmm_acpi::NumaBridge],
+) -> Numa {
     let nodes = topology.nodes.len();
     Numa {
         nodes: topology
@@ -67,6 +74,7 @@ pub fn numa_description(topology: &GuestTopology, ports: usize) -> Numa {
             .collect(),
         distances: topology.distances.clone(),
         root_port_domains: (0..ports).map(|p| port_guest_node(p, nodes)).collect(),
+        bridges: bridges.to_vec(),
     }
 }
 
@@ -130,9 +138,9 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
             cmos_rtc: true,
             i8042: false,
         },
-        numa: machine
-            .numa
-            .map(|topology| numa_description(topology, machine.root_ports.len())),
+        numa: machine.numa.map(|topology| {
+            numa_description(topology, machine.root_ports.len(), machine.numa_bridges)
+        }),
     };
     let tables =
         rvmm_acpi::build(&desc, layout::ACPI_START, layout::ACPI_SIZE).map_err(AcpiError::Build)?;
@@ -177,7 +185,7 @@ mod tests {
             ],
             distances: vec![vec![10, 20], vec![20, 10]],
         };
-        let numa = numa_description(&topology, 3);
+        let numa = numa_description(&topology, 3, &[]);
         assert_eq!(numa.nodes[0].cpus, vec![0, 2]);
         assert_eq!(numa.nodes[0].memory, vec![(0, 0x1000_0000)]);
         assert_eq!(

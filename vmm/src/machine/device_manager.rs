@@ -111,6 +111,7 @@ struct AcpiInputs {
     mmio64: (u64, u64),
     root_ports: Vec<(u8, u8, u16)>,
     numa: Option<GuestTopology>,
+    numa_bridges: Vec<rvmm_acpi::NumaBridge>,
 }
 
 /// The parts of the VM the devices are built on.
@@ -166,12 +167,14 @@ impl DeviceManager {
         dm.add_platform_devices(vm_fd, pio, exit, config)?;
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
-        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64)?;
+        let root_buses = guest_topology.map_or(1, |t| t.nodes.len());
+        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64, root_buses)?;
         dm.acpi = AcpiInputs {
             cpus: config.cpus,
             mmio64,
             root_ports: pci.acpi_ports(),
             numa: guest_topology.cloned(),
+            numa_bridges: pci.numa_bridges(),
         };
         dm.rsdp = dm.write_acpi_tables(memory)?;
         let router = Arc::new(GsiRouter::new(vm_fd.clone()));
@@ -302,6 +305,7 @@ impl DeviceManager {
                 mmio64: self.acpi.mmio64,
                 root_ports: &self.acpi.root_ports,
                 numa: self.acpi.numa.as_ref(),
+                numa_bridges: &self.acpi.numa_bridges,
                 serial: self.serial.is_some(),
             },
         )?)
