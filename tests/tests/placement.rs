@@ -403,7 +403,18 @@ fn drive_goes_to_a_root_port_of_its_node() {
 #[test]
 fn info_shows_the_guest_topology() {
     let run = run("numa");
-    let nodes = &info(&run)["placement"]["guest_nodes"];
+    let placement = &info(&run)["placement"];
+    let nodes = &placement["guest_nodes"];
+
+    // Every guest node has its host node: no VM-wide node or CPU list, the reason per node.
+    run.check(
+        placement["memory_node"].is_null()
+            && placement["vcpu_cpus"].is_null()
+            && placement["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("--numa: guest node 0")),
+        &format!("{placement}"),
+    );
 
     run.check(
         nodes[0]["guest_node"] == 0

@@ -156,7 +156,15 @@ pub fn place_guest_nodes(
                 .and_then(|g| node_cpus[g as usize].clone())
         })
         .collect();
-    placement.reason = format!("{}; {}", placement.reason, reasons.join("; "));
+    if numa.nodes.iter().all(|n| n.host_node.is_some()) {
+        // Nothing follows the VM-wide decision: say only what was done, per guest node.
+        placement.memory_policy = MemoryPolicy::Bind;
+        placement.memory_node = None;
+        placement.vcpu_cpus = None;
+        placement.reason = format!("--numa: {}", reasons.join("; "));
+    } else {
+        placement.reason = format!("{}; {}", placement.reason, reasons.join("; "));
+    }
     let distances = infos
         .iter()
         .map(|a| {

@@ -146,6 +146,8 @@ fn a_guest_node_without_host_node_follows_the_vm_placement() {
     assert_eq!(p.vcpu_cpus_of(0), Some(CpuList::from_ids([0])));
     assert_eq!(p.vcpu_cpus_of(1), Some(CpuList::from_ids([2, 3])));
     assert_eq!(topology.nodes[0].host_node, Some(0));
+    assert!(p.reason.starts_with("base; guest node 0"), "{}", p.reason);
+    assert_eq!(p.memory_node, Some(0));
 }
 
 #[test]

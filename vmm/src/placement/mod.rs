@@ -279,7 +279,9 @@ pub fn plan(config: &VmConfig, sys: &Path) -> Result<(Placement, Option<GuestTop
         }
         None => (placement, None),
     };
-    let placed = placement.memory_node.is_some() || placement.vcpu_cpus.is_some();
+    let placed = placement.memory_node.is_some()
+        || placement.vcpu_cpus.is_some()
+        || placement.ranges.iter().any(|r| r.node.is_some());
     let unplaced_with_devices = !placed
         && config.placement == PlacementMode::Auto
         && !devices.is_empty()
