@@ -57,6 +57,7 @@ fn machine(cpus: u8) -> MachineDescription {
             irq: 5,
         }),
         legacy: LegacyDevices::default(),
+        numa: None,
     }
 }
 

@@ -139,6 +139,9 @@ pub enum Error {
         /// The IRQ.
         irq: u8,
     },
+    /// The NUMA description is inconsistent.
+    #[error("invalid NUMA description: {0}")]
+    Numa(String),
 }
 
 /// Result of validating a description.
@@ -164,6 +167,134 @@ pub struct MachineDescription {
     pub power_button: Option<PowerButton>,
     /// Legacy devices announced in the FADT boot architecture flags.
     pub legacy: LegacyDevices,
+    /// The guest NUMA topology (SRAT, SLIT, `_PXM` of the root ports); `None`: one node, no
+    /// SRAT or SLIT.
+    pub numa: Option<Numa>,
+}
+
+/// The NUMA topology: proximity domain `i` is `nodes[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Numa {
+    /// The nodes, in proximity domain order.
+    pub nodes: Vec<NumaNode>,
+    /// SLIT distances: `distances[i][j]` from domain `i` to `j`; 10 on the diagonal, 11 to
+    /// 254 elsewhere.
+    pub distances: Vec<Vec<u8>>,
+    /// The proximity domain of each root port, in the order of [`PciHostBridge::root_ports`].
+    pub root_port_domains: Vec<u32>,
+    /// One host bridge per node holding root ports, the first becoming `PCI0`; empty: the one
+    /// `PCI0` of [`PciHostBridge`] with every port (a Linux guest then gives no device a node:
+    /// it takes a PCI device's node from its host bridge only).
+    pub bridges: Vec<NumaBridge>,
+}
+
+/// A host bridge of one NUMA node: its own root bus and bus range in the segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumaBridge {
+    /// Its proximity domain (`_PXM`).
+    pub domain: u32,
+    /// Its root bus (`_BBN`), the first bus of its range.
+    pub bus_start: u8,
+    /// The last bus of its range.
+    pub bus_end: u8,
+    /// Its root ports: indices into [`PciHostBridge::root_ports`].
+    pub ports: Vec<usize>,
+    /// The memory windows it forwards (its ports' windows).
+    pub windows: Vec<MmioWindow>,
+}
+
+/// One proximity domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumaNode {
+    /// Its vCPUs (local APIC ids).
+    pub cpus: Vec<u8>,
+    /// Its RAM: (base, size) ranges of guest physical addresses.
+    pub memory: Vec<(u64, u64)>,
+}
+
+impl Numa {
+    /// Checks the topology against `cpus` vCPUs and `root_ports` root ports.
+    fn validate(&self, cpus: u8, root_ports: usize) -> Result<()> {
+        let err = |s: String| Err(Error::Numa(s));
+        let n = self.nodes.len();
+        if n == 0 {
+            return err("no node".into());
+        }
+        let mut owner = vec![None; usize::from(cpus)];
+        for (domain, node) in self.nodes.iter().enumerate() {
+            for &cpu in &node.cpus {
+                match owner.get_mut(usize::from(cpu)) {
+                    None => return err(format!("node {domain} has vCPU {cpu} of {cpus}")),
+                    Some(Some(other)) => {
+                        return err(format!("vCPU {cpu} in nodes {other} and {domain}"))
+                    }
+                    Some(slot) => *slot = Some(domain),
+                }
+            }
+            for &(base, size) in &node.memory {
+                if size == 0 || base.checked_add(size).is_none() {
+                    return err(format!(
+                        "node {domain} has an empty or wrapping memory range"
+                    ));
+                }
+            }
+        }
+        if let Some(cpu) = owner.iter().position(Option::is_none) {
+            return err(format!("vCPU {cpu} in no node"));
+        }
+        if self.distances.len() != n || self.distances.iter().any(|row| row.len() != n) {
+            return err(format!("distances are not {n} x {n}"));
+        }
+        for (i, row) in self.distances.iter().enumerate() {
+            for (j, &d) in row.iter().enumerate() {
+                let ok = if i == j {
+                    d == 10
+                } else {
+                    (11..=254).contains(&d)
+                };
+                if !ok {
+                    return err(format!("distance {i} -> {j} is {d}"));
+                }
+            }
+        }
+        if self.root_port_domains.len() != root_ports {
+            return err(format!(
+                "{} root port domains for {root_ports} root ports",
+                self.root_port_domains.len()
+            ));
+        }
+        if let Some(d) = self.root_port_domains.iter().find(|d| **d as usize >= n) {
+            return err(format!("root port in domain {d} of {n}"));
+        }
+        if !self.bridges.is_empty() {
+            let mut seen = vec![false; root_ports];
+            for bridge in &self.bridges {
+                if bridge.domain as usize >= n || bridge.bus_start > bridge.bus_end {
+                    return err(format!(
+                        "host bridge of domain {} with buses {}..={}",
+                        bridge.domain, bridge.bus_start, bridge.bus_end
+                    ));
+                }
+                for &port in &bridge.ports {
+                    match seen.get_mut(port) {
+                        Some(s) if !*s => *s = true,
+                        _ => return err(format!("root port {port} in no or two host bridges")),
+                    }
+                }
+                if bridge
+                    .windows
+                    .iter()
+                    .any(|w| w.size == 0 || w.last().is_none())
+                {
+                    return err("empty or wrapping host bridge window".into());
+                }
+            }
+            if seen.iter().any(|s| !*s) {
+                return err("a root port is in no host bridge".into());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The I/O APIC.
@@ -306,7 +437,9 @@ impl MachineDescription {
         if self.cpus == 0 {
             return Err(Error::NoCpus);
         }
-        self.pci.validate()?;
+        // With a host bridge per node, ports on different root buses may share an address.
+        let bridges = self.numa.as_ref().map_or(&[][..], |n| &n.bridges[..]);
+        self.pci.validate(bridges)?;
         if self.pm.s5_sleep_type > MAX_SLEEP_TYPE {
             return Err(Error::SleepType {
                 sleep_type: self.pm.s5_sleep_type,
@@ -318,12 +451,15 @@ impl MachineDescription {
         if let Some(button) = &self.power_button {
             button.validate(self.serial.as_ref())?;
         }
+        if let Some(numa) = &self.numa {
+            numa.validate(self.cpus, self.pci.root_ports.len())?;
+        }
         Ok(())
     }
 }
 
 impl PciHostBridge {
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, bridges: &[NumaBridge]) -> Result<()> {
         if self.bus_start > self.bus_end {
             return Err(Error::BusRange {
                 start: self.bus_start,
@@ -359,18 +495,19 @@ impl PciHostBridge {
                 size: self.mmio32.size,
             });
         }
-        self.validate_root_ports()
+        self.validate_root_ports(bridges)
     }
 
-    fn validate_root_ports(&self) -> Result<()> {
+    fn validate_root_ports(&self, bridges: &[NumaBridge]) -> Result<()> {
         let mut addresses = HashSet::new();
         let mut slots = HashSet::new();
-        for port in &self.root_ports {
+        for (i, port) in self.root_ports.iter().enumerate() {
             let (device, function) = (port.device, port.function);
             if device > MAX_PCI_DEVICE || function > MAX_PCI_FUNCTION {
                 return Err(Error::RootPortAddress { device, function });
             }
-            if !addresses.insert((device, function)) {
+            let bridge = bridges.iter().position(|b| b.ports.contains(&i));
+            if !addresses.insert((bridge, device, function)) {
                 return Err(Error::DuplicateRootPort { device, function });
             }
             let slot_number = port.slot_number;
@@ -470,6 +607,56 @@ pub(crate) mod tests {
                 irq: 5,
             }),
             legacy: LegacyDevices::default(),
+            numa: None,
+        }
+    }
+
+    /// [`example`] with two NUMA nodes: vCPUs 0, 2 and the first 1 GiB on node 0, vCPUs 1, 3
+    /// and the rest on node 1; root port 0 on node 0, port 1 on node 1.
+    pub(crate) fn numa_example() -> MachineDescription {
+        MachineDescription {
+            numa: Some(Numa {
+                nodes: vec![
+                    NumaNode {
+                        cpus: vec![0, 2],
+                        memory: vec![(0, 0x4000_0000)],
+                    },
+                    NumaNode {
+                        cpus: vec![1, 3],
+                        memory: vec![(0x4000_0000, 0x8000_0000), (0x1_0000_0000, 0x4000_0000)],
+                    },
+                ],
+                distances: vec![vec![10, 21], vec![21, 10]],
+                root_port_domains: vec![0, 1],
+                bridges: Vec::new(),
+            }),
+            ..example()
+        }
+    }
+
+    #[test]
+    fn numa_example_is_valid() {
+        assert_eq!(numa_example().validate(), Ok(()));
+    }
+
+    #[test]
+    fn inconsistent_numa_is_rejected() {
+        let cases: [fn(&mut Numa); 6] = [
+            |n| n.nodes[0].cpus.push(1),
+            |n| n.nodes[0].cpus.push(9),
+            |n| n.nodes[1].cpus.pop().map(drop).unwrap_or(()),
+            |n| n.distances[0][0] = 11,
+            |n| n.distances[0][1] = 10,
+            |n| n.root_port_domains[1] = 2,
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let mut desc = numa_example();
+            case(desc.numa.as_mut().unwrap());
+            assert!(
+                matches!(desc.validate(), Err(Error::Numa(_))),
+                "case {i}: {:?}",
+                desc.validate()
+            );
         }
     }
 

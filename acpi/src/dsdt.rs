@@ -3,9 +3,12 @@
 //! ```text
 //! \_SB.PCI0        PCIe host bridge: ids, _SEG/_BBN, _CRS windows, _OSC granting native
 //!                  control (PCIe hot-plug above all) to the OS
-//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR (no _SUN: the slot is
+//! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR, and _PXM (its
+//!                  proximity domain) when the machine has a NUMA topology (no _SUN: the slot is
 //!                  the port's downstream one, named by pciehp from Slot Capabilities; a _SUN here
 //!                  would make Linux's pci_slot claim the name for the port itself)
+//! \_SB.PXnn        with root ports split over NUMA nodes: one host bridge per node
+//!                  (PCI0 for the first), each with its bus range, its ports' windows and _PXM
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
 //! \_SB.COM1        PNP0501 16550 UART, when the machine has one
 //! \_SB.PWRB        PNP0C0C control-method power button, when the machine has one
@@ -24,7 +27,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use crate::description::{
-    MachineDescription, PciHostBridge, PowerButton, RootPort, SerialPort, GED_EVENT_POWER_BUTTON,
+    MachineDescription, MmioWindow, Numa, PciHostBridge, PowerButton, RootPort, SerialPort,
+    GED_EVENT_POWER_BUTTON,
 };
 use crate::{oem_table_id, OEM_ID, OEM_REVISION};
 
@@ -97,15 +101,24 @@ pub(crate) fn root_port_name(port: &RootPort) -> String {
     format!("RP{devfn:02X}")
 }
 
-/// A root port under the host bridge.
-fn root_port(port: &RootPort) -> RawAml {
+/// A root port under the host bridge, in proximity domain `pxm` if the machine has NUMA.
+fn root_port(port: &RootPort, pxm: Option<u32>) -> RawAml {
     let address = (u32::from(port.device) << 16) | u32::from(port.function);
     let adr = Name::new("_ADR".into(), &address);
-    serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr]))
+    match pxm {
+        Some(domain) => {
+            let pxm = Name::new("_PXM".into(), &domain);
+            serialise(&Device::new(
+                Path::new(&root_port_name(port)),
+                vec![&adr, &pxm],
+            ))
+        }
+        None => serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr])),
+    }
 }
 
 /// `\_SB.PCI0`, the PCIe host bridge with its root ports.
-fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
+fn pci_host_bridge(pci: &PciHostBridge, numa: Option<&Numa>) -> RawAml {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &ZERO);
@@ -144,11 +157,90 @@ fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
     );
 
     let osc = osc_method();
-    let ports: Vec<RawAml> = pci.root_ports.iter().map(root_port).collect();
+    let ports: Vec<RawAml> = pci
+        .root_ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| root_port(port, numa.and_then(|n| n.root_port_domains.get(i).copied())))
+        .collect();
 
     let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc];
     children.extend(ports.iter().map(|port| port as &dyn Aml));
     serialise(&Device::new("PCI0".into(), children))
+}
+
+/// A memory window produced by a host bridge: 32-bit non-prefetchable below 4 GiB, 64-bit
+/// prefetchable above.
+fn window_descriptor(window: &MmioWindow) -> RawAml {
+    // Validated: non-empty, not wrapping.
+    let last = window.last().expect("validated window");
+    match (u32::try_from(window.base), u32::try_from(last)) {
+        (Ok(base), Ok(last)) => serialise(&AddressSpace::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            base,
+            last,
+            None,
+        )),
+        _ => serialise(&AddressSpace::new_memory(
+            AddressSpaceCacheable::PreFetchable,
+            true,
+            window.base,
+            last,
+            None,
+        )),
+    }
+}
+
+/// The host bridges of a machine whose root ports are split over NUMA nodes: `\_SB.PCI0` (with
+/// the configuration ports) and `\_SB.PXnn` for each further bridge, each with its bus range,
+/// its ports' windows, its `_PXM` and its root ports. Linux gives a PCI device the node of its
+/// host bridge, so this is what puts a device on a node.
+fn numa_host_bridges(pci: &PciHostBridge, numa: &Numa) -> Vec<RawAml> {
+    numa.bridges
+        .iter()
+        .enumerate()
+        .map(|(g, bridge)| {
+            let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+            let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+            let adr = Name::new("_ADR".into(), &ZERO);
+            let seg = Name::new("_SEG".into(), &pci.segment);
+            let uid = Name::new("_UID".into(), &(g as u32));
+            let bbn = Name::new("_BBN".into(), &bridge.bus_start);
+            let pxm = Name::new("_PXM".into(), &bridge.domain);
+            let buses = AddressSpace::new_bus_number(
+                u16::from(bridge.bus_start),
+                u16::from(bridge.bus_end),
+            );
+            let config_ports =
+                IO::new(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, PCI_CONFIG_IO_LEN);
+            let windows: Vec<RawAml> = bridge.windows.iter().map(window_descriptor).collect();
+            let mut resources: Vec<&dyn Aml> = vec![&buses];
+            if g == 0 {
+                resources.push(&config_ports);
+            }
+            resources.extend(windows.iter().map(|w| w as &dyn Aml));
+            let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
+            let osc = osc_method();
+            let ports: Vec<RawAml> = bridge
+                .ports
+                .iter()
+                .filter_map(|&i| {
+                    let port = pci.root_ports.get(i)?;
+                    Some(root_port(port, numa.root_port_domains.get(i).copied()))
+                })
+                .collect();
+            let mut children: Vec<&dyn Aml> =
+                vec![&hid, &cid, &adr, &seg, &uid, &bbn, &pxm, &crs, &osc];
+            children.extend(ports.iter().map(|port| port as &dyn Aml));
+            let name = if g == 0 {
+                "PCI0".to_owned()
+            } else {
+                format!("PX{g:02X}")
+            };
+            serialise(&Device::new(Path::new(&name), children))
+        })
+        .collect()
 }
 
 /// A QWordMemory resource descriptor consumed (not produced) by its device, non-cacheable and
@@ -296,14 +388,18 @@ fn s5(sleep_type: u8) -> RawAml {
 
 /// Builds the DSDT of a validated description.
 pub(crate) fn build(desc: &MachineDescription) -> Vec<u8> {
-    let pci0 = pci_host_bridge(&desc.pci);
+    let bridges = match &desc.numa {
+        Some(numa) if !numa.bridges.is_empty() => numa_host_bridges(&desc.pci, numa),
+        numa => vec![pci_host_bridge(&desc.pci, numa.as_ref())],
+    };
     let mres = motherboard_resources(&desc.pci);
     let com1 = desc.serial.as_ref().map(serial_port);
     let button = desc
         .power_button
         .as_ref()
         .map(|b| (power_button(), generic_event_device(b)));
-    let mut devices: Vec<&dyn Aml> = vec![&pci0, &mres];
+    let mut devices: Vec<&dyn Aml> = bridges.iter().map(|b| b as &dyn Aml).collect();
+    devices.push(&mres);
     if let Some(com1) = &com1 {
         devices.push(com1);
     }
@@ -436,6 +532,89 @@ mod tests {
             &[name(b"_ADR"), vec![0x0c, 7, 0, 0x1f, 0]].concat()
         ));
         assert!(!contains(&dsdt, b"_SUN"));
+    }
+
+    #[test]
+    fn root_ports_have_pxm_only_with_numa() {
+        assert!(!contains(&build(&example()), b"_PXM"));
+        let dsdt = build(&crate::description::tests::numa_example());
+        let rp08 = dsdt.windows(4).position(|w| w == b"RP08").unwrap();
+        let rp10 = dsdt.windows(4).position(|w| w == b"RP10").unwrap();
+        let pxm = |domain: u32| serialise(&Name::new("_PXM".into(), &domain)).0;
+        let (pxm0, pxm1) = (pxm(0), pxm(1));
+        assert_ne!(pxm0, pxm1);
+        assert!(contains(&dsdt[rp08..rp10], &pxm0), "port 0 in domain 0");
+        assert!(contains(&dsdt[rp10..], &pxm1), "port 1 in domain 1");
+    }
+
+    #[test]
+    fn a_host_bridge_per_node_with_its_buses_ports_windows_and_pxm() {
+        use crate::description::NumaBridge;
+        let mut desc = crate::description::tests::numa_example();
+        desc.pci.root_ports[1].device = 1;
+        let numa = desc.numa.as_mut().unwrap();
+        numa.bridges = vec![
+            NumaBridge {
+                domain: 0,
+                bus_start: 0,
+                bus_end: 0x7f,
+                ports: vec![0],
+                windows: vec![MmioWindow {
+                    base: 0xc000_0000,
+                    size: 0x100_0000,
+                }],
+            },
+            NumaBridge {
+                domain: 1,
+                bus_start: 0x80,
+                bus_end: 0xff,
+                ports: vec![1],
+                windows: vec![
+                    MmioWindow {
+                        base: 0xc100_0000,
+                        size: 0x100_0000,
+                    },
+                    MmioWindow {
+                        base: 0x100_0000_0000,
+                        size: 0x10_0000_0000,
+                    },
+                ],
+            },
+        ];
+        assert_eq!(desc.validate(), Ok(()));
+        let dsdt = build(&desc);
+        let pci0 = dsdt.windows(4).position(|w| w == b"PCI0").unwrap();
+        let px01 = dsdt.windows(4).position(|w| w == b"PX01").unwrap();
+        assert!(pci0 < px01);
+        let (first, second) = (&dsdt[pci0..px01], &dsdt[px01..]);
+        let pxm = |domain: u32| serialise(&Name::new("_PXM".into(), &domain)).0;
+        assert!(contains(first, &pxm(0)) && contains(second, &pxm(1)));
+        assert!(contains(first, b"RP08") && contains(second, b"RP08"));
+        let bbn = serialise(&Name::new("_BBN".into(), &0x80u8)).0;
+        assert!(contains(second, &bbn));
+        // The second bridge forwards its 64-bit window, the first does not.
+        let base64 = 0x100_0000_0000u64.to_le_bytes();
+        assert!(contains(second, &base64) && !contains(first, &base64));
+        // Only PCI0 claims the configuration ports.
+        let cf8 = [0x47, 0x01, 0xf8, 0x0c];
+        assert!(contains(first, &cf8) && !contains(second, &cf8));
+    }
+
+    #[test]
+    fn bad_host_bridges_are_rejected() {
+        use crate::description::{Error, NumaBridge};
+        let mut desc = crate::description::tests::numa_example();
+        desc.numa.as_mut().unwrap().bridges = vec![NumaBridge {
+            domain: 0,
+            bus_start: 0,
+            bus_end: 0xff,
+            ports: vec![0],
+            windows: Vec::new(),
+        }];
+        assert!(
+            matches!(desc.validate(), Err(Error::Numa(_))),
+            "port 1 in no bridge"
+        );
     }
 
     #[test]

@@ -12,8 +12,11 @@
 //! very start, every table 8-byte aligned:
 //!
 //! ```text
-//! base: RSDP | XSDT | FADT | MADT | MCFG | DSDT
+//! base: RSDP | XSDT | FADT | MADT | MCFG | DSDT [| SRAT | SLIT]
 //! ```
+//!
+//! A [`Numa`] topology in the description adds the SRAT (each vCPU's local APIC and each RAM
+//! range in its proximity domain) and the SLIT (distances), and a `_PXM` to each root port.
 //!
 //! A [`PowerButton`] in the description adds a control-method power button (`PNP0C0C`) and the
 //! Generic Event Device (`ACPI0013`) whose interrupt and event register signal it; the FADT
@@ -28,15 +31,16 @@ mod dsdt;
 mod fadt;
 mod madt;
 mod mcfg;
+mod numa;
 
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 pub use description::{
-    Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow,
-    PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort, ECAM_BYTES_PER_BUS,
-    GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
+    Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow, Numa,
+    NumaBridge, NumaNode, PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort,
+    ECAM_BYTES_PER_BUS, GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
 };
 
 /// OEM id of every table.
@@ -49,8 +53,10 @@ pub const AREA_ALIGNMENT: u64 = 16;
 /// Alignment of each table inside the area.
 pub const TABLE_ALIGNMENT: u64 = 8;
 
-/// Size of the XSDT with its three entries (FADT, MADT, MCFG).
-const XSDT_LEN: usize = 36 + 3 * 8;
+/// Size of the XSDT with `entries` entries.
+const fn xsdt_len(entries: usize) -> usize {
+    36 + entries * 8
+}
 
 /// The OEM table id of the table with `signature`: "RVMM" followed by the signature.
 fn oem_table_id(signature: &[u8; 4]) -> [u8; 8] {
@@ -113,7 +119,7 @@ pub struct AcpiTables {
 
 impl AcpiTables {
     /// The table whose bytes start with `signature` (`b"RSD PTR "`, `b"XSDT"`, `b"FACP"`,
-    /// `b"APIC"`, `b"MCFG"`, `b"DSDT"`).
+    /// `b"APIC"`, `b"MCFG"`, `b"DSDT"`, and with NUMA `b"SRAT"`, `b"SLIT"`).
     pub fn find(&self, signature: &[u8]) -> Option<&TableBlob> {
         self.blobs
             .iter()
@@ -142,36 +148,54 @@ pub fn build(desc: &MachineDescription, base: u64, size: u64) -> Result<AcpiTabl
     let dsdt = dsdt::build(desc);
     let madt = madt::build(desc);
     let mcfg = mcfg::build(desc);
+    let numa_tables = desc
+        .numa
+        .as_ref()
+        .map(|numa| (numa::build_srat(numa), numa::build_slit(numa)));
+    let xsdt_entries = if numa_tables.is_some() { 5 } else { 3 };
 
-    // Offsets from `base`, in layout order.
-    let lengths = [
+    // Offsets from `base`, in layout order: RSDP, XSDT, FADT, MADT, MCFG, DSDT[, SRAT, SLIT].
+    let mut lengths = vec![
         Rsdp::len(),
-        XSDT_LEN,
+        xsdt_len(xsdt_entries),
         fadt::len(),
         madt.len(),
         mcfg.len(),
         dsdt.len(),
     ];
-    let mut offsets = [0u64; 6];
+    if let Some((srat, slit)) = &numa_tables {
+        lengths.extend([srat.len(), slit.len()]);
+    }
+    let mut offsets = Vec::with_capacity(lengths.len());
     let mut end = 0u64;
-    for (offset, len) in offsets.iter_mut().zip(lengths) {
-        *offset = align_table(end);
-        end = *offset + len as u64;
+    for len in lengths {
+        let offset = align_table(end);
+        offsets.push(offset);
+        end = offset + len as u64;
     }
     if end > size {
         return Err(Error::AreaTooSmall { needed: end, size });
     }
     // Every offset is below `end` <= `size`, and `base + size` does not wrap.
-    let [rsdp_addr, xsdt_addr, fadt_addr, madt_addr, mcfg_addr, dsdt_addr] =
-        offsets.map(|offset| base + offset);
+    let addresses: Vec<u64> = offsets.iter().map(|offset| base + offset).collect();
+    let (rsdp_addr, xsdt_addr, fadt_addr, madt_addr, mcfg_addr, dsdt_addr) = (
+        addresses[0],
+        addresses[1],
+        addresses[2],
+        addresses[3],
+        addresses[4],
+        addresses[5],
+    );
 
     let fadt = fadt::build(desc, dsdt_addr);
 
     let mut xsdt = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
-    for address in [fadt_addr, madt_addr, mcfg_addr] {
+    let mut entries = vec![fadt_addr, madt_addr, mcfg_addr];
+    entries.extend(addresses.get(6..).unwrap_or_default());
+    for address in entries {
         xsdt.add_entry(address);
     }
-    let mut xsdt_bytes = Vec::with_capacity(XSDT_LEN);
+    let mut xsdt_bytes = Vec::with_capacity(xsdt_len(xsdt_entries));
     xsdt.to_aml_bytes(&mut xsdt_bytes);
 
     let mut rsdp = Vec::with_capacity(Rsdp::len());
@@ -179,20 +203,22 @@ pub fn build(desc: &MachineDescription, base: u64, size: u64) -> Result<AcpiTabl
 
     log::debug!(
         "ACPI tables at {base:#x}: RSDP {rsdp_addr:#x}, XSDT {xsdt_addr:#x}, FADT {fadt_addr:#x}, \
-         MADT {madt_addr:#x}, MCFG {mcfg_addr:#x}, DSDT {dsdt_addr:#x}, {end:#x} bytes"
+         MADT {madt_addr:#x}, MCFG {mcfg_addr:#x}, DSDT {dsdt_addr:#x}{}, {end:#x} bytes",
+        match addresses.get(6..) {
+            Some([srat, slit]) => format!(", SRAT {srat:#x}, SLIT {slit:#x}"),
+            _ => String::new(),
+        }
     );
 
-    let blobs = [
-        (rsdp_addr, rsdp),
-        (xsdt_addr, xsdt_bytes),
-        (fadt_addr, fadt),
-        (madt_addr, madt),
-        (mcfg_addr, mcfg),
-        (dsdt_addr, dsdt),
-    ]
-    .into_iter()
-    .map(|(address, bytes)| TableBlob { address, bytes })
-    .collect();
+    let mut tables = vec![rsdp, xsdt_bytes, fadt, madt, mcfg, dsdt];
+    if let Some((srat, slit)) = numa_tables {
+        tables.extend([srat, slit]);
+    }
+    let blobs = addresses
+        .into_iter()
+        .zip(tables)
+        .map(|(address, bytes)| TableBlob { address, bytes })
+        .collect();
 
     Ok(AcpiTables {
         rsdp_address: rsdp_addr,
@@ -289,6 +315,31 @@ pub(crate) mod tests {
             .map(|s| table(&tables, *s).address)
             .collect();
         assert_eq!(entries, expected);
+    }
+
+    #[test]
+    fn numa_adds_srat_and_slit_to_the_xsdt() {
+        let tables = build(&crate::description::tests::numa_example(), BASE, SIZE).unwrap();
+        let xsdt = &table(&tables, b"XSDT").bytes;
+        assert_eq!(read_u32(xsdt, 4) as usize, xsdt.len());
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| read_u64(xsdt, o))
+            .collect();
+        let expected: Vec<u64> = [b"FACP", b"APIC", b"MCFG", b"SRAT", b"SLIT"]
+            .iter()
+            .map(|s| table(&tables, *s).address)
+            .collect();
+        assert_eq!(entries, expected);
+        for blob in &tables.blobs[1..] {
+            assert_eq!(sum(&blob.bytes), 0);
+            assert_eq!(blob.address % TABLE_ALIGNMENT, 0);
+        }
+        assert!(tables.find(b"SRAT").is_some() && tables.find(b"SLIT").is_some());
+        assert!(build(&example(), BASE, SIZE)
+            .unwrap()
+            .find(b"SRAT")
+            .is_none());
     }
 
     #[test]

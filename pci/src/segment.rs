@@ -5,6 +5,12 @@
 //! `i + 1` and starts with secondary = subordinate = root bus + `i + 1`. The guest may
 //! renumber buses: accesses to other buses go to the port whose *current* secondary..=
 //! subordinate range holds the bus.
+//!
+//! With several root buses ([`SegmentConfig::root_buses`] `k` > 1: one host bridge per guest
+//! NUMA node, as ACPI describes them), the bus range is cut into `k` equal parts, root bus `g`
+//! being the first bus of part `g`; port `i` is the `j = i / k`-th port of root bus `g = i % k`:
+//! device `1 + j / 8`, function `j % 8` there, secondary bus root bus `g` + `j + 1`. Only root
+//! bus 0 has the host bridge function at 00.0.
 
 use std::sync::{Arc, Mutex};
 
@@ -48,6 +54,31 @@ pub struct SegmentConfig {
     pub link_speed: LinkSpeed,
     /// Link width of every port.
     pub link_width: LinkWidth,
+    /// Number of root buses (1, or one per guest NUMA node); port `i` is on root bus
+    /// `i % root_buses`.
+    pub root_buses: usize,
+}
+
+impl SegmentConfig {
+    /// The number of root buses, at least 1.
+    fn groups(&self) -> usize {
+        self.root_buses.max(1)
+    }
+
+    /// The bus range (first = the root bus, last) of root bus `group`.
+    pub fn root_bus_range(&self, group: usize) -> (u8, u8) {
+        let k = self.groups();
+        let buses = usize::from(self.bus_end) + 1 - usize::from(self.bus_start);
+        let span = buses / k;
+        // group < k and span * k <= buses: both fit the u8 bus range.
+        let first = usize::from(self.bus_start) + group * span;
+        let last = if group + 1 == k {
+            usize::from(self.bus_end)
+        } else {
+            first + span - 1
+        };
+        (first as u8, last as u8)
+    }
 }
 
 /// A root port as the hot-plug manager and ACPI see it.
@@ -214,10 +245,13 @@ impl PciSegment {
                 max: MAX_ROOT_PORTS,
             });
         }
+        let k = config.groups();
         let bus_count = usize::from(config.bus_end)
             .checked_sub(usize::from(config.bus_start))
             .map(|d| d + 1);
-        if bus_count.is_none_or(|buses| buses <= n) {
+        // Each root bus needs itself and one bus per port of its own.
+        let ports_per_group = n.div_ceil(k);
+        if k > n || bus_count.is_none_or(|buses| buses / k <= ports_per_group) {
             return Err(SegmentError::TooFewBuses {
                 start: config.bus_start,
                 end: config.bus_end,
@@ -228,15 +262,19 @@ impl PciSegment {
         let mut ports = Vec::with_capacity(n);
         let mut infos = Vec::with_capacity(n);
         for (index, windows) in windows.into_iter().enumerate() {
-            // Bounded by the checks above: index < 128 and bus_start + index + 1 <= bus_end.
-            let secondary = config.bus_start + index as u8 + 1;
-            let device = 1 + index / FUNCTIONS_PER_DEVICE;
-            let function = index % FUNCTIONS_PER_DEVICE;
-            let functions_on_device = (n - (device - 1) * FUNCTIONS_PER_DEVICE).min(8);
+            // Bounded by the checks above: index < 128 and each root bus has a bus for each of
+            // its ports after it.
+            let (group, j) = (index % k, index / k);
+            let (root_bus, _) = config.root_bus_range(group);
+            let in_group = (n - group).div_ceil(k);
+            let secondary = root_bus + j as u8 + 1;
+            let device = 1 + j / FUNCTIONS_PER_DEVICE;
+            let function = j % FUNCTIONS_PER_DEVICE;
+            let functions_on_device = (in_group - (device - 1) * FUNCTIONS_PER_DEVICE).min(8);
             let port_config = RootPortConfig {
                 index,
                 buses: BusNumbers {
-                    primary: config.bus_start,
+                    primary: root_bus,
                     secondary,
                     subordinate: secondary,
                 },
@@ -254,7 +292,7 @@ impl PciSegment {
                 index,
                 address: Bdf {
                     domain: 0,
-                    bus: config.bus_start,
+                    bus: root_bus,
                     device: device as u8,
                     function: function as u8,
                 },
@@ -300,13 +338,18 @@ impl PciSegment {
         Some((self.infos.get(index)?, self.ports.get(index)?))
     }
 
-    fn root_function(&self, device: u8, function: u8) -> Option<RootFunction> {
+    /// The root bus group whose root bus is `bus`, if `bus` is a root bus.
+    fn root_group(&self, bus: u8) -> Option<usize> {
+        (0..self.config.groups()).find(|&g| self.config.root_bus_range(g).0 == bus)
+    }
+
+    fn root_function(&self, group: usize, device: u8, function: u8) -> Option<RootFunction> {
         match (device, function) {
-            (0, 0) => Some(RootFunction::HostBridge),
+            (0, 0) if group == 0 => Some(RootFunction::HostBridge),
             (0, _) => None,
             _ => {
-                let index =
-                    (usize::from(device) - 1) * FUNCTIONS_PER_DEVICE + usize::from(function);
+                let j = (usize::from(device) - 1) * FUNCTIONS_PER_DEVICE + usize::from(function);
+                let index = j * self.config.groups() + group;
                 (index < self.ports.len()).then_some(RootFunction::Port(index))
             }
         }
@@ -333,14 +376,14 @@ impl PciSegment {
         if !self.decodes(bus, device, function) {
             return ABSENT;
         }
-        if bus != self.config.bus_start {
+        let Some(group) = self.root_group(bus) else {
             // The port's lock is let go before the device is called (see downstream_device).
             return self
                 .with_port_for_bus(bus, |port| port.downstream_device(bus, device, function))
                 .flatten()
                 .map_or(ABSENT, |dev| dev.locked().read_config_register(reg));
-        }
-        match self.root_function(device, function) {
+        };
+        match self.root_function(group, device, function) {
             Some(RootFunction::HostBridge) => self.host_bridge.locked().read_config_register(reg),
             Some(RootFunction::Port(i)) => self
                 .ports
@@ -364,7 +407,7 @@ impl PciSegment {
         if !self.decodes(bus, device, function) {
             return;
         }
-        if bus != self.config.bus_start {
+        let Some(group) = self.root_group(bus) else {
             let dev = self
                 .with_port_for_bus(bus, |port| port.downstream_device(bus, device, function))
                 .flatten();
@@ -372,8 +415,8 @@ impl PciSegment {
                 dev.locked().write_config_register(reg, offset, data);
             }
             return;
-        }
-        match self.root_function(device, function) {
+        };
+        match self.root_function(group, device, function) {
             Some(RootFunction::HostBridge) => self
                 .host_bridge
                 .locked()

@@ -15,6 +15,7 @@ pub(crate) fn config(ports: usize) -> SegmentConfig {
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,
         link_width: LinkWidth::X16,
+        root_buses: 1,
     }
 }
 
@@ -390,4 +391,66 @@ fn device_behind_a_port_is_called_without_the_port_lock_held() {
     let _ = seg.read_config(1, 0, 0, 4);
 
     assert_eq!(*seen.lock().unwrap(), [true, true]);
+}
+
+#[test]
+fn two_root_buses_split_the_bus_range_and_deal_the_ports() {
+    let seg = PciSegment::new(
+        SegmentConfig {
+            root_buses: 2,
+            ..config(5)
+        },
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.config().root_bus_range(0), (0, 0x7f));
+    assert_eq!(seg.config().root_bus_range(1), (0x80, 0xff));
+    let ports: Vec<(u8, u8, u8, u8)> = seg
+        .ports()
+        .iter()
+        .map(|p| {
+            (
+                p.address.bus,
+                p.address.device,
+                p.address.function,
+                p.secondary_bus,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            (0, 1, 0, 1),
+            (0x80, 1, 0, 0x81),
+            (0, 1, 1, 2),
+            (0x80, 1, 1, 0x82),
+            (0, 1, 2, 3),
+        ]
+    );
+    // The host bridge only on root bus 0; port 1 answers at 80:01.0, port 3 at 80:01.1.
+    assert_ne!(seg.read_config(0, 0, 0, 0), ABSENT);
+    assert_eq!(seg.read_config(0x80, 0, 0, 0), ABSENT);
+    let id = seg.read_config(0, 1, 0, 0);
+    assert_ne!(id, ABSENT);
+    assert_eq!(seg.read_config(0x80, 1, 0, 0), id);
+    assert_eq!(seg.read_config(0x80, 1, 1, 0), id);
+    assert_eq!(seg.read_config(0x80, 1, 2, 0), ABSENT);
+    // Port 1's primary bus register says its root bus.
+    assert_eq!(seg.read_config(0x80, 1, 0, 6) & 0xff, 0x80);
+    assert_eq!((seg.read_config(0x80, 1, 0, 6) >> 8) & 0xff, 0x81);
+}
+
+#[test]
+fn more_root_buses_than_ports_are_refused() {
+    let err = PciSegment::new(
+        SegmentConfig {
+            root_buses: 3,
+            ..config(2)
+        },
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .err();
+    assert!(matches!(err, Some(SegmentError::TooFewBuses { .. })));
 }

@@ -6,6 +6,12 @@
 //!   both vCPU threads allowed only node 1's CPU (`Cpus_allowed_list`), and `info` says why;
 //! - `explicit`: `--memory ...,host_node=0 --cpus 2,affinity=0` with the same drive: RAM bound
 //!   to node 0 and vCPUs on CPU 0 whatever the drive's node;
+//! - `numa`: `--numa` two guest nodes, guest node 0 (vCPU 0, 128 MiB) on host node 0 and guest
+//!   node 1 (vCPU 1, 128 MiB) on host node 1, with the same drive: the guest sees two nodes with
+//!   those CPUs and that memory (SRAT) and the distances (SLIT); each node's RAM is bound to its
+//!   host node (two `bind:` mappings in `numa_maps`) and each vCPU thread runs on its node's CPU;
+//!   the drive sits in a root port of guest node 1 (behind that node's host bridge: guest bus
+//!   81) and its `numa_node` in the guest is 1; `info` shows the guest topology;
 //! - refusals, made before anything is reserved (no `reserved ... of guest RAM` in rvmm's info
 //!   log): a node that cannot hold the RAM (with the numbers), a node that does not exist, an
 //!   affinity naming a CPU the host does not have.
@@ -20,6 +26,8 @@ static RUN: SharedRun = SharedRun::new();
 
 /// Guest RAM of the placed runs, in MiB.
 const GUEST_MIB: u64 = 256;
+/// Guest RAM of each guest node of the `numa` run, in MiB.
+const NODE_MIB: u64 = GUEST_MIB / 2;
 /// A valid run for the refusal cases, which add one option.
 const VALID: &str = r#"--kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" --cmdline "$(guest_cmdline basic)" --serial stdio --log-level info"#;
 
@@ -45,6 +53,13 @@ fn scenario() -> String {
         .memory(&format!("size={GUEST_MIB}M,host_node=0"))
         .arg("--cpus")
         .arg("2,affinity=0");
+    let numa = placed("numa")
+        .cpus(2)
+        .memory(&format!("size={GUEST_MIB}M"))
+        .arg("--numa")
+        .arg(&format!("guest_node=0,cpus=0,size={NODE_MIB}M,host_node=0"))
+        .arg("--numa")
+        .arg(&format!("guest_node=1,cpus=1,size={NODE_MIB}M,host_node=1"));
     let mut scenario = String::from(
         r#"RVMM_CAPTURE_TIMEOUT=30
 # placement_report NAME: the NUMA policy lines of run NAME's numa_maps and each vCPU thread's
@@ -77,6 +92,15 @@ vfio_bind "$NODE1_NVME"
     );
     scenario += &auto.script();
     scenario += &explicit.script();
+    scenario += &numa.script();
+    scenario += &format!(
+        "rvmm_capture numa_sum run {VALID} --cpus 2 --memory size=256M \
+         --numa guest_node=0,cpus=0,size=128M --numa guest_node=1,cpus=1,size=64M\n"
+    );
+    scenario += &format!(
+        "rvmm_capture numa_no_node run {VALID} --cpus 2 --memory size=256M \
+         --numa guest_node=0,cpus=0,size=128M --numa guest_node=1,cpus=1,size=128M,host_node=3\n"
+    );
     scenario += &format!("rvmm_capture too_big run {VALID} --memory size=2G,host_node=1\n");
     scenario += &format!("rvmm_capture no_node run {VALID} --memory size=256M,host_node=3\n");
     scenario += &format!("rvmm_capture bad_affinity run {VALID} --cpus 2,affinity=5\n");
@@ -93,7 +117,7 @@ fn output() -> &'static TestHostOutput {
                 .needs_rvmm(true)
                 .scenario(&scenario())
         },
-        Duration::from_secs(420),
+        Duration::from_secs(600),
     )
 }
 
@@ -268,5 +292,180 @@ fn affinity_outside_the_host_is_refused() {
             "--cpus affinity= names host CPUs 5 that rvmm may not run on; it may use 0-1"
         ),
         "{stderr}"
+    );
+}
+
+/// The guest's `GUEST numa_node` markers as (node, cpus, memtotal_kb, distance).
+#[track_caller]
+fn guest_nodes(run: &Section<'_>) -> Vec<(String, String, u64, String)> {
+    run.guest_all("numa_node")
+        .iter()
+        .map(|m| {
+            let field = |key: &str| {
+                m.words()
+                    .find_map(|w| w.strip_prefix(key))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            (
+                m.word(0).unwrap_or_default().to_owned(),
+                field("cpus="),
+                field("memtotal_kb=").parse().unwrap_or(0),
+                field("distance="),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn guest_sees_two_numa_nodes_with_their_cpus_and_memory() {
+    let run = run("numa");
+    let nodes = guest_nodes(&run);
+
+    run.check(nodes.len() == 2, &format!("the guest sees nodes {nodes:?}"));
+    for (i, (name, cpus, memtotal_kb, distance)) in nodes.iter().enumerate() {
+        run.check(
+            name == &format!("node{i}") && cpus == &i.to_string(),
+            &format!("guest node {i} should have CPU {i}: {nodes:?}"),
+        );
+        // The node's RAM less what the kernel keeps for itself: more than half of it.
+        run.check(
+            *memtotal_kb <= NODE_MIB * 1024 && *memtotal_kb > NODE_MIB * 1024 / 2,
+            &format!("guest node {i} should have about {NODE_MIB} MiB: {nodes:?}"),
+        );
+        let expected = if i == 0 { "10,20" } else { "20,10" };
+        run.check(
+            distance == expected,
+            &format!("guest node {i} distances should be {expected}: {nodes:?}"),
+        );
+    }
+    assert_clean_poweroff(&run, run.rvmm_exit(), &["up", "hold_done"], "");
+}
+
+#[test]
+fn each_guest_node_ram_is_bound_to_its_host_node() {
+    let run = run("numa");
+    let lines: Vec<&str> = run
+        .host_all("numa_maps")
+        .iter()
+        .map(|m| m.value)
+        .filter(|l| l.contains(" bind:"))
+        .collect();
+    for node in [0, 1] {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&format!(" bind:{node} ")))
+            .unwrap_or_else(|| run.fail(&format!("no guest RAM bound to node {node}: {lines:?}")));
+        run.check(
+            pages_on(line, node) * 4096 >= NODE_MIB << 20 && pages_on(line, 1 - node) == 0,
+            &format!("guest node {node}'s RAM is not all on host node {node}: {line}"),
+        );
+    }
+}
+
+#[test]
+fn each_vcpu_runs_on_its_guest_node_host_cpus() {
+    let run = run("numa");
+    let mut vcpus: Vec<(String, String)> = run
+        .host_all("vcpu_cpus")
+        .iter()
+        .map(|m| {
+            (
+                m.word(0).unwrap_or_default().to_owned(),
+                m.word(1).unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    vcpus.sort();
+    run.check(
+        vcpus.len() == 2 && vcpus[0].1 == "0" && vcpus[1].1 == "1",
+        &format!("vCPU 0 should run on host CPU 0 and vCPU 1 on CPU 1: {vcpus:?}"),
+    );
+}
+
+#[test]
+fn drive_goes_to_a_root_port_of_its_node() {
+    let run = run("numa");
+    let nvme = run
+        .guest_all("pci")
+        .into_iter()
+        .find(|m| m.word(1) == Some("1b36:0010"))
+        .unwrap_or_else(|| run.fail("the guest has no NVMe drive"));
+    // Ports are dealt to guest nodes 0, 1, 0, 1, ...; each guest node has its own host bridge
+    // and root bus (node 0: bus 00, node 1: bus 80), its j-th port having bus root + j + 1: the
+    // first port of guest node 1 (port 1) has bus 81.
+    run.check(
+        nvme.word(0) == Some("0000:81:00.0"),
+        &format!("the drive is not behind the first root port of guest node 1: {nvme:?}"),
+    );
+}
+
+#[test]
+fn info_shows_the_guest_topology() {
+    let run = run("numa");
+    let placement = &info(&run)["placement"];
+    let nodes = &placement["guest_nodes"];
+
+    // Every guest node has its host node: no VM-wide node or CPU list, the reason per node.
+    run.check(
+        placement["memory_node"].is_null()
+            && placement["vcpu_cpus"].is_null()
+            && placement["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("--numa: guest node 0")),
+        &format!("{placement}"),
+    );
+
+    run.check(
+        nodes[0]["guest_node"] == 0
+            && nodes[0]["cpus"] == "0"
+            && nodes[0]["memory_bytes"] == NODE_MIB << 20
+            && nodes[0]["host_node"] == 0
+            && nodes[0]["host_cpus"] == "0",
+        &format!("{nodes}"),
+    );
+    run.check(
+        nodes[1]["guest_node"] == 1 && nodes[1]["host_node"] == 1 && nodes[1]["host_cpus"] == "1",
+        &format!("{nodes}"),
+    );
+}
+
+#[test]
+fn numa_sizes_not_adding_up_are_refused() {
+    let stderr = refused_before_reserving("numa_sum");
+
+    assert!(
+        stderr.contains("the --numa sizes add up to 192 MiB but --memory size is 256 MiB"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn numa_on_an_absent_host_node_is_refused() {
+    let stderr = refused_before_reserving("numa_no_node");
+
+    assert!(
+        stderr.contains("host node 3 does not exist (the host's nodes: 0-1)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn drive_numa_node_in_the_guest_is_the_node_on_host_node_1() {
+    let run = run("numa");
+    let nvme = run
+        .guest_all("pci")
+        .into_iter()
+        .find(|m| m.word(1) == Some("1b36:0010"))
+        .and_then(|m| m.word(0))
+        .unwrap_or_else(|| run.fail("the guest has no NVMe drive"));
+    let node = run
+        .guest_all("pci_numa")
+        .into_iter()
+        .find(|m| m.word(0) == Some(nvme))
+        .and_then(|m| m.word(1));
+    run.check(
+        node == Some("1"),
+        &format!("the drive {nvme} is on guest node {node:?}, not 1"),
     );
 }

@@ -51,6 +51,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
         event_log: None,
         placement: Default::default(),
         cpu_affinity: None,
+        numa: Vec::new(),
         on_reboot: Default::default(),
     };
     let vm = Vm::new(&config).map_err(|e| format!("cannot build the VM: {e}"))?;

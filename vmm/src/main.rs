@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use rvmm::device::{DeviceSource, DeviceSpec};
 use rvmm::observe::logging::{self, LogLevel};
 use rvmm::observe::EventLogTarget;
-use rvmm::placement::PlacementMode;
+use rvmm::placement::{GuestNodeArg, PlacementMode};
 use rvmm::vm::config::{CpusArg, DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_ROOT_PORTS};
 use rvmm::vm::reboot::OnReboot;
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
@@ -75,6 +75,15 @@ struct RunArgs {
     /// both to the host. The decision and its reason are logged and shown by info.
     #[arg(long, value_name = "auto|off", default_value = "auto")]
     placement: PlacementMode,
+    /// Guest NUMA node (repeatable): guest_node=G,cpus=LIST,size=SIZE[,host_node=N]; the nodes
+    /// number 0 up without gaps, every vCPU in one node, sizes adding up to --memory size. The
+    /// guest gets SRAT/SLIT; with host_node=N the node's RAM is bound to host node N and its
+    /// vCPU threads run on N's CPUs; root ports are spread over the guest nodes (_PXM).
+    #[arg(
+        long = "numa",
+        value_name = "guest_node=G,cpus=LIST,size=SIZE[,host_node=N]"
+    )]
+    numa: Vec<GuestNodeArg>,
     /// Number of hotplug-capable PCIe root ports (1 to 128).
     #[arg(long, default_value_t = DEFAULT_ROOT_PORTS, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_ROOT_PORTS)))]
     root_ports: u8,
@@ -159,6 +168,7 @@ impl From<RunArgs> for VmConfig {
             event_log: a.event_log,
             placement: a.placement,
             cpu_affinity: a.cpus.affinity,
+            numa: a.numa,
             on_reboot: a.on_reboot,
         }
     }

@@ -97,6 +97,7 @@ fn config(dir: &Path, on_reboot: OnReboot) -> (VmConfig, PathBuf) {
         event_log: None,
         placement: Default::default(),
         cpu_affinity: None,
+        numa: Vec::new(),
         on_reboot,
     };
     (config, console)

@@ -143,6 +143,7 @@ pub fn segment(ports: usize, msi: Arc<RecordingSender>, events: Arc<CountingEven
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,
         link_width: LinkWidth::X16,
+        root_buses: 1,
     };
     match PciSegment::new(config, msi, events) {
         Ok(segment) => segment,

@@ -20,7 +20,7 @@ use crate::observe::{
     Counters, DeviceCounters, EventLogCounts, ExitReason, HotplugOpKind, HotplugStats,
     MemoryCounters, VcpuCounters, VectorCount, VectorKind,
 };
-use crate::placement::{CpuList, MemoryPolicy, Placement, PlacementMode};
+use crate::placement::{CpuList, GuestNodeInfo, MemoryPolicy, Placement, PlacementMode};
 use crate::vm::pause::VmState;
 use rvmm_pci::Bdf;
 
@@ -223,7 +223,23 @@ fn vm_info() -> VmInfo {
             reason: "disk0 (0000:10:00.0) on host node 1: guest RAM bound to node 1; vCPU \
                      threads on node 1's CPUs 1-3"
                 .into(),
-            prefault_cpus: CpuList::default(),
+            guest_nodes: vec![
+                GuestNodeInfo {
+                    guest_node: 0,
+                    cpus: CpuList::from_ids([0]),
+                    memory_bytes: 1 << 30,
+                    host_node: None,
+                    host_cpus: None,
+                },
+                GuestNodeInfo {
+                    guest_node: 1,
+                    cpus: CpuList::from_ids([1, 2]),
+                    memory_bytes: 1 << 30,
+                    host_node: Some(1),
+                    host_cpus: Some(CpuList::from_ids([1, 2, 3])),
+                },
+            ],
+            ..Placement::default()
         }),
     }
 }
@@ -325,7 +341,7 @@ fn every_placement_matches_its_schema_and_info_without_placement_too() {
                 memory_node: (policy != MemoryPolicy::Default).then_some(0),
                 vcpu_cpus: None,
                 reason: "why".into(),
-                prefault_cpus: CpuList::default(),
+                ..Placement::default()
             };
             v.validate("Placement", &placement)
                 .unwrap_or_else(|e| panic!("{policy:?} {mode:?}: {e}"));

@@ -190,6 +190,9 @@ pub struct Passthrough {
     next_id: usize,
     sriov: Sriov,
     vm_name: String,
+    /// The host node behind each root port's guest node (`--numa`), by port index; empty
+    /// without a guest NUMA topology.
+    port_host_nodes: Vec<Option<u32>>,
 }
 
 /// What [`Passthrough::prepare`] opened and placed.
@@ -220,6 +223,7 @@ impl Passthrough {
             next_id: 0,
             sriov: Sriov::new(),
             vm_name: format!("rvmm-{}", std::process::id()),
+            port_host_nodes: Vec::new(),
         }
     }
 
@@ -321,7 +325,7 @@ impl Passthrough {
             });
         }
         self.check_dma_memlock()?;
-        let port = self.free_port(segment)?;
+        let port = self.port_for(segment, &host)?;
         let container = self.container()?;
         // The vfio layer owns the group descriptor while the group is attached; the request
         // keeps its own.
@@ -526,6 +530,58 @@ impl Passthrough {
         usage
     }
 
+    /// Sets the host node behind each root port's guest node (`--numa`), by port index.
+    pub fn set_port_host_nodes(&mut self, nodes: Vec<Option<u32>>) {
+        self.port_host_nodes = nodes;
+    }
+
+    /// The root port for `host`: with a guest NUMA topology, the first free port whose guest
+    /// node sits on the device's host node (sysfs `numa_node`), else the first free port.
+    fn port_for(&self, segment: &PciSegment, host: &HostDevice) -> Result<usize, PassthroughError> {
+        let first = self.free_port(segment)?;
+        if self.port_host_nodes.iter().all(Option::is_none) {
+            return Ok(first);
+        }
+        let node = std::fs::read_to_string(host.sysfs_path.join("numa_node"))
+            .ok()
+            .and_then(|text| crate::placement::topology::parse_numa_node(&text))
+            .flatten();
+        let Some(node) = node else {
+            log::info!(
+                "passthrough {}: the host does not say its NUMA node; first free root port",
+                host.bdf
+            );
+            return Ok(first);
+        };
+        let free = self.free_ports(segment);
+        match pick_port(&free, &self.port_host_nodes, node) {
+            Some(port) => Ok(port),
+            None => {
+                log::warn!(
+                    "passthrough {}: on host node {node}, but no free root port's guest node is \
+                     on host node {node}; root port {first} instead",
+                    host.bdf
+                );
+                Ok(first)
+            }
+        }
+    }
+
+    /// Every root port whose slot is empty and not promised to another device, in order.
+    fn free_ports(&self, segment: &PciSegment) -> Vec<usize> {
+        segment
+            .ports()
+            .iter()
+            .map(|info| info.index)
+            .filter(|&index| {
+                let occupied = segment
+                    .port(index)
+                    .is_some_and(|port| port.locked().slot_state() != SlotState::Empty);
+                !occupied && !self.devices.values().any(|d| d.port == index)
+            })
+            .collect()
+    }
+
     /// The first root port whose slot is empty and not promised to another device.
     fn free_port(&self, segment: &PciSegment) -> Result<usize, PassthroughError> {
         let usage = self.port_usage(segment);
@@ -534,6 +590,14 @@ impl Passthrough {
             total: usage.total,
         })
     }
+}
+
+/// The first of the `free` ports whose guest node is on host node `node` (`port_nodes`: the host
+/// node behind each port, by index).
+pub fn pick_port(free: &[usize], port_nodes: &[Option<u32>], node: u32) -> Option<usize> {
+    free.iter()
+        .copied()
+        .find(|&port| port_nodes.get(port).copied().flatten() == Some(node))
 }
 
 /// How the VM's root ports are used.
@@ -633,4 +697,18 @@ fn allocator(range: AddressRange) -> Option<AddressAllocator> {
     (range.size > 0)
         .then(|| AddressAllocator::new(range).ok())
         .flatten()
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::pick_port;
+
+    #[test]
+    fn a_free_port_on_the_device_node_is_picked() {
+        let nodes = [Some(0), Some(1), Some(0), Some(1)];
+        assert_eq!(pick_port(&[0, 1, 2, 3], &nodes, 1), Some(1));
+        assert_eq!(pick_port(&[0, 2, 3], &nodes, 1), Some(3));
+        assert_eq!(pick_port(&[0, 2], &nodes, 1), None);
+        assert_eq!(pick_port(&[0, 1], &[None, None], 0), None);
+    }
 }

@@ -2,8 +2,8 @@
 //! real-mode reset vector that uses their reset register ([`reset_vector`]).
 
 use rvmm_acpi::{
-    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
-    PowerManagement, RootPort, SerialPort,
+    IoApic, LegacyDevices, MachineDescription, MmioWindow, Numa, NumaNode, PciHostBridge,
+    PowerButton, PowerManagement, RootPort, SerialPort,
 };
 use rvmm_devices::acpi_pm::{
     RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, SLEEP_TYPE_S5,
@@ -12,6 +12,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::machine::{layout, reset_vector};
+use crate::placement::GuestTopology;
 
 /// Errors of ACPI table creation.
 #[derive(Debug, Error)]
@@ -48,6 +49,46 @@ pub struct Machine<'a> {
     pub root_ports: &'a [(u8, u8, u16)],
     /// Whether COM1 exists.
     pub serial: bool,
+    /// The guest NUMA topology (`--numa`), if any.
+    pub numa: Option<&'a GuestTopology>,
+    /// With `--numa`, the host bridge of each root bus (one per guest node holding ports).
+    pub numa_bridges: &'a [rvmm_acpi::NumaBridge],
+}
+
+/// The ACPI NUMA description of `topology` for `ports` root ports on the host bridges
+/// `bridges`: guest node `i` is proximity domain `i`; root port `p` is in domain
+/// [`port_guest_node`]`(p)`.
+pub fn numa_description(
+    topology: &GuestTopology,
+    ports: usize,
+    bridges: &[rvmm_acpi::NumaBridge],
+) -> Numa {
+    let nodes = topology.nodes.len();
+    Numa {
+        nodes: topology
+            .nodes
+            .iter()
+            .map(|node| NumaNode {
+                // vCPU indices below 255: `--cpus` is at most 254.
+                cpus: node.cpus.iter().map(|c| c as u8).collect(),
+                memory: topology
+                    .ranges
+                    .iter()
+                    .filter(|(g, _, _)| *g == node.guest_node)
+                    .map(|&(_, start, len)| (start, len))
+                    .collect(),
+            })
+            .collect(),
+        distances: topology.distances.clone(),
+        root_port_domains: (0..ports).map(|p| port_guest_node(p, nodes)).collect(),
+        bridges: bridges.to_vec(),
+    }
+}
+
+/// The guest node of root port `port` among `nodes` guest nodes: ports are dealt to the nodes in
+/// turn (port 0 to node 0, port 1 to node 1, ...), so that every node has ports.
+pub fn port_guest_node(port: usize, nodes: usize) -> u32 {
+    (port % nodes.max(1)) as u32
 }
 
 /// Builds the tables for `machine`, writes them at [`layout::ACPI_START`] and returns the RSDP
@@ -104,6 +145,9 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
             cmos_rtc: true,
             i8042: false,
         },
+        numa: machine.numa.map(|topology| {
+            numa_description(topology, machine.root_ports.len(), machine.numa_bridges)
+        }),
     };
     let tables =
         rvmm_acpi::build(&desc, layout::ACPI_START, layout::ACPI_SIZE).map_err(AcpiError::Build)?;
@@ -118,4 +162,47 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
     reset_vector::write(mem, desc.pm.reset_port, desc.pm.reset_value)
         .map_err(AcpiError::ResetVector)?;
     Ok(tables.rsdp_address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::CpuList;
+    use crate::placement::GuestNodeInfo;
+
+    #[test]
+    fn ports_are_dealt_to_the_guest_nodes_in_turn() {
+        let nodes: Vec<u32> = (0..5).map(|p| port_guest_node(p, 2)).collect();
+        assert_eq!(nodes, vec![0, 1, 0, 1, 0]);
+        assert_eq!(port_guest_node(3, 1), 0);
+    }
+
+    #[test]
+    fn guest_topology_becomes_the_acpi_numa_description() {
+        let node = |g: u32, cpus: &[u32]| GuestNodeInfo {
+            guest_node: g,
+            cpus: CpuList::from_ids(cpus.iter().copied()),
+            memory_bytes: 0,
+            host_node: Some(g),
+            host_cpus: None,
+        };
+        let topology = GuestTopology {
+            nodes: vec![node(0, &[0, 2]), node(1, &[1])],
+            ranges: vec![
+                (0, 0, 0x1000_0000),
+                (1, 0x1000_0000, 0x1000_0000),
+                (1, 1 << 32, 1 << 30),
+            ],
+            distances: vec![vec![10, 20], vec![20, 10]],
+        };
+        let numa = numa_description(&topology, 3, &[]);
+        assert_eq!(numa.nodes[0].cpus, vec![0, 2]);
+        assert_eq!(numa.nodes[0].memory, vec![(0, 0x1000_0000)]);
+        assert_eq!(
+            numa.nodes[1].memory,
+            vec![(0x1000_0000, 0x1000_0000), (1 << 32, 1 << 30)]
+        );
+        assert_eq!(numa.root_port_domains, vec![0, 1, 0]);
+        assert_eq!(numa.distances, topology.distances);
+    }
 }

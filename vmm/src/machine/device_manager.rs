@@ -24,6 +24,7 @@ use crate::kvm::irq_routing::GsiRouter;
 use crate::machine::acpi;
 use crate::machine::layout;
 use crate::machine::pci::{self, PciRoot};
+use crate::placement::GuestTopology;
 use crate::seccomp::{SeccompMode, ThreadFilter, ThreadKind};
 use crate::vm::config::{SerialConfig, VmConfig};
 use crate::vm::console::ConsoleHost;
@@ -109,6 +110,8 @@ struct AcpiInputs {
     cpus: u8,
     mmio64: (u64, u64),
     root_ports: Vec<(u8, u8, u16)>,
+    numa: Option<GuestTopology>,
+    numa_bridges: Vec<rvmm_acpi::NumaBridge>,
 }
 
 /// The parts of the VM the devices are built on.
@@ -127,6 +130,8 @@ pub struct Machine<'a> {
     pub phys_bits: u8,
     /// KVM's number of memory slots.
     pub max_memslots: u32,
+    /// The guest NUMA topology (`--numa`), if any.
+    pub guest_topology: Option<&'a GuestTopology>,
 }
 
 impl DeviceManager {
@@ -140,6 +145,7 @@ impl DeviceManager {
             exit,
             phys_bits,
             max_memslots,
+            guest_topology,
         } = machine;
         let mut dm = Self {
             serial: None,
@@ -161,11 +167,14 @@ impl DeviceManager {
         dm.add_platform_devices(vm_fd, pio, exit, config)?;
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
-        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64)?;
+        let root_buses = guest_topology.map_or(1, |t| t.nodes.len());
+        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64, root_buses)?;
         dm.acpi = AcpiInputs {
             cpus: config.cpus,
             mmio64,
             root_ports: pci.acpi_ports(),
+            numa: guest_topology.cloned(),
+            numa_bridges: pci.numa_bridges(),
         };
         dm.rsdp = dm.write_acpi_tables(memory)?;
         let router = Arc::new(GsiRouter::new(vm_fd.clone()));
@@ -177,6 +186,14 @@ impl DeviceManager {
             max_memslots,
         ));
         let mut passthrough = Passthrough::new(vm_fd.clone(), memory.clone(), router, guest_mmio);
+        if let Some(topology) = guest_topology {
+            let nodes = topology.nodes.len();
+            passthrough.set_port_host_nodes(
+                (0..usize::from(config.root_ports))
+                    .map(|p| topology.host_node(acpi::port_guest_node(p, nodes)))
+                    .collect(),
+            );
+        }
         attach_boot_devices(&mut passthrough, &pci, &config.devices)?;
         dm.pci = Some(pci);
         dm.passthrough = Some(passthrough);
@@ -287,6 +304,8 @@ impl DeviceManager {
                 bus_end: pci::BUS_END,
                 mmio64: self.acpi.mmio64,
                 root_ports: &self.acpi.root_ports,
+                numa: self.acpi.numa.as_ref(),
+                numa_bridges: &self.acpi.numa_bridges,
                 serial: self.serial.is_some(),
             },
         )?)

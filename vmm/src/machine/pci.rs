@@ -76,14 +76,16 @@ pub enum PciError {
 }
 
 impl PciRoot {
-    /// Builds `root_ports` root ports sharing the 32-bit window and `mmio64`, and registers the
-    /// config-space front-ends on the buses.
+    /// Builds `root_ports` root ports sharing the 32-bit window and `mmio64` on `root_buses`
+    /// root buses (1, or one per guest NUMA node: port `i` on root bus `i % root_buses`), and
+    /// registers the config-space front-ends on the buses.
     pub fn new(
         vm_fd: &Arc<VmFd>,
         pio: &Bus,
         mmio: &Bus,
         root_ports: u8,
         mmio64: (u64, u64),
+        root_buses: usize,
     ) -> Result<Self, PciError> {
         let notifier = Arc::new(SlotNotifier::new().map_err(PciError::Notifier)?);
         let config = SegmentConfig {
@@ -95,6 +97,7 @@ impl PciRoot {
             root_ports: usize::from(root_ports),
             link_speed: LinkSpeed::Gen4,
             link_width: LinkWidth::X8,
+            root_buses: root_buses.clamp(1, usize::from(root_ports.max(1))),
         };
         let segment = Arc::new(
             PciSegment::new(
@@ -121,6 +124,41 @@ impl PciRoot {
             notifier,
             _front_ends: vec![pio_dev, ecam],
         })
+    }
+
+    /// The host bridges of a segment with several root buses, for ACPI: bridge `g` in proximity
+    /// domain `g`, its bus range, its ports and their windows; empty with one root bus.
+    pub fn numa_bridges(&self) -> Vec<rvmm_acpi::NumaBridge> {
+        let config = self.segment.config();
+        let k = config.root_buses;
+        if k <= 1 {
+            return Vec::new();
+        }
+        (0..k)
+            .map(|g| {
+                let (bus_start, bus_end) = config.root_bus_range(g);
+                let ports: Vec<&rvmm_pci::segment::PortInfo> = self
+                    .segment
+                    .ports()
+                    .iter()
+                    .filter(|p| p.index % k == g)
+                    .collect();
+                rvmm_acpi::NumaBridge {
+                    domain: g as u32,
+                    bus_start,
+                    bus_end,
+                    ports: ports.iter().map(|p| p.index).collect(),
+                    windows: ports
+                        .iter()
+                        .flat_map(|p| [p.windows.mmio32, p.windows.mmio64])
+                        .map(|w| rvmm_acpi::MmioWindow {
+                            base: w.base,
+                            size: w.size,
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// Root ports for ACPI: (device, function, physical slot number).

@@ -11,7 +11,9 @@ use super::prefault::{populate_write, prefault_parallel, thread_count, Span};
 use super::size::DisplayBytes;
 use super::{HugepageSize, MemoryConfig, MemoryError, Result};
 use crate::machine::layout::{HIGH_RAM_START, MMIO32_HOLE_START};
-use crate::placement::{allowed_cpus, policy::bind_memory, MemoryPolicy, Placement};
+use crate::placement::{
+    allowed_cpus, policy::bind_memory, MemoryPolicy, Placement, RangePlacement,
+};
 use rvmm_devices::host::page_size as host_page_size;
 
 /// Splits `size` bytes of guest RAM around the 32-bit MMIO hole: up to
@@ -69,6 +71,19 @@ pub fn reserve_placed(
     let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
     let elapsed = started.elapsed();
     let policy = match (placement.memory_policy, placement.memory_node) {
+        _ if !placement.ranges.is_empty() => {
+            let nodes: Vec<String> = placement
+                .ranges
+                .iter()
+                .map(|r| match r.node {
+                    Some(node) => {
+                        format!("{:#x}+{} on host node {node}", r.start, DisplayBytes(r.len))
+                    }
+                    None => format!("{:#x}+{} unbound", r.start, DisplayBytes(r.len)),
+                })
+                .collect();
+            format!(", per guest node: {}", nodes.join(", "))
+        }
         (MemoryPolicy::Bind, Some(node)) => format!(", bound to host node {node}"),
         (MemoryPolicy::Preferred, Some(node)) => format!(", preferring host node {node}"),
         _ => String::new(),
@@ -142,30 +157,41 @@ fn map_region(
                 other => io::Error::new(io::ErrorKind::InvalidInput, other),
             },
         })?;
-    if let Some(node) = placement.memory_node {
-        // SAFETY: the range is exactly the fresh mapping owned by `mapping` (page-aligned by
-        // mmap), untouched so far, so every page faulted in below follows the policy.
-        unsafe { bind_memory(mapping.as_ptr(), len, placement.memory_policy, node) }.map_err(
-            |source| MemoryError::Bind {
-                start: start.0,
-                size,
-                node,
-                source,
-            },
-        )?;
-    }
     let page_size = backing.map_or_else(host_page_size, HugepageSize::bytes);
-    let span = Span {
-        addr: mapping.as_ptr() as usize,
-        len,
-    };
-    let threads = thread_count(len, placement.prefault_cpus.len());
-    let used = prefault_parallel(span, page_size, threads, &placement.prefault_cpus, populate)
-        .map_err(|source| MemoryError::Populate {
-            start: start.0,
-            size,
-            source,
-        })?;
+    let mut used = 0;
+    for part in region_parts(start.0, size, placement) {
+        // The parts cover the region with page-aligned boundaries (guest node sizes are
+        // multiples of the page size), so the offsets fit the mapping.
+        let offset = (part.start - start.0) as usize;
+        let part_len = part.len as usize;
+        // SAFETY: `mapping.as_ptr() + offset` is inside the mapping owned by `mapping`.
+        let addr = unsafe { mapping.as_ptr().add(offset) };
+        if let Some(node) = part.node {
+            // SAFETY: the range is a part of the fresh mapping owned by `mapping` (page-aligned:
+            // mmap'd base, page-multiple offset), untouched so far, so every page faulted in
+            // below follows the policy.
+            unsafe { bind_memory(addr, part_len, part.policy, node) }.map_err(|source| {
+                MemoryError::Bind {
+                    start: part.start,
+                    size: part.len,
+                    node,
+                    source,
+                }
+            })?;
+        }
+        let span = Span {
+            addr: addr as usize,
+            len: part_len,
+        };
+        let threads = thread_count(part_len, part.prefault_cpus.len());
+        let n = prefault_parallel(span, page_size, threads, &part.prefault_cpus, populate)
+            .map_err(|source| MemoryError::Populate {
+                start: part.start,
+                size: part.len,
+                source,
+            })?;
+        used = used.max(n);
+    }
     lock(&mapping).map_err(|source| MemoryError::Lock {
         start: start.0,
         size,
@@ -182,6 +208,37 @@ fn map_region(
         size,
     })?;
     Ok((region, used))
+}
+
+/// The parts of the guest RAM region `start..start + size` with their memory policy and
+/// prefault CPUs: the placement's ranges that meet it (with `--numa`, one per guest node
+/// range), cut to the region, else the whole region under the placement's one policy.
+fn region_parts(start: u64, size: u64, placement: &Placement) -> Vec<RangePlacement> {
+    let end = start + size;
+    let parts: Vec<RangePlacement> = placement
+        .ranges
+        .iter()
+        .filter(|r| r.start < end && r.start + r.len > start)
+        .map(|r| {
+            let s = r.start.max(start);
+            let e = (r.start + r.len).min(end);
+            RangePlacement {
+                start: s,
+                len: e - s,
+                ..r.clone()
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        return vec![RangePlacement {
+            start,
+            len: size,
+            policy: placement.memory_policy,
+            node: placement.memory_node,
+            prefault_cpus: placement.prefault_cpus.clone(),
+        }];
+    }
+    parts
 }
 
 /// Locks all of `mapping` in memory.
@@ -515,5 +572,60 @@ mod tests {
 
         // SAFETY: as above.
         assert_eq!(unsafe { mapping.as_ptr().add(4097).read() }, 0x5a);
+    }
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::*;
+    use crate::placement::CpuList;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_region_without_ranges_is_one_part_under_the_vm_policy() {
+        let placement = Placement {
+            memory_policy: MemoryPolicy::Bind,
+            memory_node: Some(1),
+            prefault_cpus: CpuList::from_ids([1]),
+            ..Placement::default()
+        };
+        assert_eq!(
+            region_parts(0, 512 * MIB, &placement),
+            vec![RangePlacement {
+                start: 0,
+                len: 512 * MIB,
+                policy: MemoryPolicy::Bind,
+                node: Some(1),
+                prefault_cpus: CpuList::from_ids([1]),
+            }]
+        );
+    }
+
+    #[test]
+    fn ranges_are_cut_to_the_region() {
+        let range = |start, len, node| RangePlacement {
+            start,
+            len,
+            policy: MemoryPolicy::Bind,
+            node: Some(node),
+            prefault_cpus: CpuList::from_ids([node]),
+        };
+        let placement = Placement {
+            ranges: vec![
+                range(0, 2048 * MIB, 0),
+                range(2048 * MIB, 1024 * MIB, 1),
+                range(4096 * MIB, 1024 * MIB, 1),
+            ],
+            ..Placement::default()
+        };
+        assert_eq!(
+            region_parts(0, 3072 * MIB, &placement),
+            vec![range(0, 2048 * MIB, 0), range(2048 * MIB, 1024 * MIB, 1)]
+        );
+        assert_eq!(
+            region_parts(4096 * MIB, 1024 * MIB, &placement),
+            vec![range(4096 * MIB, 1024 * MIB, 1)]
+        );
     }
 }

@@ -100,6 +100,7 @@ pub fn decide(
         vcpu_cpus,
         reason: reasons.join("; "),
         prefault_cpus,
+        ..Placement::default()
     })
 }
 
@@ -186,7 +187,7 @@ fn automatic(
 
 /// Why a node cannot hold guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Shortfall {
+pub(super) enum Shortfall {
     /// Base pages: bytes free on the node and bytes needed.
     Memory { free: u64, needed: u64 },
     /// Hugepages: free pages in the node's pool and pages needed.
@@ -211,7 +212,7 @@ impl Shortfall {
         }
     }
 
-    fn into_error(self, node: u32) -> PlacementError {
+    pub(super) fn into_error(self, node: u32) -> PlacementError {
         match self {
             Shortfall::Memory { free, needed } => PlacementError::NodeTooSmall {
                 node,
@@ -233,15 +234,24 @@ fn shortfall(
     request: &PlacementRequest<'_>,
     node: &super::topology::NodeInfo,
 ) -> Option<Shortfall> {
-    match request.hugepages {
+    shortfall_of(request.memory_bytes, request.hugepages, node)
+}
+
+/// What `node` lacks to hold `bytes` of guest RAM (on `hugepages` if set), if anything.
+pub(super) fn shortfall_of(
+    bytes: u64,
+    hugepages: Option<HugepageSize>,
+    node: &super::topology::NodeInfo,
+) -> Option<Shortfall> {
+    match hugepages {
         Some(size) => {
-            let needed = request.memory_bytes.div_ceil(size.bytes());
+            let needed = bytes.div_ceil(size.bytes());
             let free = node.free_hugepages(size);
             (free < needed).then_some(Shortfall::Hugepages { size, free, needed })
         }
-        None => (node.free_bytes < request.memory_bytes).then_some(Shortfall::Memory {
+        None => (node.free_bytes < bytes).then_some(Shortfall::Memory {
             free: node.free_bytes,
-            needed: request.memory_bytes,
+            needed: bytes,
         }),
     }
 }

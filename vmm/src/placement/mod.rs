@@ -15,11 +15,14 @@
 //!    ([`policy::set_thread_affinity`]). All vCPU threads share the one CPU list: vCPU `i` is
 //!    not pinned to the `i`-th CPU; the host scheduler moves them within the list.
 //!
-//! Guest NUMA topology (several guest nodes, SRAT/SLIT, `_PXM`) is not built: the guest sees
-//! one node.
+//! With `--numa`, [`guest_place::place_guest_nodes`] extends the placement per guest node: each
+//! node's RAM range gets its own policy (bound to its `host_node=`) and prefault CPUs, each vCPU
+//! its node's host CPUs; the guest topology goes to the ACPI tables (SRAT, SLIT, `_PXM`).
 
 pub mod cpulist;
 pub mod decide;
+pub mod guest_numa;
+pub mod guest_place;
 pub mod policy;
 pub mod topology;
 
@@ -32,6 +35,8 @@ use serde::{Deserialize, Serialize};
 
 pub use cpulist::{CpuList, CpuListError};
 pub use decide::{decide, PlacementRequest};
+pub use guest_numa::{GuestNodeArg, GuestNodeInfo, GuestNuma, NumaError};
+pub use guest_place::{GuestTopology, RangePlacement};
 pub use topology::{allowed_cpus, device_node, HostTopology, NodeInfo};
 
 use crate::memory::HugepageSize;
@@ -100,9 +105,31 @@ pub struct Placement {
     pub vcpu_cpus: Option<CpuList>,
     /// Why, in one line.
     pub reason: String,
+    /// The guest NUMA nodes (`--numa`) and where each runs; absent without `--numa`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_nodes: Vec<GuestNodeInfo>,
     /// The CPUs the prefault threads run on (one thread per CPU, bounded).
     #[serde(skip)]
     pub prefault_cpus: CpuList,
+    /// Ranges of guest RAM with their own policy (one per guest node range with `--numa`),
+    /// in place of the policy above for the RAM they cover.
+    #[serde(skip)]
+    pub ranges: Vec<RangePlacement>,
+    /// Host CPUs of vCPU `i` at index `i` (with `--numa`), in place of `vcpu_cpus`; empty
+    /// without.
+    #[serde(skip)]
+    pub vcpu_affinity: Vec<Option<CpuList>>,
+}
+
+impl Placement {
+    /// The host CPUs vCPU `index`'s thread may run on, if restricted.
+    pub fn vcpu_cpus_of(&self, index: usize) -> Option<CpuList> {
+        if self.vcpu_affinity.is_empty() {
+            self.vcpu_cpus.clone()
+        } else {
+            self.vcpu_affinity.get(index).cloned().flatten()
+        }
+    }
 }
 
 /// Errors of placement: refused explicit options and unreadable host information.
@@ -183,6 +210,22 @@ pub enum PlacementError {
         /// The field.
         field: &'static str,
     },
+    /// `--numa` is inconsistent.
+    #[error(transparent)]
+    Numa(#[from] NumaError),
+    /// A guest node's host node has no CPU the vCPUs may run on.
+    #[error(
+        "guest node {guest_node} is on host node {host_node}, which has none of the CPUs rvmm may \
+         use for vCPUs ({allowed}); give another host_node or widen --cpus affinity="
+    )]
+    GuestNodeNoCpus {
+        /// The guest node.
+        guest_node: u32,
+        /// Its host node.
+        host_node: u32,
+        /// The CPUs rvmm may use.
+        allowed: CpuList,
+    },
     /// `sched_getaffinity` failed.
     #[error("cannot read the CPUs rvmm may run on")]
     Affinity(#[source] io::Error),
@@ -194,7 +237,8 @@ pub type Result<T> = std::result::Result<T, PlacementError>;
 /// Decides the placement of the VM of `config` on this host (sysfs under `sys`): reads the
 /// host's nodes, the node of each cold-plugged device and this process's CPUs, then
 /// [`decide`]s. Logs the decision.
-pub fn plan(config: &VmConfig, sys: &Path) -> Result<Placement> {
+pub fn plan(config: &VmConfig, sys: &Path) -> Result<(Placement, Option<GuestTopology>)> {
+    let numa = GuestNuma::new(&config.numa, config.cpus, &config.memory)?;
     let host = HostTopology::read(sys)?;
     let devices = config
         .devices
@@ -217,7 +261,27 @@ pub fn plan(config: &VmConfig, sys: &Path) -> Result<Placement> {
         &host,
         &allowed,
     )?;
-    let placed = placement.memory_node.is_some() || placement.vcpu_cpus.is_some();
+    let (placement, topology) = match &numa {
+        Some(numa) => {
+            let (placement, topology) = guest_place::place_guest_nodes(
+                numa,
+                placement,
+                &host,
+                &allowed,
+                config.cpu_affinity.as_ref(),
+                config
+                    .memory
+                    .hugepages
+                    .then_some(config.memory.hugepage_size),
+                &|a, b| guest_place::read_host_distance(sys, a, b),
+            )?;
+            (placement, Some(topology))
+        }
+        None => (placement, None),
+    };
+    let placed = placement.memory_node.is_some()
+        || placement.vcpu_cpus.is_some()
+        || placement.ranges.iter().any(|r| r.node.is_some());
     let unplaced_with_devices = !placed
         && config.placement == PlacementMode::Auto
         && !devices.is_empty()
@@ -227,7 +291,7 @@ pub fn plan(config: &VmConfig, sys: &Path) -> Result<Placement> {
     } else {
         log::info!("placement: {}", placement.reason);
     }
-    Ok(placement)
+    Ok((placement, topology))
 }
 
 /// How a device is named in the placement's reason: its id, else its address or PF.

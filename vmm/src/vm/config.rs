@@ -7,7 +7,7 @@ use thiserror::Error;
 use crate::device::DeviceSpec;
 use crate::memory::MemoryConfig;
 use crate::observe::EventLogTarget;
-use crate::placement::{CpuList, PlacementMode};
+use crate::placement::{CpuList, GuestNodeArg, PlacementMode};
 use crate::seccomp::SeccompMode;
 use crate::vm::reboot::OnReboot;
 
@@ -143,6 +143,8 @@ pub struct VmConfig {
     /// Host CPUs every vCPU thread may run on (`--cpus N,affinity=CPULIST`); all vCPU threads
     /// share the list.
     pub cpu_affinity: Option<CpuList>,
+    /// Guest NUMA nodes (`--numa`, repeatable); empty: the guest sees one node.
+    pub numa: Vec<GuestNodeArg>,
     /// What a guest reset does (`--on-reboot`): restart in place or end the VM (the default).
     pub on_reboot: OnReboot,
 }
@@ -330,6 +332,7 @@ mod tests {
             memory: "size=128M".parse().unwrap(),
             placement: Default::default(),
             cpu_affinity: None,
+            numa: Vec::new(),
             root_ports: DEFAULT_ROOT_PORTS,
             serial: SerialConfig::Stdio,
             api_socket: None,

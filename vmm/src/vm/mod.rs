@@ -165,8 +165,8 @@ pub struct Vm {
     counters: Arc<VmCounters>,
     event_log: Option<EventLog>,
     page_size: u64,
-    /// The host CPUs of the vCPU threads ([`placement`]), if restricted.
-    vcpu_cpus: Option<Arc<placement::CpuList>>,
+    /// The host CPUs of each vCPU thread ([`placement`]), if restricted; vCPU `i` at index `i`.
+    vcpu_cpus: Vec<Option<Arc<placement::CpuList>>>,
     on_reboot: OnReboot,
     /// Loaded again at each reboot in place.
     payload: Payload,
@@ -199,7 +199,8 @@ impl Vm {
         let max_cpus = u8::try_from(kvm.get_max_vcpus()).unwrap_or(u8::MAX);
         config.validate(max_cpus)?;
         // Before anything is reserved: explicit options that cannot be honoured are refused here.
-        let placement = placement::plan(config, std::path::Path::new(placement::SYSFS))?;
+        let (placement, guest_topology) =
+            placement::plan(config, std::path::Path::new(placement::SYSFS))?;
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
@@ -236,6 +237,7 @@ impl Vm {
                 exit: exit.clone(),
                 phys_bits: phys_bits(&kvm),
                 max_memslots: u32::try_from(kvm.get_nr_memslots()).unwrap_or(0),
+                guest_topology: guest_topology.as_ref(),
             },
             config,
         )?;
@@ -277,7 +279,9 @@ impl Vm {
             counters: Arc::new(VmCounters::new(config.cpus)),
             event_log,
             page_size: config.memory.page_size(),
-            vcpu_cpus: placement.vcpu_cpus.map(Arc::new),
+            vcpu_cpus: (0..usize::from(config.cpus))
+                .map(|i| placement.vcpu_cpus_of(i).map(Arc::new))
+                .collect(),
             on_reboot: config.on_reboot,
             payload: Payload {
                 kernel: config.kernel.clone(),
@@ -491,7 +495,7 @@ impl Vm {
                 pause: pause.clone(),
                 seccomp: filter.clone(),
                 counters: self.counters.clone(),
-                affinity: self.vcpu_cpus.clone(),
+                affinity: self.vcpu_cpus.get(index).cloned().flatten(),
             };
             // At most MAX_CPUS (254) vCPUs exist.
             match VcpuHandle::spawn(index as u8, vcpu, ctx) {
