@@ -23,6 +23,7 @@
 use crate::device::DeviceSpec;
 use crate::observe::Counters;
 
+pub mod ch;
 pub mod client;
 pub mod ctl;
 pub mod ctl_console;
@@ -31,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod fd_passing;
 pub mod http;
+pub mod listen_fd;
 pub mod queue;
 pub mod server;
 pub mod types;
@@ -90,5 +92,11 @@ pub trait ApiHandler: Send + Sync {
         Err(ApiError::UnknownPath {
             path: server::COUNTERS_PATH.to_owned(),
         })
+    }
+    /// The VMM-level verbs of Cloud Hypervisor's API (create, boot, delete a VM), when this
+    /// handler's VMM creates its VM through the API ([`crate::manager`]); `None` (the
+    /// default) for a VM built by its caller.
+    fn vmm(&self) -> Option<&dyn ch::VmmControl> {
+        None
     }
 }
