@@ -117,7 +117,7 @@ fn raw(
     } else {
         Err(ClientError::Api {
             status: answer.status,
-            message: format!("{method} {path} answered {}", answer.status),
+            message: format!("{method} {path} was refused"),
         })
     }
 }

@@ -300,7 +300,10 @@ fn info_of_a_created_vm_has_its_configuration_and_state() {
 #[test]
 fn counters_flatten_into_named_groups() {
     let counters: crate::observe::Counters = serde_json::from_value(serde_json::json!({
-        "uptime_ms": 5, "reboots": 0, "vcpus": [], "devices": [], "hotplug": [],
+        "uptime_ms": 5, "reboots": 0, "devices": [], "hotplug": [],
+        "vcpus": [{"index": 1, "exits": {"io_in": 7, "io_out": 0, "mmio_read": 0, "mmio_write": 0,
+                   "hlt": 0, "shutdown": 0, "system_event": 0, "fail_entry": 0,
+                   "internal_error": 0, "intr": 0, "other": 0}}],
         "memory": {"reserved_bytes": 1024, "locked_bytes": 0, "page_size": 4096}
     }))
     .expect("counters");
@@ -309,4 +312,6 @@ fn counters_flatten_into_named_groups() {
 
     assert_eq!(groups["vm"]["uptime_ms"], 5);
     assert_eq!(groups["memory"]["reserved_bytes"], 1024);
+    assert_eq!(groups["vcpu1"]["exits.io_in"], 7);
+    assert!(!groups["vcpu1"].contains_key("index"));
 }

@@ -147,7 +147,12 @@ pub fn counters(counters: &Counters) -> BTreeMap<String, BTreeMap<String, u64>> 
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let name = group_name(key, i, item);
-                    flatten(item, "", groups.entry(name).or_default());
+                    let group = groups.entry(name).or_default();
+                    flatten(item, "", group);
+                    // What names the group is not one of its counters.
+                    for naming in ["index", "id", "kind"] {
+                        group.remove(naming);
+                    }
                 }
             }
             _ => {}
