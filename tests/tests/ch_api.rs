@@ -9,8 +9,9 @@
 //! guest; info with the device; remove-device (204 once released) and the guest's view of it;
 //! counters; shutdown; info (`Shutdown`); delete; info (404); creates refused with 400 naming the
 //! field (a disk, a net, a vsock, a device with `iommu: true`, `max_vcpus` above
-//! `boot_vcpus`); create again and boot a second guest in the same process; vmm.shutdown (rvmm
-//! exits 0).
+//! `boot_vcpus`); create again, add the drive before boot (that API's cold add, 204) and boot a
+//! second guest in the same process, which finds the drive at start and does I/O on it;
+//! vmm.shutdown (rvmm exits 0).
 //!
 //! The test host has no HTTP client for unix sockets (busybox `nc` has no `-U`), so the requests
 //! go through `rvmm ctl raw METHOD PATH [BODY]`, which sends them as given and prints the
@@ -76,8 +77,11 @@ ch refused_iommu PUT vm.create "$(create_body "$CMDLINE" ", \"devices\": [{{\"pa
 ch refused_max_vcpus PUT vm.create "$(create_body "$CMDLINE" '' | sed 's/"max_vcpus": 2/"max_vcpus": 4/')"
 ch info_after_refusals GET vm.info
 ch create_again PUT vm.create "$(create_body "$CMDLINE" '')"
+ch cold_add PUT vm.add-device "{{\"path\": \"/sys/bus/pci/devices/$NVME\", \"id\": \"cold0\"}}"
+ch info_cold GET vm.info
 ch boot_again PUT vm.boot
 if rvmm_wait_more chapi 'GUEST monitor ready' 1 120; then
+  rvmm_wait_more chapi 'GUEST nvme_pattern ' 1 60
   ch info_again GET vm.info
 fi
 ch vmm_shutdown PUT vmm.shutdown
@@ -270,6 +274,31 @@ fn a_new_vm_boots_in_the_same_process_after_delete() {
     run.check(info["state"] == "Running", &format!("{info}"));
     let pids = run.host_all("rvmm_pid");
     run.check(pids.len() == 1, "rvmm was started more than once");
+}
+
+#[test]
+fn a_device_added_between_create_and_boot_is_there_when_the_guest_starts() {
+    assert!(assert_status("cold_add", 204).is_null());
+    let created = assert_status("info_cold", 200);
+    let run = output().section("chapi");
+    run.check(
+        created["state"] == "Created" && created["device_tree"]["cold0"].is_object(),
+        &format!("info before boot lacks cold0: {created}"),
+    );
+    let info = assert_status("info_again", 200);
+    run.check(
+        info["device_tree"]["cold0"]["pci_bdf"].is_string(),
+        &format!("the booted VM lacks cold0: {info}"),
+    );
+    let patterns = run
+        .guest_all("nvme_pattern")
+        .into_iter()
+        .filter(|m| m.word(1) == Some("ok"))
+        .count();
+    run.check(
+        patterns == 2,
+        &format!("the second guest did no I/O on the cold-added drive ({patterns} patterns ok)"),
+    );
 }
 
 #[test]

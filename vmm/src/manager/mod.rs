@@ -63,6 +63,7 @@ struct State {
 /// What the VMM thread is asked to do.
 enum Command {
     Create(Box<VmConfig>, Sender<Result<(), ChError>>),
+    AddDevice(DeviceSpec, Sender<Result<(), ChError>>),
     Boot(Sender<Result<(), ChError>>),
     Delete(Sender<Result<(), ChError>>),
     Quit(Sender<Result<(), ChError>>),
@@ -155,6 +156,9 @@ impl VmManager {
                         }));
                     }
                 },
+                Command::AddDevice(spec, reply) => {
+                    let _ = reply.send(self.add_cold(created.as_mut(), spec));
+                }
                 Command::Boot(reply) => self.boot(created.take(), reply),
                 Command::Delete(reply) => {
                     drop(created.take());
@@ -173,6 +177,26 @@ impl VmManager {
             }
         }
         self.shared.state.locked().last_exit
+    }
+
+    /// Attaches `spec` to the created VM and keeps it in the configuration (`vm.info`, a boot
+    /// after a shutdown).
+    fn add_cold(&self, vm: Option<&mut Vm>, mut spec: DeviceSpec) -> Result<(), ChError> {
+        let vm = vm.ok_or_else(|| ChError::not_allowed("vm.add-device: the VM is not created"))?;
+        let info = vm.add_device(&spec).map_err(|e| ChError {
+            status: match e {
+                crate::vm::VmError::Device(_) => 400,
+                _ => 500,
+            },
+            message: format!("vm.add-device: {}", rvmm_devices::error_chain(&e)),
+        })?;
+        spec.id = Some(info.id);
+        self.set(|s| {
+            if let Some(config) = s.config.as_mut() {
+                config.devices.push(spec);
+            }
+        });
+        Ok(())
     }
 
     /// Boots `vm` (or a new VM from the kept configuration after a shutdown) and runs it on
@@ -320,6 +344,26 @@ impl VmmControl for ManagerHandler {
             }
         }
         self.ask(|tx| Command::Create(Box::new(config), tx))
+    }
+
+    fn add_device_cold(&self, spec: DeviceSpec) -> Result<(), ChError> {
+        let (tx, rx) = mpsc::channel();
+        {
+            // Checked and sent under the lock: a boot claimed after this waits behind it.
+            let state = self.shared.state.locked();
+            if !matches!(state.phase, Phase::Created) {
+                return Err(ChError::not_allowed(
+                    "vm.add-device: the VM is not in the Created state",
+                ));
+            }
+            self.shared
+                .commands
+                .locked()
+                .send(Command::AddDevice(spec, tx))
+                .map_err(|_| unavailable())?;
+        }
+        rx.recv_timeout(COMMAND_TIMEOUT)
+            .map_err(|_| ChError::from(ApiError::Unavailable("the VMM did not answer".into())))?
     }
 
     fn boot(&self) -> Result<(), ChError> {

@@ -34,6 +34,10 @@ impl VmmControl for Fake {
         *self.state.lock().expect("lock") = Some(ChVmState::Created);
         Ok(())
     }
+    fn add_device_cold(&self, _spec: DeviceSpec) -> Result<(), ChError> {
+        self.called("add_device_cold");
+        Ok(())
+    }
     fn boot(&self) -> Result<(), ChError> {
         self.called("boot");
         Ok(())
@@ -203,14 +207,22 @@ fn verbs_that_need_a_booted_vm_are_405_before_boot() {
     for path in ["vm.pause", "vm.resume", "vm.power-button", "vm.reboot"] {
         assert_eq!(call(&fake, "PUT", path, "").status, 405, "{path}");
     }
+    assert!(fake.calls().is_empty());
+}
+
+#[test]
+fn add_device_before_boot_is_a_cold_add_answered_204() {
+    let fake = Fake::new(Some(ChVmState::Created));
+
     let r = call(
         &fake,
         "PUT",
         "vm.add-device",
         r#"{"path": "/sys/bus/pci/devices/0000:01:00.0"}"#,
     );
-    assert_eq!(r.status, 405);
-    assert!(fake.calls().is_empty());
+
+    assert_eq!((r.status, r.body.len()), (204, 0));
+    assert_eq!(fake.calls(), ["add_device_cold"]);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use crate::api::http::{Request, Response};
 use crate::api::server::json_body;
 use crate::api::types::{RemoveDeviceRequest, DEFAULT_REMOVE_TIMEOUT_MS};
 use crate::api::ApiHandler;
-use crate::device::DeviceId;
+use crate::device::{DeviceId, DeviceSpec};
 use crate::vm::config::VmConfig;
 
 /// Where that API's paths begin.
@@ -169,6 +169,8 @@ pub trait VmmControl: Send + Sync {
     /// Creates the VM (memory reserved, machine built, cold-plugged devices attached); its
     /// vCPUs do not run yet. Refused while a VM exists.
     fn create(&self, config: VmConfig) -> Result<(), ChError>;
+    /// Attaches a device to the created, not yet booted VM (present when the guest starts).
+    fn add_device_cold(&self, spec: DeviceSpec) -> Result<(), ChError>;
     /// Boots the created VM (or boots again one that was shut down).
     fn boot(&self) -> Result<(), ChError>;
     /// Shuts the VM down; returns once it has ended (its configuration is kept).
@@ -329,6 +331,12 @@ fn answer(
         ChEndpoint::AddDevice => {
             let body: Value = json_body(&request.body)?;
             let spec = config::device_config(&body, "the device").map_err(ChError::bad_request)?;
+            if let Some(vmm) = handler.vmm() {
+                if state(handler, "vm.add-device")? == ChVmState::Created {
+                    // That API's cold add: 204, the device is there when the guest starts.
+                    return done(vmm.add_device_cold(spec));
+                }
+            }
             booted(handler, "vm.add-device")?;
             let added = handler.add_device_for(spec, client_gone)?;
             Ok(Response::json(200, &info::PciDeviceInfo::from(&added)))
