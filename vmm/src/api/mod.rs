@@ -14,6 +14,8 @@
 //!
 //! Errors are `{"error": "message"}` with the status of [`ApiError::status`].
 //!
+//! The same socket serves Cloud Hypervisor's REST API under `/api/v1/` ([`ch`], docs/api.md).
+//!
 //! Threads: [`ApiServer`] accepts on its own thread and serves each connection on another, calling
 //! an [`ApiHandler`]. The VMM's handler is a [`QueuedHandler`]: it queues each request into an
 //! [`ApiRequestQueue`] that the event loop polls, so every change of the VM happens on the event
