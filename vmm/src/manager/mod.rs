@@ -294,6 +294,8 @@ impl ManagerHandler {
 
     /// Stops the running VM (if it runs) and waits until it has ended.
     fn stop_vm(&self) -> Result<(), ChError> {
+        // A boot under way first becomes a running VM (or fails).
+        self.wait_while(|p| matches!(p, Phase::Booting))?;
         let handle = match &self.shared.state.locked().phase {
             Phase::Running(handle) => handle.clone(),
             _ => return Ok(()),
@@ -302,9 +304,14 @@ impl ManagerHandler {
         if let Err(e) = handle.shutdown() {
             log::info!("shutdown: {e}");
         }
+        self.wait_while(|p| matches!(p, Phase::Running(_) | Phase::Booting))
+    }
+
+    /// Waits until the phase no longer satisfies `busy`, at most [`END_TIMEOUT`].
+    fn wait_while(&self, busy: impl Fn(&Phase) -> bool) -> Result<(), ChError> {
         let deadline = Instant::now() + END_TIMEOUT;
         let mut state = self.shared.state.locked();
-        while matches!(state.phase, Phase::Running(_) | Phase::Booting) {
+        while busy(&state.phase) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ChError::from(ApiError::Timeout {
