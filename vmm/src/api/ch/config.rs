@@ -28,33 +28,33 @@ const DEFAULT_DEBUG_IOBASE: u64 = 0xe9;
 
 /// The top-level fields of that API's `VmConfig` that rvmm does not have, and the value each
 /// is accepted at (besides absent and `null`).
-const UNSUPPORTED_TOP: &[(&str, Default_)] = &[
-    ("rate_limit_groups", Default_::EmptyList),
-    ("disks", Default_::EmptyList),
-    ("net", Default_::EmptyList),
-    ("balloon", Default_::Absent),
-    ("fs", Default_::EmptyList),
-    ("generic_vhost_user", Default_::EmptyList),
-    ("pmem", Default_::EmptyList),
-    ("user_devices", Default_::EmptyList),
-    ("vdpa", Default_::EmptyList),
-    ("vsock", Default_::Absent),
-    ("numa", Default_::EmptyList),
-    ("iommu", Default_::False),
-    ("watchdog", Default_::False),
-    ("rtc", Default_::Absent),
-    ("pvpanic", Default_::False),
-    ("pci_segments", Default_::EmptyList),
-    ("tpm", Default_::Absent),
-    ("landlock_enable", Default_::False),
-    ("landlock_rules", Default_::EmptyList),
-    ("sgx_epc", Default_::EmptyList),
-    ("preserved_fds", Default_::EmptyList),
+const UNSUPPORTED_TOP: &[(&str, AtDefault)] = &[
+    ("rate_limit_groups", AtDefault::EmptyList),
+    ("disks", AtDefault::EmptyList),
+    ("net", AtDefault::EmptyList),
+    ("balloon", AtDefault::Absent),
+    ("fs", AtDefault::EmptyList),
+    ("generic_vhost_user", AtDefault::EmptyList),
+    ("pmem", AtDefault::EmptyList),
+    ("user_devices", AtDefault::EmptyList),
+    ("vdpa", AtDefault::EmptyList),
+    ("vsock", AtDefault::Absent),
+    ("numa", AtDefault::EmptyList),
+    ("iommu", AtDefault::False),
+    ("watchdog", AtDefault::False),
+    ("rtc", AtDefault::Absent),
+    ("pvpanic", AtDefault::False),
+    ("pci_segments", AtDefault::EmptyList),
+    ("tpm", AtDefault::Absent),
+    ("landlock_enable", AtDefault::False),
+    ("landlock_rules", AtDefault::EmptyList),
+    ("sgx_epc", AtDefault::EmptyList),
+    ("preserved_fds", AtDefault::EmptyList),
 ];
 
 /// The value a field is accepted at when rvmm does not support it.
 #[derive(Clone, Copy, Debug)]
-enum Default_ {
+enum AtDefault {
     /// Only absent or `null`.
     Absent,
     /// Absent, `null` or `[]`.
@@ -69,27 +69,27 @@ enum Default_ {
     Str(&'static str),
 }
 
-impl Default_ {
+impl AtDefault {
     fn accepts(self, value: &Value) -> bool {
         match (self, value) {
             (_, Value::Null) => true,
-            (Default_::EmptyList, Value::Array(a)) => a.is_empty(),
-            (Default_::False, Value::Bool(b)) => !b,
-            (Default_::True, Value::Bool(b)) => *b,
-            (Default_::Number(n), Value::Number(v)) => v.as_u64() == Some(n),
-            (Default_::Str(s), Value::String(v)) => v == s,
+            (AtDefault::EmptyList, Value::Array(a)) => a.is_empty(),
+            (AtDefault::False, Value::Bool(b)) => !b,
+            (AtDefault::True, Value::Bool(b)) => *b,
+            (AtDefault::Number(n), Value::Number(v)) => v.as_u64() == Some(n),
+            (AtDefault::Str(s), Value::String(v)) => v == s,
             _ => false,
         }
     }
 
     fn describe(self) -> String {
         match self {
-            Default_::Absent => "leave it out".into(),
-            Default_::EmptyList => "leave it out or give []".into(),
-            Default_::False => "leave it out or give false".into(),
-            Default_::True => "leave it out or give true".into(),
-            Default_::Number(n) => format!("leave it out or give {n}"),
-            Default_::Str(s) => format!("leave it out or give \"{s}\""),
+            AtDefault::Absent => "leave it out".into(),
+            AtDefault::EmptyList => "leave it out or give []".into(),
+            AtDefault::False => "leave it out or give false".into(),
+            AtDefault::True => "leave it out or give true".into(),
+            AtDefault::Number(n) => format!("leave it out or give {n}"),
+            AtDefault::Str(s) => format!("leave it out or give \"{s}\""),
         }
     }
 }
@@ -99,7 +99,7 @@ fn unsupported(
     map: &Map<String, Value>,
     at: &str,
     field: &str,
-    default: Default_,
+    default: AtDefault,
 ) -> Result<(), Refusal> {
     match map.get(field) {
         Some(value) if !default.accepts(value) => Err(format!(
@@ -224,13 +224,13 @@ pub fn vm_config(body: &Value) -> Result<VmConfig, Refusal> {
     if let Some(debug) = present(map, "debug_console") {
         let m = object(debug, "debug_console")?;
         only_known(m, "debug_console", &["mode", "file", "iobase"])?;
-        unsupported(m, "debug_console", "mode", Default_::Str("Off"))?;
-        unsupported(m, "debug_console", "file", Default_::Absent)?;
+        unsupported(m, "debug_console", "mode", AtDefault::Str("Off"))?;
+        unsupported(m, "debug_console", "file", AtDefault::Absent)?;
         unsupported(
             m,
             "debug_console",
             "iobase",
-            Default_::Number(DEFAULT_DEBUG_IOBASE),
+            AtDefault::Number(DEFAULT_DEBUG_IOBASE),
         )?;
     }
     if let Some(platform) = present(map, "platform") {
@@ -264,7 +264,7 @@ fn payload_into(payload: &Value, config: &mut VmConfig) -> Result<(), Refusal> {
         ],
     )?;
     for field in ["firmware", "igvm", "host_data"] {
-        unsupported(m, "payload", field, Default_::Absent)?;
+        unsupported(m, "payload", field, AtDefault::Absent)?;
     }
     let kernel = string(m, "payload", "kernel")?.ok_or(
         "payload.kernel: required: rvmm boots a kernel directly (a bzImage or a PVH vmlinux), give its path",
@@ -306,20 +306,20 @@ fn cpus_into(cpus: &Value, config: &mut VmConfig) -> Result<(), Refusal> {
             ));
         }
     }
-    unsupported(m, "cpus", "topology", Default_::Absent)?;
-    unsupported(m, "cpus", "kvm_hyperv", Default_::False)?;
+    unsupported(m, "cpus", "topology", AtDefault::Absent)?;
+    unsupported(m, "cpus", "kvm_hyperv", AtDefault::False)?;
     unsupported(
         m,
         "cpus",
         "max_phys_bits",
-        Default_::Number(DEFAULT_MAX_PHYS_BITS),
+        AtDefault::Number(DEFAULT_MAX_PHYS_BITS),
     )?;
-    unsupported(m, "cpus", "nested", Default_::True)?;
-    unsupported(m, "cpus", "core_scheduling", Default_::Str("Vm"))?;
+    unsupported(m, "cpus", "nested", AtDefault::True)?;
+    unsupported(m, "cpus", "core_scheduling", AtDefault::Str("Vm"))?;
     if let Some(features) = present(m, "features") {
         let f = object(features, "cpus.features")?;
         only_known(f, "cpus.features", &["amx"])?;
-        unsupported(f, "cpus.features", "amx", Default_::False)?;
+        unsupported(f, "cpus.features", "amx", AtDefault::False)?;
     }
     config.cpus = count;
     config.cpu_affinity = match present(m, "affinity") {
@@ -399,14 +399,14 @@ fn memory_config(memory: &Value) -> Result<MemoryConfig, Refusal> {
         ],
     )?;
     let size = uint(m, "memory", "size")?.ok_or("memory.size: required, in bytes")?;
-    unsupported(m, "memory", "hotplug_size", Default_::Number(0))?;
-    unsupported(m, "memory", "hotplugged_size", Default_::Number(0))?;
-    unsupported(m, "memory", "mergeable", Default_::False)?;
-    unsupported(m, "memory", "hotplug_method", Default_::Str("Acpi"))?;
-    unsupported(m, "memory", "shared", Default_::False)?;
-    unsupported(m, "memory", "reserve", Default_::False)?;
-    unsupported(m, "memory", "thp", Default_::True)?;
-    unsupported(m, "memory", "zones", Default_::EmptyList)?;
+    unsupported(m, "memory", "hotplug_size", AtDefault::Number(0))?;
+    unsupported(m, "memory", "hotplugged_size", AtDefault::Number(0))?;
+    unsupported(m, "memory", "mergeable", AtDefault::False)?;
+    unsupported(m, "memory", "hotplug_method", AtDefault::Str("Acpi"))?;
+    unsupported(m, "memory", "shared", AtDefault::False)?;
+    unsupported(m, "memory", "reserve", AtDefault::False)?;
+    unsupported(m, "memory", "thp", AtDefault::True)?;
+    unsupported(m, "memory", "zones", AtDefault::EmptyList)?;
     // rvmm always prefaults and locks guest RAM (passthrough DMA needs it resident): both
     // values are honoured by doing so.
     boolean(m, "memory", "prefault")?;
@@ -441,34 +441,34 @@ fn rng_at_default(rng: &Value) -> Result<(), Refusal> {
         "rng",
         &["src", "iommu", "id", "pci_segment", "pci_device_id"],
     )?;
-    unsupported(m, "rng", "src", Default_::Str("/dev/urandom"))?;
-    unsupported(m, "rng", "iommu", Default_::False)?;
-    unsupported(m, "rng", "id", Default_::Absent)?;
-    unsupported(m, "rng", "pci_segment", Default_::Number(0))?;
-    unsupported(m, "rng", "pci_device_id", Default_::Absent)
+    unsupported(m, "rng", "src", AtDefault::Str("/dev/urandom"))?;
+    unsupported(m, "rng", "iommu", AtDefault::False)?;
+    unsupported(m, "rng", "id", AtDefault::Absent)?;
+    unsupported(m, "rng", "pci_segment", AtDefault::Number(0))?;
+    unsupported(m, "rng", "pci_device_id", AtDefault::Absent)
 }
 
 fn platform_at_default(platform: &Value) -> Result<(), Refusal> {
     let m = object(platform, "platform")?;
-    let defaults: &[(&str, Default_)] = &[
-        ("num_pci_segments", Default_::Number(1)),
-        ("iommu_segments", Default_::EmptyList),
-        ("iommu_address_width_bits", Default_::Absent),
-        ("system_serial_number", Default_::Absent),
-        ("serial_number", Default_::Absent),
-        ("system_uuid", Default_::Absent),
-        ("uuid", Default_::Absent),
-        ("oem_strings", Default_::EmptyList),
-        ("system_manufacturer", Default_::Absent),
-        ("system_product_name", Default_::Absent),
-        ("system_version", Default_::Absent),
-        ("system_family", Default_::Absent),
-        ("system_sku_number", Default_::Absent),
-        ("chassis_asset_tag", Default_::Absent),
-        ("tdx", Default_::False),
-        ("sev_snp", Default_::False),
-        ("iommufd", Default_::False),
-        ("vfio_p2p_dma", Default_::True),
+    let defaults: &[(&str, AtDefault)] = &[
+        ("num_pci_segments", AtDefault::Number(1)),
+        ("iommu_segments", AtDefault::EmptyList),
+        ("iommu_address_width_bits", AtDefault::Absent),
+        ("system_serial_number", AtDefault::Absent),
+        ("serial_number", AtDefault::Absent),
+        ("system_uuid", AtDefault::Absent),
+        ("uuid", AtDefault::Absent),
+        ("oem_strings", AtDefault::EmptyList),
+        ("system_manufacturer", AtDefault::Absent),
+        ("system_product_name", AtDefault::Absent),
+        ("system_version", AtDefault::Absent),
+        ("system_family", AtDefault::Absent),
+        ("system_sku_number", AtDefault::Absent),
+        ("chassis_asset_tag", AtDefault::Absent),
+        ("tdx", AtDefault::False),
+        ("sev_snp", AtDefault::False),
+        ("iommufd", AtDefault::False),
+        ("vfio_p2p_dma", AtDefault::True),
     ];
     let known: Vec<&str> = defaults.iter().map(|(k, _)| *k).collect();
     only_known(m, "platform", &known)?;
@@ -482,7 +482,7 @@ fn platform_at_default(platform: &Value) -> Result<(), Refusal> {
 fn serial_config(serial: &Value) -> Result<SerialConfig, Refusal> {
     let m = object(serial, "serial")?;
     only_known(m, "serial", &["mode", "file", "socket", "iommu"])?;
-    unsupported(m, "serial", "iommu", Default_::False)?;
+    unsupported(m, "serial", "iommu", AtDefault::False)?;
     let mode = string(m, "serial", "mode")?.ok_or("serial.mode: required")?;
     let (file, socket) = (string(m, "serial", "file")?, string(m, "serial", "socket")?);
     let no_path = |what: &str| -> Result<(), Refusal> {
@@ -545,10 +545,10 @@ fn console_at_default(console: &Value) -> Result<(), Refusal> {
         }
     }
     for field in ["file", "socket", "id", "pci_device_id"] {
-        unsupported(m, "console", field, Default_::Absent)?;
+        unsupported(m, "console", field, AtDefault::Absent)?;
     }
-    unsupported(m, "console", "iommu", Default_::False)?;
-    unsupported(m, "console", "pci_segment", Default_::Number(0))
+    unsupported(m, "console", "iommu", AtDefault::False)?;
+    unsupported(m, "console", "pci_segment", AtDefault::Number(0))
 }
 
 /// That API's `DeviceConfig` (a `devices` entry, the body of `vm.add-device`) as a
@@ -568,11 +568,11 @@ pub fn device_config(device: &Value, at: &str) -> Result<DeviceSpec, Refusal> {
             "x_exclude_mmap_bars",
         ],
     )?;
-    unsupported(m, at, "iommu", Default_::False)?;
-    unsupported(m, at, "pci_segment", Default_::Number(0))?;
-    unsupported(m, at, "pci_device_id", Default_::Absent)?;
-    unsupported(m, at, "x_nv_gpudirect_clique", Default_::Absent)?;
-    unsupported(m, at, "x_exclude_mmap_bars", Default_::EmptyList)?;
+    unsupported(m, at, "iommu", AtDefault::False)?;
+    unsupported(m, at, "pci_segment", AtDefault::Number(0))?;
+    unsupported(m, at, "pci_device_id", AtDefault::Absent)?;
+    unsupported(m, at, "x_nv_gpudirect_clique", AtDefault::Absent)?;
+    unsupported(m, at, "x_exclude_mmap_bars", AtDefault::EmptyList)?;
     let path = string(m, at, "path")?.ok_or_else(|| {
         format!(
             "{}: required: the device's sysfs path, e.g. /sys/bus/pci/devices/0000:01:00.0 (rvmm takes no descriptor in its place)",
