@@ -37,23 +37,13 @@ fn main() -> ExitCode {
 }
 
 fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Result<(), String> {
-    let config = VmConfig {
-        kernel: PathBuf::from(kernel),
-        initramfs: Some(PathBuf::from(initramfs)),
-        cmdline: cmdline.unwrap_or("console=ttyS0 panic=1").to_owned(),
-        cpus: 1,
-        memory: "size=256M".parse().map_err(|e| format!("{e}"))?,
-        root_ports: DEFAULT_ROOT_PORTS,
-        serial: SerialConfig::Stdio,
-        api_socket: None,
-        devices: Vec::new(),
-        seccomp: Default::default(),
-        event_log: None,
-        placement: Default::default(),
-        cpu_affinity: None,
-        numa: Vec::new(),
-        on_reboot: Default::default(),
-    };
+    let mut config = VmConfig::default();
+    config.kernel = PathBuf::from(kernel);
+    config.initramfs = Some(PathBuf::from(initramfs));
+    config.cmdline = cmdline.unwrap_or("console=ttyS0 panic=1").to_owned();
+    config.memory = "size=256M".parse().map_err(|e| format!("{e}"))?;
+    config.root_ports = DEFAULT_ROOT_PORTS;
+    config.serial = SerialConfig::Stdio;
     let vm = Vm::new(&config).map_err(|e| format!("cannot build the VM: {e}"))?;
     let handle = vm.handle();
     let events = handle.subscribe();

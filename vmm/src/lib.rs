@@ -1,6 +1,8 @@
 //! rvmm: a minimal KVM virtual machine monitor for PCI passthrough with native PCIe hotplug.
 //!
-//! Build a [`VmConfig`], create a [`Vm`] with [`Vm::new`] and [`Vm::run`] it. The `rvmm` binary is
+//! Build a [`VmConfig`] (or read one from JSON), create a [`Vm`] with [`Vm::new`] (memory
+//! reserved, machine built, cold-plugged devices attached) and boot it with [`Vm::run`] (vCPUs
+//! started). The `rvmm` binary is
 //! a thin command-line layer over this library.
 //!
 //! The modules follow the jobs of the VMM:
@@ -8,6 +10,7 @@
 //! | module | job |
 //! |---|---|
 //! | [`vm`] | the VM's life: configuration, creation, the event loop, the console, how it ends |
+//! | [`manager`] | rvmm without a VM: the VMM that creates, boots and deletes VMs through the API |
 //! | [`machine`] | the machine built at start: guest memory map, platform devices, PCIe segment, ACPI tables |
 //! | [`device`] | passthrough devices: their nouns (id, spec, state), group descriptors, attach and release |
 //! | [`hotplug`] | the controller that adds and removes devices at run time through the root-port slots |
@@ -27,6 +30,7 @@ pub mod device;
 pub mod hotplug;
 pub mod kvm;
 pub mod machine;
+pub mod manager;
 pub mod memory;
 pub mod observe;
 pub mod placement;

@@ -52,9 +52,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Kernel: a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux with a PVH entry.
+    /// Kernel: a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux with a PVH entry. Without
+    /// --kernel and --config, rvmm starts with no VM and serves --api-socket, through which a
+    /// VM is created and booted (Cloud Hypervisor's PUT /api/v1/vm.create and vm.boot).
     #[arg(long)]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
+    /// The VM's configuration as JSON (rvmm's VmConfig: docs/api.md); options given on the
+    /// command line override its fields.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed).
     #[arg(long)]
     initramfs: Option<PathBuf>,
@@ -94,8 +100,9 @@ struct RunArgs {
     /// past a 1 MiB buffer it is dropped and counted.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
-    /// Unix socket for the control API.
-    #[arg(long)]
+    /// Unix socket for the control API: a path rvmm binds, or fd=N, an inherited socket that
+    /// is already bound and listening.
+    #[arg(long, value_name = "PATH|fd=N")]
     api_socket: Option<PathBuf>,
     /// Passthrough device: path=/sys/bus/pci/devices/BDF[,id=NAME][,group-fd=N] or a bare BDF
     /// (repeatable); group-fd=N: the device's VFIO group, already open as descriptor N.
@@ -154,24 +161,93 @@ fn parse_vf(arg: &str) -> Result<DeviceSpec, String> {
 
 impl From<RunArgs> for VmConfig {
     fn from(a: RunArgs) -> Self {
-        VmConfig {
-            kernel: a.kernel,
-            initramfs: a.initramfs,
-            cmdline: a.cmdline,
-            cpus: a.cpus.count,
-            memory: a.memory,
-            root_ports: a.root_ports,
-            serial: a.serial,
-            api_socket: a.api_socket,
-            devices: a.devices.into_iter().chain(a.vfs).collect(),
-            seccomp: a.seccomp,
-            event_log: a.event_log,
-            placement: a.placement,
-            cpu_affinity: a.cpus.affinity,
-            numa: a.numa,
-            on_reboot: a.on_reboot,
-        }
+        a.overlay(VmConfig::default(), &|_| true)
     }
+}
+
+impl RunArgs {
+    /// `base` with the options `given` says were given (by their clap ids) put over it.
+    fn overlay(self, base: VmConfig, given: &dyn Fn(&str) -> bool) -> VmConfig {
+        let mut c = base;
+        if let Some(kernel) = self.kernel {
+            c.kernel = kernel;
+        }
+        if self.initramfs.is_some() {
+            c.initramfs = self.initramfs;
+        }
+        if given("cmdline") {
+            c.cmdline = self.cmdline;
+        }
+        if given("cpus") {
+            c.cpus = self.cpus.count;
+            c.cpu_affinity = self.cpus.affinity;
+        }
+        if given("memory") {
+            c.memory = self.memory;
+        }
+        if given("root_ports") {
+            c.root_ports = self.root_ports;
+        }
+        if given("serial") {
+            c.serial = self.serial;
+        }
+        if self.api_socket.is_some() {
+            c.api_socket = self.api_socket;
+        }
+        if !self.devices.is_empty() || !self.vfs.is_empty() {
+            c.devices = self.devices.into_iter().chain(self.vfs).collect();
+        }
+        if given("seccomp") {
+            c.seccomp = self.seccomp;
+        }
+        if self.event_log.is_some() {
+            c.event_log = self.event_log;
+        }
+        if given("placement") {
+            c.placement = self.placement;
+        }
+        if given("on_reboot") {
+            c.on_reboot = self.on_reboot;
+        }
+        if !self.numa.is_empty() {
+            c.numa = self.numa;
+        }
+        c
+    }
+}
+
+/// What `rvmm run` was asked for.
+enum RunMode {
+    /// Build and run this VM.
+    Vm(Box<VmConfig>),
+    /// No VM: serve the API on this socket and create VMs as it asks.
+    Manager(PathBuf, SeccompMode),
+}
+
+/// The VM of `rvmm run`'s options: `--config`'s JSON (if given) with the options given on the
+/// command line over it; no VM when neither `--kernel` nor `--config` is given.
+fn run_mode(args: RunArgs, matches: Option<&clap::ArgMatches>) -> Result<RunMode, String> {
+    if args.kernel.is_none() && args.config.is_none() {
+        return match args.api_socket {
+            Some(socket) => Ok(RunMode::Manager(socket, args.seccomp)),
+            None => Err("give --kernel PATH or --config FILE to run a VM, or --api-socket PATH alone to start without a VM and create one through the API".into()),
+        };
+    }
+    let base = match &args.config {
+        Some(path) => {
+            let json = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --config {}: {e}", path.display()))?;
+            VmConfig::from_json(&json).map_err(|e| format!("--config {}: {e}", path.display()))?
+        }
+        None => VmConfig::default(),
+    };
+    let from_file = args.config.is_some();
+    let given = |id: &str| {
+        !from_file
+            || matches
+                .is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    };
+    Ok(RunMode::Vm(Box::new(args.overlay(base, &given))))
 }
 
 /// Prints an error with its chain of causes on one line.
@@ -215,8 +291,29 @@ fn run(config: &VmConfig, shutdown_timeout: Duration) -> u8 {
     }
 }
 
+/// `rvmm run --api-socket` alone: the VMM without a VM until `vmm.shutdown`; exits 0 then, 1
+/// when the API cannot be served.
+fn serve(socket: &std::path::Path, seccomp: SeccompMode) -> u8 {
+    let manager = rvmm::manager::VmManager::new();
+    let config = rvmm::api::ServerConfig {
+        seccomp,
+        ..Default::default()
+    };
+    match manager.serve(socket, config) {
+        Ok(_) => 0,
+        Err(e) => {
+            report(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let (level, file) = match &cli.command {
         Command::Run(args) => (args.log_level, args.log_file.clone()),
         Command::Ctl(_) => (None, None),
@@ -229,8 +326,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let shutdown_timeout = Duration::from_millis(args.shutdown_timeout_ms);
-            let config = VmConfig::from(*args);
-            ExitCode::from(run(&config, shutdown_timeout))
+            match run_mode(*args, matches.subcommand_matches("run")) {
+                Ok(RunMode::Vm(config)) => ExitCode::from(run(&config, shutdown_timeout)),
+                Ok(RunMode::Manager(socket, seccomp)) => ExitCode::from(serve(&socket, seccomp)),
+                Err(e) => {
+                    eprintln!("rvmm: error: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Ctl(args) => match rvmm::api::ctl::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -363,6 +466,47 @@ mod tests {
 
             assert_eq!(err.exit_code(), 2, "{value}");
         }
+    }
+
+    /// `rvmm run` with `args`, as `main` reads it.
+    fn mode(args: &[&str]) -> Result<RunMode, String> {
+        let matches = <Cli as clap::CommandFactory>::command()
+            .try_get_matches_from(["rvmm", "run"].into_iter().chain(args.iter().copied()))
+            .expect("valid command line");
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).expect("parsed");
+        let Command::Run(run) = cli.command else {
+            panic!("not run");
+        };
+        run_mode(*run, matches.subcommand_matches("run"))
+    }
+
+    #[test]
+    fn an_api_socket_alone_starts_without_a_vm() {
+        assert!(matches!(
+            mode(&["--api-socket", "/tmp/x.sock"]),
+            Ok(RunMode::Manager(..))
+        ));
+        assert!(mode(&[]).is_err());
+    }
+
+    #[test]
+    fn command_line_options_override_the_config_file() {
+        let file = std::env::temp_dir().join(format!("rvmm-config-{}.json", std::process::id()));
+        std::fs::write(
+            &file,
+            r#"{"kernel": "/k", "cpus": 2, "memory": "size=1G", "cmdline": "from-file"}"#,
+        )
+        .expect("write");
+
+        let result = mode(&["--config", file.to_str().expect("utf-8"), "--cpus", "4"]);
+        std::fs::remove_file(&file).ok();
+
+        let Ok(RunMode::Vm(config)) = result else {
+            panic!("not a VM");
+        };
+        assert_eq!(config.cpus, 4);
+        assert_eq!(config.memory.size, 1 << 30);
+        assert_eq!(config.cmdline, "from-file");
     }
 
     #[test]

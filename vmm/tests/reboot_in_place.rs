@@ -80,26 +80,18 @@ fn config(dir: &Path, on_reboot: OnReboot) -> (VmConfig, PathBuf) {
     let kernel = dir.join("reboot.elf");
     std::fs::write(&kernel, pvh_elf()).expect("write the payload");
     let console = dir.join("console.out");
-    let config = VmConfig {
-        kernel,
-        initramfs: None,
-        cmdline: String::new(),
-        cpus: 2,
-        memory: "size=64M".parse().expect("memory size"),
-        root_ports: 2,
-        serial: SerialConfig::File {
-            path: console.clone(),
-            max_size: 1 << 20,
-        },
-        api_socket: None,
-        devices: Vec::new(),
-        seccomp: SeccompMode::On,
-        event_log: None,
-        placement: Default::default(),
-        cpu_affinity: None,
-        numa: Vec::new(),
-        on_reboot,
+    let mut config = VmConfig::default();
+    config.kernel = kernel;
+    config.cmdline = String::new();
+    config.cpus = 2;
+    config.memory = "size=64M".parse().expect("memory size");
+    config.root_ports = 2;
+    config.serial = SerialConfig::File {
+        path: console.clone(),
+        max_size: 1 << 20,
     };
+    config.seccomp = SeccompMode::On;
+    config.on_reboot = on_reboot;
     (config, console)
 }
 

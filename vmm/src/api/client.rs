@@ -218,6 +218,20 @@ impl ApiClient {
         self.call_with_fds(method, path, body, &[], timeout)
     }
 
+    /// Sends `method path` with an optional body and returns the answer whatever its status
+    /// (`rvmm ctl raw`: any path of the socket, Cloud Hypervisor's `/api/v1/...` too).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let (status, framing, reader) = self.send(method, path, body, &[], Some(timeout))?;
+        let body = read_body(reader, framing, timeout)?;
+        Ok(Answer { status, body })
+    }
+
     /// [`ApiClient::call`] with descriptors sent along as `SCM_RIGHTS` data.
     pub fn call_with_fds(
         &self,

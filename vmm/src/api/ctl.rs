@@ -77,6 +77,49 @@ pub enum CtlCommand {
     /// Press the VM's ACPI power button (returns once it is pressed; the guest then shuts down
     /// the way it was configured to).
     PowerButton,
+    /// Send one request as given to any path of the socket (rvmm's /v1/... or Cloud
+    /// Hypervisor's /api/v1/...) and print `HTTP <status>` and the body on one line; exits 1
+    /// when the status is not 2xx.
+    Raw {
+        /// GET or PUT.
+        method: String,
+        /// The path, e.g. /api/v1/vm.info.
+        path: String,
+        /// The JSON body, if any.
+        body: Option<String>,
+    },
+}
+
+/// How long `rvmm ctl raw` waits for an answer (a hot-add waits for the guest, a create for
+/// guest RAM to be prefaulted).
+const RAW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `rvmm ctl raw`: the status and the body (compact JSON when it is JSON) on one line.
+fn raw(
+    client: &ApiClient,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(), ClientError> {
+    let answer = client.request(method, path, body.map(str::as_bytes), RAW_TIMEOUT)?;
+    let text = match serde_json::from_slice::<serde_json::Value>(&answer.body) {
+        Ok(value) => value.to_string(),
+        Err(_) => String::from_utf8_lossy(&answer.body).trim().to_owned(),
+    };
+    let line = if text.is_empty() {
+        format!("HTTP {}", answer.status)
+    } else {
+        format!("HTTP {} {text}", answer.status)
+    };
+    print_line(&line)?;
+    if (200..300).contains(&answer.status) {
+        Ok(())
+    } else {
+        Err(ClientError::Api {
+            status: answer.status,
+            message: format!("{method} {path} was refused"),
+        })
+    }
 }
 
 /// Parses a device argument, keeping the whole chain of causes in the message clap prints.
@@ -138,6 +181,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Counters => print_json(&client.counters_raw()?.body),
         CtlCommand::Pause => client.pause(),
         CtlCommand::Resume => client.resume(),
+        CtlCommand::Raw { method, path, body } => raw(&client, &method, &path, body.as_deref()),
         CtlCommand::PowerButton => client.power_button(),
         CtlCommand::Console => crate::api::ctl_console::run(&client),
     }

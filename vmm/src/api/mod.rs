@@ -14,6 +14,8 @@
 //!
 //! Errors are `{"error": "message"}` with the status of [`ApiError::status`].
 //!
+//! The same socket serves Cloud Hypervisor's REST API under `/api/v1/` ([`ch`], docs/api.md).
+//!
 //! Threads: [`ApiServer`] accepts on its own thread and serves each connection on another, calling
 //! an [`ApiHandler`]. The VMM's handler is a [`QueuedHandler`]: it queues each request into an
 //! [`ApiRequestQueue`] that the event loop polls, so every change of the VM happens on the event
@@ -23,6 +25,7 @@
 use crate::device::DeviceSpec;
 use crate::observe::Counters;
 
+pub mod ch;
 pub mod client;
 pub mod ctl;
 pub mod ctl_console;
@@ -31,6 +34,7 @@ pub mod error;
 pub mod events;
 pub mod fd_passing;
 pub mod http;
+pub mod listen_fd;
 pub mod queue;
 pub mod server;
 pub mod types;
@@ -90,5 +94,11 @@ pub trait ApiHandler: Send + Sync {
         Err(ApiError::UnknownPath {
             path: server::COUNTERS_PATH.to_owned(),
         })
+    }
+    /// The VMM-level verbs of Cloud Hypervisor's API (create, boot, delete a VM), when this
+    /// handler's VMM creates its VM through the API ([`crate::manager`]); `None` (the
+    /// default) for a VM built by its caller.
+    fn vmm(&self) -> Option<&dyn ch::VmmControl> {
+        None
     }
 }

@@ -189,8 +189,9 @@ struct Shared {
 /// A running API server; stopping or dropping it closes the socket and removes its file.
 pub struct ApiServer {
     path: PathBuf,
-    /// Device and inode of the socket file we created, to remove only our own.
-    file_id: (u64, u64),
+    /// Device and inode of the socket file we created, to remove only our own (none for an
+    /// inherited socket).
+    file_id: Option<(u64, u64)>,
     stop: Arc<EventFd>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -206,7 +207,9 @@ impl ApiServer {
     }
 
     /// Listens on `socket_path` (owner-only access). A stale socket file left by a dead rvmm is
-    /// replaced; a socket a live process answers on, or any other file, is refused.
+    /// replaced; a socket a live process answers on, or any other file, is refused. A path of
+    /// the form `fd=N` is the inherited, bound and listening socket N
+    /// ([`crate::api::listen_fd`]); no file is created or removed for it.
     pub fn start_with(
         socket_path: &Path,
         handler: Arc<dyn ApiHandler>,
@@ -219,12 +222,23 @@ impl ApiServer {
                 source,
             }
         };
-        remove_stale_socket(socket_path)?;
-        let listener = UnixListener::bind(socket_path).map_err(io_err("bind the API socket"))?;
-        std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("restrict access to the API socket"))?;
-        let meta =
-            std::fs::symlink_metadata(socket_path).map_err(io_err("inspect the API socket"))?;
+        let (listener, file_id) = match crate::api::listen_fd::inherited_fd(socket_path) {
+            Some(number) => {
+                let listener = crate::api::listen_fd::adopt_listener(number)
+                    .map_err(|e| io_err("take over the API socket")(io::Error::other(e)))?;
+                (listener, None)
+            }
+            None => {
+                remove_stale_socket(socket_path)?;
+                let listener =
+                    UnixListener::bind(socket_path).map_err(io_err("bind the API socket"))?;
+                std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io_err("restrict access to the API socket"))?;
+                let meta = std::fs::symlink_metadata(socket_path)
+                    .map_err(io_err("inspect the API socket"))?;
+                (listener, Some((meta.dev(), meta.ino())))
+            }
+        };
         listener
             .set_nonblocking(true)
             .map_err(io_err("configure the API socket"))?;
@@ -265,13 +279,15 @@ impl ApiServer {
         });
         if let Err(e) = filtered {
             let _ = thread.join();
-            let _ = std::fs::remove_file(socket_path);
+            if file_id.is_some() {
+                let _ = std::fs::remove_file(socket_path);
+            }
             return Err(ServerError::Seccomp(e));
         }
         log::info!("control API listening on {}", socket_path.display());
         Ok(ApiServer {
             path: socket_path.to_path_buf(),
-            file_id: (meta.dev(), meta.ino()),
+            file_id,
             stop,
             shared,
             thread: Some(thread),
@@ -307,8 +323,8 @@ impl ApiServer {
         while self.shared.connections.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.file_id);
         if ours {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 log::warn!("cannot remove the API socket {}: {e}", self.path.display());
@@ -656,6 +672,21 @@ pub fn dispatch(
     client_gone: &dyn Fn() -> bool,
 ) -> Result<Outcome, ApiError> {
     let reply = |value: Result<_, ApiError>| value.map(Outcome::Reply);
+    if let Some(ch_endpoint) = crate::api::ch::route(&request.method, &request.target) {
+        let ch_endpoint = ch_endpoint?;
+        if !fds.is_empty() || dropped > 0 {
+            return Err(ApiError::BadRequest(format!(
+                "{} {} takes no file descriptors",
+                request.method, request.target
+            )));
+        }
+        return Ok(Outcome::Reply(crate::api::ch::dispatch(
+            ch_endpoint,
+            request,
+            handler,
+            client_gone,
+        )));
+    }
     let endpoint = route(&request.method, &request.target)?;
     if dropped > 0 {
         return Err(ApiError::BadRequest(format!(

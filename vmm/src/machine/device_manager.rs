@@ -73,6 +73,9 @@ pub enum DeviceError {
         #[source]
         source: Box<PassthroughError>,
     },
+    /// A device added before boot after the VM was booted.
+    #[error("the VM is booted: add devices to it with a hot-add")]
+    Booted,
     /// The serial output could not be opened.
     #[error("cannot open the serial console output")]
     SerialOutput(#[source] std::io::Error),
@@ -355,6 +358,32 @@ impl DeviceManager {
     /// Hands the console writer over (once), to finish it when the VM ends.
     pub fn take_console_writer(&mut self) -> Option<ConsoleWriter> {
         self.console_writer.take()
+    }
+
+    /// Attaches one more device as the devices given at boot are (present and powered when
+    /// the guest starts), between creating the VM and booting it; refused once the
+    /// passthrough devices went to the controller (the VM runs: hot-add then).
+    pub fn attach_cold(&mut self, spec: &DeviceSpec) -> Result<crate::api::DeviceInfo> {
+        let err = |source| DeviceError::Passthrough {
+            spec: spec.to_string(),
+            source: Box::new(source),
+        };
+        let (Some(pci), Some(passthrough)) = (self.pci.as_ref(), self.passthrough.as_mut()) else {
+            return Err(DeviceError::Booted);
+        };
+        let d = passthrough
+            .attach_at_boot(spec, &pci.segment)
+            .map_err(err)?;
+        let port = pci.segment.ports().get(d.port).map(|p| p.address);
+        Ok(crate::api::DeviceInfo {
+            id: d.id.clone(),
+            bdf: d.guest_bdf,
+            host_bdf: d.host.bdf,
+            slot: d.slot,
+            root_port: port.unwrap_or(d.guest_bdf),
+            state: d.state,
+            vf: d.vf_info(),
+        })
     }
 
     /// Hands the passthrough devices to the VM controller (once).

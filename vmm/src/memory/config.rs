@@ -122,6 +122,8 @@ impl MemoryConfig {
     }
 }
 
+rvmm_pci::serde_as_string!(MemoryConfig);
+
 impl FromStr for MemoryConfig {
     type Err = MemoryError;
 

@@ -73,6 +73,18 @@ pub enum EventLogError {
     Thread(#[source] std::io::Error),
 }
 
+impl std::fmt::Display for EventLogTarget {
+    /// The command-line form: the path, or `fd=N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EventLogTarget::Path(path) => write!(f, "{}", path.display()),
+            EventLogTarget::Fd(fd) => write!(f, "fd={fd}"),
+        }
+    }
+}
+
+rvmm_pci::serde_as_string!(EventLogTarget);
+
 impl std::str::FromStr for EventLogTarget {
     type Err = EventLogError;
 

@@ -68,6 +68,8 @@ impl FromStr for SeccompMode {
     }
 }
 
+rvmm_pci::serde_as_string!(SeccompMode);
+
 impl fmt::Display for SeccompMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

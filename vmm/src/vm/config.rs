@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::device::DeviceSpec;
@@ -17,6 +18,8 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
 pub const DEFAULT_ROOT_PORTS: u8 = 8;
 /// Most root ports a VM can have (each owns one bus number and a slice of the MMIO windows).
 pub const MAX_ROOT_PORTS: u8 = 128;
+/// Guest RAM when none is given: 512 MiB.
+pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 /// Most vCPUs rvmm configures (APIC ids fit in 8 bits; x2APIC is not used).
 pub const MAX_CPUS: u8 = 254;
 
@@ -85,6 +88,26 @@ impl std::str::FromStr for SerialConfig {
     }
 }
 
+impl std::fmt::Display for SerialConfig {
+    /// The command-line form, which [`SerialConfig::from_str`](std::str::FromStr) reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SerialConfig::Stdio => f.write_str("stdio"),
+            SerialConfig::Off => f.write_str("off"),
+            SerialConfig::Pty => f.write_str("pty"),
+            SerialConfig::File { path, max_size } => {
+                write!(f, "file={},max_size={max_size}", path.display())
+            }
+            SerialConfig::Socket { path, buffer } => {
+                write!(f, "socket={},buffer={buffer}", path.display())
+            }
+        }
+    }
+}
+
+rvmm_pci::serde_as_string!(SerialConfig);
+rvmm_pci::serde_as_string!(GuestNodeArg);
+
 /// `socket=PATH[,buffer=SIZE]`: `buffer=` comes last, so that a path may hold commas.
 fn parse_socket(s: &str) -> Result<SerialConfig, ConfigError> {
     use crate::vm::console_socket::{DEFAULT_RING_SIZE, MAX_RING_SIZE};
@@ -112,10 +135,20 @@ fn parse_socket(s: &str) -> Result<SerialConfig, ConfigError> {
     })
 }
 
-/// Everything needed to build and boot a VM.
-#[derive(Clone, Debug)]
+/// Everything needed to build and boot a VM: what `rvmm run` builds from its options, what
+/// `rvmm run --config FILE` reads as JSON, what an embedding program fills in (start from
+/// [`VmConfig::default`]: new fields will come, with defaults).
+///
+/// As JSON, every field is optional (its default when absent) and unknown fields are refused;
+/// values with a command-line form take it as a string (`"memory": "size=1G,hugepages=on"`,
+/// `"serial": "file=/tmp/console.log"`, `"cpu_affinity": "0-3"`), devices take the body of
+/// `PUT /v1/vm/add-device` (`{"path": "0000:01:00.0", "id": "nvme0"}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct VmConfig {
-    /// Kernel image: a bzImage or an ELF vmlinux with a PVH entry.
+    /// Kernel image: a bzImage or an ELF vmlinux with a PVH entry (required: the default, an
+    /// empty path, is refused by [`VmConfig::validate`]).
     pub kernel: PathBuf,
     /// Optional initramfs.
     pub initramfs: Option<PathBuf>,
@@ -147,6 +180,44 @@ pub struct VmConfig {
     pub numa: Vec<GuestNodeArg>,
     /// What a guest reset does (`--on-reboot`): restart in place or end the VM (the default).
     pub on_reboot: OnReboot,
+}
+
+impl Default for VmConfig {
+    /// No kernel (it must be set), [`DEFAULT_CMDLINE`], one vCPU, 512 MiB of RAM,
+    /// [`DEFAULT_ROOT_PORTS`], the console on stdio, no API socket, no devices, seccomp on, no
+    /// event log, automatic placement, reboot in place.
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            cpus: 1,
+            memory: MemoryConfig {
+                size: DEFAULT_MEMORY_SIZE,
+                hugepages: false,
+                hugepage_size: Default::default(),
+                host_node: None,
+            },
+            root_ports: DEFAULT_ROOT_PORTS,
+            serial: SerialConfig::default(),
+            api_socket: None,
+            devices: Vec::new(),
+            seccomp: SeccompMode::default(),
+            event_log: None,
+            placement: PlacementMode::default(),
+            cpu_affinity: None,
+            numa: Vec::new(),
+            on_reboot: OnReboot::default(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// Reads a configuration from JSON (`rvmm run --config FILE`); fields left out take their
+    /// defaults.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))
+    }
 }
 
 /// `--cpus N[,affinity=CPULIST]`: the vCPU count and, optionally, the host CPUs of every vCPU
@@ -233,6 +304,12 @@ pub enum ConfigError {
         /// Root ports.
         ports: u8,
     },
+    /// No kernel given.
+    #[error("no kernel given: set --kernel PATH (or \"kernel\" in the JSON configuration)")]
+    NoKernel,
+    /// A JSON configuration that does not parse.
+    #[error("invalid VM configuration: {0}")]
+    Json(String),
     /// The kernel file does not exist.
     #[error("kernel {0} not found")]
     KernelNotFound(PathBuf),
@@ -262,6 +339,9 @@ impl VmConfig {
                 devices: self.devices.len(),
                 ports: self.root_ports,
             });
+        }
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
         }
         if !self.kernel.is_file() {
             return Err(ConfigError::KernelNotFound(self.kernel.clone()));
@@ -420,6 +500,49 @@ mod tests {
         assert!(c.validate(8).is_err());
         c.root_ports = MAX_ROOT_PORTS;
         assert!(c.validate(8).is_ok());
+    }
+
+    #[test]
+    fn json_takes_the_command_line_forms_and_defaults_the_rest() {
+        let c = VmConfig::from_json(
+            r#"{"kernel": "/k", "memory": "size=1G,hugepages=on", "serial": "file=/tmp/c",
+                "cpu_affinity": "0-1", "devices": [{"path": "0000:01:00.0", "id": "nvme0"}]}"#,
+        )
+        .expect("valid");
+
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.memory.size, 1 << 30);
+        assert!(c.memory.hugepages);
+        assert!(matches!(c.serial, SerialConfig::File { .. }));
+        assert_eq!(c.cpu_affinity, Some(CpuList::from_ids([0, 1])));
+        assert_eq!(c.devices.len(), 1);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let mut c = config();
+        c.serial = "socket=/tmp/s,buffer=1M".parse().unwrap();
+        c.event_log = Some("fd=3".parse().unwrap());
+
+        let json = serde_json::to_string(&c).unwrap();
+
+        assert_eq!(VmConfig::from_json(&json), Ok(c));
+    }
+
+    #[test]
+    fn json_refuses_unknown_fields_by_name() {
+        let err = VmConfig::from_json(r#"{"kernel": "/k", "disks": []}"#).unwrap_err();
+
+        assert!(err.to_string().contains("disks"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_kernel_is_refused_with_the_fix() {
+        let err = VmConfig::default().validate(8).unwrap_err();
+
+        assert_eq!(err, ConfigError::NoKernel);
     }
 
     #[test]

@@ -293,6 +293,14 @@ impl Vm {
         })
     }
 
+    /// Attaches one more passthrough device to the created VM, before [`Vm::run`]: it is
+    /// present when the guest starts, like the devices of the configuration (a device added
+    /// while the VM runs is a hot-add through [`Vm::handle`]). Placement was decided at
+    /// [`Vm::new`] from the configuration's devices; this one does not change it.
+    pub fn add_device(&mut self, spec: &crate::device::DeviceSpec) -> Result<DeviceInfo> {
+        Ok(self.devices.attach_cold(spec)?)
+    }
+
     /// The VM's counters (exits, uptime, reboots), shared with its threads.
     pub fn counters(&self) -> &Arc<VmCounters> {
         &self.counters

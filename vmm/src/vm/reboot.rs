@@ -45,6 +45,18 @@ pub enum OnReboot {
     Exit,
 }
 
+impl std::fmt::Display for OnReboot {
+    /// The command-line form: `restart` or `exit`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnReboot::Restart => "restart",
+            OnReboot::Exit => "exit",
+        })
+    }
+}
+
+rvmm_pci::serde_as_string!(OnReboot);
+
 impl std::str::FromStr for OnReboot {
     type Err = String;
 
