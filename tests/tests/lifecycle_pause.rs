@@ -5,8 +5,10 @@
 //! asks `info` (`state: paused`), tries a hot-add of a vfio-bound NVMe drive (refused with 409),
 //! pauses again (answered, nothing changes), resumes, waits for the ticks to go on, hot-adds the
 //! drive (hotplug works again), then stops the ticker: the guest powers off and rvmm exits 0.
-//! A second VM (`pause_stop`) is paused and then shut down through the API while paused: rvmm
-//! must end (the parked vCPUs leave) with exit status 0.
+//! A second VM (`pause_stop`) is first reset on request (`rvmm ctl reboot`: the guest comes up
+//! a second time in the same process, `vm-rebooted`), then paused (a reset is now refused with
+//! 409) and shut down through the API while paused: rvmm must end (the parked vCPUs leave) with
+//! exit status 0.
 //!
 //! No timing is asserted: only counts before and after the pause, and that ticks continue.
 
@@ -65,7 +67,12 @@ RVMM_TIMEOUT=200
 rvmm_start_lines pause_stop {stop_args}
 ctl_events pause_stop
 if rvmm_wait_output pause_stop 'GUEST ticker ready' 120; then
+  # A reset on request reboots the guest in place; refused while paused.
+  rvmm_ctl pause_stop reboot reboot
+  rvmm_wait_more pause_stop 'GUEST ticker ready' 1 120
+  hmark boots "$(rvmm_count pause_stop 'GUEST ticker ready')"
   rvmm_ctl pause_stop pause pause
+  rvmm_ctl pause_stop reboot_paused reboot
   rvmm_ctl pause_stop shutdown shutdown
 fi
 rvmm_wait_lines pause_stop
@@ -249,7 +256,23 @@ fn a_paused_vm_can_be_shut_down() {
     );
     let kinds = vm_events(&run);
     run.check(
-        kinds == ["vm-paused", "vm-shutdown"],
+        kinds == ["vm-rebooted", "vm-paused", "vm-shutdown"],
         &format!("VM events: {kinds:?}"),
+    );
+}
+
+#[test]
+fn a_reboot_on_request_restarts_the_guest_in_place_and_is_refused_while_paused() {
+    let run = run().section("pause_stop");
+    ctl_ok(&run, "reboot");
+    let boots = run.expect_host("boots");
+    run.check(
+        boots.value == "2",
+        &format!("the guest came up {} times, not twice", boots.value),
+    );
+    let (rc, _, err) = ctl(&run, "reboot_paused");
+    run.check(
+        rc != 0 && err.contains("HTTP 409") && err.contains("while the VM is paused"),
+        &format!("reboot while paused: exit {rc}, {err}"),
     );
 }

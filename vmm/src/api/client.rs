@@ -15,7 +15,7 @@ use crate::api::error::ErrorBody;
 use crate::api::fd_passing::write_with_fds;
 use crate::api::server::{
     ADD_DEVICE_PATH, COUNTERS_PATH, EVENTS_PATH, INFO_PATH, PAUSE_PATH, POWER_BUTTON_PATH,
-    REMOVE_DEVICE_PATH, RESUME_PATH, SHUTDOWN_PATH,
+    REBOOT_PATH, REMOVE_DEVICE_PATH, RESUME_PATH, SHUTDOWN_PATH,
 };
 use crate::api::types::{DeviceInfo, Event, RemoveDeviceRequest, RemoveDeviceResponse, VmInfo};
 use crate::device::DeviceSpec;
@@ -326,6 +326,11 @@ impl ApiClient {
     /// `PUT /v1/vm/resume`.
     pub fn resume(&self) -> Result<(), ClientError> {
         self.call("PUT", RESUME_PATH, None, self.timeout).map(drop)
+    }
+
+    /// `PUT /v1/vm/reboot`: returns once the reset is requested.
+    pub fn reboot(&self) -> Result<(), ClientError> {
+        self.call("PUT", REBOOT_PATH, None, self.timeout).map(drop)
     }
 
     /// `PUT /v1/vm/power-button`: returns once the button is pressed.

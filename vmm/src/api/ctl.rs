@@ -77,6 +77,9 @@ pub enum CtlCommand {
     /// Press the VM's ACPI power button (returns once it is pressed; the guest then shuts down
     /// the way it was configured to).
     PowerButton,
+    /// Reset the VM as a guest reset does: with `--on-reboot restart` it reboots in place
+    /// (devices, VF leases and the API kept), with `exit` rvmm ends. Refused while paused.
+    Reboot,
     /// Send one request as given to any path of the socket (rvmm's /v1/... or Cloud
     /// Hypervisor's /api/v1/...) and print `HTTP <status>` and the body on one line; exits 1
     /// when the status is not 2xx.
@@ -183,6 +186,7 @@ pub fn run(args: CtlArgs) -> Result<(), ClientError> {
         CtlCommand::Resume => client.resume(),
         CtlCommand::Raw { method, path, body } => raw(&client, &method, &path, body.as_deref()),
         CtlCommand::PowerButton => client.power_button(),
+        CtlCommand::Reboot => client.reboot(),
         CtlCommand::Console => crate::api::ctl_console::run(&client),
     }
 }

@@ -86,6 +86,13 @@ pub trait ApiHandler: Send + Sync {
     /// Presses the VM's ACPI power button; returns once it is pressed. The guest then shuts
     /// down the way it was configured to (or not at all).
     fn power_button(&self) -> Result<(), ApiError>;
+    /// Resets the VM as a guest reset does (reboot in place with `--on-reboot restart`, the end
+    /// of the VM with `exit`); returns once the reset is requested. Refused while paused.
+    fn reboot(&self) -> Result<(), ApiError> {
+        Err(ApiError::Conflict(
+            "this VM cannot be reset on request".to_owned(),
+        ))
+    }
     /// A stream of every event from now on; it ends when the VM ends.
     fn subscribe(&self) -> Subscription;
     /// What the VM has done since it started (exits, interrupts, hotplug operations, memory).

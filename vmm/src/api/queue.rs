@@ -105,6 +105,8 @@ pub enum PendingRequest {
     /// `PUT /v1/vm/power-button`: answer once the button has been pressed (not when the guest
     /// is off).
     PowerButton(Responder<()>),
+    /// `PUT /v1/vm/reboot`: answer once the reset is requested.
+    Reboot(Responder<()>),
     /// [`QueuedHandler::force_power_off`]: answer once the power-off is under way.
     ForcePowerOff(ForcedPowerOff, Responder<()>),
 }
@@ -121,6 +123,7 @@ impl PendingRequest {
             PendingRequest::Pause(_) => "pause",
             PendingRequest::Resume(_) => "resume",
             PendingRequest::PowerButton(_) => "power-button",
+            PendingRequest::Reboot(_) => "reboot",
             PendingRequest::ForcePowerOff(..) => "force-power-off",
         }
     }
@@ -137,6 +140,7 @@ impl PendingRequest {
             PendingRequest::Pause(r) => r.reply(Err(err)),
             PendingRequest::Resume(r) => r.reply(Err(err)),
             PendingRequest::PowerButton(r) => r.reply(Err(err)),
+            PendingRequest::Reboot(r) => r.reply(Err(err)),
             PendingRequest::ForcePowerOff(_, r) => r.reply(Err(err)),
         }
     }
@@ -325,6 +329,10 @@ impl ApiHandler for QueuedHandler {
             self.timeouts.shutdown,
             PendingRequest::PowerButton,
         )
+    }
+
+    fn reboot(&self) -> Result<(), ApiError> {
+        self.call("reboot", self.timeouts.shutdown, PendingRequest::Reboot)
     }
 
     fn subscribe(&self) -> Subscription {

@@ -41,6 +41,8 @@ pub const PAUSE_PATH: &str = "/v1/vm/pause";
 pub const RESUME_PATH: &str = "/v1/vm/resume";
 /// `PUT`: press the ACPI power button.
 pub const POWER_BUTTON_PATH: &str = "/v1/vm/power-button";
+/// Resets the VM (`PUT`).
+pub const REBOOT_PATH: &str = "/v1/vm/reboot";
 /// `GET`: the event stream.
 pub const EVENTS_PATH: &str = "/v1/events";
 /// `GET`: exits, interrupts, hotplug operations, memory, uptime.
@@ -68,6 +70,8 @@ pub enum Endpoint {
     Shutdown,
     /// `PUT /v1/vm/power-button`.
     PowerButton,
+    /// `PUT /v1/vm/reboot`.
+    Reboot,
     /// `GET /v1/events`.
     Events,
     /// `GET /v1/vm/counters`.
@@ -79,12 +83,13 @@ pub enum Endpoint {
 }
 
 /// Every endpoint with its path and method.
-pub const ROUTES: [(&str, &str, Endpoint); 9] = [
+pub const ROUTES: [(&str, &str, Endpoint); 10] = [
     (INFO_PATH, "GET", Endpoint::Info),
     (ADD_DEVICE_PATH, "PUT", Endpoint::AddDevice),
     (REMOVE_DEVICE_PATH, "PUT", Endpoint::RemoveDevice),
     (SHUTDOWN_PATH, "PUT", Endpoint::Shutdown),
     (POWER_BUTTON_PATH, "PUT", Endpoint::PowerButton),
+    (REBOOT_PATH, "PUT", Endpoint::Reboot),
     (EVENTS_PATH, "GET", Endpoint::Events),
     (COUNTERS_PATH, "GET", Endpoint::Counters),
     (PAUSE_PATH, "PUT", Endpoint::Pause),
@@ -728,6 +733,12 @@ pub fn dispatch(
                 json_body::<PowerButtonRequest>(&request.body)?;
             }
             reply(handler.power_button().map(|()| Response::no_content()))
+        }
+        Endpoint::Reboot => {
+            if !request.body.iter().all(u8::is_ascii_whitespace) {
+                json_body::<EmptyRequest>(&request.body)?;
+            }
+            reply(handler.reboot().map(|()| Response::no_content()))
         }
         Endpoint::Events => {
             no_body(request)?;

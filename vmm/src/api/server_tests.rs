@@ -44,6 +44,7 @@ struct FakeVmm {
     paused: Mutex<bool>,
     /// How often the power button was pressed.
     presses: Mutex<u32>,
+    resets: Mutex<u32>,
 }
 
 fn bdf(s: &str) -> Bdf {
@@ -68,6 +69,7 @@ impl FakeVmm {
             client_gone: Mutex::new(None),
             paused: Mutex::new(false),
             presses: Mutex::new(0),
+            resets: Mutex::new(0),
         })
     }
 
@@ -215,6 +217,11 @@ impl ApiHandler for FakeVmm {
 
     fn power_button(&self) -> Result<(), ApiError> {
         *self.presses.lock().expect("not poisoned") += 1;
+        Ok(())
+    }
+
+    fn reboot(&self) -> Result<(), ApiError> {
+        *self.resets.lock().expect("not poisoned") += 1;
         Ok(())
     }
 
@@ -655,6 +662,16 @@ fn power_button_takes_an_empty_object_only() {
     let (bad, _) = put(&s.path, "/v1/vm/power-button", r#"{"hold_ms":5000}"#);
     assert_eq!((ok, bad), (204, 400));
     assert_eq!(*s.vmm.presses.lock().expect("not poisoned"), 1);
+}
+
+#[test]
+fn reboot_answers_204_and_resets_once() {
+    let s = start();
+    let (status, _) = put(&s.path, "/v1/vm/reboot", "");
+    let (bad, _) = put(&s.path, "/v1/vm/reboot", r#"{"hard":true}"#);
+    assert_eq!((status, bad), (204, 400));
+    s.client().reboot().expect("reset");
+    assert_eq!(*s.vmm.resets.lock().expect("not poisoned"), 2);
 }
 
 #[test]

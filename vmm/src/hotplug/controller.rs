@@ -385,6 +385,13 @@ impl Controller {
             PendingRequest::PowerButton(r) => {
                 r.reply(self.press_power_button());
             }
+            PendingRequest::Reboot(r) => {
+                let outcome = self.refuse_while_paused("reboot").map(|()| {
+                    log::info!("resetting the VM on request");
+                    self.exit.request(VmExit::Reset);
+                });
+                r.reply(outcome);
+            }
             PendingRequest::ForcePowerOff(why, r) => {
                 log::info!("powering the guest off without its shutdown: {why:?}");
                 self.exit.request(why.into());

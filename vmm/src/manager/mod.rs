@@ -460,6 +460,10 @@ impl ApiHandler for ManagerHandler {
         self.running()?.power_button()
     }
 
+    fn reboot(&self) -> Result<(), ApiError> {
+        self.running()?.reboot()
+    }
+
     fn subscribe(&self) -> Subscription {
         match self.running() {
             Ok(handle) => handle.subscribe(),

@@ -89,6 +89,10 @@ impl ApiHandler for Fake {
         self.called("power_button");
         Ok(())
     }
+    fn reboot(&self) -> Result<(), ApiError> {
+        self.called("reboot");
+        Ok(())
+    }
     fn subscribe(&self) -> Subscription {
         crate::api::EventBus::new().subscribe()
     }
@@ -267,10 +271,12 @@ fn a_body_on_a_verb_without_one_is_refused() {
 }
 
 #[test]
-fn reboot_of_a_running_vm_is_the_405_of_an_action_it_cannot_take() {
-    let r = call(&Fake::new(Some(ChVmState::Running)), "PUT", "vm.reboot", "");
+fn reboot_of_a_running_vm_is_rvmm_s_reset() {
+    let fake = Fake::new(Some(ChVmState::Running));
+    let r = call(&fake, "PUT", "vm.reboot", "");
 
-    assert_eq!(r.status, 405);
+    assert_eq!(r.status, 204);
+    assert_eq!(fake.calls(), ["reboot"]);
 }
 
 #[test]

@@ -324,9 +324,7 @@ fn answer(
         }
         ChEndpoint::Reboot => {
             booted(handler, "vm.reboot")?;
-            Err(ChError::not_allowed(
-                "vm.reboot: rvmm cannot reboot a VM on request yet; the guest's own reboot restarts it in place (--on-reboot restart), or shut it down and boot it again",
-            ))
+            done(handler.reboot().map_err(ChError::from))
         }
         ChEndpoint::AddDevice => {
             let body: Value = json_body(&request.body)?;
