@@ -189,6 +189,11 @@ impl ApiHandler for Recorder {
         Ok(())
     }
 
+    fn reboot(&self) -> Result<(), ApiError> {
+        self.record("reboot");
+        Ok(())
+    }
+
     fn subscribe(&self) -> Subscription {
         self.record("events");
         self.bus.subscribe()
@@ -222,6 +227,7 @@ fn real(request: &Request) {
         Ok(Endpoint::RemoveDevice) => "remove",
         Ok(Endpoint::Shutdown) => "shutdown",
         Ok(Endpoint::PowerButton) => "power-button",
+        Ok(Endpoint::Reboot) => "reboot",
         Ok(Endpoint::Events) => "events",
         Ok(Endpoint::Counters) => "counters",
         Ok(Endpoint::Pause) => "pause",
@@ -283,7 +289,7 @@ fn dispatch(request: &Request) {
                 decode::<EmptyRequest>(&request.body);
             }
         }
-        Endpoint::PowerButton => {
+        Endpoint::PowerButton | Endpoint::Reboot => {
             if !request.body.iter().all(u8::is_ascii_whitespace) {
                 decode::<PowerButtonRequest>(&request.body);
             }
