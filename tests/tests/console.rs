@@ -17,6 +17,9 @@
 //! line printed while nobody was attached (no gap in the numbering) and types `stop`, which ends
 //! the guest. A client that connects while another is attached is refused.
 //!
+//! A pty console (`--serial pty`, `ptycon` run, after `sockcon`): `info` names the terminal; the
+//! test host reads the guest's output from it and types a line and `stop` into it.
+//!
 //! Two kinds of input tests:
 //! - on the build machine, with its busybox (the guest's): the mechanism, deterministically (a
 //!   line whose second half arrives after a waiting reader's deadline), and the guest's console
@@ -378,8 +381,9 @@ wait "$STALL_PID"
 hmark stall_exit "rc=$?" "ms=$(($(uptime_ms) - start))"
 while IFS= read -r line; do hmark stderr "$line"; done </tmp/stall.err
 hmark end stall
-{socket}"#,
-        socket = socket_scenario()
+{socket}{pty}"#,
+        socket = socket_scenario(),
+        pty = pty_scenario()
     )
 }
 
@@ -392,7 +396,7 @@ fn stall_run() -> &'static TestHostOutput {
                 .needs_rvmm(true)
                 .scenario(&stall_scenario())
         },
-        Duration::from_secs(540),
+        Duration::from_secs(660),
     )
 }
 
@@ -643,4 +647,72 @@ fn alive_numbers_are_read_across_a_line_cut_by_a_detach() {
         alive_numbers("GUEST monitor alive 1.5 n=1GUEST monitor alive 2.5 n=2"),
         [1, 2]
     );
+}
+
+// --- a pty console ------------------------------------------------------------------------------
+
+/// The `ptycon` run's scenario lines (appended to the sockcon run's): the terminal's path from
+/// `info`, its output read with `cat` (as `console_report p`), lines typed with `echo`.
+fn pty_scenario() -> String {
+    r#"API=$(api_socket ptycon)
+RVMM_TIMEOUT=240
+rvmm_start_lines ptycon run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
+  --cmdline "$(guest_cmdline monitor rvmm.hold=200)" --memory size=256M \
+  --serial pty --api-socket "$API"
+deadline=$(($(uptime_ms) + 60000))
+until [ -S "$API" ] || [ "$(uptime_ms)" -gt "$deadline" ]; do sleep 0.1; done
+rvmm_ctl ptycon info info
+PTY=$(timeout -s KILL 30 "$RVMM" ctl --api-socket "$API" info | grep -o '/dev/pts/[0-9]*' | sed -n 1p)
+hmark pty_path "$PTY"
+rm -f /tmp/console-p.out /tmp/console-p.err
+: >/tmp/console-p.err
+if [ -c "$PTY" ]; then
+  cat "$PTY" >/tmp/console-p.out &
+  PTY_CAT=$!
+  if console_wait p 'GUEST monitor ready' 120; then
+    echo hello-pty >"$PTY"
+    hmark console_type hello-pty
+    console_wait p 'GUEST console_input hello-pty' 30
+  fi
+  echo stop >"$PTY"
+  console_wait p 'GUEST done' 60 || rvmm_ctl ptycon shutdown shutdown
+else
+  rvmm_ctl ptycon shutdown shutdown
+fi
+# Reported inside the run's section, which ends with rvmm_wait_lines.
+kill "${PTY_CAT:-}" 2>/dev/null
+console_report p
+rvmm_wait_lines ptycon
+"#
+    .to_string()
+}
+
+/// The `ptycon` section of the stall run.
+fn ptycon() -> Section<'static> {
+    stall_run().section("ptycon")
+}
+
+#[test]
+fn pty_console_is_in_info_and_carries_the_guest_both_ways() {
+    let run = ptycon();
+    let path = run.expect_host("pty_path");
+    run.check(
+        path.value.starts_with("/dev/pts/"),
+        &format!("info names no pty: '{}'", path.value),
+    );
+    let lines = console_lines(&run, "p");
+    run.check(
+        lines.iter().any(|l| l.contains("GUEST monitor ready")),
+        &format!("the guest's output did not come out of the pty: {lines:?}"),
+    );
+    run.check(
+        lines.iter().any(|l| l.contains("GUEST console_input hello-pty")),
+        &format!("the line typed into the pty did not reach the guest: {lines:?}"),
+    );
+    run.check(
+        lines.iter().any(|l| l.contains("GUEST done")),
+        &format!("stop typed into the pty did not end the guest: {lines:?}"),
+    );
+    let exit = run.rvmm_exit();
+    run.check(exit == 0, &format!("rvmm exited with {exit}, not 0"));
 }
