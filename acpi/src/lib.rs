@@ -20,7 +20,7 @@
 //! never announces fixed-feature buttons.
 //!
 //! Limitations: xAPIC only (at most 255 vCPUs), one I/O APIC, one PCI segment with one host
-//! bridge, no host-bridge I/O port window for devices, no `_PRT` (devices must use MSI/MSI-X),
+//! bridge (its I/O window and each root port's `_PRT`, one GSI for INTA..INTD, are optional),
 //! no FACS (hardware-reduced ACPI without waking vectors), S5 is the only sleep state.
 
 mod description;
@@ -34,7 +34,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 pub use description::{
-    Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow,
+    Error as DescriptionError, IoApic, IoWindow, LegacyDevices, MachineDescription, MmioWindow,
     PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort, ECAM_BYTES_PER_BUS,
     GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
 };
@@ -378,6 +378,7 @@ pub(crate) mod tests {
                 device: (devfn >> 3) as u8,
                 function: (devfn & 7) as u8,
                 slot_number: devfn,
+                intx_gsi: Some(16 + u32::from(devfn % 8)),
             })
             .collect();
         let tables = build(&desc, BASE, SIZE).unwrap();

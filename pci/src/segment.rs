@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::allocator::{align_up, AddressRange};
 use crate::bdf::Bdf;
 use crate::device::{MsiSender, PciDevice};
-use crate::header::{BusNumbers, WINDOW_GRANULARITY};
+use crate::header::{BusNumbers, IO_WINDOW_GRANULARITY, WINDOW_GRANULARITY};
 use crate::host_bridge::HostBridge;
 use crate::pcie_cap::{LinkSpeed, LinkWidth};
 use crate::root_port::slot::SlotEvents;
@@ -42,6 +42,9 @@ pub struct SegmentConfig {
     pub mmio32: AddressRange,
     /// The 64-bit MMIO window shared out among the ports.
     pub mmio64: AddressRange,
+    /// The I/O port window shared out among the ports, 4 KiB each in port order while it lasts
+    /// (size 0: no I/O windows).
+    pub io: AddressRange,
     /// Number of root ports (1..=128).
     pub root_ports: usize,
     /// Link speed of every port.
@@ -149,8 +152,23 @@ pub fn split_windows(
         .map(|i| PortWindows {
             mmio32: AddressRange::new(low.0 + i * low.1, low.1),
             mmio64: AddressRange::new(high.0 + i * high.1, high.1),
+            io: None,
         })
         .collect())
+}
+
+/// Gives the first ports a 4 KiB I/O window each from `io` (4 KiB aligned), in port order,
+/// while it lasts; the other ports get `None`.
+pub fn split_io(io: AddressRange, ports: usize) -> Vec<Option<AddressRange>> {
+    let end = io.base.saturating_add(io.size).min(0x1_0000);
+    let start = align_up(io.base, IO_WINDOW_GRANULARITY).unwrap_or(u64::MAX);
+    (0..ports as u64)
+        .map(|i| {
+            let base = start.checked_add(i.checked_mul(IO_WINDOW_GRANULARITY)?)?;
+            (base.checked_add(IO_WINDOW_GRANULARITY)? <= end)
+                .then(|| AddressRange::new(base, IO_WINDOW_GRANULARITY))
+        })
+        .collect()
 }
 
 /// (first base, size per port) of the 32-bit split.
@@ -224,7 +242,10 @@ impl PciSegment {
                 ports: n,
             });
         }
-        let windows = split_windows(config.mmio32, config.mmio64, n)?;
+        let mut windows = split_windows(config.mmio32, config.mmio64, n)?;
+        for (w, io) in windows.iter_mut().zip(split_io(config.io, n)) {
+            w.io = io;
+        }
         let mut ports = Vec::with_capacity(n);
         let mut infos = Vec::with_capacity(n);
         for (index, windows) in windows.into_iter().enumerate() {

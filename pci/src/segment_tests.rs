@@ -12,6 +12,7 @@ pub(crate) fn config(ports: usize) -> SegmentConfig {
         bus_end: 0xff,
         mmio32: AddressRange::new(0xc000_0000, 512 * MIB),
         mmio64: AddressRange::new(0x100_0000_0000, 256 * GIB),
+        io: AddressRange::new(0x1000, 0xf000),
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,
         link_width: LinkWidth::X16,
@@ -50,7 +51,8 @@ fn split_for_one_port_gives_it_everything() {
         w,
         vec![PortWindows {
             mmio32: cfg.mmio32,
-            mmio64: cfg.mmio64
+            mmio64: cfg.mmio64,
+            io: None,
         }]
     );
 }
@@ -390,4 +392,52 @@ fn device_behind_a_port_is_called_without_the_port_lock_held() {
     let _ = seg.read_config(1, 0, 0, 4);
 
     assert_eq!(*seen.lock().unwrap(), [true, true]);
+}
+
+#[test]
+fn io_windows_are_4k_each_in_port_order_while_the_space_lasts() {
+    let w = split_io(AddressRange::new(0x1000, 0xf000), 17);
+    assert_eq!(w.len(), 17);
+    for (i, io) in w.iter().enumerate().take(15) {
+        assert_eq!(
+            *io,
+            Some(AddressRange::new(0x1000 * (i as u64 + 1), 0x1000))
+        );
+    }
+    assert_eq!(w[15], None);
+    assert_eq!(w[16], None);
+    // An unaligned start is rounded up; nothing past 64 KiB.
+    let w = split_io(AddressRange::new(0xd00, 0x2300), 3);
+    assert_eq!(
+        w,
+        vec![
+            Some(AddressRange::new(0x1000, 0x1000)),
+            Some(AddressRange::new(0x2000, 0x1000)),
+            None
+        ]
+    );
+    assert_eq!(split_io(AddressRange::new(0xf000, 0x10_0000), 2)[1], None);
+    assert!(split_io(AddressRange::new(0, 0), 2)
+        .iter()
+        .all(Option::is_none));
+}
+
+#[test]
+fn ports_are_built_with_their_io_windows() {
+    let seg = segment(16);
+    assert_eq!(
+        seg.ports()[0].windows.io,
+        Some(AddressRange::new(0x1000, 0x1000))
+    );
+    assert_eq!(
+        seg.ports()[14].windows.io,
+        Some(AddressRange::new(0xf000, 0x1000))
+    );
+    assert_eq!(seg.ports()[15].windows.io, None);
+    // Port 0 decodes its window: I/O base 0x10, I/O limit 0x10 (0x1000..=0x1fff).
+    let bridge = seg.read_config(0, 1, 0, 0x1c / 4);
+    assert_eq!(bridge & 0xffff, 0x1010);
+    // Port 15 has none: closed (base above limit).
+    let bridge = seg.read_config(0, 2, 7, 0x1c / 4);
+    assert_eq!(bridge & 0xffff, 0x00f0);
 }

@@ -108,7 +108,7 @@ pub struct DeviceManager {
 struct AcpiInputs {
     cpus: u8,
     mmio64: (u64, u64),
-    root_ports: Vec<(u8, u8, u16)>,
+    root_ports: Vec<(u8, u8, u16, u32)>,
 }
 
 /// The parts of the VM the devices are built on.

@@ -92,6 +92,7 @@ impl PciRoot {
             bus_end: BUS_END,
             mmio32: AddressRange::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
             mmio64: AddressRange::new(mmio64.0, mmio64.1),
+            io: AddressRange::new(layout::PCI_IO_START, layout::PCI_IO_SIZE),
             root_ports: usize::from(root_ports),
             link_speed: LinkSpeed::Gen4,
             link_width: LinkWidth::X8,
@@ -124,11 +125,18 @@ impl PciRoot {
     }
 
     /// Root ports for ACPI: (device, function, physical slot number).
-    pub fn acpi_ports(&self) -> Vec<(u8, u8, u16)> {
+    pub fn acpi_ports(&self) -> Vec<(u8, u8, u16, u32)> {
         self.segment
             .ports()
             .iter()
-            .map(|p| (p.address.device, p.address.function, p.slot_number))
+            .map(|p| {
+                (
+                    p.address.device,
+                    p.address.function,
+                    p.slot_number,
+                    layout::port_intx_gsi(p.index),
+                )
+            })
             .collect()
     }
 }
