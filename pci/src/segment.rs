@@ -42,6 +42,9 @@ pub struct SegmentConfig {
     pub mmio32: AddressRange,
     /// The 64-bit MMIO window shared out among the ports.
     pub mmio64: AddressRange,
+    /// The 64-bit window each port gets (a power of two of at least 1 MiB, aligned to its size),
+    /// or `None` to share `mmio64` out evenly (the largest power of two that fits each port).
+    pub mmio64_per_port: Option<u64>,
     /// The I/O port window shared out among the ports, 4 KiB each in port order while it lasts
     /// (size 0: no I/O windows).
     pub io: AddressRange,
@@ -108,6 +111,24 @@ pub enum SegmentError {
         size: u64,
         /// Number of ports.
         ports: usize,
+    },
+    /// The 64-bit window per port asked for is not a power of two of at least 1 MiB.
+    #[error("a 64-bit window of {per_port:#x} bytes per root port is not a power of two of at least 1 MiB")]
+    Mmio64PerPortInvalid {
+        /// The size asked for.
+        per_port: u64,
+    },
+    /// The 64-bit window cannot hold the 64-bit window per port asked for.
+    #[error("64-bit window {base:#x}+{size:#x} cannot give {ports} root ports {per_port:#x} bytes each (size-aligned); ask for less per port or fewer ports")]
+    Mmio64PerPortTooLarge {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+        /// Number of ports.
+        ports: usize,
+        /// The size per port asked for.
+        per_port: u64,
     },
     /// A root port could not be created.
     #[error("failed to create root port {index}")]
@@ -182,6 +203,37 @@ fn split_mmio32(window: AddressRange, count: u64) -> Option<(u64, u64)> {
     (per != 0).then_some((start, per))
 }
 
+/// Gives each of `ports` ports a 64-bit window of `per_port` bytes (a power of two of at least
+/// 1 MiB), aligned to its size, from `window`.
+pub fn reserve_mmio64(
+    window: AddressRange,
+    ports: usize,
+    per_port: u64,
+) -> Result<Vec<AddressRange>> {
+    if !per_port.is_power_of_two() || per_port < WINDOW_GRANULARITY {
+        return Err(SegmentError::Mmio64PerPortInvalid { per_port });
+    }
+    let too_large = || SegmentError::Mmio64PerPortTooLarge {
+        base: window.base,
+        size: window.size,
+        ports,
+        per_port,
+    };
+    let start = align_up(window.base, per_port).ok_or_else(too_large)?;
+    let fits = u64::try_from(ports)
+        .ok()
+        .and_then(|n| n.checked_mul(per_port))
+        .and_then(|total| start.checked_add(total - 1))
+        .zip(window.last())
+        .is_some_and(|(end, last)| end <= last);
+    if !fits {
+        return Err(too_large());
+    }
+    Ok((0..ports as u64)
+        .map(|i| AddressRange::new(start + i * per_port, per_port))
+        .collect())
+}
+
 /// (first base, size per port) of the 64-bit split.
 fn split_mmio64(window: AddressRange, count: u64) -> Option<(u64, u64)> {
     let last = window.last()?;
@@ -243,6 +295,12 @@ impl PciSegment {
             });
         }
         let mut windows = split_windows(config.mmio32, config.mmio64, n)?;
+        if let Some(per_port) = config.mmio64_per_port {
+            let reserved = reserve_mmio64(config.mmio64, n, per_port)?;
+            for (w, mmio64) in windows.iter_mut().zip(reserved) {
+                w.mmio64 = mmio64;
+            }
+        }
         for (w, io) in windows.iter_mut().zip(split_io(config.io, n)) {
             w.io = io;
         }

@@ -12,6 +12,7 @@ pub(crate) fn config(ports: usize) -> SegmentConfig {
         bus_end: 0xff,
         mmio32: AddressRange::new(0xc000_0000, 512 * MIB),
         mmio64: AddressRange::new(0x100_0000_0000, 256 * GIB),
+        mmio64_per_port: None,
         io: AddressRange::new(0x1000, 0xf000),
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,
@@ -440,4 +441,60 @@ fn ports_are_built_with_their_io_windows() {
     // Port 15 has none: closed (base above limit).
     let bridge = seg.read_config(0, 2, 7, 0x1c / 4);
     assert_eq!(bridge & 0xffff, 0x00f0);
+}
+
+#[test]
+fn reserved_mmio64_windows_are_size_aligned_and_in_port_order() {
+    let window = AddressRange::new(0x1_4000_0000, 1024 * GIB);
+    let w = reserve_mmio64(window, 3, 128 * GIB).unwrap();
+    assert_eq!(
+        w,
+        vec![
+            AddressRange::new(128 * GIB, 128 * GIB),
+            AddressRange::new(256 * GIB, 128 * GIB),
+            AddressRange::new(384 * GIB, 128 * GIB),
+        ]
+    );
+}
+
+#[test]
+fn reserved_mmio64_windows_that_do_not_fit_are_refused_with_the_sizes() {
+    let window = AddressRange::new(0x1_4000_0000, 512 * GIB);
+    assert_eq!(
+        reserve_mmio64(window, 4, 128 * GIB),
+        Err(SegmentError::Mmio64PerPortTooLarge {
+            base: 0x1_4000_0000,
+            size: 512 * GIB,
+            ports: 4,
+            per_port: 128 * GIB
+        })
+    );
+    assert_eq!(
+        reserve_mmio64(window, 4, 3 * GIB),
+        Err(SegmentError::Mmio64PerPortInvalid { per_port: 3 * GIB })
+    );
+    assert_eq!(
+        reserve_mmio64(window, 4, 4096),
+        Err(SegmentError::Mmio64PerPortInvalid { per_port: 4096 })
+    );
+}
+
+#[test]
+fn segment_with_a_per_port_mmio64_size_gives_every_port_that_window() {
+    let cfg = SegmentConfig {
+        mmio64_per_port: Some(64 * GIB),
+        ..config(4)
+    };
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    for (i, port) in seg.ports().iter().enumerate() {
+        assert_eq!(
+            port.windows.mmio64,
+            AddressRange::new(0x100_0000_0000 + i as u64 * 64 * GIB, 64 * GIB)
+        );
+    }
 }

@@ -44,6 +44,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
         cpus: 1,
         memory: "size=256M".parse().map_err(|e| format!("{e}"))?,
         root_ports: DEFAULT_ROOT_PORTS,
+        root_port_mmio64: None,
         serial: SerialConfig::Stdio,
         api_socket: None,
         devices: Vec::new(),

@@ -87,6 +87,7 @@ fn config(dir: &Path, on_reboot: OnReboot) -> (VmConfig, PathBuf) {
         cpus: 2,
         memory: "size=64M".parse().expect("memory size"),
         root_ports: 2,
+        root_port_mmio64: None,
         serial: SerialConfig::File {
             path: console.clone(),
             max_size: 1 << 20,

@@ -140,6 +140,7 @@ pub fn segment(ports: usize, msi: Arc<RecordingSender>, events: Arc<CountingEven
         bus_end: 255,
         mmio32: AddressRange::new(0xc000_0000, 0x2000_0000),
         mmio64: AddressRange::new(0x100_0000_0000, 0x10_0000_0000),
+        mmio64_per_port: None,
         io: AddressRange::new(0x1000, 0xf000),
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,

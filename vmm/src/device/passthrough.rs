@@ -85,7 +85,7 @@ pub enum PassthroughError {
     #[error(transparent)]
     Device(#[from] DeviceError),
     /// A BAR does not fit the port's window.
-    #[error("BAR {bar} of host device {bdf} ({size:#x} bytes) does not fit the {window} window of root port {port} ({window_size:#x} bytes); use fewer --root-ports so each gets a larger window")]
+    #[error("BAR {bar} of host device {bdf} ({size:#x} bytes) does not fit the {window} window of root port {port} ({window_size:#x} bytes); use fewer --root-ports, or for a 64-bit BAR give each port a larger 64-bit window with --root-ports N,mmio64=SIZE (a power of two at least the BAR)")]
     BarDoesNotFit {
         /// The host device.
         bdf: Bdf,

@@ -161,7 +161,14 @@ impl DeviceManager {
         dm.add_platform_devices(vm_fd, pio, exit, config)?;
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
-        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64)?;
+        let pci = PciRoot::new(
+            vm_fd,
+            pio,
+            mmio,
+            config.root_ports,
+            mmio64,
+            config.root_port_mmio64,
+        )?;
         dm.acpi = AcpiInputs {
             cpus: config.cpus,
             mmio64,
