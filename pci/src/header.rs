@@ -80,6 +80,8 @@ pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 pub const STATUS_RW1C: u16 = 0xf900;
 /// Header Type: multi-function device.
 pub const HEADER_TYPE_MULTI_FUNCTION: u8 = 0x80;
+/// Bridge Control: Secondary Bus Reset.
+pub const BRIDGE_CONTROL_SECONDARY_BUS_RESET: u16 = 1 << 6;
 /// Bridge Control bits we implement: Parity Error Response, SERR# Enable, Master Abort Mode,
 /// Secondary Bus Reset.
 pub const BRIDGE_CONTROL_WRITABLE: u16 = 0x0063;
