@@ -425,9 +425,20 @@ impl Inner {
         if self.backend.is_none() {
             return;
         }
+        // Throttled: a guest can reset its device as often as it likes.
         match self.reset_function() {
-            Ok(()) => log::info!("{}: {why} by the guest (VFIO_DEVICE_RESET)", self.name),
-            Err(e) => log::error!("{}: {why} by the guest failed: {e}", self.name),
+            Ok(()) => log_throttled!(
+                self.throttle,
+                Level::Info,
+                "{}: {why} by the guest (VFIO_DEVICE_RESET)",
+                self.name
+            ),
+            Err(e) => log_throttled!(
+                self.throttle,
+                Level::Error,
+                "{}: {why} by the guest failed: {e}",
+                self.name
+            ),
         }
     }
 
