@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn vcpu_ioctls_are_filtered_by_request() {
         let r = rules(ThreadKind::Vcpu).unwrap();
-        assert_eq!(r.get(&libc::SYS_ioctl).map(Vec::len), Some(6));
+        assert_eq!(r.get(&libc::SYS_ioctl).map(Vec::len), Some(7));
     }
 
     #[test]
