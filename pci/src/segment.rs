@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::allocator::{align_up, AddressRange};
+use crate::allocator::{align_up, AddressAllocator, AddressRange};
 use crate::bdf::Bdf;
 use crate::device::{MsiSender, PciDevice};
 use crate::header::{BusNumbers, IO_WINDOW_GRANULARITY, WINDOW_GRANULARITY};
@@ -30,7 +30,7 @@ const FUNCTIONS_PER_DEVICE: usize = 8;
 pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 
 /// Plain description of a segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentConfig {
     /// Guest-physical base of the ECAM window (recorded for ACPI's MCFG).
     pub ecam_base: u64,
@@ -45,6 +45,10 @@ pub struct SegmentConfig {
     /// The 64-bit window each port gets (a power of two of at least 1 MiB, aligned to its size),
     /// or `None` to share `mmio64` out evenly (the largest power of two that fits each port).
     pub mmio64_per_port: Option<u64>,
+    /// Without `mmio64_per_port`: the least 64-bit window port `i` must get (the 64-bit BARs of
+    /// the device cold-plugged there); ports with a minimum above the even share get windows
+    /// sized to it and the other ports share the rest. Missing entries and zero: no minimum.
+    pub mmio64_minimums: Vec<u64>,
     /// The I/O port window shared out among the ports, 4 KiB each in port order while it lasts
     /// (size 0: no I/O windows).
     pub io: AddressRange,
@@ -129,6 +133,18 @@ pub enum SegmentError {
         ports: usize,
         /// The size per port asked for.
         per_port: u64,
+    },
+    /// The 64-bit window cannot hold the minimum windows and a window for every other port.
+    #[error("64-bit window {base:#x}+{size:#x} cannot give the cold-plugged devices' 64-bit BARs their windows (the largest {largest:#x} bytes) and each of the other of the {ports} root ports 1 MiB; use fewer --root-ports")]
+    Mmio64MinimumsTooLarge {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+        /// Number of ports.
+        ports: usize,
+        /// The largest minimum window (a power of two).
+        largest: u64,
     },
     /// A root port could not be created.
     #[error("failed to create root port {index}")]
@@ -234,6 +250,68 @@ pub fn reserve_mmio64(
         .collect())
 }
 
+/// Splits the 64-bit window so that port `i` gets at least `minimums[i]` (rounded up to a power
+/// of two of at least 1 MiB) and every port the largest common power-of-two share that still
+/// lets all windows fit, each aligned to its size (not necessarily in port order).
+pub fn split_mmio64_with_minimums(
+    window: AddressRange,
+    ports: usize,
+    minimums: &[u64],
+) -> Result<Vec<AddressRange>> {
+    let count = u64::try_from(ports).unwrap_or(u64::MAX).max(1);
+    let mut needs = Vec::with_capacity(ports);
+    let mut largest = WINDOW_GRANULARITY;
+    for i in 0..ports {
+        let need = minimums
+            .get(i)
+            .copied()
+            .unwrap_or(0)
+            .max(WINDOW_GRANULARITY)
+            .checked_next_power_of_two()
+            .unwrap_or(u64::MAX);
+        largest = largest.max(need);
+        needs.push(need);
+    }
+    let too_large = SegmentError::Mmio64MinimumsTooLarge {
+        base: window.base,
+        size: window.size,
+        ports,
+        largest,
+    };
+    if !largest.is_power_of_two() {
+        return Err(too_large);
+    }
+    let even = window.size / count;
+    let mut share = if even >= WINDOW_GRANULARITY {
+        1u64 << (63 - even.leading_zeros())
+    } else {
+        WINDOW_GRANULARITY
+    };
+    while share >= WINDOW_GRANULARITY {
+        let sizes: Vec<u64> = needs.iter().map(|&n| n.max(share)).collect();
+        if let Some(windows) = place_windows(window, &sizes) {
+            return Ok(windows);
+        }
+        share /= 2;
+    }
+    Err(too_large)
+}
+
+/// Places windows of `sizes` (powers of two) in `window`, each aligned to its size, largest
+/// first; `None` when they do not all fit.
+fn place_windows(window: AddressRange, sizes: &[u64]) -> Option<Vec<AddressRange>> {
+    let mut alloc = AddressAllocator::new(window).ok()?;
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes.get(i).copied().unwrap_or(0)));
+    let mut out = vec![AddressRange::new(0, 0); sizes.len()];
+    for i in order {
+        let size = *sizes.get(i)?;
+        let base = alloc.allocate(size, size).ok()?;
+        *out.get_mut(i)? = AddressRange::new(base, size);
+    }
+    Some(out)
+}
+
 /// (first base, size per port) of the 64-bit split.
 fn split_mmio64(window: AddressRange, count: u64) -> Option<(u64, u64)> {
     let last = window.last()?;
@@ -298,6 +376,14 @@ impl PciSegment {
         if let Some(per_port) = config.mmio64_per_port {
             let reserved = reserve_mmio64(config.mmio64, n, per_port)?;
             for (w, mmio64) in windows.iter_mut().zip(reserved) {
+                w.mmio64 = mmio64;
+            }
+        } else if windows
+            .first()
+            .is_some_and(|w| config.mmio64_minimums.iter().any(|&m| m > w.mmio64.size))
+        {
+            let sized = split_mmio64_with_minimums(config.mmio64, n, &config.mmio64_minimums)?;
+            for (w, mmio64) in windows.iter_mut().zip(sized) {
                 w.mmio64 = mmio64;
             }
         }

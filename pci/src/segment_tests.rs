@@ -13,6 +13,7 @@ pub(crate) fn config(ports: usize) -> SegmentConfig {
         mmio32: AddressRange::new(0xc000_0000, 512 * MIB),
         mmio64: AddressRange::new(0x100_0000_0000, 256 * GIB),
         mmio64_per_port: None,
+        mmio64_minimums: Vec::new(),
         io: AddressRange::new(0x1000, 0xf000),
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,
@@ -497,4 +498,65 @@ fn segment_with_a_per_port_mmio64_size_gives_every_port_that_window() {
             AddressRange::new(0x100_0000_0000 + i as u64 * 64 * GIB, 64 * GIB)
         );
     }
+}
+
+#[test]
+fn a_cold_plugged_large_bar_gets_a_window_of_its_size_and_the_others_share_the_rest() {
+    // 508 GiB from 4 GiB (a 39-bit host): the even share of 8 ports is 32 GiB.
+    let window = AddressRange::new(4 * GIB, 508 * GIB);
+    let w = split_mmio64_with_minimums(window, 8, &[128 * GIB, 0, 3 * GIB]).unwrap();
+    assert_eq!(w[0].size, 128 * GIB);
+    assert_eq!(w[2].size, 32 * GIB);
+    for (i, a) in w.iter().enumerate() {
+        assert_eq!(a.base % a.size, 0, "port {i} aligned");
+        assert!(window.contains_range(a), "port {i} inside");
+        assert!(a.size >= 32 * GIB, "port {i} keeps the even share");
+        for b in &w[i + 1..] {
+            assert!(
+                a.last().unwrap() < b.base || b.last().unwrap() < a.base,
+                "disjoint"
+            );
+        }
+    }
+}
+
+#[test]
+fn minimums_that_cannot_fit_are_refused_with_the_largest() {
+    let window = AddressRange::new(4 * GIB, 508 * GIB);
+    assert_eq!(
+        split_mmio64_with_minimums(window, 8, &[512 * GIB]),
+        Err(SegmentError::Mmio64MinimumsTooLarge {
+            base: 4 * GIB,
+            size: 508 * GIB,
+            ports: 8,
+            largest: 512 * GIB
+        })
+    );
+}
+
+#[test]
+fn segment_sizes_ports_for_their_minimums_only_above_the_even_share() {
+    let cfg = SegmentConfig {
+        mmio64_minimums: vec![MIB],
+        ..config(8)
+    };
+    let even = segment(8).ports()[0].windows.mmio64;
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.ports()[0].windows.mmio64, even);
+    let cfg = SegmentConfig {
+        mmio64_minimums: vec![0, 128 * GIB],
+        ..config(8)
+    };
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.ports()[1].windows.mmio64.size, 128 * GIB);
 }

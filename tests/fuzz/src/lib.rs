@@ -141,6 +141,7 @@ pub fn segment(ports: usize, msi: Arc<RecordingSender>, events: Arc<CountingEven
         mmio32: AddressRange::new(0xc000_0000, 0x2000_0000),
         mmio64: AddressRange::new(0x100_0000_0000, 0x10_0000_0000),
         mmio64_per_port: None,
+        mmio64_minimums: Vec::new(),
         io: AddressRange::new(0x1000, 0xf000),
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,

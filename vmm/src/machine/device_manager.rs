@@ -161,13 +161,22 @@ impl DeviceManager {
         dm.add_platform_devices(vm_fd, pio, exit, config)?;
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
+        // Ports of boot devices get 64-bit windows that hold their BARs (unless every port's
+        // size was given).
+        let mmio64_minimums = match config.root_port_mmio64 {
+            None => crate::device::bar_windows::mmio64_minimums(
+                &config.devices,
+                std::path::Path::new(rvmm_pci::SYSFS_PCI_DEVICES),
+            ),
+            Some(_) => Vec::new(),
+        };
         let pci = PciRoot::new(
             vm_fd,
             pio,
             mmio,
             config.root_ports,
-            mmio64,
-            config.root_port_mmio64,
+            (mmio64, config.root_port_mmio64),
+            mmio64_minimums,
         )?;
         dm.acpi = AcpiInputs {
             cpus: config.cpus,

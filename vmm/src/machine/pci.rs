@@ -83,8 +83,8 @@ impl PciRoot {
         pio: &Bus,
         mmio: &Bus,
         root_ports: u8,
-        mmio64: (u64, u64),
-        mmio64_per_port: Option<u64>,
+        (mmio64, mmio64_per_port): ((u64, u64), Option<u64>),
+        mmio64_minimums: Vec<u64>,
     ) -> Result<Self, PciError> {
         let notifier = Arc::new(SlotNotifier::new().map_err(PciError::Notifier)?);
         let config = SegmentConfig {
@@ -94,6 +94,7 @@ impl PciRoot {
             mmio32: AddressRange::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
             mmio64: AddressRange::new(mmio64.0, mmio64.1),
             mmio64_per_port,
+            mmio64_minimums,
             io: AddressRange::new(layout::PCI_IO_START, layout::PCI_IO_SIZE),
             root_ports: usize::from(root_ports),
             link_speed: LinkSpeed::Gen4,
