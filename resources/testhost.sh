@@ -14,6 +14,8 @@
 #   --nvme-size SIZE   size of each drive (default 64M)
 #   --igb | --no-igb   an igb NIC (SR-IOV PF, 7 VFs) on its own root port (default: yes)
 #   --spare-ports N    additional empty root ports (default 0)
+#   --e1000            two e1000 NICs (8086:100e: INTx only, an I/O BAR), each on its own root
+#                      port, joined by a QEMU hub: pass one through, drive the other on the host
 #   --timeout SECS     hard limit: QEMU is killed after it (default 600; exit status 124)
 #   --workdir DIR      scratch dir for drive images and the combined initrd
 #                      (default build/run/testhost)
@@ -37,6 +39,7 @@ nvme=1
 nvme_size=64M
 igb=1
 spare_ports=0
+e1000=0
 timeout_s=600
 workdir="$BUILD_DIR/run/testhost"
 initramfs="$IMAGES_DIR/host-initramfs.cpio"
@@ -56,6 +59,7 @@ while [ $# -gt 0 ]; do
     --igb) igb=1; shift ;;
     --no-igb) igb=0; shift ;;
     --spare-ports) spare_ports="$2"; shift 2 ;;
+    --e1000) e1000=1; shift ;;
     --timeout) timeout_s="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
     --initramfs) initramfs="$2"; shift 2 ;;
@@ -115,6 +119,13 @@ if [ "$igb" = 1 ]; then
   add_port
   # shellcheck disable=SC2054
   args+=(-device "igb,bus=rp$port,netdev=n0,romfile=" -netdev user,id=n0,restrict=on)
+fi
+if [ "$e1000" = 1 ]; then
+  for i in 1 2; do
+    add_port
+    # shellcheck disable=SC2054
+    args+=(-device "e1000,bus=rp$port,netdev=e1000h$i,romfile=" -netdev "hubport,id=e1000h$i,hubid=7")
+  done
 fi
 for ((i = 0; i < spare_ports; i++)); do add_port; done
 if [ "$numa" = 1 ]; then

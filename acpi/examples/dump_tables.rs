@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use rvmm_acpi::{
-    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
+    IoApic, IoWindow, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
     PowerManagement, RootPort, SerialPort,
 };
 
@@ -33,11 +33,16 @@ fn machine(cpus: u8) -> MachineDescription {
                 base: 0x100_0000_0000,
                 size: 0x100_0000_0000,
             },
+            io: Some(IoWindow {
+                base: 0x1000,
+                size: 0xf000,
+            }),
             root_ports: (1..=4)
                 .map(|device| RootPort {
                     device,
                     function: 0,
                     slot_number: u16::from(device),
+                    intx_gsi: Some(15 + u32::from(device)),
                 })
                 .collect(),
         },

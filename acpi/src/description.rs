@@ -23,6 +23,12 @@ pub const SERIAL_PORT_LEN: u16 = 8;
 const MAX_ISA_IRQ: u8 = 15;
 /// End (exclusive) of the 32-bit address space.
 const FOUR_GIB: u64 = 1 << 32;
+/// Inputs of the IOAPIC.
+const IOAPIC_INPUTS: u32 = 24;
+/// First I/O port of PCI configuration mechanism #1.
+pub(crate) const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// I/O ports of PCI configuration mechanism #1.
+pub(crate) const PCI_CONFIG_PORTS: u16 = 8;
 
 /// Errors found while validating a [`MachineDescription`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +138,30 @@ pub enum Error {
     PowerButtonIrq {
         /// The IRQ.
         irq: u8,
+    },
+    /// A root port's INTx GSI is not an IOAPIC input above the ISA IRQs.
+    #[error("root port {device:#x}.{function}: INTx GSI {gsi} is not an IOAPIC input in {first}..={last}")]
+    IntxGsi {
+        /// Device number.
+        device: u8,
+        /// Function number.
+        function: u8,
+        /// The GSI.
+        gsi: u32,
+        /// First GSI allowed.
+        first: u32,
+        /// Last GSI allowed.
+        last: u32,
+    },
+    /// The I/O window is empty, runs past port 0xffff or overlaps a platform device's ports.
+    #[error("PCI I/O window {base:#x}+{size:#x} is empty, runs past port 0xffff or overlaps the {what} ports")]
+    IoWindow {
+        /// First port.
+        base: u16,
+        /// Number of ports.
+        size: u32,
+        /// What it overlaps ("no" when it is empty or too long).
+        what: &'static str,
     },
     /// The power button's IRQ is the serial port's too.
     #[error("power button IRQ {irq} is the serial port's IRQ: give the power button its own")]
@@ -342,6 +372,8 @@ pub struct PciHostBridge {
     pub mmio32: MmioWindow,
     /// Window for 64-bit prefetchable memory BARs.
     pub mmio64: MmioWindow,
+    /// Window of I/O ports for I/O BARs, or `None` for no I/O window.
+    pub io: Option<IoWindow>,
     /// Root ports on the root bus.
     pub root_ports: Vec<RootPort>,
 }
@@ -363,6 +395,30 @@ impl PciHostBridge {
     }
 }
 
+/// A window of the 16-bit I/O port space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoWindow {
+    /// First port.
+    pub base: u16,
+    /// Number of ports; the window must end at or below port 0xffff.
+    pub size: u32,
+}
+
+impl IoWindow {
+    /// The last port, or `None` when the window is empty or runs past port 0xffff.
+    pub fn last(&self) -> Option<u16> {
+        let last = u32::from(self.base).checked_add(self.size.checked_sub(1)?)?;
+        u16::try_from(last).ok()
+    }
+
+    fn overlaps(&self, first: u16, count: u16) -> bool {
+        let Some(last) = self.last() else {
+            return false;
+        };
+        count != 0 && first <= last && u32::from(self.base) < u32::from(first) + u32::from(count)
+    }
+}
+
 /// A PCIe root port with a hot-plug slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RootPort {
@@ -373,6 +429,10 @@ pub struct RootPort {
     /// Physical slot number; must equal the Physical Slot Number the port reports in
     /// its Slot Capabilities register, and be unique.
     pub slot_number: u16,
+    /// The IOAPIC GSI that INTA..INTD of the device behind the port are routed to (the port's
+    /// `_PRT`, level-triggered, active-low), or `None` for no `_PRT` (MSI/MSI-X only). Must be
+    /// an IOAPIC input above the ISA IRQs (16..=23 with one IOAPIC at GSI 0).
+    pub intx_gsi: Option<u32>,
 }
 
 /// Hardware-reduced ACPI power management registers, all 8-bit I/O ports.
@@ -454,7 +514,72 @@ impl MachineDescription {
         if let Some(numa) = &self.numa {
             numa.validate(self.cpus, self.pci.root_ports.len())?;
         }
+        self.validate_intx()?;
+        self.validate_io_window()
+    }
+
+    /// Every `_PRT` GSI is an IOAPIC input above the ISA IRQs.
+    fn validate_intx(&self) -> Result<()> {
+        let first = self.ioapic.gsi_base.max(u32::from(MAX_ISA_IRQ) + 1);
+        let last = self.ioapic.gsi_base + (IOAPIC_INPUTS - 1);
+        for port in &self.pci.root_ports {
+            match port.intx_gsi {
+                Some(gsi) if !(first..=last).contains(&gsi) => {
+                    return Err(Error::IntxGsi {
+                        device: port.device,
+                        function: port.function,
+                        gsi,
+                        first,
+                        last,
+                    })
+                }
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// The I/O window is not empty, ends at port 0xffff at most and leaves the platform's ports
+    /// alone.
+    fn validate_io_window(&self) -> Result<()> {
+        let Some(io) = self.pci.io else {
+            return Ok(());
+        };
+        let refuse = |what| {
+            Err(Error::IoWindow {
+                base: io.base,
+                size: io.size,
+                what,
+            })
+        };
+        if io.last().is_none() {
+            return refuse("no");
+        }
+        let mut platform = vec![
+            ("PCI configuration", PCI_CONFIG_PORT, PCI_CONFIG_PORTS),
+            ("sleep control", self.pm.sleep_control_port, 1),
+            ("sleep status", self.pm.sleep_status_port, 1),
+            ("reset", self.pm.reset_port, 1),
+        ];
+        if let Some(serial) = &self.serial {
+            platform.push(("serial", serial.port, SERIAL_PORT_LEN));
+        }
+        if let Some(button) = &self.power_button {
+            platform.push(("GED event", button.event_port, 1));
+        }
+        if self.legacy.cmos_rtc {
+            platform.push(("CMOS", 0x70, 2));
+        }
+        if self.legacy.i8042 {
+            platform.push(("i8042", 0x60, 5));
+        }
+        match platform
+            .into_iter()
+            .find(|&(_, first, count)| io.overlaps(first, count))
+        {
+            Some((what, _, _)) => refuse(what),
+            None => Ok(()),
+        }
     }
 }
 
@@ -578,16 +703,22 @@ pub(crate) mod tests {
                     base: 0x100_0000_0000,
                     size: 0x100_0000_0000,
                 },
+                io: Some(IoWindow {
+                    base: 0x1000,
+                    size: 0xf000,
+                }),
                 root_ports: vec![
                     RootPort {
                         device: 1,
                         function: 0,
                         slot_number: 1,
+                        intx_gsi: Some(16),
                     },
                     RootPort {
                         device: 2,
                         function: 0,
                         slot_number: 2,
+                        intx_gsi: None,
                     },
                 ],
             },
@@ -663,6 +794,53 @@ pub(crate) mod tests {
     #[test]
     fn example_description_is_valid() {
         assert_eq!(example().validate(), Ok(()));
+    }
+
+    #[test]
+    fn intx_gsi_must_be_an_ioapic_input_above_the_isa_irqs() {
+        for gsi in [5, 15, 24] {
+            let mut desc = example();
+            desc.pci.root_ports[1].intx_gsi = Some(gsi);
+            assert_eq!(
+                desc.validate(),
+                Err(Error::IntxGsi {
+                    device: 2,
+                    function: 0,
+                    gsi,
+                    first: 16,
+                    last: 23
+                })
+            );
+        }
+        let mut desc = example();
+        desc.pci.root_ports[1].intx_gsi = Some(23);
+        assert_eq!(desc.validate(), Ok(()));
+    }
+
+    #[test]
+    fn io_window_must_not_cover_platform_ports_or_run_past_0xffff() {
+        for (base, size, what) in [
+            (0x0, 0x1000, "PCI configuration"),
+            (0x3f8, 1, "serial"),
+            (0x600, 4, "sleep control"),
+            (0x603, 1, "GED event"),
+            (0x1000, 0x1_0000, "no"),
+            (0x1000, 0, "no"),
+        ] {
+            let mut desc = example();
+            desc.pci.io = Some(IoWindow { base, size });
+            assert_eq!(
+                desc.validate(),
+                Err(Error::IoWindow { base, size, what }),
+                "{base:#x}+{size:#x}"
+            );
+        }
+        let mut desc = example();
+        desc.pci.io = Some(IoWindow {
+            base: 0xd00,
+            size: 0xf300,
+        });
+        assert_eq!(desc.validate(), Ok(()));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR, and _PXM (its
 //!                  proximity domain) when the machine has a NUMA topology (no _SUN: the slot is
 //!                  the port's downstream one, named by pciehp from Slot Capabilities; a _SUN here
-//!                  would make Linux's pci_slot claim the name for the port itself)
+//!                  would make Linux's pci_slot claim the name for the port itself) and, when the
+//!                  port has an INTx GSI, a _PRT routing INTA..INTD of device 0 behind it to it
 //! \_SB.PXnn        with root ports split over NUMA nodes: one host bridge per node
 //!                  (PCI0 for the first), each with its bus range, its ports' windows and _PXM
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
@@ -101,20 +102,37 @@ pub(crate) fn root_port_name(port: &RootPort) -> String {
     format!("RP{devfn:02X}")
 }
 
-/// A root port under the host bridge, in proximity domain `pxm` if the machine has NUMA.
+/// `_PRT` address field: device 0, any function.
+const PRT_DEVICE_0: u32 = 0xffff;
+
+/// A root port under the host bridge, in proximity domain `pxm` if the machine has NUMA, with
+/// its `_PRT` when it has an INTx GSI.
 fn root_port(port: &RootPort, pxm: Option<u32>) -> RawAml {
     let address = (u32::from(port.device) << 16) | u32::from(port.function);
     let adr = Name::new("_ADR".into(), &address);
-    match pxm {
-        Some(domain) => {
-            let pxm = Name::new("_PXM".into(), &domain);
-            serialise(&Device::new(
-                Path::new(&root_port_name(port)),
-                vec![&adr, &pxm],
-            ))
-        }
-        None => serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr])),
+    let pxm = pxm.map(|domain| Name::new("_PXM".into(), &domain));
+    // Package { address, pin (0 = INTA), source (0: a GSI, level-triggered, active-low), GSI }.
+    let pins: [u8; 4] = [0, 1, 2, 3];
+    let gsi = port.intx_gsi.unwrap_or_default();
+    let entries: Vec<Package> = match port.intx_gsi {
+        Some(_) => pins
+            .iter()
+            .map(|pin| Package::new(vec![&PRT_DEVICE_0, pin, &ZERO, &gsi]))
+            .collect(),
+        None => Vec::new(),
+    };
+    let entries: Vec<&dyn Aml> = entries.iter().map(|e| e as &dyn Aml).collect();
+    let prt = port
+        .intx_gsi
+        .map(|_| Name::new("_PRT".into(), &Package::new(entries)));
+    let mut children: Vec<&dyn Aml> = vec![&adr];
+    if let Some(pxm) = &pxm {
+        children.push(pxm);
     }
+    if let Some(prt) = &prt {
+        children.push(prt);
+    }
+    serialise(&Device::new(Path::new(&root_port_name(port)), children))
 }
 
 /// `\_SB.PCI0`, the PCIe host bridge with its root ports.
@@ -151,10 +169,16 @@ fn pci_host_bridge(pci: &PciHostBridge, numa: Option<&Numa>) -> RawAml {
         mmio64_last,
         None,
     );
-    let crs = Name::new(
-        "_CRS".into(),
-        &ResourceTemplate::new(vec![&buses, &config_ports, &mmio32, &mmio64]),
-    );
+    // The description was validated: the I/O window is non-empty and ends at 0xffff at most.
+    let io = pci
+        .io
+        .and_then(|w| Some(AddressSpace::new_io(w.base, w.last()?, None)));
+    let mut resources: Vec<&dyn Aml> = vec![&buses, &config_ports];
+    if let Some(io) = &io {
+        resources.push(io);
+    }
+    resources.extend([&mmio32 as &dyn Aml, &mmio64]);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
 
     let osc = osc_method();
     let ports: Vec<RawAml> = pci
@@ -618,11 +642,50 @@ mod tests {
     }
 
     #[test]
+    fn only_a_root_port_with_an_intx_gsi_has_a_prt() {
+        let dsdt = build(&example());
+        let prts = dsdt.windows(4).filter(|w| *w == b"_PRT").count();
+        assert_eq!(prts, 1);
+        let mut desc = example();
+        desc.pci.root_ports[0].intx_gsi = None;
+        assert!(!contains(&build(&desc), b"_PRT"));
+    }
+
+    #[test]
+    fn prt_routes_the_four_pins_of_device_0_to_the_gsi() {
+        let mut desc = example();
+        desc.pci.root_ports[0].intx_gsi = Some(0x17);
+        let dsdt = build(&desc);
+        // Name(_PRT, Package(4) { Package(4) { 0xFFFF, pin, Zero, 0x17 } x4 }).
+        // Each entry: PackageOp, length, 4 elements, WordConst 0xFFFF, the pin (Zero, One,
+        // BytePrefix 2, BytePrefix 3), Zero, BytePrefix 0x17.
+        let pins: [&[u8]; 4] = [&[0x00], &[0x01], &[0x0a, 2], &[0x0a, 3]];
+        for pin in pins {
+            let body = [&[0x04, 0x0b, 0xff, 0xff][..], pin, &[0x00, 0x0a, 0x17]].concat();
+            let entry = [&[0x12, body.len() as u8 + 1][..], &body].concat();
+            assert!(contains(&dsdt, &entry), "entry for pin {pin:?}");
+        }
+    }
+
+    #[test]
+    fn host_bridge_crs_has_the_io_window() {
+        // WordIO, fixed minimum and maximum, entire range: 0x1000..=0xFFFF.
+        let io = [
+            0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03, 0, 0, 0x00, 0x10, 0xff, 0xff, 0, 0, 0x00, 0xf0,
+        ];
+        assert!(contains(&build(&example()), &io));
+        let mut desc = example();
+        desc.pci.io = None;
+        assert!(!contains(&build(&desc), &io[..6]));
+    }
+
+    #[test]
     fn root_port_name_is_devfn_in_hex() {
         let port = RootPort {
             device: 3,
             function: 2,
             slot_number: 0,
+            intx_gsi: None,
         };
         assert_eq!(root_port_name(&port), "RP1A");
     }

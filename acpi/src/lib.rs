@@ -23,7 +23,7 @@
 //! never announces fixed-feature buttons.
 //!
 //! Limitations: xAPIC only (at most 255 vCPUs), one I/O APIC, one PCI segment with one host
-//! bridge, no host-bridge I/O port window for devices, no `_PRT` (devices must use MSI/MSI-X),
+//! bridge (its I/O window and each root port's `_PRT`, one GSI for INTA..INTD, are optional),
 //! no FACS (hardware-reduced ACPI without waking vectors), S5 is the only sleep state.
 
 mod description;
@@ -38,8 +38,8 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 pub use description::{
-    Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow, Numa,
-    NumaBridge, NumaNode, PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort,
+    Error as DescriptionError, IoApic, IoWindow, LegacyDevices, MachineDescription, MmioWindow,
+    Numa, NumaBridge, NumaNode, PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort,
     ECAM_BYTES_PER_BUS, GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
 };
 
@@ -429,6 +429,7 @@ pub(crate) mod tests {
                 device: (devfn >> 3) as u8,
                 function: (devfn & 7) as u8,
                 slot_number: devfn,
+                intx_gsi: Some(16 + u32::from(devfn % 8)),
             })
             .collect();
         let tables = build(&desc, BASE, SIZE).unwrap();

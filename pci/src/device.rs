@@ -11,6 +11,9 @@ pub trait PciDevice: Send {
     fn read_config_register(&mut self, reg: usize) -> u32;
     /// Writes `data` at byte `offset` of config register `reg`.
     fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]);
+    /// A reset of the bus the function is on (the bridge above set Secondary Bus Reset). By
+    /// default nothing happens.
+    fn reset(&mut self) {}
 }
 
 /// An MSI message as programmed by the guest.

@@ -39,6 +39,13 @@ pub const SECONDARY_BUS: usize = 0x19;
 pub const SUBORDINATE_BUS: usize = 0x1a;
 /// I/O Base (type 1).
 pub const IO_BASE: usize = 0x1c;
+/// I/O Limit (type 1).
+pub const IO_LIMIT: usize = 0x1d;
+/// I/O window granularity and alignment.
+pub const IO_WINDOW_GRANULARITY: u64 = 0x1000;
+/// Writable bits of the 8-bit I/O base/limit registers (address bits 15:12; bits 3:0 = 0 say
+/// 16-bit decode, the upper 16 bits registers stay zero).
+const IO_WINDOW_ADDR_MASK: u8 = 0xf0;
 /// Secondary Status (type 1).
 pub const SECONDARY_STATUS: usize = 0x1e;
 /// Memory Base (type 1).
@@ -73,6 +80,8 @@ pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 pub const STATUS_RW1C: u16 = 0xf900;
 /// Header Type: multi-function device.
 pub const HEADER_TYPE_MULTI_FUNCTION: u8 = 0x80;
+/// Bridge Control: Secondary Bus Reset.
+pub const BRIDGE_CONTROL_SECONDARY_BUS_RESET: u16 = 1 << 6;
 /// Bridge Control bits we implement: Parity Error Response, SERR# Enable, Master Abort Mode,
 /// Secondary Bus Reset.
 pub const BRIDGE_CONTROL_WRITABLE: u16 = 0x0063;
@@ -139,16 +148,23 @@ pub fn type0(
     cfg
 }
 
-/// Builds a type 1 (bridge) header with writable bus numbers, a 32-bit memory window and a
-/// 64-bit prefetchable window, and no I/O window (I/O base/limit read as zero). Command bits
-/// memory, bus master, parity, SERR# and interrupt disable are writable; windows start closed
-/// (base above limit).
+/// Builds a type 1 (bridge) header with writable bus numbers, a 16-bit I/O window, a 32-bit
+/// memory window and a 64-bit prefetchable window. Command bits I/O, memory, bus master,
+/// parity, SERR# and interrupt disable are writable; windows start closed (base above limit).
 pub fn type1(ids: &PciIds, multi_function: bool) -> ConfigSpace {
     let mut cfg = common_header(ids, 1, multi_function);
     cfg.set_writable_u16(
         COMMAND,
-        COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_PARITY | COMMAND_SERR | COMMAND_INTX_DISABLE,
+        COMMAND_IO
+            | COMMAND_MEMORY
+            | COMMAND_BUS_MASTER
+            | COMMAND_PARITY
+            | COMMAND_SERR
+            | COMMAND_INTX_DISABLE,
     );
+    cfg.set_writable_u8(IO_BASE, IO_WINDOW_ADDR_MASK);
+    cfg.set_writable_u8(IO_LIMIT, IO_WINDOW_ADDR_MASK);
+    set_io_window(&mut cfg, None);
     // Primary, secondary and subordinate bus; the secondary latency timer is zero on PCIe.
     for reg in [PRIMARY_BUS, SECONDARY_BUS, SUBORDINATE_BUS] {
         cfg.set_writable_u8(reg, 0xff);
@@ -223,6 +239,34 @@ pub fn set_memory_window(cfg: &mut ConfigSpace, range: Option<AddressRange>) {
     cfg.set_u16(MEMORY_LIMIT, limit & WINDOW_ADDR_MASK);
 }
 
+/// Whether `range` can be an I/O window: non-empty, 4 KiB aligned and sized, below 64 KiB.
+pub fn is_valid_io_window(range: &AddressRange) -> bool {
+    range.size != 0
+        && range.base & (IO_WINDOW_GRANULARITY - 1) == 0
+        && range.size & (IO_WINDOW_GRANULARITY - 1) == 0
+        && range.last().is_some_and(|last| last <= 0xffff)
+}
+
+/// Programs the 16-bit I/O window; `None` (or a range that is not a valid I/O window) closes it.
+pub fn set_io_window(cfg: &mut ConfigSpace, range: Option<AddressRange>) {
+    let window = range
+        .filter(is_valid_io_window)
+        .and_then(|r| Some((r.base, r.last()?)));
+    let (base, limit) = match window {
+        Some((base, last)) => ((base >> 8) as u8, (last >> 8) as u8),
+        None => (IO_WINDOW_ADDR_MASK, 0),
+    };
+    cfg.set_u8(IO_BASE, base & IO_WINDOW_ADDR_MASK);
+    cfg.set_u8(IO_LIMIT, limit & IO_WINDOW_ADDR_MASK);
+}
+
+/// The I/O window as currently programmed; `None` when closed (base above limit).
+pub fn io_window(cfg: &ConfigSpace) -> Option<AddressRange> {
+    let base = u64::from(cfg.read_u8(IO_BASE) & IO_WINDOW_ADDR_MASK) << 8;
+    let last = (u64::from(cfg.read_u8(IO_LIMIT) & IO_WINDOW_ADDR_MASK) << 8) | 0xfff;
+    (base <= last).then(|| AddressRange::new(base, last - base + 1))
+}
+
 /// The 32-bit memory window as currently programmed; `None` when closed (base above limit).
 pub fn memory_window(cfg: &ConfigSpace) -> Option<AddressRange> {
     let base = u64::from(cfg.read_u16(MEMORY_BASE) & WINDOW_ADDR_MASK) << 16;
@@ -290,12 +334,13 @@ mod tests {
     }
 
     #[test]
-    fn bridge_command_register_has_no_io_enable() {
+    fn bridge_command_register_has_io_enable() {
         let mut cfg = type1(&IDS, false);
         write(&mut cfg, COMMAND, &[0xff, 0xff]);
         assert_eq!(
             cfg.read_u16(COMMAND),
-            COMMAND_MEMORY
+            COMMAND_IO
+                | COMMAND_MEMORY
                 | COMMAND_BUS_MASTER
                 | COMMAND_PARITY
                 | COMMAND_SERR
@@ -319,12 +364,26 @@ mod tests {
     }
 
     #[test]
-    fn io_window_reads_zero_after_writes() {
+    fn io_window_is_16_bit_and_starts_closed() {
         let mut cfg = type1(&IDS, false);
-        write(&mut cfg, IO_BASE, &[0xf0, 0xe0]);
+        assert_eq!(io_window(&cfg), None);
+        write(&mut cfg, IO_BASE, &[0x2f, 0x3f]);
         write(&mut cfg, 0x30, &[0xff; 4]);
-        assert_eq!(cfg.read_u16(IO_BASE), 0);
+        assert_eq!(cfg.read_u16(IO_BASE), 0x3020);
         assert_eq!(cfg.read_u32(0x30), 0);
+        assert_eq!(io_window(&cfg), Some(AddressRange::new(0x2000, 0x2000)));
+    }
+
+    #[test]
+    fn io_window_round_trips_and_invalid_ones_close_it() {
+        let mut cfg = type1(&IDS, false);
+        let range = AddressRange::new(0xf000, 0x1000);
+        set_io_window(&mut cfg, Some(range));
+        assert_eq!(io_window(&cfg), Some(range));
+        set_io_window(&mut cfg, Some(AddressRange::new(0x1800, 0x1000)));
+        assert_eq!(io_window(&cfg), None);
+        set_io_window(&mut cfg, Some(AddressRange::new(0xf000, 0x2000)));
+        assert_eq!(io_window(&cfg), None);
     }
 
     #[test]

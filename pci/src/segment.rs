@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::allocator::{align_up, AddressRange};
+use crate::allocator::{align_up, AddressAllocator, AddressRange};
 use crate::bdf::Bdf;
 use crate::device::{MsiSender, PciDevice};
-use crate::header::{BusNumbers, WINDOW_GRANULARITY};
+use crate::header::{BusNumbers, IO_WINDOW_GRANULARITY, WINDOW_GRANULARITY};
 use crate::host_bridge::HostBridge;
 use crate::pcie_cap::{LinkSpeed, LinkWidth};
 use crate::root_port::slot::SlotEvents;
@@ -36,7 +36,7 @@ const FUNCTIONS_PER_DEVICE: usize = 8;
 pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 
 /// Plain description of a segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentConfig {
     /// Guest-physical base of the ECAM window (recorded for ACPI's MCFG).
     pub ecam_base: u64,
@@ -48,6 +48,16 @@ pub struct SegmentConfig {
     pub mmio32: AddressRange,
     /// The 64-bit MMIO window shared out among the ports.
     pub mmio64: AddressRange,
+    /// The 64-bit window each port gets (a power of two of at least 1 MiB, aligned to its size),
+    /// or `None` to share `mmio64` out evenly (the largest power of two that fits each port).
+    pub mmio64_per_port: Option<u64>,
+    /// Without `mmio64_per_port`: the least 64-bit window port `i` must get (the 64-bit BARs of
+    /// the device cold-plugged there); ports with a minimum above the even share get windows
+    /// sized to it and the other ports share the rest. Missing entries and zero: no minimum.
+    pub mmio64_minimums: Vec<u64>,
+    /// The I/O port window shared out among the ports, 4 KiB each in port order while it lasts
+    /// (size 0: no I/O windows).
+    pub io: AddressRange,
     /// Number of root ports (1..=128).
     pub root_ports: usize,
     /// Link speed of every port.
@@ -137,6 +147,36 @@ pub enum SegmentError {
         /// Number of ports.
         ports: usize,
     },
+    /// The 64-bit window per port asked for is not a power of two of at least 1 MiB.
+    #[error("a 64-bit window of {per_port:#x} bytes per root port is not a power of two of at least 1 MiB")]
+    Mmio64PerPortInvalid {
+        /// The size asked for.
+        per_port: u64,
+    },
+    /// The 64-bit window cannot hold the 64-bit window per port asked for.
+    #[error("64-bit window {base:#x}+{size:#x} cannot give {ports} root ports {per_port:#x} bytes each (size-aligned); ask for less per port or fewer ports")]
+    Mmio64PerPortTooLarge {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+        /// Number of ports.
+        ports: usize,
+        /// The size per port asked for.
+        per_port: u64,
+    },
+    /// The 64-bit window cannot hold the minimum windows and a window for every other port.
+    #[error("64-bit window {base:#x}+{size:#x} cannot give the cold-plugged devices' 64-bit BARs their windows (the largest {largest:#x} bytes) and each of the other of the {ports} root ports 1 MiB; use fewer --root-ports")]
+    Mmio64MinimumsTooLarge {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+        /// Number of ports.
+        ports: usize,
+        /// The largest minimum window (a power of two).
+        largest: u64,
+    },
     /// A root port could not be created.
     #[error("failed to create root port {index}")]
     RootPort {
@@ -180,8 +220,23 @@ pub fn split_windows(
         .map(|i| PortWindows {
             mmio32: AddressRange::new(low.0 + i * low.1, low.1),
             mmio64: AddressRange::new(high.0 + i * high.1, high.1),
+            io: None,
         })
         .collect())
+}
+
+/// Gives the first ports a 4 KiB I/O window each from `io` (4 KiB aligned), in port order,
+/// while it lasts; the other ports get `None`.
+pub fn split_io(io: AddressRange, ports: usize) -> Vec<Option<AddressRange>> {
+    let end = io.base.saturating_add(io.size).min(0x1_0000);
+    let start = align_up(io.base, IO_WINDOW_GRANULARITY).unwrap_or(u64::MAX);
+    (0..ports as u64)
+        .map(|i| {
+            let base = start.checked_add(i.checked_mul(IO_WINDOW_GRANULARITY)?)?;
+            (base.checked_add(IO_WINDOW_GRANULARITY)? <= end)
+                .then(|| AddressRange::new(base, IO_WINDOW_GRANULARITY))
+        })
+        .collect()
 }
 
 /// (first base, size per port) of the 32-bit split.
@@ -193,6 +248,99 @@ fn split_mmio32(window: AddressRange, count: u64) -> Option<(u64, u64)> {
     let start = align_up(window.base, WINDOW_GRANULARITY)?;
     let per = (end.checked_sub(start)? / count) & !(WINDOW_GRANULARITY - 1);
     (per != 0).then_some((start, per))
+}
+
+/// Gives each of `ports` ports a 64-bit window of `per_port` bytes (a power of two of at least
+/// 1 MiB), aligned to its size, from `window`.
+pub fn reserve_mmio64(
+    window: AddressRange,
+    ports: usize,
+    per_port: u64,
+) -> Result<Vec<AddressRange>> {
+    if !per_port.is_power_of_two() || per_port < WINDOW_GRANULARITY {
+        return Err(SegmentError::Mmio64PerPortInvalid { per_port });
+    }
+    let too_large = || SegmentError::Mmio64PerPortTooLarge {
+        base: window.base,
+        size: window.size,
+        ports,
+        per_port,
+    };
+    let start = align_up(window.base, per_port).ok_or_else(too_large)?;
+    let fits = u64::try_from(ports)
+        .ok()
+        .and_then(|n| n.checked_mul(per_port))
+        .and_then(|total| start.checked_add(total - 1))
+        .zip(window.last())
+        .is_some_and(|(end, last)| end <= last);
+    if !fits {
+        return Err(too_large());
+    }
+    Ok((0..ports as u64)
+        .map(|i| AddressRange::new(start + i * per_port, per_port))
+        .collect())
+}
+
+/// Splits the 64-bit window so that port `i` gets at least `minimums[i]` (rounded up to a power
+/// of two of at least 1 MiB) and every port the largest common power-of-two share that still
+/// lets all windows fit, each aligned to its size (not necessarily in port order).
+pub fn split_mmio64_with_minimums(
+    window: AddressRange,
+    ports: usize,
+    minimums: &[u64],
+) -> Result<Vec<AddressRange>> {
+    let count = u64::try_from(ports).unwrap_or(u64::MAX).max(1);
+    let mut needs = Vec::with_capacity(ports);
+    let mut largest = WINDOW_GRANULARITY;
+    for i in 0..ports {
+        let need = minimums
+            .get(i)
+            .copied()
+            .unwrap_or(0)
+            .max(WINDOW_GRANULARITY)
+            .checked_next_power_of_two()
+            .unwrap_or(u64::MAX);
+        largest = largest.max(need);
+        needs.push(need);
+    }
+    let too_large = SegmentError::Mmio64MinimumsTooLarge {
+        base: window.base,
+        size: window.size,
+        ports,
+        largest,
+    };
+    if !largest.is_power_of_two() {
+        return Err(too_large);
+    }
+    let even = window.size / count;
+    let mut share = if even >= WINDOW_GRANULARITY {
+        1u64 << (63 - even.leading_zeros())
+    } else {
+        WINDOW_GRANULARITY
+    };
+    while share >= WINDOW_GRANULARITY {
+        let sizes: Vec<u64> = needs.iter().map(|&n| n.max(share)).collect();
+        if let Some(windows) = place_windows(window, &sizes) {
+            return Ok(windows);
+        }
+        share /= 2;
+    }
+    Err(too_large)
+}
+
+/// Places windows of `sizes` (powers of two) in `window`, each aligned to its size, largest
+/// first; `None` when they do not all fit.
+fn place_windows(window: AddressRange, sizes: &[u64]) -> Option<Vec<AddressRange>> {
+    let mut alloc = AddressAllocator::new(window).ok()?;
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes.get(i).copied().unwrap_or(0)));
+    let mut out = vec![AddressRange::new(0, 0); sizes.len()];
+    for i in order {
+        let size = *sizes.get(i)?;
+        let base = alloc.allocate(size, size).ok()?;
+        *out.get_mut(i)? = AddressRange::new(base, size);
+    }
+    Some(out)
 }
 
 /// (first base, size per port) of the 64-bit split.
@@ -258,7 +406,24 @@ impl PciSegment {
                 ports: n,
             });
         }
-        let windows = split_windows(config.mmio32, config.mmio64, n)?;
+        let mut windows = split_windows(config.mmio32, config.mmio64, n)?;
+        if let Some(per_port) = config.mmio64_per_port {
+            let reserved = reserve_mmio64(config.mmio64, n, per_port)?;
+            for (w, mmio64) in windows.iter_mut().zip(reserved) {
+                w.mmio64 = mmio64;
+            }
+        } else if windows
+            .first()
+            .is_some_and(|w| config.mmio64_minimums.iter().any(|&m| m > w.mmio64.size))
+        {
+            let sized = split_mmio64_with_minimums(config.mmio64, n, &config.mmio64_minimums)?;
+            for (w, mmio64) in windows.iter_mut().zip(sized) {
+                w.mmio64 = mmio64;
+            }
+        }
+        for (w, io) in windows.iter_mut().zip(split_io(config.io, n)) {
+            w.io = io;
+        }
         let mut ports = Vec::with_capacity(n);
         let mut infos = Vec::with_capacity(n);
         for (index, windows) in windows.into_iter().enumerate() {

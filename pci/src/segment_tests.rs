@@ -12,6 +12,9 @@ pub(crate) fn config(ports: usize) -> SegmentConfig {
         bus_end: 0xff,
         mmio32: AddressRange::new(0xc000_0000, 512 * MIB),
         mmio64: AddressRange::new(0x100_0000_0000, 256 * GIB),
+        mmio64_per_port: None,
+        mmio64_minimums: Vec::new(),
+        io: AddressRange::new(0x1000, 0xf000),
         root_ports: ports,
         link_speed: LinkSpeed::Gen4,
         link_width: LinkWidth::X16,
@@ -51,7 +54,8 @@ fn split_for_one_port_gives_it_everything() {
         w,
         vec![PortWindows {
             mmio32: cfg.mmio32,
-            mmio64: cfg.mmio64
+            mmio64: cfg.mmio64,
+            io: None,
         }]
     );
 }
@@ -453,4 +457,169 @@ fn more_root_buses_than_ports_are_refused() {
     )
     .err();
     assert!(matches!(err, Some(SegmentError::TooFewBuses { .. })));
+}
+
+#[test]
+fn io_windows_are_4k_each_in_port_order_while_the_space_lasts() {
+    let w = split_io(AddressRange::new(0x1000, 0xf000), 17);
+    assert_eq!(w.len(), 17);
+    for (i, io) in w.iter().enumerate().take(15) {
+        assert_eq!(
+            *io,
+            Some(AddressRange::new(0x1000 * (i as u64 + 1), 0x1000))
+        );
+    }
+    assert_eq!(w[15], None);
+    assert_eq!(w[16], None);
+    // An unaligned start is rounded up; nothing past 64 KiB.
+    let w = split_io(AddressRange::new(0xd00, 0x2300), 3);
+    assert_eq!(
+        w,
+        vec![
+            Some(AddressRange::new(0x1000, 0x1000)),
+            Some(AddressRange::new(0x2000, 0x1000)),
+            None
+        ]
+    );
+    assert_eq!(split_io(AddressRange::new(0xf000, 0x10_0000), 2)[1], None);
+    assert!(split_io(AddressRange::new(0, 0), 2)
+        .iter()
+        .all(Option::is_none));
+}
+
+#[test]
+fn ports_are_built_with_their_io_windows() {
+    let seg = segment(16);
+    assert_eq!(
+        seg.ports()[0].windows.io,
+        Some(AddressRange::new(0x1000, 0x1000))
+    );
+    assert_eq!(
+        seg.ports()[14].windows.io,
+        Some(AddressRange::new(0xf000, 0x1000))
+    );
+    assert_eq!(seg.ports()[15].windows.io, None);
+    // Port 0 decodes its window: I/O base 0x10, I/O limit 0x10 (0x1000..=0x1fff).
+    let bridge = seg.read_config(0, 1, 0, 0x1c / 4);
+    assert_eq!(bridge & 0xffff, 0x1010);
+    // Port 15 has none: closed (base above limit).
+    let bridge = seg.read_config(0, 2, 7, 0x1c / 4);
+    assert_eq!(bridge & 0xffff, 0x00f0);
+}
+
+#[test]
+fn reserved_mmio64_windows_are_size_aligned_and_in_port_order() {
+    let window = AddressRange::new(0x1_4000_0000, 1024 * GIB);
+    let w = reserve_mmio64(window, 3, 128 * GIB).unwrap();
+    assert_eq!(
+        w,
+        vec![
+            AddressRange::new(128 * GIB, 128 * GIB),
+            AddressRange::new(256 * GIB, 128 * GIB),
+            AddressRange::new(384 * GIB, 128 * GIB),
+        ]
+    );
+}
+
+#[test]
+fn reserved_mmio64_windows_that_do_not_fit_are_refused_with_the_sizes() {
+    let window = AddressRange::new(0x1_4000_0000, 512 * GIB);
+    assert_eq!(
+        reserve_mmio64(window, 4, 128 * GIB),
+        Err(SegmentError::Mmio64PerPortTooLarge {
+            base: 0x1_4000_0000,
+            size: 512 * GIB,
+            ports: 4,
+            per_port: 128 * GIB
+        })
+    );
+    assert_eq!(
+        reserve_mmio64(window, 4, 3 * GIB),
+        Err(SegmentError::Mmio64PerPortInvalid { per_port: 3 * GIB })
+    );
+    assert_eq!(
+        reserve_mmio64(window, 4, 4096),
+        Err(SegmentError::Mmio64PerPortInvalid { per_port: 4096 })
+    );
+}
+
+#[test]
+fn segment_with_a_per_port_mmio64_size_gives_every_port_that_window() {
+    let cfg = SegmentConfig {
+        mmio64_per_port: Some(64 * GIB),
+        ..config(4)
+    };
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    for (i, port) in seg.ports().iter().enumerate() {
+        assert_eq!(
+            port.windows.mmio64,
+            AddressRange::new(0x100_0000_0000 + i as u64 * 64 * GIB, 64 * GIB)
+        );
+    }
+}
+
+#[test]
+fn a_cold_plugged_large_bar_gets_a_window_of_its_size_and_the_others_share_the_rest() {
+    // 508 GiB from 4 GiB (a 39-bit host): the even share of 8 ports is 32 GiB.
+    let window = AddressRange::new(4 * GIB, 508 * GIB);
+    let w = split_mmio64_with_minimums(window, 8, &[128 * GIB, 0, 3 * GIB]).unwrap();
+    assert_eq!(w[0].size, 128 * GIB);
+    assert_eq!(w[2].size, 32 * GIB);
+    for (i, a) in w.iter().enumerate() {
+        assert_eq!(a.base % a.size, 0, "port {i} aligned");
+        assert!(window.contains_range(a), "port {i} inside");
+        assert!(a.size >= 32 * GIB, "port {i} keeps the even share");
+        for b in &w[i + 1..] {
+            assert!(
+                a.last().unwrap() < b.base || b.last().unwrap() < a.base,
+                "disjoint"
+            );
+        }
+    }
+}
+
+#[test]
+fn minimums_that_cannot_fit_are_refused_with_the_largest() {
+    let window = AddressRange::new(4 * GIB, 508 * GIB);
+    assert_eq!(
+        split_mmio64_with_minimums(window, 8, &[512 * GIB]),
+        Err(SegmentError::Mmio64MinimumsTooLarge {
+            base: 4 * GIB,
+            size: 508 * GIB,
+            ports: 8,
+            largest: 512 * GIB
+        })
+    );
+}
+
+#[test]
+fn segment_sizes_ports_for_their_minimums_only_above_the_even_share() {
+    let cfg = SegmentConfig {
+        mmio64_minimums: vec![MIB],
+        ..config(8)
+    };
+    let even = segment(8).ports()[0].windows.mmio64;
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.ports()[0].windows.mmio64, even);
+    let cfg = SegmentConfig {
+        mmio64_minimums: vec![0, 128 * GIB],
+        ..config(8)
+    };
+    let seg = PciSegment::new(
+        cfg,
+        Arc::new(RecordingSender::default()),
+        Arc::new(NullEvents),
+    )
+    .unwrap();
+    assert_eq!(seg.ports()[1].windows.mmio64.size, 128 * GIB);
 }

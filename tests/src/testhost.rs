@@ -32,6 +32,7 @@ pub struct TestHost {
     qemu_args: Vec<String>,
     cpus: u32,
     numa: bool,
+    e1000_pair: bool,
     scenario: String,
     needs_rvmm: bool,
 }
@@ -78,6 +79,7 @@ impl TestHost {
             qemu_args: Vec::new(),
             cpus: default_cpus(),
             numa: false,
+            e1000_pair: false,
             scenario: String::new(),
             needs_rvmm: false,
         }
@@ -137,6 +139,13 @@ impl TestHost {
     pub fn two_numa_nodes(mut self) -> Self {
         self.numa = true;
         self.cpus = 2;
+        self
+    }
+
+    /// Two e1000 NICs (`8086:100e`: INTx only, an I/O BAR), each on its own root port, joined by
+    /// a QEMU hub (`resources/testhost.sh --e1000`).
+    pub fn e1000_pair(mut self) -> Self {
+        self.e1000_pair = true;
         self
     }
 
@@ -207,6 +216,7 @@ impl TestHost {
             .args(["--append", &self.kernel_args])
             .args(["--cpus", &self.cpus.to_string()])
             .args(self.numa.then_some("--numa"))
+            .args(self.e1000_pair.then_some("--e1000"))
             .arg("--")
             .args(&self.qemu_args)
             .env("RVMM_BUILD_DIR", paths::build_dir())

@@ -55,6 +55,8 @@ pub trait DeviceBackend: Send {
     fn set_intx_resample(&self, fd: &EventFd) -> io::Result<()>;
     /// Resets the device if it supports a function reset.
     fn reset(&self);
+    /// Whether [`DeviceBackend::reset`] can reset the device (VFIO offers a reset).
+    fn can_reset(&self) -> bool;
 }
 
 /// A shared, read-write mapping of device memory (or, in tests, anonymous memory). Unmapped on
@@ -263,6 +265,10 @@ impl DeviceBackend for VfioBackend {
 
     fn reset(&self) {
         self.device.reset();
+    }
+
+    fn can_reset(&self) -> bool {
+        self.device.can_reset()
     }
 }
 

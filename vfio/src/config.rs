@@ -5,7 +5,8 @@
 //! device's current value. BARs, the expansion ROM, MSI and MSI-X are emulated; capability
 //! pointers are re-linked to hide capabilities the guest must not use (conventional PCI AF,
 //! ARI, SR-IOV, Resizable BAR); PCIe control fields that could break the host (FLR initiate,
-//! link disable, retrain, ASPM, MPS) keep their host value.
+//! link disable, retrain, ASPM, MPS) keep their host value. A guest's Initiate FLR is reported
+//! ([`ConfigWrite::flr`]) and carried out by the device model through VFIO.
 
 use std::io;
 use std::ops::Range;
@@ -41,6 +42,8 @@ const EXP_DEVCAP_FLR: u32 = 1 << 28;
 const EXP_DEVCTL: usize = 0x08;
 /// MPS (7:5), phantom functions (9), initiate FLR (15).
 const EXP_DEVCTL_KEEP: u32 = 0x0000_82e0;
+/// Device Control: Initiate Function Level Reset.
+const EXP_DEVCTL_FLR: u32 = 1 << 15;
 const EXP_LNKCTL: usize = 0x10;
 /// ASPM control (1:0), link disable (4), retrain link (5).
 const EXP_LNKCTL_KEEP: u32 = 0x0000_0033;
@@ -84,6 +87,8 @@ pub struct ConfigWrite {
     pub msi: MsiWrite,
     /// The MSI-X capability control.
     pub msix: MsixWrite,
+    /// The guest set Initiate Function Level Reset in Device Control.
+    pub flr: bool,
 }
 
 impl ConfigWrite {
@@ -92,6 +97,7 @@ impl ConfigWrite {
         bars: false,
         msi: MsiWrite::None,
         msix: MsixWrite::None,
+        flr: false,
     };
 }
 
@@ -112,6 +118,8 @@ pub struct VirtualConfig {
     bars: Bars,
     msi: Option<MsiCap>,
     msix: Option<MsixState>,
+    /// Offset of the PCI Express capability.
+    exp: Option<usize>,
     command: u16,
     /// Limits what a guest can make us log through config accesses.
     throttle: LogThrottle,
@@ -183,12 +191,13 @@ impl VirtualConfig {
             bars,
             msi: None,
             msix: None,
+            exp: None,
             command: 0,
             throttle: LogThrottle::default(),
         };
 
         this.virtualize_header(&real, &mut shadow, intx);
-        this.virtualize_caps(&real, &mut shadow);
+        this.virtualize_caps(&real, &mut shadow, backend.can_reset());
         this.virtualize_ext_caps(&mut shadow);
         this.shadow = shadow;
         Ok(this)
@@ -218,8 +227,9 @@ impl VirtualConfig {
     }
 
     /// Standard capabilities: Advanced Features hidden; every header virtual; MSI and MSI-X
-    /// emulated; PCI Express with FLR hidden and the control bits rvmm owns kept.
-    fn virtualize_caps(&mut self, real: &[u8], shadow: &mut [u8]) {
+    /// emulated; PCI Express with FLR advertised when VFIO can reset the device (rvmm carries
+    /// a guest's FLR out with `VFIO_DEVICE_RESET`) and the control bits rvmm owns kept.
+    fn virtualize_caps(&mut self, real: &[u8], shadow: &mut [u8], can_reset: bool) {
         for range in caps::hide_caps(shadow, |id| id == CAP_ID_AF) {
             self.virtualize(range);
         }
@@ -248,7 +258,12 @@ impl VirtualConfig {
                 }
                 CAP_ID_EXP => {
                     let devcap = off + EXP_DEVCAP;
-                    let value = dword(shadow, devcap) & !EXP_DEVCAP_FLR;
+                    let value = if can_reset {
+                        dword(shadow, devcap) | EXP_DEVCAP_FLR
+                    } else {
+                        dword(shadow, devcap) & !EXP_DEVCAP_FLR
+                    };
+                    self.exp = Some(off);
                     if let Some(b) = shadow.get_mut(devcap..devcap + 4) {
                         b.copy_from_slice(&value.to_le_bytes());
                     }
@@ -490,6 +505,9 @@ impl VirtualConfig {
             result.command = command != self.command;
             self.command = command;
         }
+        result.flr = self.exp.is_some_and(|exp| reg * 4 == exp + EXP_DEVCTL)
+            && mask & EXP_DEVCTL_FLR != 0
+            && guest & EXP_DEVCTL_FLR != 0;
         result
     }
 }

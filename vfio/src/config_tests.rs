@@ -68,17 +68,23 @@ fn identity_registers_are_read_only() {
 }
 
 #[test]
-fn flr_capability_is_hidden_from_device_capabilities() {
+fn flr_is_advertised_when_vfio_can_reset_the_device() {
     let (dev, mut cfg, irqs) = setup();
-    assert_eq!(cfg.read((0x70 + 4) / 4, &dev, &irqs) & (1 << 28), 0);
+    assert_ne!(cfg.read((0x70 + 4) / 4, &dev, &irqs) & (1 << 28), 0);
 }
 
 #[test]
-fn initiate_flr_never_reaches_the_device() {
+fn initiate_flr_never_reaches_the_device_and_is_reported() {
     let (dev, mut cfg, _irqs) = setup();
-    cfg.write((0x70 + 8) / 4, 0, &0x8000u16.to_le_bytes(), &dev);
+    let w = cfg.write((0x70 + 8) / 4, 0, &0x8000u16.to_le_bytes(), &dev);
+    assert!(w.flr);
     let cfg_bytes = dev.config();
     assert_eq!(get32(&cfg_bytes, 0x78) & 0x8000, 0);
+    // Other Device Control writes are not an FLR.
+    let w = cfg.write((0x70 + 8) / 4, 0, &0x0010u16.to_le_bytes(), &dev);
+    assert!(!w.flr);
+    let w = cfg.write((0x70 + 8) / 4, 2, &0xffffu16.to_le_bytes(), &dev);
+    assert!(!w.flr);
 }
 
 #[test]

@@ -412,9 +412,36 @@ impl PciDevice for VfioPciDevice {
     fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
         self.lock().config_write(reg, offset, data);
     }
+
+    fn reset(&mut self) {
+        self.lock().guest_reset("secondary bus reset");
+    }
 }
 
 impl Inner {
+    /// A reset the guest asked for (`why`): the function reset through VFIO, the virtual config
+    /// space as after a reset. Failures are logged (the guest sees a device that did not reset).
+    fn guest_reset(&mut self, why: &str) {
+        if self.backend.is_none() {
+            return;
+        }
+        // Throttled: a guest can reset its device as often as it likes.
+        match self.reset_function() {
+            Ok(()) => log_throttled!(
+                self.throttle,
+                Level::Info,
+                "{}: {why} by the guest (VFIO_DEVICE_RESET)",
+                self.name
+            ),
+            Err(e) => log_throttled!(
+                self.throttle,
+                Level::Error,
+                "{}: {why} by the guest failed: {e}",
+                self.name
+            ),
+        }
+    }
+
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if self.backend.is_none() {
             return;
@@ -437,6 +464,10 @@ impl Inner {
             return;
         };
         let w = self.config.write(reg, offset, data, backend);
+        if w.flr {
+            self.guest_reset("function level reset");
+            return;
+        }
         if w.msi != MsiWrite::None || w.msix != MsixWrite::None {
             self.sync_interrupts(w.msix);
         }

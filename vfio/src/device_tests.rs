@@ -254,6 +254,40 @@ fn disabling_msix_returns_to_intx_and_frees_gsis() {
 }
 
 #[test]
+fn guest_flr_resets_the_device_and_the_virtual_state() {
+    let mut r = rig();
+    r.place_bars();
+    r.enable_memory();
+    r.program_vector(0, 0x41);
+    r.enable_msix(false);
+    assert!(matches!(r.vfio.irq_mode(), IrqMode::Msix(_)));
+    let resets = r.dev.resets();
+    // Device Control (PCIe capability at 0x70): Initiate FLR.
+    r.cfg_write(0x78, &0x8000u16.to_le_bytes());
+    assert_eq!(r.dev.resets(), resets + 1);
+    // As after a reset: MSI-X off (back to INTx), decode off, BARs out of the guest but at the
+    // addresses they had (the guest restores its saved state).
+    assert_eq!(r.vfio.irq_mode(), IrqMode::Intx);
+    assert_eq!(r.cfg_read(0xb0) >> 16 & 0x8000, 0);
+    assert_eq!(r.cfg_read(4) & 0x7, 0);
+    assert!(r.mmio.live_slots().is_empty());
+    assert_eq!(r.cfg_read(0x10) & !0xf, BAR0 as u32);
+    r.enable_memory();
+    assert!(!r.mmio.live_slots().is_empty());
+}
+
+#[test]
+fn secondary_bus_reset_resets_the_device() {
+    let mut r = rig();
+    r.place_bars();
+    r.enable_memory();
+    let resets = r.dev.resets();
+    r.vfio.reset();
+    assert_eq!(r.dev.resets(), resets + 1);
+    assert!(r.mmio.live_slots().is_empty());
+}
+
+#[test]
 fn enabling_msi_routes_each_enabled_vector() {
     let mut r = rig_with(FakeDevice::nvme_like(), None);
     r.cfg_write(0x54, &0xfee0_0000u32.to_le_bytes());

@@ -5,7 +5,7 @@
 //! (as firmware would). The device stays open, its DMA mappings and its mmaps stay.
 
 use crate::config::VirtualConfig;
-use crate::device::{quiesce, region_sizes, DeviceError, Result, VfioPciDevice};
+use crate::device::{quiesce, region_sizes, DeviceError, Inner, Result, VfioPciDevice};
 use crate::interrupts::IrqMode;
 
 impl VfioPciDevice {
@@ -15,45 +15,57 @@ impl VfioPciDevice {
     /// then the virtual config space as at attach. A released device is left alone.
     pub fn reset_for_reboot(&self) -> Result<()> {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        let Some(backend) = inner.backend.as_deref() else {
+        if guard.backend.is_none() {
+            return Ok(());
+        }
+        guard.reset_function()?;
+        log::info!("{}: reset for the reboot (VFIO_DEVICE_RESET)", guard.name);
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Resets the function: BARs out of the guest, interrupts off, decode and bus master off,
+    /// `VFIO_DEVICE_RESET`, the virtual config space read again from the reset device with the
+    /// BAR addresses the VMM gave at attach, INTx armed again when the device has a line. For a
+    /// reboot, and for the guest's own resets (FLR, secondary bus reset), after which the guest
+    /// finds the function as after a reset and restores what it saved.
+    pub(crate) fn reset_function(&mut self) -> Result<()> {
+        let Some(backend) = self.backend.as_deref() else {
             return Ok(());
         };
-        for map in &mut inner.maps {
-            map.unplace(&*inner.mmio);
+        for map in &mut self.maps {
+            map.unplace(&*self.mmio);
         }
         // Off first, then INTx again: a line the last guest left masked starts unmasked.
-        let intx = inner.irqs.has_intx();
+        let intx = self.irqs.has_intx();
+        let name = self.name.clone();
         let interrupts = |source| DeviceError::Interrupts {
-            name: inner.name.to_string(),
+            name: name.to_string(),
             source,
         };
-        inner
-            .irqs
-            .switch(IrqMode::Off, backend, &*inner.router)
+        self.irqs
+            .switch(IrqMode::Off, backend, &*self.router)
             .map_err(interrupts)?;
-        quiesce(backend, &inner.name);
+        quiesce(backend, &self.name);
         backend.reset();
         let (bar_sizes, rom_size) = region_sizes(backend);
-        inner.config =
-            VirtualConfig::new(backend, bar_sizes, rom_size, intx).map_err(|source| {
-                DeviceError::Config {
-                    name: inner.name.to_string(),
-                    source,
-                }
-            })?;
-        quiesce(backend, &inner.name);
+        self.config = VirtualConfig::new(backend, bar_sizes, rom_size, intx).map_err(|source| {
+            DeviceError::Config {
+                name: self.name.to_string(),
+                source,
+            }
+        })?;
+        quiesce(backend, &self.name);
         if intx {
-            inner
-                .irqs
-                .switch(IrqMode::Intx, backend, &*inner.router)
+            self.irqs
+                .switch(IrqMode::Intx, backend, &*self.router)
                 .map_err(interrupts)?;
         }
-        for &(index, gpa) in &inner.firmware_bars {
-            inner.config.bars_mut().set_address(index, gpa);
+        for &(index, gpa) in &self.firmware_bars {
+            self.config.bars_mut().set_address(index, gpa);
         }
-        inner.sync_bars();
-        log::info!("{}: reset for the reboot (VFIO_DEVICE_RESET)", inner.name);
+        self.sync_bars();
         Ok(())
     }
 }

@@ -331,6 +331,10 @@ impl DeviceBackend for FakeDevice {
     fn reset(&self) {
         self.0.lock().unwrap().resets += 1;
     }
+
+    fn can_reset(&self) -> bool {
+        true
+    }
 }
 
 /// What the fake router was asked to do.

@@ -12,8 +12,9 @@ use rvmm::device::{DeviceSource, DeviceSpec};
 use rvmm::observe::logging::{self, LogLevel};
 use rvmm::observe::EventLogTarget;
 use rvmm::placement::{GuestNodeArg, PlacementMode};
-use rvmm::vm::config::{CpusArg, DEFAULT_CMDLINE, DEFAULT_ROOT_PORTS, MAX_ROOT_PORTS};
+use rvmm::vm::config::{CpusArg, DEFAULT_CMDLINE};
 use rvmm::vm::reboot::OnReboot;
+use rvmm::vm::root_ports::RootPortsArg;
 use rvmm::{MemoryConfig, SeccompMode, SerialConfig, Vm, VmConfig};
 
 use crate::signals::{Policy, ShutdownSignals};
@@ -90,9 +91,11 @@ struct RunArgs {
         value_name = "guest_node=G,cpus=LIST,size=SIZE[,host_node=N]"
     )]
     numa: Vec<GuestNodeArg>,
-    /// Number of hotplug-capable PCIe root ports (1 to 128).
-    #[arg(long, default_value_t = DEFAULT_ROOT_PORTS, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_ROOT_PORTS)))]
-    root_ports: u8,
+    /// Hotplug-capable PCIe root ports: N (1 to 128)[,mmio64=SIZE]. The 64-bit window (up to
+    /// the host's physical address width) is shared out evenly, or each port reserves SIZE (a
+    /// power of two, e.g. 8,mmio64=64G) for the 64-bit BARs of the devices it will hold.
+    #[arg(long, value_name = "N[,mmio64=SIZE]", default_value_t = RootPortsArg::default())]
+    root_ports: RootPortsArg,
     /// Serial console: stdio, file=PATH[,max_size=SIZE] (at most 64M unless max_size says
     /// otherwise), socket=PATH[,buffer=SIZE] (one client at a time, e.g. `rvmm ctl console`;
     /// output while nobody is attached kept in a ring, 64K by default, and replayed on attach),
@@ -186,7 +189,8 @@ impl RunArgs {
             c.memory = self.memory;
         }
         if given("root_ports") {
-            c.root_ports = self.root_ports;
+            c.root_ports = self.root_ports.count;
+            c.root_port_mmio64 = self.root_ports.mmio64;
         }
         if given("serial") {
             c.serial = self.serial;

@@ -43,6 +43,9 @@ pub struct PortWindows {
     pub mmio32: AddressRange,
     /// 64-bit prefetchable window, aligned to its (power-of-two) size.
     pub mmio64: AddressRange,
+    /// I/O window, 4 KiB aligned and sized below 64 KiB, or `None` when the I/O space had no
+    /// room left for this port.
+    pub io: Option<AddressRange>,
 }
 
 /// Construction parameters of a root port.
@@ -98,6 +101,14 @@ pub enum RootPortError {
     /// The 64-bit window must be 1 MiB aligned and sized.
     #[error("64-bit window {base:#x}+{size:#x} is not a 1 MiB-aligned window")]
     InvalidMmio64Window {
+        /// Window base.
+        base: u64,
+        /// Window size.
+        size: u64,
+    },
+    /// The I/O window must be 4 KiB aligned and sized, below 64 KiB.
+    #[error("I/O window {base:#x}+{size:#x} is not a 4 KiB-aligned window below 64 KiB")]
+    InvalidIoWindow {
         /// Window base.
         base: u64,
         /// Window size.
@@ -262,6 +273,7 @@ fn build_config_space(
     header::set_bus_numbers(&mut cfg, config.buses);
     header::set_memory_window(&mut cfg, Some(config.windows.mmio32));
     header::set_prefetchable_window(&mut cfg, Some(config.windows.mmio64));
+    header::set_io_window(&mut cfg, config.windows.io);
     let pcie = pcie_cap::add_root_port_capability(
         &mut cfg,
         &PcieCapParams {
@@ -310,6 +322,16 @@ fn validate(config: &RootPortConfig) -> Result<()> {
             size: mmio64.size,
         });
     }
+    if let Some(io) = config
+        .windows
+        .io
+        .filter(|io| !header::is_valid_io_window(io))
+    {
+        return Err(RootPortError::InvalidIoWindow {
+            base: io.base,
+            size: io.size,
+        });
+    }
     Ok(())
 }
 
@@ -342,6 +364,7 @@ pub(crate) fn test_config(index: usize) -> RootPortConfig {
         windows: PortWindows {
             mmio32: AddressRange::new(0xc000_0000 + index as u64 * 16 * mib, 16 * mib),
             mmio64: AddressRange::new(0x80_0000_0000 + index as u64 * 1024 * mib, 1024 * mib),
+            io: Some(AddressRange::new(0x1000 + index as u64 * 0x1000, 0x1000)),
         },
         link_speed: LinkSpeed::Gen4,
         link_width: LinkWidth::X16,
@@ -426,12 +449,12 @@ mod tests {
     }
 
     #[test]
-    fn command_register_accepts_memory_bus_master_and_intx_disable() {
+    fn command_register_accepts_io_memory_bus_master_and_intx_disable() {
         let mut port = port();
-        write(&mut port, COMMAND, &[0x07, 0x04]);
+        write(&mut port, COMMAND, &[0x0f, 0x04]);
         assert_eq!(
             port.cfg.read_u16(COMMAND),
-            COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE
+            COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE
         );
     }
 

@@ -32,11 +32,13 @@
 use std::sync::{Arc, Mutex};
 
 use log::debug;
+use rvmm_devices::sync::MutexExt;
 use thiserror::Error;
 
 use super::RootPort;
 use crate::config::ConfigAccess;
 use crate::device::PciDevice;
+use crate::header;
 use crate::msi::MsiState;
 use crate::pcie_cap::{
     enabled_events, Indicator, LNKSTA, LNKSTA_DLLLA, SLTCTL, SLTCTL_ABPE, SLTCTL_DLLSCE,
@@ -168,6 +170,7 @@ impl Default for Slot {
 
 /// What a guest write is compared against.
 pub(crate) struct WriteSnapshot {
+    bridge_control: u16,
     control: u16,
     status: u16,
     msi: MsiState,
@@ -401,6 +404,7 @@ impl RootPort {
     /// Captures what [`RootPort::after_guest_write`] compares against.
     pub(crate) fn snapshot(&self) -> WriteSnapshot {
         WriteSnapshot {
+            bridge_control: self.cfg.read_u16(header::BRIDGE_CONTROL),
             control: self.slot_control(),
             status: self.slot_status(),
             msi: self.msi.state(&self.cfg),
@@ -410,6 +414,16 @@ impl RootPort {
 
     /// Reacts to a guest write that has been applied to configuration space.
     pub(crate) fn after_guest_write(&mut self, access: ConfigAccess, before: WriteSnapshot) {
+        let sbr = header::BRIDGE_CONTROL_SECONDARY_BUS_RESET;
+        if self.cfg.read_u16(header::BRIDGE_CONTROL) & sbr != 0 && before.bridge_control & sbr == 0
+        {
+            // Secondary Bus Reset asserted: the device behind the port is reset (once per
+            // assertion; the guest deasserts it after a few milliseconds).
+            if let Some(device) = &self.slot.device {
+                debug!("slot {}: secondary bus reset", self.slot_number);
+                device.locked().reset();
+            }
+        }
         let mut interrupt = false;
         if access.overlaps(self.pcie + SLTCTL, 2) {
             interrupt = self.slot_command(before.control);

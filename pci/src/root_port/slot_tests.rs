@@ -29,13 +29,15 @@ impl SlotEvents for CountingEvents {
 /// An endpoint whose registers are plain storage.
 pub(crate) struct TestDevice {
     pub(crate) regs: Vec<u32>,
+    /// Secondary bus resets that reached the device.
+    pub(crate) resets: usize,
 }
 
 impl TestDevice {
     pub(crate) fn shared(vendor_device: u32) -> Arc<Mutex<TestDevice>> {
         let mut regs = vec![0; 1024];
         regs[0] = vendor_device;
-        Arc::new(Mutex::new(TestDevice { regs }))
+        Arc::new(Mutex::new(TestDevice { regs, resets: 0 }))
     }
 }
 
@@ -50,6 +52,10 @@ impl PciDevice for TestDevice {
                 *r = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             }
         }
+    }
+
+    fn reset(&mut self) {
+        self.resets += 1;
     }
 }
 
@@ -767,4 +773,21 @@ fn guest_writes_of_any_pattern_never_panic() {
         assert_eq!(h.port.read_config_register(0), 0x000c_1b36);
         h.port.read_downstream(0xff, 0, 0, 0);
     }
+}
+
+#[test]
+fn secondary_bus_reset_resets_the_device_once_per_assertion() {
+    let mut h = Harness::ready();
+    let device = TestDevice::shared(0x1234_8086);
+    let slot: SlotDevice = device.clone();
+    h.port.insert_device_at_boot(slot).unwrap();
+    let sbr = crate::header::BRIDGE_CONTROL_SECONDARY_BUS_RESET;
+    h.write(crate::header::BRIDGE_CONTROL, &sbr.to_le_bytes());
+    assert_eq!(device.lock().unwrap().resets, 1);
+    // Still asserted: no new reset; deasserted and asserted again: one more.
+    h.write(crate::header::BRIDGE_CONTROL, &(sbr | 0x2).to_le_bytes());
+    h.write(crate::header::BRIDGE_CONTROL, &0u16.to_le_bytes());
+    assert_eq!(device.lock().unwrap().resets, 1);
+    h.write(crate::header::BRIDGE_CONTROL, &sbr.to_le_bytes());
+    assert_eq!(device.lock().unwrap().resets, 2);
 }

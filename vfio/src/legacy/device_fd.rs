@@ -190,6 +190,11 @@ impl VfioDevice {
         ))
     }
 
+    /// Whether the device supports `VFIO_DEVICE_RESET` (the host kernel found a reset method).
+    pub fn can_reset(&self) -> bool {
+        self.reset
+    }
+
     /// Resets the device if it supports VFIO_DEVICE_RESET; failures are logged.
     pub fn reset(&self) {
         if !self.reset {

@@ -5,6 +5,7 @@
 //! give these types; the API serializes them at its edge. [`passthrough`] attaches and releases
 //! the devices (host checks, the VFIO container, BAR placement in a root port's windows).
 
+pub mod bar_windows;
 pub mod group_fd;
 pub mod passthrough;
 

@@ -22,6 +22,7 @@ use crate::api::types::{VfInfo, VmResources};
 use crate::device::{DeviceId, DeviceSource, DeviceSpec, DeviceState, GroupFd, GroupFdError};
 use crate::kvm::guest_mmio::KvmGuestMmio;
 use crate::kvm::irq_routing::GsiRouter;
+use crate::machine::layout;
 use rvmm_devices::sync::MutexExt;
 
 /// The group descriptor of `spec` the VFIO layer may use. It must already be held by this
@@ -84,7 +85,7 @@ pub enum PassthroughError {
     #[error(transparent)]
     Device(#[from] DeviceError),
     /// A BAR does not fit the port's window.
-    #[error("BAR {bar} of host device {bdf} ({size:#x} bytes) does not fit the {window} window of root port {port} ({window_size:#x} bytes); use fewer --root-ports so each gets a larger window")]
+    #[error("BAR {bar} of host device {bdf} ({size:#x} bytes) does not fit the {window} window of root port {port} ({window_size:#x} bytes); use fewer --root-ports, or for a 64-bit BAR give each port a larger 64-bit window with --root-ports N,mmio64=SIZE (a power of two at least the BAR)")]
     BarDoesNotFit {
         /// The host device.
         bdf: Bdf,
@@ -98,6 +99,20 @@ pub enum PassthroughError {
         port: usize,
         /// Size of that window.
         window_size: u64,
+    },
+    /// An I/O BAR on a root port without an I/O window.
+    #[error("BAR {bar} of host device {bdf} is an I/O BAR ({size:#x} ports) and root port {port} has no I/O window: the 60 KiB of I/O space above the platform devices give only the first {io_ports} root ports a 4 KiB window; free one of those ports for this device")]
+    NoIoWindow {
+        /// The host device.
+        bdf: Bdf,
+        /// BAR index.
+        bar: usize,
+        /// Its size.
+        size: u64,
+        /// Port index.
+        port: usize,
+        /// How many ports have an I/O window.
+        io_ports: usize,
     },
     /// No VF could be taken from the PF's pool (or given back).
     #[error(transparent)]
@@ -338,7 +353,9 @@ impl Passthrough {
             &self.sysfs,
             &host,
             group,
-            DeviceConfig { intx_gsi: None },
+            DeviceConfig {
+                intx_gsi: Some(layout::port_intx_gsi(port)),
+            },
             self.router.clone(),
             self.guest_mmio.clone(),
         )?;
@@ -661,17 +678,26 @@ fn place_bars(
     let windows = segment.ports()[port].windows;
     let mut alloc32 = allocator(windows.mmio32);
     let mut alloc64 = allocator(windows.mmio64);
+    let mut alloc_io = windows.io.and_then(allocator);
     let mut bars = device.bars();
     bars.sort_by_key(|b| std::cmp::Reverse(b.size));
     for bar in bars {
         let (alloc, window, name) = match bar.kind {
             BarKind::Io => {
-                log::warn!(
-                    "host device {}: I/O BAR {} is not mapped (root ports have no I/O window)",
-                    host.bdf,
-                    bar.index
-                );
-                continue;
+                let Some(io) = windows.io else {
+                    return Err(PassthroughError::NoIoWindow {
+                        bdf: host.bdf,
+                        bar: bar.index,
+                        size: bar.size,
+                        port,
+                        io_ports: segment
+                            .ports()
+                            .iter()
+                            .filter(|p| p.windows.io.is_some())
+                            .count(),
+                    });
+                };
+                (alloc_io.as_mut(), io, "I/O")
             }
             BarKind::Mem64 { prefetchable: true } if alloc64.is_some() => {
                 (alloc64.as_mut(), windows.mmio64, "64-bit prefetchable")

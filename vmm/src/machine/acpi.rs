@@ -2,7 +2,7 @@
 //! real-mode reset vector that uses their reset register ([`reset_vector`]).
 
 use rvmm_acpi::{
-    IoApic, LegacyDevices, MachineDescription, MmioWindow, Numa, NumaNode, PciHostBridge,
+    IoApic, IoWindow, LegacyDevices, MachineDescription, MmioWindow, Numa, NumaNode, PciHostBridge,
     PowerButton, PowerManagement, RootPort, SerialPort,
 };
 use rvmm_devices::acpi_pm::{
@@ -45,8 +45,8 @@ pub struct Machine<'a> {
     pub bus_end: u8,
     /// The 64-bit MMIO window (base, size).
     pub mmio64: (u64, u64),
-    /// Root ports: (device, function, physical slot number).
-    pub root_ports: &'a [(u8, u8, u16)],
+    /// Root ports: (device, function, physical slot number, INTx GSI).
+    pub root_ports: &'a [(u8, u8, u16, u32)],
     /// Whether COM1 exists.
     pub serial: bool,
     /// The guest NUMA topology (`--numa`), if any.
@@ -116,13 +116,18 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
                 base: machine.mmio64.0,
                 size: machine.mmio64.1,
             },
+            io: Some(IoWindow {
+                base: layout::PCI_IO_START as u16,
+                size: layout::PCI_IO_SIZE as u32,
+            }),
             root_ports: machine
                 .root_ports
                 .iter()
-                .map(|&(device, function, slot_number)| RootPort {
+                .map(|&(device, function, slot_number, gsi)| RootPort {
                     device,
                     function,
                     slot_number,
+                    intx_gsi: Some(gsi),
                 })
                 .collect(),
         },

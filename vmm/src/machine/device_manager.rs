@@ -112,7 +112,7 @@ pub struct DeviceManager {
 struct AcpiInputs {
     cpus: u8,
     mmio64: (u64, u64),
-    root_ports: Vec<(u8, u8, u16)>,
+    root_ports: Vec<(u8, u8, u16, u32)>,
     numa: Option<GuestTopology>,
     numa_bridges: Vec<rvmm_acpi::NumaBridge>,
 }
@@ -171,7 +171,24 @@ impl DeviceManager {
         let ram_end = memory.last_addr().raw_value() + 1;
         let mmio64 = layout::mmio64_window(ram_end, phys_bits);
         let root_buses = guest_topology.map_or(1, |t| t.nodes.len());
-        let pci = PciRoot::new(vm_fd, pio, mmio, config.root_ports, mmio64, root_buses)?;
+        // Ports of boot devices get 64-bit windows that hold their BARs (unless every port's
+        // size was given).
+        let mmio64_minimums = match config.root_port_mmio64 {
+            None => crate::device::bar_windows::mmio64_minimums(
+                &config.devices,
+                std::path::Path::new(rvmm_pci::SYSFS_PCI_DEVICES),
+            ),
+            Some(_) => Vec::new(),
+        };
+        let pci = PciRoot::new(
+            vm_fd,
+            pio,
+            mmio,
+            config.root_ports,
+            (mmio64, config.root_port_mmio64),
+            mmio64_minimums,
+            root_buses,
+        )?;
         dm.acpi = AcpiInputs {
             cpus: config.cpus,
             mmio64,

@@ -87,19 +87,34 @@ pub const GED_PORT: u64 = ACPI_PM_PORT + rvmm_devices::acpi_pm::ACPI_PM_PORT_COU
 /// on GSI 2), the RTC (8) and the i8042 lines (1, 12).
 pub const GED_IRQ: u32 = 5;
 
-/// Largest 64-bit MMIO window rvmm offers (split among the root ports).
-pub const MMIO64_MAX_SIZE: u64 = 1 << 39;
+/// First I/O port of the PCI I/O window: above every platform device's ports (serial 0x3f8,
+/// i8042, CMOS, PCI configuration 0xcf8, ACPI PM and GED 0x600..0x604).
+pub const PCI_IO_START: u64 = 0x1000;
+/// Size of the PCI I/O window: the rest of the 64 KiB I/O space, 4 KiB for each of the first 15
+/// root ports.
+pub const PCI_IO_SIZE: u64 = 0x1_0000 - PCI_IO_START;
+/// First IOAPIC input of the PCI INTx lines (the inputs above the ISA IRQs).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// IOAPIC inputs given to PCI INTx lines (16..=23).
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The IOAPIC input that INTA..INTD of the device behind root port `port` are routed to: the
+/// ports take GSIs 16..=23 in turn, so up to 8 ports have a line of their own.
+pub fn port_intx_gsi(port: usize) -> u32 {
+    PCI_INTX_GSI_BASE + (port % PCI_INTX_GSI_COUNT as usize) as u32
+}
 
 /// The 64-bit MMIO window: from the first [`MMIO64_ALIGN`] boundary above RAM up to the host's
-/// physical address limit (capped at [`MMIO64_MAX_SIZE`]). `ram_end` is one past the last RAM byte.
-/// Returns (base, size); size 0 when the host's address space ends below the window.
+/// physical address limit (CPUID 0x80000008, which the guest sees too): GPU-sized BARs fit as
+/// far as the host's address width allows. `ram_end` is one past the last RAM byte. Returns
+/// (base, size); size 0 when the host's address space ends below the window.
 pub fn mmio64_window(ram_end: u64, phys_bits: u8) -> (u64, u64) {
     let base = ram_end
         .max(HIGH_RAM_START)
         .checked_next_multiple_of(MMIO64_ALIGN)
         .unwrap_or(u64::MAX);
     let limit = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);
-    (base, limit.saturating_sub(base).min(MMIO64_MAX_SIZE))
+    (base, limit.saturating_sub(base))
 }
 
 #[cfg(test)]
@@ -110,9 +125,25 @@ mod tests {
     fn mmio64_window_starts_above_ram_aligned() {
         assert_eq!(
             mmio64_window(0x8000_0000, 40),
-            (HIGH_RAM_START, MMIO64_MAX_SIZE)
+            (HIGH_RAM_START, (1 << 40) - HIGH_RAM_START)
         );
         assert_eq!(mmio64_window(0x1_2000_0000, 40).0, 0x1_4000_0000);
+    }
+
+    #[test]
+    fn root_ports_share_out_the_pci_intx_gsis_in_turn() {
+        assert_eq!(port_intx_gsi(0), 16);
+        assert_eq!(port_intx_gsi(7), 23);
+        assert_eq!(port_intx_gsi(8), 16);
+        assert_eq!(port_intx_gsi(127), 23);
+    }
+
+    #[test]
+    fn mmio64_window_reaches_the_end_of_a_wide_address_space() {
+        let (base, size) = mmio64_window(0x8000_0000, 46);
+        assert_eq!(base + size, 1 << 46);
+        // Eight ports share 64 TiB: 128 GiB BARs fit each port's power-of-two share.
+        assert!(size / 8 >= 128 << 30);
     }
 
     #[test]

@@ -84,7 +84,8 @@ impl PciRoot {
         pio: &Bus,
         mmio: &Bus,
         root_ports: u8,
-        mmio64: (u64, u64),
+        (mmio64, mmio64_per_port): ((u64, u64), Option<u64>),
+        mmio64_minimums: Vec<u64>,
         root_buses: usize,
     ) -> Result<Self, PciError> {
         let notifier = Arc::new(SlotNotifier::new().map_err(PciError::Notifier)?);
@@ -94,6 +95,9 @@ impl PciRoot {
             bus_end: BUS_END,
             mmio32: AddressRange::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
             mmio64: AddressRange::new(mmio64.0, mmio64.1),
+            mmio64_per_port,
+            mmio64_minimums,
+            io: AddressRange::new(layout::PCI_IO_START, layout::PCI_IO_SIZE),
             root_ports: usize::from(root_ports),
             link_speed: LinkSpeed::Gen4,
             link_width: LinkWidth::X8,
@@ -162,11 +166,18 @@ impl PciRoot {
     }
 
     /// Root ports for ACPI: (device, function, physical slot number).
-    pub fn acpi_ports(&self) -> Vec<(u8, u8, u16)> {
+    pub fn acpi_ports(&self) -> Vec<(u8, u8, u16, u32)> {
         self.segment
             .ports()
             .iter()
-            .map(|p| (p.address.device, p.address.function, p.slot_number))
+            .map(|p| {
+                (
+                    p.address.device,
+                    p.address.function,
+                    p.slot_number,
+                    layout::port_intx_gsi(p.index),
+                )
+            })
             .collect()
     }
 }

@@ -131,7 +131,8 @@ fn base(a: &mut Allow) -> Result<(), SeccompError> {
 /// vCPU threads: `KVM_RUN`, and what the device models do on a guest's port or MMIO access:
 /// passthrough config space and trapped BARs (`pread64`/`pwrite64` on the VFIO device), MSI and
 /// MSI-X changes (eventfds, `VFIO_DEVICE_SET_IRQS`, GSI routes, irqfds, a pending-bit `poll`),
-/// BARs moved by the guest (memory slots), root-port hotplug MSIs.
+/// BARs moved by the guest (memory slots), root-port hotplug MSIs, and a guest's reset of a
+/// passthrough function (FLR, secondary bus reset: `VFIO_DEVICE_RESET`).
 fn vcpu(a: &mut Allow) -> Result<(), SeccompError> {
     a.always(&[
         libc::SYS_pread64,
@@ -147,6 +148,7 @@ fn vcpu(a: &mut Allow) -> Result<(), SeccompError> {
         KVM_IRQFD,
         KVM_SIGNAL_MSI,
         VFIO_DEVICE_SET_IRQS,
+        VFIO_DEVICE_RESET,
     ])
 }
 
@@ -378,7 +380,7 @@ mod tests {
     #[test]
     fn vcpu_ioctls_are_filtered_by_request() {
         let r = rules(ThreadKind::Vcpu).unwrap();
-        assert_eq!(r.get(&libc::SYS_ioctl).map(Vec::len), Some(6));
+        assert_eq!(r.get(&libc::SYS_ioctl).map(Vec::len), Some(7));
     }
 
     #[test]

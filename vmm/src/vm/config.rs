@@ -160,6 +160,9 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// Number of hotplug-capable PCIe root ports.
     pub root_ports: u8,
+    /// The 64-bit window every root port reserves (`--root-ports N,mmio64=SIZE`), or `None`
+    /// to share the 64-bit window out evenly among the ports.
+    pub root_port_mmio64: Option<u64>,
     /// Serial console.
     pub serial: SerialConfig,
     /// Unix socket of the control API.
@@ -199,6 +202,7 @@ impl Default for VmConfig {
                 host_node: None,
             },
             root_ports: DEFAULT_ROOT_PORTS,
+            root_port_mmio64: None,
             serial: SerialConfig::default(),
             api_socket: None,
             devices: Vec::new(),
@@ -414,6 +418,7 @@ mod tests {
             cpu_affinity: None,
             numa: Vec::new(),
             root_ports: DEFAULT_ROOT_PORTS,
+            root_port_mmio64: None,
             serial: SerialConfig::Stdio,
             api_socket: None,
             devices: Vec::new(),

@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod pause;
 pub mod reboot;
+pub mod root_ports;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
