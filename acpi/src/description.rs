@@ -133,6 +133,21 @@ pub enum Error {
         /// The IRQ.
         irq: u8,
     },
+    /// ACPI PCI hotplug needs the Generic Event Device that signals it.
+    #[error("ACPI PCI hotplug needs the Generic Event Device: describe a power button too")]
+    PciHotplugWithoutGed,
+    /// More root ports than the ACPI PCI hotplug registers describe.
+    #[error("ACPI PCI hotplug describes at most {MAX_PCI_HOTPLUG_SLOTS} slots, the machine has {ports} root ports")]
+    TooManyHotplugSlots {
+        /// Root ports of the machine.
+        ports: usize,
+    },
+    /// The ACPI PCI hotplug register block wraps around the I/O space.
+    #[error("ACPI PCI hotplug registers at I/O port {port:#x} wrap around the I/O space")]
+    PciHotplugPortWraps {
+        /// First I/O port.
+        port: u16,
+    },
     /// The power button's IRQ is the serial port's too.
     #[error("power button IRQ {irq} is the serial port's IRQ: give the power button its own")]
     PowerButtonIrqShared {
@@ -162,6 +177,8 @@ pub struct MachineDescription {
     pub serial: Option<SerialPort>,
     /// The power button and the Generic Event Device that signals it, if the machine has one.
     pub power_button: Option<PowerButton>,
+    /// ACPI PCI hotplug of the root ports' slots (`None`: the OS gets native PCIe hotplug).
+    pub pci_hotplug: Option<PciHotplug>,
     /// Legacy devices announced in the FADT boot architecture flags.
     pub legacy: LegacyDevices,
 }
@@ -288,6 +305,22 @@ pub struct PowerButton {
 
 /// Bit of the GED event register that means "the power button was pressed".
 pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Bit of the GED event register that means "a PCI hotplug slot changed".
+pub const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 1;
+/// Most slots ACPI PCI hotplug describes.
+pub const MAX_PCI_HOTPLUG_SLOTS: usize = 128;
+/// Length of the ACPI PCI hotplug register block in I/O ports.
+pub const PCI_HOTPLUG_REGISTERS_LEN: u16 = 0x48;
+
+/// ACPI PCI hotplug: the slot below each root port is described in the DSDT as an ejectable
+/// device, `_OSC` keeps native PCIe hotplug for the firmware, and the machine signals slot
+/// changes through the GED ([`GED_EVENT_PCI_HOTPLUG`]) and a register block of
+/// [`PCI_HOTPLUG_REGISTERS_LEN`] I/O ports (see `rvmm_devices::pci_hotplug` for its layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHotplug {
+    /// First I/O port of the register block.
+    pub port: u16,
+}
 
 /// Legacy devices the FADT tells the guest about.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -317,6 +350,23 @@ impl MachineDescription {
         }
         if let Some(button) = &self.power_button {
             button.validate(self.serial.as_ref())?;
+        }
+        if let Some(hotplug) = &self.pci_hotplug {
+            if self.power_button.is_none() {
+                return Err(Error::PciHotplugWithoutGed);
+            }
+            if self.pci.root_ports.len() > MAX_PCI_HOTPLUG_SLOTS {
+                return Err(Error::TooManyHotplugSlots {
+                    ports: self.pci.root_ports.len(),
+                });
+            }
+            if hotplug
+                .port
+                .checked_add(PCI_HOTPLUG_REGISTERS_LEN - 1)
+                .is_none()
+            {
+                return Err(Error::PciHotplugPortWraps { port: hotplug.port });
+            }
         }
         Ok(())
     }
@@ -469,7 +519,16 @@ pub(crate) mod tests {
                 event_port: 0x603,
                 irq: 5,
             }),
+            pci_hotplug: None,
             legacy: LegacyDevices::default(),
+        }
+    }
+
+    /// [`example`] with ACPI PCI hotplug.
+    pub(crate) fn example_acpi_hotplug() -> MachineDescription {
+        MachineDescription {
+            pci_hotplug: Some(PciHotplug { port: 0x620 }),
+            ..example()
         }
     }
 
@@ -734,5 +793,43 @@ pub(crate) mod tests {
             irq: 4,
         });
         assert_eq!(desc.validate(), Ok(()));
+    }
+
+    #[test]
+    fn acpi_hotplug_example_is_valid() {
+        assert_eq!(example_acpi_hotplug().validate(), Ok(()));
+    }
+
+    #[test]
+    fn acpi_hotplug_without_ged_is_rejected() {
+        let mut desc = example_acpi_hotplug();
+        desc.power_button = None;
+        assert_eq!(desc.validate(), Err(Error::PciHotplugWithoutGed));
+    }
+
+    #[test]
+    fn acpi_hotplug_with_too_many_ports_is_rejected() {
+        let mut desc = example_acpi_hotplug();
+        desc.pci.root_ports = (0..129u16)
+            .map(|i| RootPort {
+                device: (i / 8) as u8,
+                function: (i % 8) as u8,
+                slot_number: i + 1,
+            })
+            .collect();
+        assert_eq!(
+            desc.validate(),
+            Err(Error::TooManyHotplugSlots { ports: 129 })
+        );
+    }
+
+    #[test]
+    fn acpi_hotplug_registers_wrapping_the_io_space_are_rejected() {
+        let mut desc = example_acpi_hotplug();
+        desc.pci_hotplug = Some(PciHotplug { port: 0xffc0 });
+        assert_eq!(
+            desc.validate(),
+            Err(Error::PciHotplugPortWraps { port: 0xffc0 })
+        );
     }
 }

@@ -6,26 +6,32 @@
 //! \_SB.PCI0.RPxx   one device per root port (xx = devfn in hex) with _ADR (no _SUN: the slot is
 //!                  the port's downstream one, named by pciehp from Slot Capabilities; a _SUN here
 //!                  would make Linux's pci_slot claim the name for the port itself)
+//!                  With ACPI hotplug (`--hotplug acpi`): `_OSC` keeps native hot-plug from the
+//!                  OS, each port has an ejectable `SLOT` device below it, and PCI0 has the
+//!                  hotplug registers and `PCNT` (see `dsdt_hotplug`)
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
 //! \_SB.COM1        PNP0501 16550 UART, when the machine has one
 //! \_SB.PWRB        PNP0C0C control-method power button, when the machine has one
 //! \_SB.GED0        ACPI0013 Generic Event Device signalling the power button: an edge-triggered
 //!                  ISA interrupt, an 8-bit read-to-clear event register, `_EVT` notifying PWRB
+//!                  (bit 0) and, with ACPI hotplug, calling `\_SB.PCI0.PCNT` (bit 1)
 //! \_S5             soft-off sleep type
 //! ```
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Else, Equal,
-    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
-    Memory32Fixed, Method, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package, Path,
-    ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
+    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, GreaterEqual, If,
+    Interrupt, Local, Memory32Fixed, Method, MethodCall, Name, NotEqual, Notify, OpRegion,
+    OpRegionSpace, Or, Package, Path, ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use crate::description::{
-    MachineDescription, PciHostBridge, PowerButton, RootPort, SerialPort, GED_EVENT_POWER_BUTTON,
+    MachineDescription, PciHostBridge, PciHotplug, PowerButton, RootPort, SerialPort,
+    GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON,
 };
+use crate::dsdt_hotplug;
 use crate::{oem_table_id, OEM_ID, OEM_REVISION};
 
 /// DSDT revision 2: AML integers are 64 bits wide.
@@ -49,7 +55,7 @@ const PCI_CONFIG_IO_LEN: u8 = 8;
 
 /// AML already serialised to bytes, so that children can be built in loops without keeping
 /// every borrowed builder alive.
-struct RawAml(Vec<u8>);
+pub(crate) struct RawAml(Vec<u8>);
 
 impl Aml for RawAml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
@@ -58,26 +64,41 @@ impl Aml for RawAml {
 }
 
 /// Serialises one AML object.
-fn serialise(aml: &dyn Aml) -> RawAml {
+pub(crate) fn serialise(aml: &dyn Aml) -> RawAml {
     let mut bytes = Vec::new();
     aml.to_aml_bytes(&mut bytes);
     RawAml(bytes)
 }
 
+/// `_OSC` CDW3 control bits kept from the OS with ACPI hotplug: PCI Express native hot-plug
+/// (bit 0) and SHPC native hot-plug (bit 1).
+const OSC_NATIVE_HOTPLUG_CONTROLS: u32 = 0b11;
+
 /// `_OSC` of the host bridge: grants every control the OS requests for the PCI host bridge
 /// UUID (Arg3 is returned with CDW3 untouched, so the OS gets native PCIe hot-plug, PME, AER,
-/// ... whatever it asks for), flags an unknown revision, and flags any other UUID as
-/// unrecognised.
-fn osc_method() -> RawAml {
+/// ... whatever it asks for) — except, with ACPI hotplug (`native_hotplug` false), the native
+/// hot-plug controls, which the firmware keeps (CDW3 &= ~3) — flags an unknown revision, and
+/// flags any other UUID as unrecognised.
+fn osc_method(native_hotplug: bool) -> RawAml {
     let cdw1 = Path::new("CDW1");
     let create_cdw1 = CreateDWordField::new(&cdw1, &Arg(3), &ZERO);
+    let cdw3 = Path::new("CDW3");
+    let create_cdw3 = CreateDWordField::new(&cdw3, &Arg(3), &8u8);
+    let keep_mask = !OSC_NATIVE_HOTPLUG_CONTROLS;
+    let mask_hotplug = And::new(&cdw3, &cdw3, &keep_mask);
+    let has_cdw3 = GreaterEqual::new(&Arg(2), &3u8);
+    let if_has_cdw3 = If::new(&has_cdw3, vec![&create_cdw3, &mask_hotplug]);
 
     let pci_uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
     let is_pci_uuid = Equal::new(&Arg(0), &pci_uuid);
     let unknown_revision = NotEqual::new(&Arg(1), &OSC_REVISION);
     let set_revision_error = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNISED_REVISION);
     let check_revision = If::new(&unknown_revision, vec![&set_revision_error]);
-    let if_pci_uuid = If::new(&is_pci_uuid, vec![&check_revision]);
+    let mut pci_body: Vec<&dyn Aml> = vec![&check_revision];
+    if !native_hotplug {
+        pci_body.push(&if_has_cdw3);
+    }
+    let if_pci_uuid = If::new(&is_pci_uuid, pci_body);
     let set_uuid_error = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNISED_UUID);
     let else_other_uuid = Else::new(vec![&set_uuid_error]);
     let return_arg3 = Return::new(&Arg(3));
@@ -97,15 +118,22 @@ pub(crate) fn root_port_name(port: &RootPort) -> String {
     format!("RP{devfn:02X}")
 }
 
-/// A root port under the host bridge.
-fn root_port(port: &RootPort) -> RawAml {
+/// A root port under the host bridge; with ACPI hotplug, with the ejectable slot below it
+/// (`index` is the port's bit in the hotplug registers).
+fn root_port(index: usize, port: &RootPort, acpi_hotplug: bool) -> RawAml {
     let address = (u32::from(port.device) << 16) | u32::from(port.function);
     let adr = Name::new("_ADR".into(), &address);
-    serialise(&Device::new(Path::new(&root_port_name(port)), vec![&adr]))
+    let slot = acpi_hotplug.then(|| dsdt_hotplug::slot_device(index, port));
+    let mut children: Vec<&dyn Aml> = vec![&adr];
+    if let Some(slot) = &slot {
+        children.push(slot);
+    }
+    serialise(&Device::new(Path::new(&root_port_name(port)), children))
 }
 
-/// `\_SB.PCI0`, the PCIe host bridge with its root ports.
-fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
+/// `\_SB.PCI0`, the PCIe host bridge with its root ports (and, with ACPI hotplug, the hotplug
+/// registers, `PCNT` and a slot below each port).
+fn pci_host_bridge(pci: &PciHostBridge, hotplug: Option<&PciHotplug>) -> RawAml {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &ZERO);
@@ -143,10 +171,22 @@ fn pci_host_bridge(pci: &PciHostBridge) -> RawAml {
         &ResourceTemplate::new(vec![&buses, &config_ports, &mmio32, &mmio64]),
     );
 
-    let osc = osc_method();
-    let ports: Vec<RawAml> = pci.root_ports.iter().map(root_port).collect();
+    let osc = osc_method(hotplug.is_none());
+    let ports: Vec<RawAml> = pci
+        .root_ports
+        .iter()
+        .enumerate()
+        .map(|(index, port)| root_port(index, port, hotplug.is_some()))
+        .collect();
+    let hotplug_aml = hotplug.map(|h| {
+        let (region, field) = dsdt_hotplug::registers(h);
+        (region, field, dsdt_hotplug::pcnt_method(&pci.root_ports))
+    });
 
     let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc];
+    if let Some((region, field, pcnt)) = &hotplug_aml {
+        children.extend([region as &dyn Aml, field, pcnt]);
+    }
     children.extend(ports.iter().map(|port| port as &dyn Aml));
     serialise(&Device::new("PCI0".into(), children))
 }
@@ -251,7 +291,7 @@ fn power_button() -> RawAml {
 ///
 /// The OS calls `_EVT` with the interrupt's GSI whenever the interrupt fires (Linux: the evged
 /// driver); the power button device then reports a power key press (Linux: the button driver).
-fn generic_event_device(button: &PowerButton) -> RawAml {
+fn generic_event_device(button: &PowerButton, pci_hotplug: bool) -> RawAml {
     let hid = Name::new("_HID".into(), &"ACPI0013");
     let uid = Name::new("_UID".into(), &ZERO);
     let irq = Interrupt::new(true, true, false, false, u32::from(button.irq));
@@ -278,7 +318,15 @@ fn generic_event_device(button: &PowerButton) -> RawAml {
     let button_path = Path::new(POWER_BUTTON_PATH);
     let notify = Notify::new(&button_path, &NOTIFY_BUTTON_PRESSED);
     let if_pressed = If::new(&pressed, vec![&notify]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read_events, &if_pressed]);
+    let hotplug_bit = And::new(&ZERO, &events, &GED_EVENT_PCI_HOTPLUG);
+    let hotplug = Equal::new(&hotplug_bit, &GED_EVENT_PCI_HOTPLUG);
+    let call_pcnt = MethodCall::new(Path::new(dsdt_hotplug::PCNT_PATH), vec![]);
+    let if_hotplug = If::new(&hotplug, vec![&call_pcnt]);
+    let mut body: Vec<&dyn Aml> = vec![&read_events, &if_pressed];
+    if pci_hotplug {
+        body.push(&if_hotplug);
+    }
+    let evt = Method::new("_EVT".into(), 1, true, body);
 
     serialise(&Device::new(
         "GED0".into(),
@@ -296,13 +344,15 @@ fn s5(sleep_type: u8) -> RawAml {
 
 /// Builds the DSDT of a validated description.
 pub(crate) fn build(desc: &MachineDescription) -> Vec<u8> {
-    let pci0 = pci_host_bridge(&desc.pci);
+    let pci0 = pci_host_bridge(&desc.pci, desc.pci_hotplug.as_ref());
     let mres = motherboard_resources(&desc.pci);
     let com1 = desc.serial.as_ref().map(serial_port);
-    let button = desc
-        .power_button
-        .as_ref()
-        .map(|b| (power_button(), generic_event_device(b)));
+    let button = desc.power_button.as_ref().map(|b| {
+        (
+            power_button(),
+            generic_event_device(b, desc.pci_hotplug.is_some()),
+        )
+    });
     let mut devices: Vec<&dyn Aml> = vec![&pci0, &mres];
     if let Some(com1) = &com1 {
         devices.push(com1);

@@ -25,6 +25,7 @@
 
 mod description;
 mod dsdt;
+mod dsdt_hotplug;
 mod fadt;
 mod madt;
 mod mcfg;
@@ -35,8 +36,9 @@ use acpi_tables::Aml;
 
 pub use description::{
     Error as DescriptionError, IoApic, LegacyDevices, MachineDescription, MmioWindow,
-    PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort, ECAM_BYTES_PER_BUS,
-    GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
+    PciHostBridge, PciHotplug, PowerButton, PowerManagement, RootPort, SerialPort,
+    ECAM_BYTES_PER_BUS, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, MAX_PCI_HOTPLUG_SLOTS,
+    MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, PCI_HOTPLUG_REGISTERS_LEN, SERIAL_PORT_LEN,
 };
 
 /// OEM id of every table.

@@ -52,6 +52,7 @@ fn run(kernel: &str, initramfs: &str, bdf: &str, cmdline: Option<&str>) -> Resul
         placement: Default::default(),
         cpu_affinity: None,
         on_reboot: Default::default(),
+        hotplug: Default::default(),
     };
     let vm = Vm::new(&config).map_err(|e| format!("cannot build the VM: {e}"))?;
     let handle = vm.handle();

@@ -98,6 +98,7 @@ fn config(dir: &Path, on_reboot: OnReboot) -> (VmConfig, PathBuf) {
         placement: Default::default(),
         cpu_affinity: None,
         on_reboot,
+        hotplug: Default::default(),
     };
     (config, console)
 }

@@ -97,6 +97,7 @@ impl ApiHandler for FakeVmm {
             },
             console: None,
             placement: None,
+            hotplug: None,
         })
     }
 

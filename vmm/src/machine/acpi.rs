@@ -1,7 +1,7 @@
 //! Describes the machine to `rvmm-acpi` and writes the tables into guest memory.
 
 use rvmm_acpi::{
-    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PowerButton,
+    IoApic, LegacyDevices, MachineDescription, MmioWindow, PciHostBridge, PciHotplug, PowerButton,
     PowerManagement, RootPort, SerialPort,
 };
 use rvmm_devices::acpi_pm::{
@@ -41,6 +41,8 @@ pub struct Machine<'a> {
     pub root_ports: &'a [(u8, u8, u16)],
     /// Whether COM1 exists.
     pub serial: bool,
+    /// ACPI PCI hotplug (`--hotplug acpi`) instead of native PCIe hotplug.
+    pub acpi_hotplug: bool,
 }
 
 /// Builds the tables for `machine`, writes them at [`layout::ACPI_START`] and returns the RSDP
@@ -92,6 +94,9 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
         power_button: Some(PowerButton {
             event_port: layout::GED_PORT as u16,
             irq: layout::GED_IRQ as u8,
+        }),
+        pci_hotplug: machine.acpi_hotplug.then_some(PciHotplug {
+            port: layout::PCI_HOTPLUG_PORT as u16,
         }),
         legacy: LegacyDevices {
             cmos_rtc: true,

@@ -145,6 +145,8 @@ pub struct VmConfig {
     pub cpu_affinity: Option<CpuList>,
     /// What a guest reset does (`--on-reboot`): restart in place or end the VM (the default).
     pub on_reboot: OnReboot,
+    /// How hotplug reaches the guest (`--hotplug`): native PCIe hotplug (the default) or ACPI.
+    pub hotplug: crate::hotplug::HotplugMode,
 }
 
 /// `--cpus N[,affinity=CPULIST]`: the vCPU count and, optionally, the host CPUs of every vCPU
@@ -337,6 +339,7 @@ mod tests {
             seccomp: SeccompMode::On,
             event_log: None,
             on_reboot: Default::default(),
+            hotplug: Default::default(),
         }
     }
 
