@@ -8,7 +8,8 @@
 //! its events (`HOST event <json>`), marks each step (`HOST step <name>`) and times what it does
 //! itself (`HOST timed <label> rc= ms=`).
 //!
-//! Three test host runs: `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
+//! Four test host runs: `hotplug_acpi` (the NVMe scenarios through ACPI hotplug, see
+//! [`acpi_scenario`]), `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
 //! then host-initiated removals while the guest reads the drive), `hotplug_cycles` (100
 //! add/remove cycles of one drive) and `hotplug_misc` (an igb VF; a cold-plugged drive, requests
 //! the API must refuse while the VM has it, and its removal at runtime; a hot-add whose client
@@ -43,6 +44,7 @@ const LOG_FILE: &str = "/tmp/host_remove.rvmm.log";
 static NVME_RUN: SharedRun = SharedRun::new();
 static CYCLES_RUN: SharedRun = SharedRun::new();
 static MISC_RUN: SharedRun = SharedRun::new();
+static ACPI_RUN: SharedRun = SharedRun::new();
 
 // --- scenarios ------------------------------------------------------------------------------
 
@@ -324,6 +326,71 @@ fn abandon_lines() -> String {
     )
 }
 
+/// The same NVMe drive through ACPI hotplug (`--hotplug acpi`, the guest's acpiphp): hot-add,
+/// graceful removal, re-add, surprise removal, re-add and a removal the test host starts itself
+/// (unbind from vfio-pci) in one VM (`acpi`); then the drive cold-plugged and removed gracefully
+/// at runtime (`acpi_cold`).
+fn acpi_scenario() -> String {
+    let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
+    let pattern = format!("rvmm.pattern={}", token());
+    let mut s = String::from(
+        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n",
+    );
+    s += &start(
+        "acpi",
+        &["rvmm.hold=300", "rvmm.io=pattern", &pattern],
+        "--hotplug acpi",
+        330,
+    );
+    s += &format!(
+        "rvmm_ctl acpi info_boot info\n\
+         hmark step add\n\
+         rvmm_ctl acpi add {add_device}\n\
+         rvmm_wait_more acpi 'GUEST nvme_pattern ' 0 60\n\
+         rvmm_ctl acpi info_added info\n\
+         hmark step graceful\n\
+         rvmm_ctl acpi remove remove-device disk0\n\
+         rvmm_wait_more acpi 'GUEST block-removed' 0 30\n\
+         rvmm_ctl acpi info_removed info\n\
+         hmark step readd\n\
+         rvmm_ctl acpi readd {add_device}\n\
+         rvmm_wait_more acpi 'GUEST nvme_pattern ' 1 60\n\
+         hmark step surprise\n\
+         rvmm_ctl acpi surprise remove-device disk0 --surprise\n\
+         rvmm_wait_more acpi 'GUEST block-removed' 1 30\n\
+         rvmm_wait_more acpi 'GUEST pci-removed' 1 30\n\
+         rvmm_ctl acpi info_surprise info\n\
+         hmark step readd2\n\
+         rvmm_ctl acpi readd2 {add_device}\n\
+         rvmm_wait_more acpi 'GUEST nvme_pattern ' 2 60\n\
+         hmark step unbind\n\
+         timed unbind \"echo $NVME >/sys/bus/pci/drivers/vfio-pci/unbind\"\n\
+         rvmm_wait_more acpi 'GUEST block-removed' 2 30\n\
+         rvmm_wait_more acpi 'GUEST pci-removed' 2 30\n\
+         rvmm_ctl acpi info_unbind info\n\
+         vfio_bind \"$NVME\"\n\
+         hmark step end\n"
+    );
+    s += &finish_stop("acpi");
+    s += &start(
+        "acpi_cold",
+        &["rvmm.hold=200"],
+        "--hotplug acpi --device \"path=/sys/bus/pci/devices/$NVME,id=cold0\"",
+        230,
+    );
+    s += "rvmm_wait_more acpi_cold 'GUEST block-added' 0 30\n\
+          hmark step remove\n\
+          rvmm_ctl acpi_cold remove remove-device cold0\n\
+          rvmm_wait_more acpi_cold 'GUEST block-removed' 0 30\n\
+          rvmm_ctl acpi_cold info_removed info\n\
+          hmark step readd\n\
+          rvmm_ctl acpi_cold readd add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"\n\
+          rvmm_wait_more acpi_cold 'GUEST block-added' 1 60\n\
+          hmark step end\n";
+    s += &finish_stop("acpi_cold");
+    s
+}
+
 /// Notes on stderr (shown with a failing test) when the test host's own kernel reported RCU
 /// stalls: one of its CPUs stopped taking timer interrupts, which freezes whatever ran there
 /// (rvmm's threads, the guest's vCPUs) and makes later steps time out for reasons outside rvmm.
@@ -377,6 +444,19 @@ fn misc_run() -> &'static TestHostOutput {
                 .igb(true)
                 .needs_rvmm(true)
                 .scenario(&misc_scenario())
+        },
+        Duration::from_secs(600),
+    ))
+}
+
+fn acpi_run() -> &'static TestHostOutput {
+    note_test_host_stalls(ACPI_RUN.get(
+        || {
+            TestHost::new("hotplug_acpi")
+                .nvme_drives(1)
+                .igb(false)
+                .needs_rvmm(true)
+                .scenario(&acpi_scenario())
         },
         Duration::from_secs(600),
     ))
@@ -634,6 +714,8 @@ fn host_nvme(output: &TestHostOutput) -> &str {
 }
 
 // The tests, one module per test host run (files under hotplug/: this file is a crate root).
+#[path = "hotplug/acpi.rs"]
+mod acpi;
 #[path = "hotplug/cycles.rs"]
 mod cycles;
 #[path = "hotplug/misc.rs"]
