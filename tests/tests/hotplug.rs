@@ -31,6 +31,8 @@ const ROOT_PORTS: u64 = 4;
 /// Add/remove cycles of the cycle run; every `GRACEFUL_EVERY`th removal is graceful.
 const CYCLES: u64 = 100;
 const GRACEFUL_EVERY: u64 = 25;
+/// Add/remove cycles of the ACPI hotplug run; every second removal is graceful.
+const ACPI_CYCLES: u64 = 20;
 /// How long the test host's own command may take when it takes a device back from a VM.
 const HOST_REMOVAL_LIMIT_MS: u64 = 1000;
 /// The default graceful removal timeout of `rvmm ctl remove-device`.
@@ -329,12 +331,18 @@ fn abandon_lines() -> String {
 /// The same NVMe drive through ACPI hotplug (`--hotplug acpi`, the guest's acpiphp): hot-add,
 /// graceful removal, re-add, surprise removal, re-add and a removal the test host starts itself
 /// (unbind from vfio-pci) in one VM (`acpi`); then the drive cold-plugged and removed gracefully
-/// at runtime (`acpi_cold`).
+/// at runtime (`acpi_cold`), requests rvmm must refuse, an igb VF hot-added and removed
+/// gracefully, and `ACPI_CYCLES` add/remove cycles of the drive.
 fn acpi_scenario() -> String {
     let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
     let pattern = format!("rvmm.pattern={}", token());
     let mut s = String::from(
-        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n",
+        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n\
+         PF=$(pci_find 8086:10c9 | sed -n 1p)\n\
+         sriov_enable \"$PF\" 1\n\
+         link_up \"$(netdev_of \"$PF\")\" 10.0.0.1/24\n\
+         VF0=$(vf_of \"$PF\" 0)\n\
+         vfio_bind \"$VF0\"\n",
     );
     s += &start(
         "acpi",
@@ -386,7 +394,38 @@ fn acpi_scenario() -> String {
           hmark step readd\n\
           rvmm_ctl acpi_cold readd add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"\n\
           rvmm_wait_more acpi_cold 'GUEST block-added' 1 60\n\
-          hmark step end\n";
+          hmark step refusals\n\
+          rvmm_ctl acpi_cold unknown_id remove-device nosuchdisk\n\
+          rvmm_ctl acpi_cold in_use add-device \"path=/sys/bus/pci/devices/$NVME,id=disk1\"\n\
+          hmark step vf\n\
+          rvmm_ctl acpi_cold vf_add add-device \"path=/sys/bus/pci/devices/$VF0,id=vf0\"\n\
+          rvmm_wait_more acpi_cold 'GUEST net-added' 0 30\n\
+          rvmm_ctl acpi_cold vf_remove remove-device vf0\n\
+          rvmm_wait_more acpi_cold 'GUEST net-removed' 0 30\n\
+          hmark step cycles\n\
+          rvmm_ctl acpi_cold cycles_first_remove remove-device disk0 --surprise\n\
+          rvmm_ctl acpi_cold info_before info\n";
+    s += &format!(
+        "i=1; failed=0; ejected=0\n\
+         while [ \"$i\" -le {ACPI_CYCLES} ]; do\n\
+           blocks=$(rvmm_count acpi_cold 'GUEST block-added')\n\
+           if ! timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket acpi_cold)\" add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\" >/tmp/cycle.out 2>/tmp/cycle.err; then\n\
+             failed=$((failed + 1)); hmark cycle_fail \"$i\" add \"$(head -n1 /tmp/cycle.err)\"; break\n\
+           fi\n\
+           if ! rvmm_wait_more acpi_cold 'GUEST block-added' \"$blocks\" 30 >/dev/null; then\n\
+             failed=$((failed + 1)); hmark cycle_fail \"$i\" guest no_block_device; break\n\
+           fi\n\
+           if [ $((i % 2)) -eq 0 ]; then set -- ; else set -- --surprise; fi\n\
+           timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket acpi_cold)\" remove-device disk0 \"$@\" >/tmp/cycle.out 2>/tmp/cycle.err \
+             || {{ failed=$((failed + 1)); hmark cycle_fail \"$i\" remove \"$(head -n1 /tmp/cycle.err)\"; break; }}\n\
+           case \"$(cat /tmp/cycle.out)\" in *'\"guest-ejected\"'*) ejected=$((ejected + 1)) ;; esac\n\
+           i=$((i + 1))\n\
+         done\n\
+         hmark acpi_cycles \"done=$((i - 1))\" \"failed=$failed\" \"guest_ejected=$ejected\"\n\
+         sleep 2\n\
+         rvmm_ctl acpi_cold info_after info\n\
+         hmark step end\n"
+    );
     s += &finish_stop("acpi_cold");
     s
 }
@@ -454,7 +493,7 @@ fn acpi_run() -> &'static TestHostOutput {
         || {
             TestHost::new("hotplug_acpi")
                 .nvme_drives(1)
-                .igb(false)
+                .igb(true)
                 .needs_rvmm(true)
                 .scenario(&acpi_scenario())
         },

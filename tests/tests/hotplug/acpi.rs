@@ -199,3 +199,78 @@ fn cold_plugged_drive_is_removed_gracefully_and_another_added() {
     );
     assert_clean_stop(&run);
 }
+
+#[test]
+fn refusals_hold_in_acpi_mode() {
+    let run = acpi_cold();
+    for (label, parts) in [
+        ("unknown_id", ["nosuchdisk", "(HTTP 404)"]),
+        ("in_use", ["already attached", "(HTTP 409)"]),
+    ] {
+        let call = ctl(&run, label);
+        run.check(
+            call.rc == 1,
+            &format!(
+                "rvmm ctl '{label}' exited with {}, not 1: {}",
+                call.rc, call.err
+            ),
+        );
+        for part in parts {
+            run.check(
+                call.err.contains(part),
+                &format!("rvmm ctl '{label}' did not say '{part}': {}", call.err),
+            );
+        }
+    }
+}
+
+#[test]
+fn vf_is_hot_added_and_ejected_gracefully() {
+    let run = acpi_cold();
+    ctl_ok(&run, "vf_add");
+    let answer = ctl_ok(&run, "vf_remove");
+    run.check(
+        json_value(answer, "reason") == Some("guest-ejected"),
+        &format!("the VF's graceful removal was not the guest's eject: {answer}"),
+    );
+    let markers = between(&run, "vf", "cycles");
+    expect_guest(
+        &run,
+        &markers,
+        "net-added",
+        "",
+        "the VF never became a network interface",
+    );
+    expect_guest(
+        &run,
+        &markers,
+        "net-removed",
+        "",
+        "the guest kept the VF's interface",
+    );
+}
+
+#[test]
+fn add_remove_cycles_all_succeed_and_leave_the_same_resources() {
+    let run = acpi_cold();
+    let marker = run.expect_host("acpi_cycles");
+    let field = |name: &str| marker.field(name).and_then(|v| v.parse::<u64>().ok());
+    let failures: Vec<&str> = run.host_all("cycle_fail").iter().map(|m| m.value).collect();
+    run.check(
+        field("done") == Some(ACPI_CYCLES) && field("failed") == Some(0),
+        &format!("ACPI cycles: {} ({failures:?})", marker.value),
+    );
+    run.check(
+        field("guest_ejected") == Some(ACPI_CYCLES / 2),
+        &format!(
+            "the graceful removals among the cycles were not all ejected: {}",
+            marker.value
+        ),
+    );
+    let before = footprint(ctl_ok(&run, "info_before"));
+    let after = footprint(ctl_ok(&run, "info_after"));
+    run.check(
+        before == after,
+        &format!("resources before the cycles {before:?}, after {after:?}"),
+    );
+}
