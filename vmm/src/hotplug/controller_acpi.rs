@@ -46,6 +46,7 @@ pub(super) struct AcpiSlots {
 }
 
 /// Where an ACPI hot-add stands.
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum AcpiAdd {
     /// The guest has not finished with the device yet.
     Waiting,
@@ -53,6 +54,17 @@ pub(super) enum AcpiAdd {
     Taken,
     /// The guest reported a failure (`_OST` status).
     Failed(u8),
+}
+
+/// Where a hot-add stands from the guest's `_OST` of the Device Check (if any) and the device's
+/// command register (dword 1, as the guest last wrote it).
+fn add_state(device_check: Option<&OstReport>, command: u32) -> AcpiAdd {
+    match device_check {
+        Some(r) if r.status == OST_SUCCESS => AcpiAdd::Taken,
+        Some(r) => AcpiAdd::Failed(r.status),
+        None if command & COMMAND_ENABLES != 0 => AcpiAdd::Taken,
+        None => AcpiAdd::Waiting,
+    }
 }
 
 impl Controller {
@@ -131,20 +143,11 @@ impl Controller {
         let Some(acpi) = self.acpi.as_ref() else {
             return AcpiAdd::Waiting;
         };
-        match acpi.device_checked.get(&port_index) {
-            Some(r) if r.status == OST_SUCCESS => return AcpiAdd::Taken,
-            Some(r) => return AcpiAdd::Failed(r.status),
-            None => {}
-        }
-        let enabled = self.passthrough.get(id).is_some_and(|d| {
+        let command = self.passthrough.get(id).map_or(0, |d| {
             let mut device = d.device.clone();
-            device.read_config_register(1) & COMMAND_ENABLES != 0
+            device.read_config_register(1)
         });
-        if enabled {
-            AcpiAdd::Taken
-        } else {
-            AcpiAdd::Waiting
-        }
+        add_state(acpi.device_checked.get(&port_index), command)
     }
 
     /// Asks the guest to let the device in slot `port_index` go: Eject Request signalled.
@@ -213,5 +216,42 @@ impl Controller {
         });
         let last = acpi.last_signal?;
         unread.then(|| last + RENOTIFY_AFTER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(status: u8) -> OstReport {
+        OstReport {
+            slot: 0,
+            event: NOTIFY_DEVICE_CHECK,
+            status,
+        }
+    }
+
+    #[test]
+    fn add_waits_without_ost_or_enabled_decoding() {
+        assert_eq!(add_state(None, 0), AcpiAdd::Waiting);
+        // Status bits in the upper half are not the command register.
+        assert_eq!(add_state(None, 0x0010_0000), AcpiAdd::Waiting);
+    }
+
+    #[test]
+    fn successful_device_check_ost_means_the_guest_has_the_device() {
+        assert_eq!(add_state(Some(&report(OST_SUCCESS)), 0), AcpiAdd::Taken);
+    }
+
+    #[test]
+    fn failed_device_check_ost_fails_the_add_even_with_decoding_on() {
+        assert_eq!(add_state(Some(&report(0x80)), 0x6), AcpiAdd::Failed(0x80));
+    }
+
+    #[test]
+    fn driver_enabling_memory_or_bus_mastering_means_the_guest_has_the_device() {
+        assert_eq!(add_state(None, 0x2), AcpiAdd::Taken);
+        assert_eq!(add_state(None, 0x4), AcpiAdd::Taken);
+        assert_eq!(add_state(None, 0x1), AcpiAdd::Taken);
     }
 }
