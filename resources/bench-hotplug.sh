@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Hotplug latencies in the QEMU/TCG test host (compare ratios, not seconds): one rvmm VM (2 vCPUs,
+# Hotplug latencies in the QEMU/TCG test host (compare ratios, not seconds), in both hotplug modes
+# in one test host boot: one rvmm VM per mode (`--hotplug native`, then `--hotplug acpi`; 2 vCPUs,
 # 512 MiB, 4 root ports) runs the guest's monitor scenario polling every 50 ms, and the test host
 # drives its emulated NVMe drive through `rvmm ctl`, RUNS times each:
 #   - hot-add: until add-device answers, and until the guest has the namespace (GUEST block-added);
@@ -10,8 +11,9 @@
 #     that command returns (rvmm released the device), until the namespace is gone in the guest.
 # Times are taken in the test host from just before the command (10 ms resolution, plus the
 # monitor's 50 ms poll for the guest's view). Prints each sample as it is taken, then the medians
-# as a Markdown table; with --update-doc also writes the table with the command into the Hotplug
-# section of docs/performance.md (between its bench-hotplug markers).
+# of both modes side by side as a Markdown table and a plot of every sample (one row of marks per
+# figure and mode on a common millisecond scale); with --update-doc also writes both with the
+# command into the Hotplug section of docs/performance.md (between its bench-hotplug markers).
 #
 # Usage: bench-hotplug.sh [--runs N] [--update-doc]     (default 5 runs; builds rvmm and the images)
 set -euo pipefail
@@ -49,21 +51,22 @@ NVME=$(pci_find 1b36:0010 | sed -n 1p)
 vfio_bind "$NVME"
 ADD="path=/sys/bus/pci/devices/$NVME,id=disk0"
 
-# sample FIGURE MS: one measurement of FIGURE (bench-hotplug.sh takes the medians).
-sample() { hmark bench_sample "$1" "${2:-missing}"; }
+# sample FIGURE MS: one measurement of FIGURE in the current MODE (bench-hotplug.sh takes the
+# medians).
+sample() { hmark bench_sample "${MODE}_$1" "${2:-missing}"; }
 
 # guest_waits TEXT COUNT START_MS: waits until the guest printed more than COUNT lines with TEXT;
 # prints the milliseconds since START_MS, or nothing if it never did.
 guest_waits() {
-  rvmm_wait_more bench "$1" "$2" 60 >/dev/null && echo $(($(uptime_ms) - $3))
+  rvmm_wait_more "$VM" "$1" "$2" 60 >/dev/null && echo $(($(uptime_ms) - $3))
 }
 
 # add_once: hot-add, recording add_answer and add_visible.
 add_once() {
   local blocks t0
-  blocks=$(rvmm_count bench 'GUEST block-added')
+  blocks=$(rvmm_count "$VM" 'GUEST block-added')
   t0=$(uptime_ms)
-  "$RVMM" ctl --api-socket "$(api_socket bench)" add-device "$ADD" >/dev/null || return 1
+  "$RVMM" ctl --api-socket "$(api_socket "$VM")" add-device "$ADD" >/dev/null || return 1
   sample add_answer $(($(uptime_ms) - t0))
   sample add_visible "$(guest_waits 'GUEST block-added' "$blocks" "$t0")"
 }
@@ -72,9 +75,9 @@ add_once() {
 remove_once() {
   local kind="$1" gone t0
   shift
-  gone=$(rvmm_count bench 'GUEST block-removed')
+  gone=$(rvmm_count "$VM" 'GUEST block-removed')
   t0=$(uptime_ms)
-  "$RVMM" ctl --api-socket "$(api_socket bench)" remove-device disk0 "$@" >/dev/null || return 1
+  "$RVMM" ctl --api-socket "$(api_socket "$VM")" remove-device disk0 "$@" >/dev/null || return 1
   sample "${kind}_answer" $(($(uptime_ms) - t0))
   sample "${kind}_gone" "$(guest_waits 'GUEST block-removed' "$gone" "$t0")"
 }
@@ -82,7 +85,7 @@ remove_once() {
 # host_remove_once: the test host removes the device, then brings it back for the next run.
 host_remove_once() {
   local gone t0
-  gone=$(rvmm_count bench 'GUEST block-removed')
+  gone=$(rvmm_count "$VM" 'GUEST block-removed')
   t0=$(uptime_ms)
   echo 1 >"/sys/bus/pci/devices/$NVME/remove" || return 1
   sample host_remove_done $(($(uptime_ms) - t0))
@@ -90,10 +93,12 @@ host_remove_once() {
   pci_rescan "$NVME" >/dev/null && vfio_bind "$NVME" >/dev/null
 }
 
-rvmm_start_lines bench run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
+for MODE in native acpi; do
+VM=bench_$MODE
+rvmm_start_lines "$VM" run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
   --cmdline "$(guest_cmdline monitor rvmm.hold=800 rvmm.poll=0.05)" --cpus 2 --memory size=512M \
-  --root-ports 4 --serial stdio --api-socket "$(api_socket bench)" >/dev/null
-if rvmm_wait_output bench 'GUEST monitor ready' 120 >/dev/null; then
+  --root-ports 4 --hotplug "$MODE" --serial stdio --api-socket "$(api_socket "$VM")" >/dev/null
+if rvmm_wait_output "$VM" 'GUEST monitor ready' 120 >/dev/null; then
   i=1
   while [ "$i" -le "$RUNS" ]; do
     add_once && remove_once graceful
@@ -108,41 +113,95 @@ if rvmm_wait_output bench 'GUEST monitor ready' 120 >/dev/null; then
     i=$((i + 1))
   done
 fi
-"$RVMM" ctl --api-socket "$(api_socket bench)" shutdown
-rvmm_wait_lines bench >/dev/null
+"$RVMM" ctl --api-socket "$(api_socket "$VM")" shutdown
+rvmm_wait_lines "$VM" >/dev/null
+done
 SCENARIO
 
 # The samples are shown as they come; the whole console is kept.
 log="$BUILD_DIR/logs/bench-hotplug.log"
 log "booting the test host ($runs runs); console: $log"
 bash resources/testhost.sh --scenario "$scenario" --workdir "$workdir" --nvme 1 --no-igb \
-  --timeout 1200 2>&1 | sed -u 's/\r$//' | tee "$log" |
+  --timeout 2400 2>&1 | sed -u 's/\r$//' | tee "$log" |
   { grep --line-buffered -E '^HOST bench_sample ' || true; } ||
   die "the test host run failed; see $log"
 
-# figure NAME: "median ms | samples" of the HOST bench_sample NAME lines, or "n/a | -".
-figure() {
-  local samples
-  mapfile -t samples < <(grep -E "^HOST bench_sample $1 [0-9]+$" "$log" | cut -d' ' -f4)
-  [ "${#samples[@]}" -gt 0 ] || { echo "n/a | -"; return; }
-  echo "$(median "${samples[@]}") ms | ${samples[*]}"
+# samples NAME: the samples (ms) of the HOST bench_sample NAME lines, one a line.
+samples() {
+  grep -E "^HOST bench_sample $1 [0-9]+$" "$log" | cut -d' ' -f4
 }
 
+# figure NAME: "median ms" of NAME's samples, or "n/a".
+figure() {
+  local s
+  mapfile -t s < <(samples "$1")
+  [ "${#s[@]}" -gt 0 ] || { echo "n/a"; return; }
+  echo "$(median "${s[@]}") ms"
+}
+
+# row STEP UNTIL NAME: a table row with both modes' medians and the acpi/native ratio.
+row() {
+  local native acpi ratio="-"
+  native=$(figure "native_$3")
+  acpi=$(figure "acpi_$3")
+  if [ "$native" != n/a ] && [ "$acpi" != n/a ] && [ "${native% ms}" -gt 0 ]; then
+    ratio=$(awk -v a="${acpi% ms}" -v n="${native% ms}" 'BEGIN { printf "%.2f", a / n }')
+  fi
+  echo "| $1 | $2 | $native | $acpi | $ratio |"
+}
+
+FIGURES="add_answer add_visible graceful_answer graceful_gone surprise_answer surprise_gone host_remove_done host_remove_gone"
+
 table() {
-  echo "| step | until | median | every sample (ms) |"
-  echo "|---|---|---|---|"
-  echo "| hot-add | add-device answers (guest's pciehp enabled the slot) | $(figure add_answer) |"
-  echo "| hot-add | the namespace is a block device in the guest | $(figure add_visible) |"
-  echo "| graceful removal | remove-device answers guest-ejected | $(figure graceful_answer) |"
-  echo "| graceful removal | the namespace is gone in the guest | $(figure graceful_gone) |"
-  echo "| surprise removal (API) | remove-device answers: the host has the device back | $(figure surprise_answer) |"
-  echo "| surprise removal (API) | the namespace is gone in the guest | $(figure surprise_gone) |"
-  echo "| host removal (sysfs remove) | the host's command returns: rvmm released the device | $(figure host_remove_done) |"
-  echo "| host removal (sysfs remove) | the namespace is gone in the guest | $(figure host_remove_gone) |"
+  echo "| step | until | native (pciehp) median | acpi (acpiphp) median | acpi / native |"
+  echo "|---|---|---|---|---|"
+  row "hot-add" "add-device answers (the guest has the device)" add_answer
+  row "hot-add" "the namespace is a block device in the guest" add_visible
+  row "graceful removal" "remove-device answers guest-ejected" graceful_answer
+  row "graceful removal" "the namespace is gone in the guest" graceful_gone
+  row "surprise removal (API)" "remove-device answers: the host has the device back" surprise_answer
+  row "surprise removal (API)" "the namespace is gone in the guest" surprise_gone
+  row "host removal (sysfs remove)" "the host's command returns: rvmm released the device" host_remove_done
+  row "host removal (sysfs remove)" "the namespace is gone in the guest" host_remove_gone
+}
+
+# plot: every sample of every figure, one row per figure and mode, on a logarithmic millisecond
+# scale from the smallest to the largest sample, shared by all rows (`o` one sample, `8` two or more in one column), so bimodal figures
+# and the gap between the modes show at a glance.
+plot() {
+  local name mode
+  {
+    for name in $FIGURES; do
+      for mode in native acpi; do
+        echo "$name $mode $(samples "${mode}_$name" | tr '\n' ' ')"
+      done
+    done
+  } | awk -v width=60 '
+    { rows[NR] = $0; for (i = 3; i <= NF; i++) { v = $i + 0; if (v < 1) v = 1; if (v > max) max = v; if (min == 0 || v < min) min = v } }
+    END {
+      if (min == 0) min = 1
+      if (max < min * 2) max = min * 2
+      lmin = log(min); span = log(max) - lmin
+      printf "%-30s|%s|\n", "figure (mode)", sprintf("%-" width "s", min " ms (log scale) -> " max " ms")
+      for (r = 1; r <= NR; r++) {
+        n = split(rows[r], f, " ")
+        line = sprintf("%" width "s", "")
+        for (i = 3; i <= n; i++) {
+          v = f[i] + 0; if (v < 1) v = 1
+          c = int((log(v) - lmin) / span * (width - 1)) + 1
+          ch = substr(line, c, 1) == " " ? "o" : "8"
+          line = substr(line, 1, c - 1) ch substr(line, c + 1)
+        }
+        printf "%-30s|%s|\n", f[1] " (" f[2] ")", line
+      }
+    }'
 }
 
 result="$(table)"
+picture="$(plot)"
 echo "$result"
+echo
+echo "$picture"
 echo "console: $log"
 
 if [ "$update_doc" = 1 ]; then
@@ -159,6 +218,10 @@ if [ "$update_doc" = 1 ]; then
       "$(date -u +%Y-%m-%d)."
     echo
     echo "$result"
+    echo
+    echo '```'
+    echo "$picture"
+    echo '```'
     echo "$end"
   } >"$block"
   # Replace the lines from the begin marker to the end marker by the new block.

@@ -61,6 +61,7 @@ fn machine(cpus: u8) -> MachineDescription {
             event_port: 0x603,
             irq: 5,
         }),
+        pci_hotplug: None,
         legacy: LegacyDevices::default(),
         numa: None,
     }

@@ -163,6 +163,21 @@ pub enum Error {
         /// What it overlaps ("no" when it is empty or too long).
         what: &'static str,
     },
+    /// ACPI PCI hotplug needs the Generic Event Device that signals it.
+    #[error("ACPI PCI hotplug needs the Generic Event Device: describe a power button too")]
+    PciHotplugWithoutGed,
+    /// More root ports than the ACPI PCI hotplug registers describe.
+    #[error("ACPI PCI hotplug describes at most {MAX_PCI_HOTPLUG_SLOTS} slots, the machine has {ports} root ports")]
+    TooManyHotplugSlots {
+        /// Root ports of the machine.
+        ports: usize,
+    },
+    /// The ACPI PCI hotplug register block wraps around the I/O space.
+    #[error("ACPI PCI hotplug registers at I/O port {port:#x} wrap around the I/O space")]
+    PciHotplugPortWraps {
+        /// First I/O port.
+        port: u16,
+    },
     /// The power button's IRQ is the serial port's too.
     #[error("power button IRQ {irq} is the serial port's IRQ: give the power button its own")]
     PowerButtonIrqShared {
@@ -195,6 +210,8 @@ pub struct MachineDescription {
     pub serial: Option<SerialPort>,
     /// The power button and the Generic Event Device that signals it, if the machine has one.
     pub power_button: Option<PowerButton>,
+    /// ACPI PCI hotplug of the root ports' slots (`None`: the OS gets native PCIe hotplug).
+    pub pci_hotplug: Option<PciHotplug>,
     /// Legacy devices announced in the FADT boot architecture flags.
     pub legacy: LegacyDevices,
     /// The guest NUMA topology (SRAT, SLIT, `_PXM` of the root ports); `None`: one node, no
@@ -479,6 +496,22 @@ pub struct PowerButton {
 
 /// Bit of the GED event register that means "the power button was pressed".
 pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Bit of the GED event register that means "a PCI hotplug slot changed".
+pub const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 1;
+/// Most slots ACPI PCI hotplug describes.
+pub const MAX_PCI_HOTPLUG_SLOTS: usize = 128;
+/// Length of the ACPI PCI hotplug register block in I/O ports.
+pub const PCI_HOTPLUG_REGISTERS_LEN: u16 = 0x48;
+
+/// ACPI PCI hotplug: the slot below each root port is described in the DSDT as an ejectable
+/// device, `_OSC` keeps native PCIe hotplug for the firmware, and the machine signals slot
+/// changes through the GED ([`GED_EVENT_PCI_HOTPLUG`]) and a register block of
+/// [`PCI_HOTPLUG_REGISTERS_LEN`] I/O ports (see `rvmm_devices::pci_hotplug` for its layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHotplug {
+    /// First I/O port of the register block.
+    pub port: u16,
+}
 
 /// Legacy devices the FADT tells the guest about.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -514,6 +547,7 @@ impl MachineDescription {
         if let Some(numa) = &self.numa {
             numa.validate(self.cpus, self.pci.root_ports.len())?;
         }
+        self.validate_pci_hotplug()?;
         self.validate_intx()?;
         self.validate_io_window()
     }
@@ -534,6 +568,29 @@ impl MachineDescription {
                     })
                 }
                 _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// ACPI PCI hotplug has the GED that signals it, a slot per root port and registers that
+    /// fit in the I/O space.
+    fn validate_pci_hotplug(&self) -> Result<()> {
+        if let Some(hotplug) = &self.pci_hotplug {
+            if self.power_button.is_none() {
+                return Err(Error::PciHotplugWithoutGed);
+            }
+            if self.pci.root_ports.len() > MAX_PCI_HOTPLUG_SLOTS {
+                return Err(Error::TooManyHotplugSlots {
+                    ports: self.pci.root_ports.len(),
+                });
+            }
+            if hotplug
+                .port
+                .checked_add(PCI_HOTPLUG_REGISTERS_LEN - 1)
+                .is_none()
+            {
+                return Err(Error::PciHotplugPortWraps { port: hotplug.port });
             }
         }
         Ok(())
@@ -566,6 +623,9 @@ impl MachineDescription {
         }
         if let Some(button) = &self.power_button {
             platform.push(("GED event", button.event_port, 1));
+        }
+        if let Some(hotplug) = &self.pci_hotplug {
+            platform.push(("ACPI PCI hotplug", hotplug.port, PCI_HOTPLUG_REGISTERS_LEN));
         }
         if self.legacy.cmos_rtc {
             platform.push(("CMOS", 0x70, 2));
@@ -737,6 +797,7 @@ pub(crate) mod tests {
                 event_port: 0x603,
                 irq: 5,
             }),
+            pci_hotplug: None,
             legacy: LegacyDevices::default(),
             numa: None,
         }
@@ -788,6 +849,14 @@ pub(crate) mod tests {
                 "case {i}: {:?}",
                 desc.validate()
             );
+        }
+    }
+
+    /// [`example`] with ACPI PCI hotplug.
+    pub(crate) fn example_acpi_hotplug() -> MachineDescription {
+        MachineDescription {
+            pci_hotplug: Some(PciHotplug { port: 0x620 }),
+            ..example()
         }
     }
 
@@ -1099,5 +1168,44 @@ pub(crate) mod tests {
             irq: 4,
         });
         assert_eq!(desc.validate(), Ok(()));
+    }
+
+    #[test]
+    fn acpi_hotplug_example_is_valid() {
+        assert_eq!(example_acpi_hotplug().validate(), Ok(()));
+    }
+
+    #[test]
+    fn acpi_hotplug_without_ged_is_rejected() {
+        let mut desc = example_acpi_hotplug();
+        desc.power_button = None;
+        assert_eq!(desc.validate(), Err(Error::PciHotplugWithoutGed));
+    }
+
+    #[test]
+    fn acpi_hotplug_with_too_many_ports_is_rejected() {
+        let mut desc = example_acpi_hotplug();
+        desc.pci.root_ports = (0..129u16)
+            .map(|i| RootPort {
+                device: (i / 8) as u8,
+                function: (i % 8) as u8,
+                slot_number: i + 1,
+                intx_gsi: None,
+            })
+            .collect();
+        assert_eq!(
+            desc.validate(),
+            Err(Error::TooManyHotplugSlots { ports: 129 })
+        );
+    }
+
+    #[test]
+    fn acpi_hotplug_registers_wrapping_the_io_space_are_rejected() {
+        let mut desc = example_acpi_hotplug();
+        desc.pci_hotplug = Some(PciHotplug { port: 0xffc0 });
+        assert_eq!(
+            desc.validate(),
+            Err(Error::PciHotplugPortWraps { port: 0xffc0 })
+        );
     }
 }

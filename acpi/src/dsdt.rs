@@ -7,7 +7,10 @@
 //!                  proximity domain) when the machine has a NUMA topology (no _SUN: the slot is
 //!                  the port's downstream one, named by pciehp from Slot Capabilities; a _SUN here
 //!                  would make Linux's pci_slot claim the name for the port itself) and, when the
-//!                  port has an INTx GSI, a _PRT routing INTA..INTD of device 0 behind it to it
+//!                  port has an INTx GSI, a _PRT routing INTA..INTD of device 0 behind it to it.
+//!                  With ACPI hotplug (`--hotplug acpi`): `_OSC` keeps native hot-plug from the
+//!                  OS, each port has an ejectable `SLOT` device below it, and PCI0 has the
+//!                  hotplug registers and `PCNT` (see `dsdt_hotplug`)
 //! \_SB.PXnn        with root ports split over NUMA nodes: one host bridge per node
 //!                  (PCI0 for the first), each with its bus range, its ports' windows and _PXM
 //! \_SB.MRES        PNP0C02 motherboard resources reserving the ECAM region
@@ -15,22 +18,24 @@
 //! \_SB.PWRB        PNP0C0C control-method power button, when the machine has one
 //! \_SB.GED0        ACPI0013 Generic Event Device signalling the power button: an edge-triggered
 //!                  ISA interrupt, an 8-bit read-to-clear event register, `_EVT` notifying PWRB
+//!                  (bit 0) and, with ACPI hotplug, calling `\_SB.PCI0.PCNT` (bit 1)
 //! \_S5             soft-off sleep type
 //! ```
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Else, Equal,
-    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
-    Memory32Fixed, Method, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package, Path,
-    ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
+    Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, GreaterEqual, If,
+    Interrupt, Local, Memory32Fixed, Method, MethodCall, Name, NotEqual, Notify, OpRegion,
+    OpRegionSpace, Or, Package, Path, ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use crate::description::{
-    MachineDescription, MmioWindow, Numa, PciHostBridge, PowerButton, RootPort, SerialPort,
-    GED_EVENT_POWER_BUTTON,
+    MachineDescription, MmioWindow, Numa, PciHostBridge, PciHotplug, PowerButton, RootPort,
+    SerialPort, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON,
 };
+use crate::dsdt_hotplug;
 use crate::{oem_table_id, OEM_ID, OEM_REVISION};
 
 /// DSDT revision 2: AML integers are 64 bits wide.
@@ -54,7 +59,7 @@ const PCI_CONFIG_IO_LEN: u8 = 8;
 
 /// AML already serialised to bytes, so that children can be built in loops without keeping
 /// every borrowed builder alive.
-struct RawAml(Vec<u8>);
+pub(crate) struct RawAml(Vec<u8>);
 
 impl Aml for RawAml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
@@ -63,26 +68,41 @@ impl Aml for RawAml {
 }
 
 /// Serialises one AML object.
-fn serialise(aml: &dyn Aml) -> RawAml {
+pub(crate) fn serialise(aml: &dyn Aml) -> RawAml {
     let mut bytes = Vec::new();
     aml.to_aml_bytes(&mut bytes);
     RawAml(bytes)
 }
 
+/// `_OSC` CDW3 control bits kept from the OS with ACPI hotplug: PCI Express native hot-plug
+/// (bit 0) and SHPC native hot-plug (bit 1).
+const OSC_NATIVE_HOTPLUG_CONTROLS: u32 = 0b11;
+
 /// `_OSC` of the host bridge: grants every control the OS requests for the PCI host bridge
 /// UUID (Arg3 is returned with CDW3 untouched, so the OS gets native PCIe hot-plug, PME, AER,
-/// ... whatever it asks for), flags an unknown revision, and flags any other UUID as
-/// unrecognised.
-fn osc_method() -> RawAml {
+/// ... whatever it asks for) — except, with ACPI hotplug (`native_hotplug` false), the native
+/// hot-plug controls, which the firmware keeps (CDW3 &= ~3) — flags an unknown revision, and
+/// flags any other UUID as unrecognised.
+fn osc_method(native_hotplug: bool) -> RawAml {
     let cdw1 = Path::new("CDW1");
     let create_cdw1 = CreateDWordField::new(&cdw1, &Arg(3), &ZERO);
+    let cdw3 = Path::new("CDW3");
+    let create_cdw3 = CreateDWordField::new(&cdw3, &Arg(3), &8u8);
+    let keep_mask = !OSC_NATIVE_HOTPLUG_CONTROLS;
+    let mask_hotplug = And::new(&cdw3, &cdw3, &keep_mask);
+    let has_cdw3 = GreaterEqual::new(&Arg(2), &3u8);
+    let if_has_cdw3 = If::new(&has_cdw3, vec![&create_cdw3, &mask_hotplug]);
 
     let pci_uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
     let is_pci_uuid = Equal::new(&Arg(0), &pci_uuid);
     let unknown_revision = NotEqual::new(&Arg(1), &OSC_REVISION);
     let set_revision_error = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNISED_REVISION);
     let check_revision = If::new(&unknown_revision, vec![&set_revision_error]);
-    let if_pci_uuid = If::new(&is_pci_uuid, vec![&check_revision]);
+    let mut pci_body: Vec<&dyn Aml> = vec![&check_revision];
+    if !native_hotplug {
+        pci_body.push(&if_has_cdw3);
+    }
+    let if_pci_uuid = If::new(&is_pci_uuid, pci_body);
     let set_uuid_error = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNISED_UUID);
     let else_other_uuid = Else::new(vec![&set_uuid_error]);
     let return_arg3 = Return::new(&Arg(3));
@@ -105,9 +125,10 @@ pub(crate) fn root_port_name(port: &RootPort) -> String {
 /// `_PRT` address field: device 0, any function.
 const PRT_DEVICE_0: u32 = 0xffff;
 
-/// A root port under the host bridge, in proximity domain `pxm` if the machine has NUMA, with
-/// its `_PRT` when it has an INTx GSI.
-fn root_port(port: &RootPort, pxm: Option<u32>) -> RawAml {
+/// A root port under its host bridge, in proximity domain `pxm` if the machine has NUMA, with
+/// its `_PRT` when it has an INTx GSI and, with ACPI hotplug, the ejectable slot below it
+/// (`index` is the port's bit in the hotplug registers).
+fn root_port(index: usize, port: &RootPort, pxm: Option<u32>, acpi_hotplug: bool) -> RawAml {
     let address = (u32::from(port.device) << 16) | u32::from(port.function);
     let adr = Name::new("_ADR".into(), &address);
     let pxm = pxm.map(|domain| Name::new("_PXM".into(), &domain));
@@ -125,6 +146,7 @@ fn root_port(port: &RootPort, pxm: Option<u32>) -> RawAml {
     let prt = port
         .intx_gsi
         .map(|_| Name::new("_PRT".into(), &Package::new(entries)));
+    let slot = acpi_hotplug.then(|| dsdt_hotplug::slot_device(index, port));
     let mut children: Vec<&dyn Aml> = vec![&adr];
     if let Some(pxm) = &pxm {
         children.push(pxm);
@@ -132,11 +154,19 @@ fn root_port(port: &RootPort, pxm: Option<u32>) -> RawAml {
     if let Some(prt) = &prt {
         children.push(prt);
     }
+    if let Some(slot) = &slot {
+        children.push(slot);
+    }
     serialise(&Device::new(Path::new(&root_port_name(port)), children))
 }
 
-/// `\_SB.PCI0`, the PCIe host bridge with its root ports.
-fn pci_host_bridge(pci: &PciHostBridge, numa: Option<&Numa>) -> RawAml {
+/// `\_SB.PCI0`, the PCIe host bridge with its root ports (and, with ACPI hotplug, the hotplug
+/// registers, `PCNT` and a slot below each port).
+fn pci_host_bridge(
+    pci: &PciHostBridge,
+    numa: Option<&Numa>,
+    hotplug: Option<&PciHotplug>,
+) -> RawAml {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &ZERO);
@@ -180,15 +210,23 @@ fn pci_host_bridge(pci: &PciHostBridge, numa: Option<&Numa>) -> RawAml {
     resources.extend([&mmio32 as &dyn Aml, &mmio64]);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
 
-    let osc = osc_method();
+    let osc = osc_method(hotplug.is_none());
     let ports: Vec<RawAml> = pci
         .root_ports
         .iter()
         .enumerate()
-        .map(|(i, port)| root_port(port, numa.and_then(|n| n.root_port_domains.get(i).copied())))
+        .map(|(i, port)| {
+            let pxm = numa.and_then(|n| n.root_port_domains.get(i).copied());
+            root_port(i, port, pxm, hotplug.is_some())
+        })
         .collect();
+    let bridges = vec!["PCI0"; pci.root_ports.len()];
+    let hotplug_aml = hotplug.map(|h| hotplug_objects(h, &pci.root_ports, &bridges));
 
     let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &osc];
+    if let Some(objects) = &hotplug_aml {
+        children.extend(objects.iter().map(|o| o as &dyn Aml));
+    }
     children.extend(ports.iter().map(|port| port as &dyn Aml));
     serialise(&Device::new("PCI0".into(), children))
 }
@@ -220,7 +258,35 @@ fn window_descriptor(window: &MmioWindow) -> RawAml {
 /// the configuration ports) and `\_SB.PXnn` for each further bridge, each with its bus range,
 /// its ports' windows, its `_PXM` and its root ports. Linux gives a PCI device the node of its
 /// host bridge, so this is what puts a device on a node.
-fn numa_host_bridges(pci: &PciHostBridge, numa: &Numa) -> Vec<RawAml> {
+/// The ACPI hotplug objects of `PCI0`: the register region, its fields and `PCNT`, which
+/// notifies each port's slot under its host bridge (`bridges[i]` holds root port `i`).
+fn hotplug_objects(hotplug: &PciHotplug, ports: &[RootPort], bridges: &[&str]) -> [RawAml; 3] {
+    let (region, field) = dsdt_hotplug::registers(hotplug);
+    [region, field, dsdt_hotplug::pcnt_method(ports, bridges)]
+}
+
+fn numa_host_bridges(
+    pci: &PciHostBridge,
+    numa: &Numa,
+    hotplug: Option<&PciHotplug>,
+) -> Vec<RawAml> {
+    let names: Vec<String> = (0..numa.bridges.len())
+        .map(|g| {
+            if g == 0 {
+                "PCI0".to_owned()
+            } else {
+                format!("PX{g:02X}")
+            }
+        })
+        .collect();
+    let mut port_bridges = vec!["PCI0"; pci.root_ports.len()];
+    for (bridge, name) in numa.bridges.iter().zip(&names) {
+        for &i in &bridge.ports {
+            if let Some(slot) = port_bridges.get_mut(i) {
+                *slot = name.as_str();
+            }
+        }
+    }
     numa.bridges
         .iter()
         .enumerate()
@@ -245,24 +311,27 @@ fn numa_host_bridges(pci: &PciHostBridge, numa: &Numa) -> Vec<RawAml> {
             }
             resources.extend(windows.iter().map(|w| w as &dyn Aml));
             let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
-            let osc = osc_method();
+            let osc = osc_method(hotplug.is_none());
             let ports: Vec<RawAml> = bridge
                 .ports
                 .iter()
                 .filter_map(|&i| {
                     let port = pci.root_ports.get(i)?;
-                    Some(root_port(port, numa.root_port_domains.get(i).copied()))
+                    let pxm = numa.root_port_domains.get(i).copied();
+                    Some(root_port(i, port, pxm, hotplug.is_some()))
                 })
                 .collect();
+            // The hotplug registers and PCNT live in PCI0, the first bridge.
+            let hotplug_aml = hotplug
+                .filter(|_| g == 0)
+                .map(|h| hotplug_objects(h, &pci.root_ports, &port_bridges));
             let mut children: Vec<&dyn Aml> =
                 vec![&hid, &cid, &adr, &seg, &uid, &bbn, &pxm, &crs, &osc];
+            if let Some(objects) = &hotplug_aml {
+                children.extend(objects.iter().map(|o| o as &dyn Aml));
+            }
             children.extend(ports.iter().map(|port| port as &dyn Aml));
-            let name = if g == 0 {
-                "PCI0".to_owned()
-            } else {
-                format!("PX{g:02X}")
-            };
-            serialise(&Device::new(Path::new(&name), children))
+            serialise(&Device::new(Path::new(&names[g]), children))
         })
         .collect()
 }
@@ -367,7 +436,7 @@ fn power_button() -> RawAml {
 ///
 /// The OS calls `_EVT` with the interrupt's GSI whenever the interrupt fires (Linux: the evged
 /// driver); the power button device then reports a power key press (Linux: the button driver).
-fn generic_event_device(button: &PowerButton) -> RawAml {
+fn generic_event_device(button: &PowerButton, pci_hotplug: bool) -> RawAml {
     let hid = Name::new("_HID".into(), &"ACPI0013");
     let uid = Name::new("_UID".into(), &ZERO);
     let irq = Interrupt::new(true, true, false, false, u32::from(button.irq));
@@ -394,7 +463,15 @@ fn generic_event_device(button: &PowerButton) -> RawAml {
     let button_path = Path::new(POWER_BUTTON_PATH);
     let notify = Notify::new(&button_path, &NOTIFY_BUTTON_PRESSED);
     let if_pressed = If::new(&pressed, vec![&notify]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read_events, &if_pressed]);
+    let hotplug_bit = And::new(&ZERO, &events, &GED_EVENT_PCI_HOTPLUG);
+    let hotplug = Equal::new(&hotplug_bit, &GED_EVENT_PCI_HOTPLUG);
+    let call_pcnt = MethodCall::new(Path::new(dsdt_hotplug::PCNT_PATH), vec![]);
+    let if_hotplug = If::new(&hotplug, vec![&call_pcnt]);
+    let mut body: Vec<&dyn Aml> = vec![&read_events, &if_pressed];
+    if pci_hotplug {
+        body.push(&if_hotplug);
+    }
+    let evt = Method::new("_EVT".into(), 1, true, body);
 
     serialise(&Device::new(
         "GED0".into(),
@@ -412,16 +489,17 @@ fn s5(sleep_type: u8) -> RawAml {
 
 /// Builds the DSDT of a validated description.
 pub(crate) fn build(desc: &MachineDescription) -> Vec<u8> {
+    let hotplug = desc.pci_hotplug.as_ref();
     let bridges = match &desc.numa {
-        Some(numa) if !numa.bridges.is_empty() => numa_host_bridges(&desc.pci, numa),
-        numa => vec![pci_host_bridge(&desc.pci, numa.as_ref())],
+        Some(numa) if !numa.bridges.is_empty() => numa_host_bridges(&desc.pci, numa, hotplug),
+        numa => vec![pci_host_bridge(&desc.pci, numa.as_ref(), hotplug)],
     };
     let mres = motherboard_resources(&desc.pci);
     let com1 = desc.serial.as_ref().map(serial_port);
     let button = desc
         .power_button
         .as_ref()
-        .map(|b| (power_button(), generic_event_device(b)));
+        .map(|b| (power_button(), generic_event_device(b, hotplug.is_some())));
     let mut devices: Vec<&dyn Aml> = bridges.iter().map(|b| b as &dyn Aml).collect();
     devices.push(&mres);
     if let Some(com1) = &com1 {
@@ -571,8 +649,9 @@ mod tests {
         assert!(contains(&dsdt[rp10..], &pxm1), "port 1 in domain 1");
     }
 
-    #[test]
-    fn a_host_bridge_per_node_with_its_buses_ports_windows_and_pxm() {
+    /// The NUMA example with a host bridge per node: port 0 (00:01.0) on PCI0, port 1
+    /// (80:01.0) on PX01.
+    fn numa_two_bridges() -> MachineDescription {
         use crate::description::NumaBridge;
         let mut desc = crate::description::tests::numa_example();
         desc.pci.root_ports[1].device = 1;
@@ -605,6 +684,12 @@ mod tests {
                 ],
             },
         ];
+        desc
+    }
+
+    #[test]
+    fn a_host_bridge_per_node_with_its_buses_ports_windows_and_pxm() {
+        let desc = numa_two_bridges();
         assert_eq!(desc.validate(), Ok(()));
         let dsdt = build(&desc);
         let pci0 = dsdt.windows(4).position(|w| w == b"PCI0").unwrap();
@@ -622,6 +707,26 @@ mod tests {
         // Only PCI0 claims the configuration ports.
         let cf8 = [0x47, 0x01, 0xf8, 0x0c];
         assert!(contains(first, &cf8) && !contains(second, &cf8));
+    }
+
+    #[test]
+    fn acpi_hotplug_with_a_host_bridge_per_node_notifies_each_slot_under_its_bridge() {
+        let desc = MachineDescription {
+            pci_hotplug: Some(crate::description::PciHotplug { port: 0x620 }),
+            ..numa_two_bridges()
+        };
+        assert_eq!(desc.validate(), Ok(()));
+        let dsdt = build(&desc);
+        // PCNT in PCI0 names PX01 too: the bridge itself is the last PX01.
+        let px01 = dsdt.windows(4).rposition(|w| w == b"PX01").unwrap();
+        let (first, second) = (&dsdt[..px01], &dsdt[px01..]);
+        // The registers and PCNT are PCI0's alone; both bridges keep native hotplug from the OS.
+        assert!(contains(first, b"PCST") && !contains(second, b"PCST"));
+        assert!(contains(first, b"_SB_PCI0RP08SLOT"));
+        assert!(contains(first, b"_SB_PX01RP08SLOT"));
+        // The second bridge's slot reads PCI0's registers by their absolute path.
+        assert!(contains(second, b"SLOT") && contains(second, b"_SB_PCI0PP00"));
+        assert!(contains(second, b"_SB_PCI0PCEJ"));
     }
 
     #[test]

@@ -28,6 +28,7 @@
 
 mod description;
 mod dsdt;
+mod dsdt_hotplug;
 mod fadt;
 mod madt;
 mod mcfg;
@@ -39,8 +40,10 @@ use acpi_tables::Aml;
 
 pub use description::{
     Error as DescriptionError, IoApic, IoWindow, LegacyDevices, MachineDescription, MmioWindow,
-    Numa, NumaBridge, NumaNode, PciHostBridge, PowerButton, PowerManagement, RootPort, SerialPort,
-    ECAM_BYTES_PER_BUS, GED_EVENT_POWER_BUTTON, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, SERIAL_PORT_LEN,
+    Numa, NumaBridge, NumaNode, PciHostBridge, PciHotplug, PowerButton, PowerManagement, RootPort,
+    SerialPort, ECAM_BYTES_PER_BUS, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON,
+    MAX_PCI_HOTPLUG_SLOTS, MAX_SLEEP_TYPE, MAX_SLOT_NUMBER, PCI_HOTPLUG_REGISTERS_LEN,
+    SERIAL_PORT_LEN,
 };
 
 /// OEM id of every table.

@@ -4,7 +4,8 @@
 //! A hardware-reduced platform has no fixed power button and no GPE blocks. The DSDT describes a
 //! GED (`ACPI0013`) with one edge-triggered interrupt and an `_EVT` method that reads this
 //! one-byte register and notifies the device of each bit set (bit 0: the power button device
-//! `PNP0C0C`, which Linux's `button` driver reports as a power key press). The VMM calls
+//! `PNP0C0C`, which Linux's `button` driver reports as a power key press; bit 1: a PCI hotplug
+//! slot changed, with `--hotplug acpi`). The VMM calls
 //! [`Ged::notify`] (or [`Ged::press_power_button`]): the bit is latched and the interrupt
 //! raised; the guest's read returns the latched bits and clears them, so every event is seen
 //! once, and events that come before the guest reads are reported together.
@@ -27,8 +28,11 @@ pub const GED_PORT_COUNT: u64 = 1;
 pub const EVENT_OFFSET: u64 = 0;
 /// Event bit: the power button was pressed.
 pub const EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Event bit: a PCI hotplug slot changed (ACPI hotplug: `_EVT` calls the DSDT's `PCNT`, which
+/// reads the [`crate::pci_hotplug`] registers).
+pub const EVENT_PCI_HOTPLUG: u8 = 1 << 1;
 /// Every event bit the GED's `_EVT` method handles.
-pub const EVENTS_HANDLED: u8 = EVENT_POWER_BUTTON;
+pub const EVENTS_HANDLED: u8 = EVENT_POWER_BUTTON | EVENT_PCI_HOTPLUG;
 
 /// The GED's event register and interrupt line.
 pub struct Ged {

@@ -9,6 +9,7 @@
 //! | i8042 (reset line only) | [`i8042`] | 0x60..0x65 |
 //! | ACPI hardware-reduced PM registers | [`acpi_pm`] | 3 from the PM base (0x600) |
 //! | ACPI Generic Event Device event register (power button) | [`ged`] | 1 after the PM block (0x603) |
+//! | ACPI PCI hotplug registers (`--hotplug acpi`) | [`pci_hotplug`] | 0x48 from 0x620 |
 //! | MC146818 RTC / CMOS | [`cmos`] | 0x70..0x72 |
 
 pub mod acpi_pm;
@@ -17,6 +18,7 @@ pub mod cmos;
 pub mod ged;
 pub mod host;
 pub mod i8042;
+pub mod pci_hotplug;
 pub mod report;
 pub mod serial;
 pub mod sync;
@@ -27,6 +29,7 @@ pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
 pub use cmos::Cmos;
 pub use ged::Ged;
 pub use i8042::I8042;
+pub use pci_hotplug::PciHotplug;
 pub use report::error_chain;
 pub use serial::Serial;
 pub use throttle::LogThrottle;

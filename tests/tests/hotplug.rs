@@ -8,7 +8,8 @@
 //! its events (`HOST event <json>`), marks each step (`HOST step <name>`) and times what it does
 //! itself (`HOST timed <label> rc= ms=`).
 //!
-//! Three test host runs: `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
+//! Four test host runs: `hotplug_acpi` (the NVMe scenarios through ACPI hotplug, see
+//! [`acpi_scenario`]), `hotplug_nvme` (hot-add, graceful removal and re-add of an NVMe drive,
 //! then host-initiated removals while the guest reads the drive), `hotplug_cycles` (100
 //! add/remove cycles of one drive) and `hotplug_misc` (an igb VF; a cold-plugged drive, requests
 //! the API must refuse while the VM has it, and its removal at runtime; a hot-add whose client
@@ -30,6 +31,8 @@ const ROOT_PORTS: u64 = 4;
 /// Add/remove cycles of the cycle run; every `GRACEFUL_EVERY`th removal is graceful.
 const CYCLES: u64 = 100;
 const GRACEFUL_EVERY: u64 = 25;
+/// Add/remove cycles of the ACPI hotplug run; every second removal is graceful.
+const ACPI_CYCLES: u64 = 20;
 /// How long the test host's own command may take when it takes a device back from a VM.
 const HOST_REMOVAL_LIMIT_MS: u64 = 1000;
 /// The default graceful removal timeout of `rvmm ctl remove-device`.
@@ -43,6 +46,7 @@ const LOG_FILE: &str = "/tmp/host_remove.rvmm.log";
 static NVME_RUN: SharedRun = SharedRun::new();
 static CYCLES_RUN: SharedRun = SharedRun::new();
 static MISC_RUN: SharedRun = SharedRun::new();
+static ACPI_RUN: SharedRun = SharedRun::new();
 
 // --- scenarios ------------------------------------------------------------------------------
 
@@ -324,6 +328,108 @@ fn abandon_lines() -> String {
     )
 }
 
+/// The same NVMe drive through ACPI hotplug (`--hotplug acpi`, the guest's acpiphp): hot-add,
+/// graceful removal, re-add, surprise removal, re-add and a removal the test host starts itself
+/// (unbind from vfio-pci) in one VM (`acpi`); then the drive cold-plugged and removed gracefully
+/// at runtime (`acpi_cold`), requests rvmm must refuse, an igb VF hot-added and removed
+/// gracefully, and `ACPI_CYCLES` add/remove cycles of the drive.
+fn acpi_scenario() -> String {
+    let add_device = "add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"";
+    let pattern = format!("rvmm.pattern={}", token());
+    let mut s = String::from(
+        "NVME=$(pci_find 1b36:0010 | sed -n 1p)\nhmark nvme_device \"$NVME\"\nvfio_bind \"$NVME\"\n\
+         PF=$(pci_find 8086:10c9 | sed -n 1p)\n\
+         sriov_enable \"$PF\" 1\n\
+         link_up \"$(netdev_of \"$PF\")\" 10.0.0.1/24\n\
+         VF0=$(vf_of \"$PF\" 0)\n\
+         vfio_bind \"$VF0\"\n",
+    );
+    s += &start(
+        "acpi",
+        &["rvmm.hold=300", "rvmm.io=pattern", &pattern],
+        "--hotplug acpi",
+        330,
+    );
+    s += &format!(
+        "rvmm_ctl acpi info_boot info\n\
+         hmark step add\n\
+         rvmm_ctl acpi add {add_device}\n\
+         rvmm_wait_more acpi 'GUEST nvme_pattern ' 0 60\n\
+         rvmm_ctl acpi info_added info\n\
+         hmark step graceful\n\
+         rvmm_ctl acpi remove remove-device disk0\n\
+         rvmm_wait_more acpi 'GUEST block-removed' 0 30\n\
+         rvmm_ctl acpi info_removed info\n\
+         hmark step readd\n\
+         rvmm_ctl acpi readd {add_device}\n\
+         rvmm_wait_more acpi 'GUEST nvme_pattern ' 1 60\n\
+         hmark step surprise\n\
+         rvmm_ctl acpi surprise remove-device disk0 --surprise\n\
+         rvmm_wait_more acpi 'GUEST block-removed' 1 30\n\
+         rvmm_wait_more acpi 'GUEST pci-removed' 1 30\n\
+         rvmm_ctl acpi info_surprise info\n\
+         hmark step readd2\n\
+         rvmm_ctl acpi readd2 {add_device}\n\
+         rvmm_wait_more acpi 'GUEST nvme_pattern ' 2 60\n\
+         hmark step unbind\n\
+         timed unbind \"echo $NVME >/sys/bus/pci/drivers/vfio-pci/unbind\"\n\
+         rvmm_wait_more acpi 'GUEST block-removed' 2 30\n\
+         rvmm_wait_more acpi 'GUEST pci-removed' 2 30\n\
+         rvmm_ctl acpi info_unbind info\n\
+         vfio_bind \"$NVME\"\n\
+         hmark step end\n"
+    );
+    s += &finish_stop("acpi");
+    s += &start(
+        "acpi_cold",
+        &["rvmm.hold=200"],
+        "--hotplug acpi --device \"path=/sys/bus/pci/devices/$NVME,id=cold0\"",
+        230,
+    );
+    s += "rvmm_wait_more acpi_cold 'GUEST block-added' 0 30\n\
+          hmark step remove\n\
+          rvmm_ctl acpi_cold remove remove-device cold0\n\
+          rvmm_wait_more acpi_cold 'GUEST block-removed' 0 30\n\
+          rvmm_ctl acpi_cold info_removed info\n\
+          hmark step readd\n\
+          rvmm_ctl acpi_cold readd add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\"\n\
+          rvmm_wait_more acpi_cold 'GUEST block-added' 1 60\n\
+          hmark step refusals\n\
+          rvmm_ctl acpi_cold unknown_id remove-device nosuchdisk\n\
+          rvmm_ctl acpi_cold in_use add-device \"path=/sys/bus/pci/devices/$NVME,id=disk1\"\n\
+          hmark step vf\n\
+          rvmm_ctl acpi_cold vf_add add-device \"path=/sys/bus/pci/devices/$VF0,id=vf0\"\n\
+          rvmm_wait_more acpi_cold 'GUEST net-added' 0 30\n\
+          rvmm_ctl acpi_cold vf_remove remove-device vf0\n\
+          rvmm_wait_more acpi_cold 'GUEST net-removed' 0 30\n\
+          hmark step cycles\n\
+          rvmm_ctl acpi_cold cycles_first_remove remove-device disk0 --surprise\n\
+          rvmm_ctl acpi_cold info_before info\n";
+    s += &format!(
+        "i=1; failed=0; ejected=0\n\
+         while [ \"$i\" -le {ACPI_CYCLES} ]; do\n\
+           blocks=$(rvmm_count acpi_cold 'GUEST block-added')\n\
+           if ! timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket acpi_cold)\" add-device \"path=/sys/bus/pci/devices/$NVME,id=disk0\" >/tmp/cycle.out 2>/tmp/cycle.err; then\n\
+             failed=$((failed + 1)); hmark cycle_fail \"$i\" add \"$(head -n1 /tmp/cycle.err)\"; break\n\
+           fi\n\
+           if ! rvmm_wait_more acpi_cold 'GUEST block-added' \"$blocks\" 30 >/dev/null; then\n\
+             failed=$((failed + 1)); hmark cycle_fail \"$i\" guest no_block_device; break\n\
+           fi\n\
+           if [ $((i % 2)) -eq 0 ]; then set -- ; else set -- --surprise; fi\n\
+           timeout -s KILL \"$RVMM_CTL_TIMEOUT\" \"$RVMM\" ctl --api-socket \"$(api_socket acpi_cold)\" remove-device disk0 \"$@\" >/tmp/cycle.out 2>/tmp/cycle.err \
+             || {{ failed=$((failed + 1)); hmark cycle_fail \"$i\" remove \"$(head -n1 /tmp/cycle.err)\"; break; }}\n\
+           case \"$(cat /tmp/cycle.out)\" in *'\"guest-ejected\"'*) ejected=$((ejected + 1)) ;; esac\n\
+           i=$((i + 1))\n\
+         done\n\
+         hmark acpi_cycles \"done=$((i - 1))\" \"failed=$failed\" \"guest_ejected=$ejected\"\n\
+         sleep 2\n\
+         rvmm_ctl acpi_cold info_after info\n\
+         hmark step end\n"
+    );
+    s += &finish_stop("acpi_cold");
+    s
+}
+
 /// Notes on stderr (shown with a failing test) when the test host's own kernel reported RCU
 /// stalls: one of its CPUs stopped taking timer interrupts, which freezes whatever ran there
 /// (rvmm's threads, the guest's vCPUs) and makes later steps time out for reasons outside rvmm.
@@ -377,6 +483,19 @@ fn misc_run() -> &'static TestHostOutput {
                 .igb(true)
                 .needs_rvmm(true)
                 .scenario(&misc_scenario())
+        },
+        Duration::from_secs(600),
+    ))
+}
+
+fn acpi_run() -> &'static TestHostOutput {
+    note_test_host_stalls(ACPI_RUN.get(
+        || {
+            TestHost::new("hotplug_acpi")
+                .nvme_drives(1)
+                .igb(true)
+                .needs_rvmm(true)
+                .scenario(&acpi_scenario())
         },
         Duration::from_secs(600),
     ))
@@ -634,6 +753,8 @@ fn host_nvme(output: &TestHostOutput) -> &str {
 }
 
 // The tests, one module per test host run (files under hotplug/: this file is a crate root).
+#[path = "hotplug/acpi.rs"]
+mod acpi;
 #[path = "hotplug/cycles.rs"]
 mod cycles;
 #[path = "hotplug/misc.rs"]

@@ -143,6 +143,11 @@ struct RunArgs {
     /// process, with its devices, memory and API) or exit (rvmm ends with exit code 3).
     #[arg(long, value_name = "restart|exit", default_value = "restart")]
     on_reboot: OnReboot,
+    /// How hotplug reaches the guest: native (PCIe hotplug through each root port's slot,
+    /// served by the guest's pciehp, as on physical servers) or acpi (ACPI hotplug served by
+    /// the guest's acpiphp: no 5-second wait on graceful removal; needs ACPI in the guest).
+    #[arg(long, value_name = "native|acpi", default_value = "native")]
+    hotplug: rvmm::hotplug::HotplugMode,
 }
 
 /// `--vf`: the `pf=` form of a device argument (a bare PF first stands for `pf=PF`).
@@ -212,6 +217,9 @@ impl RunArgs {
         }
         if given("on_reboot") {
             c.on_reboot = self.on_reboot;
+        }
+        if given("hotplug") {
+            c.hotplug = self.hotplug;
         }
         if !self.numa.is_empty() {
             c.numa = self.numa;
@@ -416,6 +424,17 @@ mod tests {
             Command::Run(args) => Ok(*args),
             Command::Ctl(_) => panic!("not run"),
         }
+    }
+
+    #[test]
+    fn hotplug_defaults_to_native_and_takes_acpi() {
+        use rvmm::hotplug::HotplugMode;
+        let default = VmConfig::from(run_args(&[]).expect("valid"));
+        let acpi = VmConfig::from(run_args(&["--hotplug", "acpi"]).expect("valid"));
+        assert_eq!(default.hotplug, HotplugMode::Native);
+        assert_eq!(acpi.hotplug, HotplugMode::Acpi);
+        let err = run_args(&["--hotplug", "shpc"]).err().expect("refused");
+        assert!(err.to_string().contains("native"), "{err}");
     }
 
     #[test]

@@ -137,6 +137,7 @@ impl ApiHandler for Recorder {
             state: VmState::Running,
             console: None,
             placement: None,
+            hotplug: None,
         })
     }
 

@@ -416,6 +416,7 @@ mod tests {
                 path: path.map(Into::into),
             }),
             placement: None,
+            hotplug: None,
         }
     }
 

@@ -241,6 +241,7 @@ fn vm_info() -> VmInfo {
             ],
             ..Placement::default()
         }),
+        hotplug: Some(crate::hotplug::HotplugMode::Acpi),
     }
 }
 
@@ -352,6 +353,23 @@ fn every_placement_matches_its_schema_and_info_without_placement_too() {
         ..vm_info()
     };
     v.validate("VmInfo", &older).expect("valid");
+}
+
+#[test]
+fn info_in_each_hotplug_mode_and_without_one_matches_its_schema() {
+    let v = Validator::new();
+    for hotplug in [
+        Some(crate::hotplug::HotplugMode::Native),
+        Some(crate::hotplug::HotplugMode::Acpi),
+        None,
+    ] {
+        let info = VmInfo {
+            hotplug,
+            ..vm_info()
+        };
+        v.validate("VmInfo", &info)
+            .unwrap_or_else(|e| panic!("{hotplug:?}: {e}"));
+    }
 }
 
 #[test]

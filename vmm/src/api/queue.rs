@@ -364,6 +364,7 @@ mod tests {
             state: crate::vm::pause::VmState::Running,
             console: None,
             placement: None,
+            hotplug: None,
         }
     }
 

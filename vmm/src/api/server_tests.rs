@@ -99,6 +99,7 @@ impl ApiHandler for FakeVmm {
             },
             console: None,
             placement: None,
+            hotplug: None,
         })
     }
 

@@ -336,6 +336,10 @@ pub struct VmInfo {
     /// older servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<crate::placement::Placement>,
+    /// How hotplug reaches the guest, `--hotplug` (absent in answers of older servers, which
+    /// only have native).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug: Option<crate::hotplug::HotplugMode>,
 }
 
 /// Where the guest's serial console is, as `--serial` chose.

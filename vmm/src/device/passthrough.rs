@@ -471,6 +471,30 @@ impl Passthrough {
         r
     }
 
+    /// Puts device `id` in its slot for ACPI hotplug: present, powered and link up at once,
+    /// without a PCIe hot-plug event (the guest learns of it through ACPI).
+    pub fn insert_into_slot_acpi(
+        &self,
+        id: &DeviceId,
+        segment: &PciSegment,
+    ) -> Result<(), PassthroughError> {
+        let d = self
+            .get(id)
+            .ok_or_else(|| PassthroughError::UnknownId(id.clone()))?;
+        let port = segment
+            .port(d.port)
+            .ok_or(PassthroughError::NoSuchPort(d.port))?;
+        let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
+        let r = port
+            .locked()
+            .insert_device_at_boot(slot_device)
+            .map_err(|source| PassthroughError::Slot {
+                port: d.port,
+                source,
+            });
+        r
+    }
+
     /// The device with id `id`.
     pub fn get(&self, id: &DeviceId) -> Option<&AttachedDevice> {
         self.devices.get(id)

@@ -44,8 +44,8 @@ use rvmm_devices::sync::MutexExt;
 pub const ADD_GUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most vCPUs a VM may have for hotplug (as in vSphere).
 pub const MAX_HOTPLUG_CPUS: u8 = 128;
-/// How often pending operations are checked against their deadlines.
-const OP_TICK: Duration = Duration::from_millis(20);
+/// Shortest timer expiry (a zero one would disarm it).
+const MIN_TIMER: Duration = Duration::from_millis(1);
 
 const TOKEN_QUEUE: u32 = 0;
 const TOKEN_SLOTS: u32 = 1;
@@ -76,6 +76,8 @@ pub struct VmSummary {
     pub console: Option<ConsoleInfo>,
     /// Where guest RAM and the vCPU threads are on the host, and why.
     pub placement: Option<crate::placement::Placement>,
+    /// How hotplug reaches the guest.
+    pub hotplug: super::HotplugMode,
 }
 
 enum Op {
@@ -134,7 +136,13 @@ pub struct Controller {
     counters: Option<CounterSources>,
     /// Pause and resume; a controller given none answers them 503.
     pause: Option<VmPause>,
+    /// ACPI hotplug (`--hotplug acpi`); `None`: native PCIe hotplug.
+    acpi: Option<AcpiSlots>,
 }
+
+#[path = "controller_acpi.rs"]
+mod acpi;
+use acpi::{AcpiAdd, AcpiSlots};
 
 #[path = "controller_reboot.rs"]
 mod reboot;
@@ -188,6 +196,7 @@ impl Controller {
             add_started: HashMap::new(),
             counters: None,
             pause: None,
+            acpi: None,
         }
     }
 
@@ -345,6 +354,7 @@ impl Controller {
             state: self.vm_state(),
             console: self.summary.console.clone(),
             placement: self.summary.placement.clone(),
+            hotplug: Some(self.summary.hotplug),
         }
     }
 
@@ -466,10 +476,15 @@ impl Controller {
             reply.reply(r.ok_or(ApiError::UnknownDevice { id: req.id }));
             return;
         }
-        let pressed = self
-            .segment
-            .port(port)
-            .map(|p| p.locked().press_attention_button());
+        let pressed = if self.acpi.is_some() {
+            Some(self.acpi_request_eject(port))
+        } else {
+            self.segment.port(port).map(|p| {
+                p.locked()
+                    .press_attention_button()
+                    .map_err(|e| e.to_string())
+            })
+        };
         match pressed {
             Some(Ok(())) => {
                 if let Some(d) = self.passthrough.get_mut(&id) {
@@ -514,7 +529,10 @@ impl Controller {
         let d = self.passthrough.get(id)?;
         if let Some(port) = self.segment.port(d.port) {
             let mut port = port.locked();
-            let taken = if surprise {
+            let was_in_slot = port.slot_state() != SlotState::Empty;
+            // With ACPI hotplug the guest's _EJ0 is its consent: the slot has no power
+            // controller of its own to check.
+            let taken = if surprise || self.acpi.is_some() {
                 port.surprise_remove()
             } else {
                 port.take_device()
@@ -523,6 +541,10 @@ impl Controller {
                 // Not in the slot yet (an add that never got there) or already out.
                 log::debug!("device {id}: slot removal: {e}");
             }
+            drop(port);
+            // Presence goes in any case (a reboot took the device out of its slot already);
+            // the guest is told only of a device it may still hold.
+            self.acpi_slot_left(d.port, surprise && was_in_slot);
         }
         // Out of epoll before the device's fds are closed.
         self.unwatch_vfio(id, ops);
@@ -551,6 +573,7 @@ impl Controller {
     /// Advances every pending operation: slot accepted, guest took the device, guest powered the
     /// slot off, or a deadline passed.
     fn advance(&mut self, ops: &mut EventOps) {
+        self.acpi_collect();
         let now = Instant::now();
         let ids: Vec<DeviceId> = self.ops.keys().cloned().collect();
         for id in ids {
@@ -561,6 +584,7 @@ impl Controller {
                 self.ops.insert(id, op);
             }
         }
+        self.acpi_renotify(now);
         self.arm_timer();
     }
 
@@ -609,7 +633,26 @@ impl Controller {
         now: Instant,
         ops: &mut EventOps,
     ) -> Option<Op> {
-        match self.passthrough.insert_into_slot(id, &self.segment) {
+        let inserted = if self.acpi.is_some() {
+            match self.acpi_insert(id, port_index) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(PassthroughError::Slot {
+                    port: port_index,
+                    source: rvmm_pci::SlotError::EventPending {
+                        slot: self
+                            .segment
+                            .ports()
+                            .get(port_index)
+                            .map_or(0, |p| p.slot_number),
+                        status: 0,
+                    },
+                }),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.passthrough.insert_into_slot(id, &self.segment)
+        };
+        match inserted {
             Ok(()) => Some(Op::WaitingForGuest {
                 deadline: (now + ADD_GUEST_TIMEOUT).min(end),
                 reply,
@@ -645,10 +688,24 @@ impl Controller {
         now: Instant,
         ops: &mut EventOps,
     ) -> Option<Op> {
-        let present = self
-            .segment
-            .port(port_index)
-            .is_some_and(|p| p.locked().slot_state() == SlotState::Present);
+        let present = if self.acpi.is_some() {
+            match self.acpi_guest_took(id, port_index) {
+                AcpiAdd::Taken => true,
+                AcpiAdd::Waiting => false,
+                AcpiAdd::Failed(status) => {
+                    let step = format!(
+                        "the guest's ACPI hotplug reported failure {status:#x} enabling slot {}",
+                        port_index + 1
+                    );
+                    self.fail_add(id, reply, step, ADD_GUEST_TIMEOUT, ops);
+                    return None;
+                }
+            }
+        } else {
+            self.segment
+                .port(port_index)
+                .is_some_and(|p| p.locked().slot_state() == SlotState::Present)
+        };
         if present {
             if let Some(d) = self.passthrough.get_mut(id) {
                 d.state = DeviceState::Present;
@@ -685,10 +742,13 @@ impl Controller {
         now: Instant,
         ops: &mut EventOps,
     ) -> Option<Op> {
-        let powered_off = self
-            .segment
-            .port(port_index)
-            .is_some_and(|p| p.locked().guest_powered_off());
+        let powered_off = if self.acpi.is_some() {
+            self.acpi_ejected(port_index)
+        } else {
+            self.segment
+                .port(port_index)
+                .is_some_and(|p| p.locked().guest_powered_off())
+        };
         let (reason, surprise) = if powered_off {
             (RemovalReason::GuestEjected, false)
         } else if now >= removal.deadline {
@@ -731,11 +791,13 @@ impl Controller {
             self.stats.record(HotplugOpKind::AddFailed, asked.elapsed());
         }
         if let Some(d) = self.passthrough.get(id) {
-            if let Some(port) = self.segment.port(d.port) {
+            let index = d.port;
+            let removed = self.segment.port(index).is_some_and(|port| {
                 let mut port = port.locked();
-                if port.slot_state() != SlotState::Empty {
-                    let _ = port.surprise_remove();
-                }
+                port.slot_state() != SlotState::Empty && port.surprise_remove().is_ok()
+            });
+            if removed {
+                self.acpi_slot_left(index, true);
             }
         }
         self.unwatch_vfio(id, ops);
@@ -817,19 +879,35 @@ impl Controller {
         }
     }
 
+    /// The earliest moment something must happen without the guest doing anything: an
+    /// operation's deadline, or an unread ACPI notification to signal again.
+    fn next_wake(&self) -> Option<Instant> {
+        let deadlines = self.ops.values().map(|op| match op {
+            Op::WaitingForSlot { deadline, .. } | Op::WaitingForGuest { deadline, .. } => *deadline,
+            Op::Removing(r) => r.deadline,
+        });
+        deadlines.chain(self.acpi_next_wake()).min()
+    }
+
+    /// Arms the timer for [`Controller::next_wake`] (one shot), or disarms it. Guest actions
+    /// that advance an operation wake the controller through the slot notifier, so the timer
+    /// is only for deadlines.
     fn arm_timer(&mut self) {
-        let want = !self.ops.is_empty();
-        if want == self.timer_armed {
+        let next = self.next_wake();
+        if next.is_none() && !self.timer_armed {
             return;
         }
         if let Some(t) = self.timer.as_mut() {
-            let r = if want {
-                t.reset(OP_TICK, Some(OP_TICK))
-            } else {
-                t.clear()
+            let r = match next {
+                // A zero expiry would disarm the timer: at least a millisecond.
+                Some(at) => t.reset(
+                    at.saturating_duration_since(Instant::now()).max(MIN_TIMER),
+                    None,
+                ),
+                None => t.clear(),
             };
             match r {
-                Ok(()) => self.timer_armed = want,
+                Ok(()) => self.timer_armed = next.is_some(),
                 Err(e) => log::warn!("hotplug timer: {e}"),
             }
         }

@@ -3,5 +3,7 @@
 //! every step, and removes a device at once when the host takes it back or reports it failed.
 
 pub mod controller;
+pub mod mode;
 
 pub use controller::Controller;
+pub use mode::HotplugMode;

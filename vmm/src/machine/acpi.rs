@@ -3,7 +3,7 @@
 
 use rvmm_acpi::{
     IoApic, IoWindow, LegacyDevices, MachineDescription, MmioWindow, Numa, NumaNode, PciHostBridge,
-    PowerButton, PowerManagement, RootPort, SerialPort,
+    PciHotplug, PowerButton, PowerManagement, RootPort, SerialPort,
 };
 use rvmm_devices::acpi_pm::{
     RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, SLEEP_TYPE_S5,
@@ -53,6 +53,8 @@ pub struct Machine<'a> {
     pub numa: Option<&'a GuestTopology>,
     /// With `--numa`, the host bridge of each root bus (one per guest node holding ports).
     pub numa_bridges: &'a [rvmm_acpi::NumaBridge],
+    /// ACPI PCI hotplug (`--hotplug acpi`) instead of native PCIe hotplug.
+    pub acpi_hotplug: bool,
 }
 
 /// The ACPI NUMA description of `topology` for `ports` root ports on the host bridges
@@ -145,6 +147,9 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &Machine) -> Result<u64, Acp
         power_button: Some(PowerButton {
             event_port: layout::GED_PORT as u16,
             irq: layout::GED_IRQ as u8,
+        }),
+        pci_hotplug: machine.acpi_hotplug.then_some(PciHotplug {
+            port: layout::PCI_HOTPLUG_PORT as u16,
         }),
         legacy: LegacyDevices {
             cmos_rtc: true,

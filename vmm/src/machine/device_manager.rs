@@ -9,6 +9,7 @@ use rvmm_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_COUNT};
 use rvmm_devices::cmos::{Cmos, CMOS_PORT_COUNT};
 use rvmm_devices::ged::{Ged, GED_PORT_COUNT};
 use rvmm_devices::i8042::{I8042, I8042_PORT_COUNT};
+use rvmm_devices::pci_hotplug::{PciHotplug, PCI_HOTPLUG_PORT_COUNT};
 use rvmm_devices::serial::{Serial, SERIAL_PORT_COUNT};
 use rvmm_devices::sync::MutexExt;
 use rvmm_devices::{Bus, BusError, Interrupt, SharedBusDevice, VmEvents};
@@ -19,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::types::{ConsoleInfo, ConsoleKind};
 use crate::device::passthrough::{Passthrough, PassthroughError};
 use crate::device::{DeviceSpec, InheritedFds};
+use crate::hotplug::HotplugMode;
 use crate::kvm::guest_mmio::KvmGuestMmio;
 use crate::kvm::irq_routing::GsiRouter;
 use crate::machine::acpi;
@@ -76,6 +78,9 @@ pub enum DeviceError {
     /// A device added before boot after the VM was booted.
     #[error("the VM is booted: add devices to it with a hot-add")]
     Booted,
+    /// The ACPI PCI hotplug registers could not get their wake-up line.
+    #[error("cannot create the wake-up line of the ACPI PCI hotplug registers")]
+    PciHotplugWake(#[source] std::io::Error),
     /// The serial output could not be opened.
     #[error("cannot open the serial console output")]
     SerialOutput(#[source] std::io::Error),
@@ -94,6 +99,8 @@ pub type Result<T> = std::result::Result<T, DeviceError>;
 pub struct DeviceManager {
     serial: Option<Arc<Mutex<Serial>>>,
     ged: Option<Arc<Mutex<Ged>>>,
+    /// The ACPI PCI hotplug registers, with `--hotplug acpi`.
+    pci_hotplug: Option<Arc<Mutex<PciHotplug>>>,
     console_writer: Option<ConsoleWriter>,
     console_host: Option<ConsoleHost>,
     console_info: ConsoleInfo,
@@ -115,6 +122,7 @@ struct AcpiInputs {
     root_ports: Vec<(u8, u8, u16, u32)>,
     numa: Option<GuestTopology>,
     numa_bridges: Vec<rvmm_acpi::NumaBridge>,
+    acpi_hotplug: bool,
 }
 
 /// The parts of the VM the devices are built on.
@@ -153,6 +161,7 @@ impl DeviceManager {
         let mut dm = Self {
             serial: None,
             ged: None,
+            pci_hotplug: None,
             console_writer: None,
             console_host: None,
             console_info: ConsoleInfo {
@@ -195,7 +204,11 @@ impl DeviceManager {
             root_ports: pci.acpi_ports(),
             numa: guest_topology.cloned(),
             numa_bridges: pci.numa_bridges(),
+            acpi_hotplug: config.hotplug == HotplugMode::Acpi,
         };
+        if config.hotplug == HotplugMode::Acpi {
+            dm.add_pci_hotplug(pio, &pci)?;
+        }
         dm.rsdp = dm.write_acpi_tables(memory)?;
         let router = Arc::new(GsiRouter::new(vm_fd.clone()));
         let guest_mmio = Arc::new(KvmGuestMmio::new(
@@ -215,6 +228,12 @@ impl DeviceManager {
             );
         }
         attach_boot_devices(&mut passthrough, &pci, &config.devices)?;
+        if let Some(registers) = &dm.pci_hotplug {
+            let mut registers = registers.locked();
+            for d in passthrough.devices() {
+                registers.set_present_at_boot(d.port);
+            }
+        }
         dm.pci = Some(pci);
         dm.passthrough = Some(passthrough);
         Ok(dm)
@@ -273,6 +292,35 @@ impl DeviceManager {
         self.register(pio, "CMOS RTC", &cmos, layout::CMOS_PORT, CMOS_PORT_COUNT)
     }
 
+    /// The ACPI PCI hotplug registers, one slot per root port; the guest's `_EJ0` and `_OST`
+    /// wake the VM controller through the slot notifier.
+    fn add_pci_hotplug(&mut self, pio: &Arc<Bus>, pci: &PciRoot) -> Result<()> {
+        let wake = pci
+            .notifier
+            .event()
+            .try_clone()
+            .map_err(DeviceError::PciHotplugWake)?;
+        let registers = Arc::new(Mutex::new(PciHotplug::new(
+            pci.segment.ports().len(),
+            Arc::new(wake),
+        )));
+        let shared: SharedBusDevice = registers.clone();
+        self.register(
+            pio,
+            "ACPI PCI hotplug registers",
+            &shared,
+            layout::PCI_HOTPLUG_PORT,
+            PCI_HOTPLUG_PORT_COUNT,
+        )?;
+        self.pci_hotplug = Some(registers);
+        Ok(())
+    }
+
+    /// The ACPI PCI hotplug registers, with `--hotplug acpi`.
+    pub fn pci_hotplug(&self) -> Option<Arc<Mutex<PciHotplug>>> {
+        self.pci_hotplug.clone()
+    }
+
     /// An EventFd registered as irqfd on `gsi`, as an [`Interrupt`].
     fn irqfd(
         &mut self,
@@ -327,6 +375,7 @@ impl DeviceManager {
                 numa: self.acpi.numa.as_ref(),
                 numa_bridges: &self.acpi.numa_bridges,
                 serial: self.serial.is_some(),
+                acpi_hotplug: self.acpi.acpi_hotplug,
             },
         )?)
     }
@@ -344,6 +393,9 @@ impl DeviceManager {
         }
         if let Some(ged) = &self.ged {
             ged.locked().reset();
+        }
+        if let Some(registers) = &self.pci_hotplug {
+            registers.locked().reset();
         }
     }
 

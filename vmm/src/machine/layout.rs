@@ -12,6 +12,9 @@
 //! 0x1_0000_0000 ..           RAM above 4 GiB
 //! align_up(end of RAM, 1 GiB) .. host physical address limit: PCI 64-bit MMIO window
 //! ```
+//!
+//! Port I/O: 0x60/0x64 i8042, 0x70 CMOS, 0x3f8 COM1, 0x600 ACPI PM, 0x603 GED, 0x620 ACPI PCI
+//! hotplug registers (`--hotplug acpi`), 0xcf8 PCI configuration.
 
 /// Where the kernel command line is written.
 pub const CMDLINE_START: u64 = 0x2_0000;
@@ -83,6 +86,8 @@ pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
 pub const ACPI_PM_PORT: u64 = 0x600;
 /// The ACPI Generic Event Device's event register (the power button), right after the PM block.
 pub const GED_PORT: u64 = ACPI_PM_PORT + rvmm_devices::acpi_pm::ACPI_PM_PORT_COUNT;
+/// The ACPI PCI hotplug registers (`--hotplug acpi`), after the GED's.
+pub const PCI_HOTPLUG_PORT: u64 = 0x620;
 /// The GED's ISA IRQ (also its GSI), edge-triggered: free of the serial port (4), the PIT (0,
 /// on GSI 2), the RTC (8) and the i8042 lines (1, 12).
 pub const GED_IRQ: u32 = 5;

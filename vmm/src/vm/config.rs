@@ -183,6 +183,8 @@ pub struct VmConfig {
     pub numa: Vec<GuestNodeArg>,
     /// What a guest reset does (`--on-reboot`): restart in place or end the VM (the default).
     pub on_reboot: OnReboot,
+    /// How hotplug reaches the guest (`--hotplug`): native PCIe hotplug (the default) or ACPI.
+    pub hotplug: crate::hotplug::HotplugMode,
 }
 
 impl Default for VmConfig {
@@ -212,6 +214,7 @@ impl Default for VmConfig {
             cpu_affinity: None,
             numa: Vec::new(),
             on_reboot: OnReboot::default(),
+            hotplug: Default::default(),
         }
     }
 }
@@ -425,6 +428,7 @@ mod tests {
             seccomp: SeccompMode::On,
             event_log: None,
             on_reboot: Default::default(),
+            hotplug: Default::default(),
         }
     }
 

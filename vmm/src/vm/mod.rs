@@ -268,6 +268,7 @@ impl Vm {
                 hugepages: config.memory.hugepages,
                 console,
                 placement: Some(placement.clone()),
+                hotplug: config.hotplug,
             },
             api_socket: config.api_socket.clone(),
             seccomp: config.seccomp,
@@ -480,6 +481,9 @@ impl Vm {
         let cold_plugged = controller.devices();
         if let Some(ged) = self.devices.ged() {
             controller = controller.with_power_button(ged);
+        }
+        if let Some(registers) = self.devices.pci_hotplug() {
+            controller = controller.with_acpi_hotplug(registers);
         }
         let controller = Arc::new(Mutex::new(controller));
         let id = event_loop.add_subscriber(controller.clone());
