@@ -248,6 +248,8 @@ pub struct NumaBridge {
     pub ports: Vec<usize>,
     /// The memory windows it forwards (its ports' windows).
     pub windows: Vec<MmioWindow>,
+    /// The I/O windows it forwards (its ports' I/O windows).
+    pub io_windows: Vec<IoWindow>,
 }
 
 /// One proximity domain.
@@ -334,6 +336,9 @@ impl Numa {
                     .any(|w| w.size == 0 || w.last().is_none())
                 {
                     return err("empty or wrapping host bridge window".into());
+                }
+                if bridge.io_windows.iter().any(|w| w.last().is_none()) {
+                    return err("empty host bridge I/O window or one past port 0xffff".into());
                 }
             }
             if seen.iter().any(|s| !*s) {

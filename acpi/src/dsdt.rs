@@ -305,10 +305,17 @@ fn numa_host_bridges(
             let config_ports =
                 IO::new(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, PCI_CONFIG_IO_LEN);
             let windows: Vec<RawAml> = bridge.windows.iter().map(window_descriptor).collect();
+            // Validated: every I/O window is non-empty and ends at port 0xffff at most.
+            let io_windows: Vec<AddressSpace<u16>> = bridge
+                .io_windows
+                .iter()
+                .filter_map(|w| Some(AddressSpace::new_io(w.base, w.last()?, None)))
+                .collect();
             let mut resources: Vec<&dyn Aml> = vec![&buses];
             if g == 0 {
                 resources.push(&config_ports);
             }
+            resources.extend(io_windows.iter().map(|w| w as &dyn Aml));
             resources.extend(windows.iter().map(|w| w as &dyn Aml));
             let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
             let osc = osc_method(hotplug.is_none());
@@ -666,6 +673,10 @@ mod tests {
                     base: 0xc000_0000,
                     size: 0x100_0000,
                 }],
+                io_windows: vec![crate::description::IoWindow {
+                    base: 0x1000,
+                    size: 0x1000,
+                }],
             },
             NumaBridge {
                 domain: 1,
@@ -682,6 +693,10 @@ mod tests {
                         size: 0x10_0000_0000,
                     },
                 ],
+                io_windows: vec![crate::description::IoWindow {
+                    base: 0x2000,
+                    size: 0x1000,
+                }],
             },
         ];
         desc
@@ -704,6 +719,23 @@ mod tests {
         // The second bridge forwards its 64-bit window, the first does not.
         let base64 = 0x100_0000_0000u64.to_le_bytes();
         assert!(contains(second, &base64) && !contains(first, &base64));
+        // Each bridge forwards its ports' I/O windows: WordIO 0x1000-0x1fff, 0x2000-0x2fff.
+        let io = |base: u16| {
+            [
+                0x88,
+                0x0d,
+                0x00,
+                0x01,
+                0x0c,
+                0x03,
+                0x00,
+                0x00,
+                base as u8,
+                (base >> 8) as u8,
+            ]
+        };
+        assert!(contains(first, &io(0x1000)) && !contains(first, &io(0x2000)));
+        assert!(contains(second, &io(0x2000)) && !contains(second, &io(0x1000)));
         // Only PCI0 claims the configuration ports.
         let cf8 = [0x47, 0x01, 0xf8, 0x0c];
         assert!(contains(first, &cf8) && !contains(second, &cf8));
@@ -739,6 +771,7 @@ mod tests {
             bus_end: 0xff,
             ports: vec![0],
             windows: Vec::new(),
+            io_windows: Vec::new(),
         }];
         assert!(
             matches!(desc.validate(), Err(Error::Numa(_))),

@@ -160,6 +160,16 @@ impl PciRoot {
                             size: w.size,
                         })
                         .collect(),
+                    io_windows: ports
+                        .iter()
+                        .filter_map(|p| p.windows.io)
+                        .filter_map(|w| {
+                            Some(rvmm_acpi::IoWindow {
+                                base: u16::try_from(w.base).ok()?,
+                                size: u32::try_from(w.size).ok()?,
+                            })
+                        })
+                        .collect(),
                 }
             })
             .collect()
