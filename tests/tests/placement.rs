@@ -12,6 +12,9 @@
 //!   host node (two `bind:` mappings in `numa_maps`) and each vCPU thread runs on its node's CPU;
 //!   the drive sits in a root port of guest node 1 (behind that node's host bridge: guest bus
 //!   81) and its `numa_node` in the guest is 1; `info` shows the guest topology;
+//! - `numa_hotadd`: the same two guest nodes without a device at start; the drive hot-added
+//!   goes to a free root port of guest node 1 (guest bus 0x81 and up) and its `numa_node` in the
+//!   guest is 1;
 //! - refusals, made before anything is reserved (no `reserved ... of guest RAM` in rvmm's info
 //!   log): a node that cannot hold the RAM (with the numbers), a node that does not exist, an
 //!   affinity naming a CPU the host does not have.
@@ -93,6 +96,7 @@ vfio_bind "$NODE1_NVME"
     scenario += &auto.script();
     scenario += &explicit.script();
     scenario += &numa.script();
+    scenario += &numa_hotadd_script();
     scenario += &format!(
         "rvmm_capture numa_sum run {VALID} --cpus 2 --memory size=256M \
          --numa guest_node=0,cpus=0,size=128M --numa guest_node=1,cpus=1,size=64M\n"
@@ -105,6 +109,32 @@ vfio_bind "$NODE1_NVME"
     scenario += &format!("rvmm_capture no_node run {VALID} --memory size=256M,host_node=3\n");
     scenario += &format!("rvmm_capture bad_affinity run {VALID} --cpus 2,affinity=5\n");
     scenario
+}
+
+/// The `numa_hotadd` run: two guest nodes as in `numa`, the guest's device monitor, and the
+/// node-1 drive hot-added while it watches.
+fn numa_hotadd_script() -> String {
+    let args = GuestRun::new("numa_hotadd")
+        .cpus(2)
+        .memory(&format!("size={GUEST_MIB}M"))
+        .guest_scenario("monitor", &["rvmm.hold=120"])
+        .arg("--api-socket")
+        .arg("/tmp/rvmm-numa_hotadd.sock")
+        .arg("--numa")
+        .arg(&format!("guest_node=0,cpus=0,size={NODE_MIB}M,host_node=0"))
+        .arg("--numa")
+        .arg(&format!("guest_node=1,cpus=1,size={NODE_MIB}M,host_node=1"))
+        .rvmm_args();
+    format!(
+        r#"RVMM_TIMEOUT=180
+rvmm_start_lines numa_hotadd {args}
+if rvmm_wait_output numa_hotadd 'GUEST monitor ready' 120; then
+  rvmm_ctl numa_hotadd add add-device "path=/sys/bus/pci/devices/$NODE1_NVME,id=disk1"
+  rvmm_wait_output numa_hotadd 'GUEST pci-added' 30
+fi
+rvmm_stop_monitor numa_hotadd
+"#
+    )
 }
 
 fn output() -> &'static TestHostOutput {
@@ -467,5 +497,49 @@ fn drive_numa_node_in_the_guest_is_the_node_on_host_node_1() {
     run.check(
         node == Some("1"),
         &format!("the drive {nvme} is on guest node {node:?}, not 1"),
+    );
+}
+
+#[test]
+fn a_hot_added_drive_goes_to_a_port_of_the_guest_node_on_its_host_node() {
+    let run = run("numa_hotadd");
+    let added = run
+        .host_all("ctl")
+        .into_iter()
+        .find(|m| m.word(0) == Some("add"));
+    run.check(
+        added.is_some_and(|m| m.field("rc") == Some("0")),
+        &format!(
+            "the hot-add failed: {:?} {:?}",
+            added.map(|m| m.value),
+            run.host_all("ctl_err")
+                .iter()
+                .map(|m| m.value)
+                .collect::<Vec<_>>()
+        ),
+    );
+    let seen = run.guest_all("pci-added");
+    let drive = seen
+        .iter()
+        .find(|m| m.word(1) == Some("1b36:0010"))
+        .unwrap_or_else(|| run.fail("the guest never saw the hot-added drive"));
+    // Guest node 1's ports are on its own root bus, 0x81 and up.
+    let bus = drive
+        .word(0)
+        .and_then(|bdf| bdf.get(5..7))
+        .and_then(|bus| u8::from_str_radix(bus, 16).ok());
+    run.check(
+        bus.is_some_and(|b| b >= 0x81),
+        &format!(
+            "the drive is not behind guest node 1's host bridge: {}",
+            drive.value
+        ),
+    );
+    run.check(
+        drive.field("numa") == Some("1"),
+        &format!(
+            "the drive's numa_node in the guest is not 1: {}",
+            drive.value
+        ),
     );
 }
