@@ -706,7 +706,9 @@ fn pty_console_is_in_info_and_carries_the_guest_both_ways() {
         &format!("the guest's output did not come out of the pty: {lines:?}"),
     );
     run.check(
-        lines.iter().any(|l| l.contains("GUEST console_input hello-pty")),
+        lines
+            .iter()
+            .any(|l| l.contains("GUEST console_input hello-pty")),
         &format!("the line typed into the pty did not reach the guest: {lines:?}"),
     );
     run.check(
