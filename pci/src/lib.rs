@@ -31,5 +31,5 @@ pub use config_access::{EcamAccess, PioConfigAccess, PIO_CONFIG_BASE, PIO_CONFIG
 pub use device::{MsiMessage, MsiSender, PciDevice};
 pub use pcie_cap::{LinkSpeed, LinkWidth};
 pub use root_port::slot::{SlotDevice, SlotError, SlotEvents, SlotState};
-pub use root_port::{PortWindows, RootPort, SharedRootPort};
+pub use root_port::{AerSignal, PortWindows, RootPort, SharedRootPort};
 pub use segment::{PciSegment, PortInfo, SegmentConfig};

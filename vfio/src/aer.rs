@@ -232,6 +232,30 @@ mod tests {
     }
 
     #[test]
+    fn clearing_the_error_signals_the_recovery_notifier() {
+        let fake = FakeDevice::nvme_like();
+        let mut dev = device(&fake);
+        let bit = dev.inject_aer_nonfatal().unwrap();
+        let notifier = dev.aer_cleared_event().unwrap().try_clone().unwrap();
+        assert!(notifier.read().is_err(), "nothing before the guest clears");
+
+        write32(&mut dev, 0x100 + UNCOR_STATUS, bit);
+
+        assert_eq!(notifier.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_write_clearing_nothing_does_not_signal() {
+        let fake = FakeDevice::nvme_like();
+        let mut dev = device(&fake);
+        dev.inject_aer_nonfatal().unwrap();
+
+        write32(&mut dev, 0x100 + UNCOR_STATUS, 0);
+
+        assert!(dev.aer_cleared_event().unwrap().read().is_err());
+    }
+
+    #[test]
     fn the_devices_real_aer_status_is_not_shown_to_the_guest() {
         let fake = FakeDevice::nvme_like();
         fake.with_config(|cfg| put32(cfg, 0x104, 1 << 20));

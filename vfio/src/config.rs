@@ -91,6 +91,9 @@ pub struct ConfigWrite {
     pub msix: MsixWrite,
     /// The guest set Initiate Function Level Reset in Device Control.
     pub flr: bool,
+    /// The guest cleared uncorrectable error status bits of the emulated AER capability (the
+    /// last step of its error recovery).
+    pub aer_cleared: bool,
 }
 
 impl ConfigWrite {
@@ -100,6 +103,7 @@ impl ConfigWrite {
         msi: MsiWrite::None,
         msix: MsixWrite::None,
         flr: false,
+        aer_cleared: false,
     };
 }
 
@@ -477,7 +481,9 @@ impl VirtualConfig {
             result.msix = msix.write_cap(cfg_offset - start, offset, data);
         } else if let Some(aer) = self.aer.as_mut().filter(|a| a.covers(cfg_offset)) {
             if let Some(value) = merge_write(0, offset, data) {
+                let before = aer.registers().uncorrectable_status();
                 aer.write(cfg_offset, value, byte_mask(offset, data.len()));
+                result.aer_cleared = before & !aer.registers().uncorrectable_status() != 0;
             }
         }
         result
