@@ -168,6 +168,24 @@ fn the_test_hosts_aer_service_runs_on_the_drives_root_port() {
     );
 }
 
+// --- the guest ------------------------------------------------------------------------------
+
+#[test]
+fn the_guest_gets_aer_control_and_its_aer_service_binds_the_drives_root_port() {
+    let run = run("recover");
+    let logs: Vec<&str> = run.guest_all("aer_log").iter().map(|m| m.value).collect();
+    run.check(
+        logs.iter()
+            .any(|l| l.contains("_OSC: OS now controls") && l.contains(" AER ")),
+        &format!("_OSC did not give the guest AER control: {logs:?}"),
+    );
+    run.check(
+        logs.iter()
+            .any(|l| l.contains("0000:00:01.0: AER: enabled")),
+        &format!("the guest's AER service is not enabled on the first root port: {logs:?}"),
+    );
+}
+
 // --- recover: a non-fatal error the guest recovers from --------------------------------------
 
 #[test]
