@@ -15,9 +15,10 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Load order of the test host: KVM on (nested) SVM, VFIO, the igb PF driver, NVMe for host-side
-# checks. modprobe adds each module's dependencies first.
+# checks, the kernel's AER error injector (the device error tests). modprobe adds each module's
+# dependencies first.
 HOST_MODULES=(irqbypass kvm ccp kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio-pci
-  dca i2c-algo-bit igb e1000 nvme-core nvme)
+  dca i2c-algo-bit igb e1000 nvme-core nvme aer_inject)
 output="$IMAGES_DIR/host-initramfs.cpio"
 guest_initramfs="$IMAGES_DIR/guest-initramfs.cpio.gz"
 rvmm_bin="$(rvmm_binary)"

@@ -318,7 +318,11 @@ mod tests {
     #[test]
     fn ecam_reaches_extended_config_space() {
         let mut ecam = EcamAccess::new(Arc::new(segment(1)));
-        assert_eq!(read(&mut ecam, ecam_offset(0, 1, 0, 0x100), 4), [0; 4]);
+        // The port's AER capability header: ID 1, version 2, last in the list.
+        assert_eq!(
+            read(&mut ecam, ecam_offset(0, 1, 0, 0x100), 4),
+            [1, 0, 2, 0]
+        );
         assert_eq!(read(&mut ecam, ecam_offset(0, 1, 1, 0xffc), 4), [0xff; 4]);
     }
 

@@ -8,8 +8,11 @@
 //!   and the guest's pciehp.
 //! - [`segment`], [`host_bridge`], [`config_access`]: the host bridge and N root ports of
 //!   segment 0, routed by bus number, behind 0xCF8/0xCFC and ECAM front-ends.
+//! - [`aer`]: Advanced Error Reporting registers (root ports, and an endpoint model for
+//!   passthrough devices).
 //! - [`allocator`]: address ranges and an aligned allocator for BARs inside a port window.
 
+pub mod aer;
 pub mod allocator;
 pub mod bdf;
 pub mod config;
@@ -28,5 +31,5 @@ pub use config_access::{EcamAccess, PioConfigAccess, PIO_CONFIG_BASE, PIO_CONFIG
 pub use device::{MsiMessage, MsiSender, PciDevice};
 pub use pcie_cap::{LinkSpeed, LinkWidth};
 pub use root_port::slot::{SlotDevice, SlotError, SlotEvents, SlotState};
-pub use root_port::{PortWindows, RootPort, SharedRootPort};
+pub use root_port::{AerSignal, PortWindows, RootPort, SharedRootPort};
 pub use segment::{PciSegment, PortInfo, SegmentConfig};

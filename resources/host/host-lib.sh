@@ -74,6 +74,61 @@ pci_find() {
   return 0
 }
 
+# upstream_port BDF: the BDF of the bridge above device BDF (its root port).
+upstream_port() {
+  basename "$(dirname "$(readlink -f "/sys/bus/pci/devices/$1")")"
+}
+
+# le_bytes VALUE COUNT: writes VALUE as COUNT little-endian bytes to stdout (zero bytes from
+# /dev/zero: printf cannot be trusted with NUL).
+le_bytes() {
+  local value=$(($1)) i=0 byte
+  while [ "$i" -lt "$2" ]; do
+    byte=$((value & 255))
+    if [ "$byte" = 0 ]; then
+      head -c 1 /dev/zero
+    else
+      # shellcheck disable=SC2059 # the format is the escape of one byte
+      printf "\\$(printf %03o "$byte")"
+    fi
+    value=$((value >> 8))
+    i=$((i + 1))
+  done
+}
+
+# aer_inject BDF UNCOR_STATUS: makes the kernel's AER core see an uncorrectable error with
+# status UNCOR_STATUS (0x4000 Completion Timeout: non-fatal by default; 0x10 Data Link
+# Protocol: fatal) reported by device BDF, through aer_inject (/dev/aer_inject): it fakes the
+# AER registers of BDF and of its root port and raises the port's AER interrupt. The recovery
+# that follows reaches every driver below the port, vfio-pci's error_detected (the VFIO error
+# interrupt) among them. HOST aer_inject <bdf> <status> ok, or failed <error>.
+aer_inject() {
+  local bdf="$1" status="$2" rest domain bus dev fn
+  domain=$((0x${bdf%%:*}))
+  rest=${bdf#*:}
+  bus=$((0x${rest%%:*}))
+  rest=${rest#*:}
+  dev=$((0x${rest%%.*}))
+  fn=$((${rest#*.}))
+  # struct aer_error_inj: u8 bus, dev, fn, a pad byte, u32 uncor_status, cor_status,
+  # header_log0..3, domain: 32 bytes, written at once.
+  {
+    le_bytes "$bus" 1
+    le_bytes "$dev" 1
+    le_bytes "$fn" 1
+    le_bytes 0 1
+    le_bytes "$status" 4
+    le_bytes 0 20
+    le_bytes "$domain" 4
+  } >/tmp/aer_inject.bin
+  if dd if=/tmp/aer_inject.bin of=/dev/aer_inject bs=32 count=1 2>/tmp/aer_inject.err; then
+    hmark aer_inject "$bdf" "$status" ok
+  else
+    hmark aer_inject "$bdf" "$status" failed "$(tail -n 1 /tmp/aer_inject.err)"
+    return 1
+  fi
+}
+
 # vfio_bind BDF: hands the device to vfio-pci (driver_override, unbind, drivers_probe).
 vfio_bind() {
   local bdf="$1" dev="/sys/bus/pci/devices/$1" driver group

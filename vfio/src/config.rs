@@ -6,7 +6,8 @@
 //! pointers are re-linked to hide capabilities the guest must not use (conventional PCI AF,
 //! ARI, SR-IOV, Resizable BAR); PCIe control fields that could break the host (FLR initiate,
 //! link disable, retrain, ASPM, MPS) keep their host value. A guest's Initiate FLR is reported
-//! ([`ConfigWrite::flr`]) and carried out by the device model through VFIO.
+//! ([`ConfigWrite::flr`]) and carried out by the device model through VFIO. The AER capability
+//! is the guest's own, emulated ([`crate::aer`]).
 
 use std::io;
 use std::ops::Range;
@@ -16,6 +17,7 @@ use thiserror::Error;
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 
 use crate::access::{byte_mask, merge_write};
+use crate::aer::VirtualAer;
 use crate::backend::DeviceBackend;
 use crate::bars::{BarError, Bars, BAR0_REG, NUM_BARS, ROM_REG};
 use crate::caps::{self, CAP_ID_AF, CAP_ID_EXP, CAP_ID_MSI, CAP_ID_MSIX, EXT_CAP_START};
@@ -89,6 +91,9 @@ pub struct ConfigWrite {
     pub msix: MsixWrite,
     /// The guest set Initiate Function Level Reset in Device Control.
     pub flr: bool,
+    /// The guest cleared uncorrectable error status bits of the emulated AER capability (the
+    /// last step of its error recovery).
+    pub aer_cleared: bool,
 }
 
 impl ConfigWrite {
@@ -98,6 +103,7 @@ impl ConfigWrite {
         msi: MsiWrite::None,
         msix: MsixWrite::None,
         flr: false,
+        aer_cleared: false,
     };
 }
 
@@ -120,6 +126,8 @@ pub struct VirtualConfig {
     msix: Option<MsixState>,
     /// Offset of the PCI Express capability.
     exp: Option<usize>,
+    /// The emulated AER capability.
+    aer: Option<VirtualAer>,
     command: u16,
     /// Limits what a guest can make us log through config accesses.
     throttle: LogThrottle,
@@ -192,6 +200,7 @@ impl VirtualConfig {
             msi: None,
             msix: None,
             exp: None,
+            aer: None,
             command: 0,
             throttle: LogThrottle::default(),
         };
@@ -199,6 +208,7 @@ impl VirtualConfig {
         this.virtualize_header(&real, &mut shadow, intx);
         this.virtualize_caps(&real, &mut shadow, backend.can_reset());
         this.virtualize_ext_caps(&mut shadow);
+        this.place_aer(&mut shadow);
         this.shadow = shadow;
         Ok(this)
     }
@@ -300,6 +310,18 @@ impl VirtualConfig {
         }
     }
 
+    /// The AER capability: the device's own taken over, or one provided at 0x100
+    /// ([`VirtualAer::place`]); its registers are virtual.
+    fn place_aer(&mut self, shadow: &mut [u8]) {
+        if shadow.len() <= STD_SIZE {
+            return;
+        }
+        self.aer = VirtualAer::place(shadow, self.exp.is_some());
+        if let Some(range) = self.aer.as_ref().map(VirtualAer::range) {
+            self.virtualize(range);
+        }
+    }
+
     /// Makes `range` read from the virtual copy and drops guest writes to it.
     fn virtualize(&mut self, range: Range<usize>) {
         for offset in range {
@@ -341,6 +363,16 @@ impl VirtualConfig {
     /// The emulated MSI-X state, for table writes.
     pub fn msix_mut(&mut self) -> Option<&mut MsixState> {
         self.msix.as_mut()
+    }
+
+    /// The emulated AER capability, if the device has one.
+    pub fn aer(&self) -> Option<&VirtualAer> {
+        self.aer.as_ref()
+    }
+
+    /// The emulated AER capability, to record an error.
+    pub fn aer_mut(&mut self) -> Option<&mut VirtualAer> {
+        self.aer.as_mut()
     }
 
     /// The command register as the guest last wrote it.
@@ -393,6 +425,9 @@ impl VirtualConfig {
                 return msix.read_cap(offset - start);
             }
         }
+        if let Some(aer) = self.aer.as_ref().filter(|a| a.covers(offset)) {
+            return aer.read(offset);
+        }
         dword(&self.shadow, offset)
     }
 
@@ -444,6 +479,12 @@ impl VirtualConfig {
         {
             let start = msix.info().cap_offset;
             result.msix = msix.write_cap(cfg_offset - start, offset, data);
+        } else if let Some(aer) = self.aer.as_mut().filter(|a| a.covers(cfg_offset)) {
+            if let Some(value) = merge_write(0, offset, data) {
+                let before = aer.registers().uncorrectable_status();
+                aer.write(cfg_offset, value, byte_mask(offset, data.len()));
+                result.aer_cleared = before & !aer.registers().uncorrectable_status() != 0;
+            }
         }
         result
     }

@@ -213,6 +213,19 @@ fn bridge_is_refused() {
 #[test]
 fn passthrough_registers_read_live() {
     let (dev, mut cfg, irqs) = setup();
+    // The Device Serial Number capability's first dword.
+    dev.with_config(|c| put32(c, 0x200 + 4, 0x1234_5678));
+    assert_eq!(cfg.read((0x200 + 4) / 4, &dev, &irqs), 0x1234_5678);
+}
+
+#[test]
+fn aer_registers_are_virtual() {
+    let (dev, mut cfg, irqs) = setup();
     dev.with_config(|c| put32(c, 0x100 + 8, 0x1234_5678));
-    assert_eq!(cfg.read((0x100 + 8) / 4, &dev, &irqs), 0x1234_5678);
+    assert_eq!(
+        cfg.read((0x100 + 8) / 4, &dev, &irqs),
+        rvmm_pci::aer::UNCOR_MASK_DEFAULT
+    );
+    write32(&mut cfg, &dev, 0x100 + 0x0c, 0);
+    assert!(dev.config_writes().is_empty());
 }

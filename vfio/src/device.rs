@@ -94,6 +94,9 @@ pub(crate) struct Inner {
     pub(crate) firmware_bars: Vec<(usize, u64)>,
     /// Limits what a guest can make us log by programming interrupts and BARs.
     pub(crate) throttle: LogThrottle,
+    /// Signalled when the guest clears uncorrectable error status in the emulated AER
+    /// capability ([`VfioPciDevice::aer_cleared_event`]).
+    pub(crate) aer_cleared: Option<Arc<EventFd>>,
 }
 
 /// A passthrough PCI function.
@@ -103,6 +106,7 @@ pub struct VfioPciDevice {
     name: Arc<str>,
     request: Option<Arc<EventFd>>,
     error: Option<Arc<EventFd>>,
+    aer_cleared: Option<Arc<EventFd>>,
 }
 
 /// The sizes of the six BAR regions and of the ROM region the kernel reports (0: none).
@@ -299,6 +303,12 @@ impl VfioPciDevice {
                 .map_err(interrupts_err)?;
         }
 
+        let aer_cleared = vconfig.aer().and_then(|_| {
+            EventFd::new(EFD_NONBLOCK)
+                .map_err(|e| log::warn!("{name}: no AER recovery notifier: {e}"))
+                .ok()
+                .map(Arc::new)
+        });
         let inner = Arc::new_cyclic(|weak| {
             Mutex::new(Inner {
                 name: name.clone(),
@@ -312,6 +322,7 @@ impl VfioPciDevice {
                 notify_irqs,
                 firmware_bars: Vec::new(),
                 throttle: LogThrottle::default(),
+                aer_cleared: aer_cleared.clone(),
             })
         });
         Ok(Self {
@@ -319,6 +330,7 @@ impl VfioPciDevice {
             name,
             request,
             error,
+            aer_cleared,
         })
     }
 
@@ -384,6 +396,13 @@ impl VfioPciDevice {
     /// Signalled when the device reports an uncorrectable error (VFIO error IRQ).
     pub fn error_event(&self) -> Option<&EventFd> {
         self.error.as_deref()
+    }
+
+    /// Signalled when the guest clears uncorrectable error status bits in the device's
+    /// emulated AER capability: how the VMM learns that the guest's error recovery finished.
+    /// `None` without an AER capability.
+    pub fn aer_cleared_event(&self) -> Option<&EventFd> {
+        self.aer_cleared.as_deref()
     }
 
     /// Releases the device: removes its BARs from the guest, tears down irqfds, routes and VFIO
@@ -467,6 +486,16 @@ impl Inner {
         if w.flr {
             self.guest_reset("function level reset");
             return;
+        }
+        if w.aer_cleared {
+            if let Some(e) = &self.aer_cleared {
+                if let Err(e) = e.write(1) {
+                    log::warn!(
+                        "{}: cannot signal the AER recovery notifier: {e}",
+                        self.name
+                    );
+                }
+            }
         }
         if w.msi != MsiWrite::None || w.msix != MsixWrite::None {
             self.sync_interrupts(w.msix);

@@ -6,7 +6,8 @@
 //! - [`host`]: host-side checks (device, driver, IOMMU group, ownership, memlock) with errors
 //!   that name the device and the fix.
 //! - [`VfioPciDevice`]: the passthrough device model: virtual config space (BARs, MSI, MSI-X,
-//!   hidden capabilities, filtered writes), BAR placement in the guest, interrupt wiring, release.
+//!   hidden capabilities, filtered writes), BAR placement in the guest, interrupt wiring, release;
+//!   [`aer`]: the guest's AER capability of the device, where host errors are reported.
 //! - [`limit`]: the passthrough device limit.
 //! - [`sriov`]: SR-IOV VF pools: taking a free VF of a PF, its port policy (MAC address, VLAN,
 //!   spoof checking, trust) through rtnetlink, vfio-pci binding, and giving it back.
@@ -15,6 +16,7 @@
 //! [`GuestMmio`] (memory slots and trapped ranges).
 
 mod access;
+pub mod aer;
 pub mod backend;
 pub mod bars;
 pub mod caps;

@@ -1,13 +1,15 @@
 //! A PCI Express root port with one hot-plug slot.
 //!
 //! The port is a type 1 function (Red Hat's generic root port IDs, 1b36:000c, which Linux drives
-//! without quirks) with a PCI Express capability describing a hot-plug slot and a single-vector
-//! MSI capability that carries the hot-plug interrupts. Its bus numbers and bridge windows are
+//! without quirks) with a PCI Express capability describing a hot-plug slot, a single-vector
+//! MSI capability that carries the hot-plug and error interrupts, and an AER extended
+//! capability with the root error registers ([`aer`]). Its bus numbers and bridge windows are
 //! pre-programmed by the constructor and stay guest-writable. Configuration accesses to the
 //! secondary bus reach the slot's device at 00.0 while the link is active.
 //!
 //! The slot logic (state machine, guest handshake, interrupts) is in [`slot`].
 
+pub mod aer;
 mod reset;
 pub mod slot;
 
@@ -21,6 +23,7 @@ use crate::device::{MsiSender, PciDevice};
 use crate::header::{self, BusNumbers, PciIds};
 use crate::msi::Msi;
 use crate::pcie_cap::{self, LinkSpeed, LinkWidth, PcieCapParams, MAX_SLOT_NUMBER};
+pub use aer::AerSignal;
 use rvmm_devices::sync::MutexExt;
 use slot::{Slot, SlotDevice, SlotEvents};
 
@@ -135,6 +138,8 @@ pub struct RootPort {
     pub(crate) cfg: ConfigSpace,
     /// Offset of the PCI Express capability.
     pub(crate) pcie: usize,
+    /// Offset of the AER extended capability.
+    pub(crate) aer: usize,
     pub(crate) msi: Msi,
     pub(crate) slot: Slot,
     pub(crate) events: Arc<dyn SlotEvents>,
@@ -150,14 +155,15 @@ impl RootPort {
         events: Arc<dyn SlotEvents>,
     ) -> Result<Self> {
         validate(&config)?;
-        let (cfg, pcie, msi) = build_config_space(&config, msi)?;
+        let (cfg, offsets, msi) = build_config_space(&config, msi)?;
         Ok(Self {
             config,
             index: config.index,
             slot_number: config.slot_number,
             windows: config.windows,
             cfg,
-            pcie,
+            pcie: offsets.pcie,
+            aer: offsets.aer,
             msi,
             slot: Slot::default(),
             events,
@@ -256,13 +262,21 @@ impl RootPort {
     }
 }
 
+/// Where [`build_config_space`] put the capabilities the port model works with.
+pub(crate) struct CapOffsets {
+    /// The PCI Express capability.
+    pub(crate) pcie: usize,
+    /// The AER extended capability.
+    pub(crate) aer: usize,
+}
+
 /// The port's configuration space as at power-on: header with the initial bus numbers and
-/// windows, PCI Express capability (empty, powered-off slot) and MSI capability; returns the
-/// space, the offset of the PCI Express capability and the MSI capability.
+/// windows, PCI Express capability (empty, powered-off slot), MSI capability and AER extended
+/// capability; returns the space, the capability offsets and the MSI capability.
 fn build_config_space(
     config: &RootPortConfig,
     msi: Arc<dyn MsiSender>,
-) -> Result<(ConfigSpace, usize, Msi)> {
+) -> Result<(ConfigSpace, CapOffsets, Msi)> {
     let ids = PciIds {
         vendor_id: ROOT_PORT_VENDOR_ID,
         device_id: ROOT_PORT_DEVICE_ID,
@@ -284,7 +298,8 @@ fn build_config_space(
         },
     )?;
     let msi = Msi::add_to(&mut cfg, msi)?;
-    Ok((cfg, pcie, msi))
+    let aer = aer::add_capability(&mut cfg)?;
+    Ok((cfg, CapOffsets { pcie, aer }, msi))
 }
 
 fn validate(config: &RootPortConfig) -> Result<()> {
@@ -466,11 +481,17 @@ mod tests {
     }
 
     #[test]
-    fn capabilities_are_pcie_then_msi() {
+    fn capabilities_are_pcie_then_msi_then_aer() {
         let port = port();
         let caps: Vec<u8> = port.cfg.capabilities().iter().map(|c| c.0).collect();
         assert_eq!(caps, vec![0x10, 0x05]);
-        assert!(port.cfg.extended_capabilities().is_empty());
+        let ext: Vec<u16> = port
+            .cfg
+            .extended_capabilities()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(ext, vec![crate::aer::AER_CAP_ID]);
     }
 
     #[test]

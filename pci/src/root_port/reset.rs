@@ -15,10 +15,11 @@ impl RootPort {
     /// Resets the port to its power-on state, keeping the device in its slot (as present at
     /// boot). Returns whether the slot holds a device.
     pub fn reset_to_power_on(&mut self) -> Result<bool> {
-        let (cfg, pcie, msi) = build_config_space(&self.config, self.msi.sender())?;
+        let (cfg, offsets, msi) = build_config_space(&self.config, self.msi.sender())?;
         let device = self.slot.device.take();
         self.cfg = cfg;
-        self.pcie = pcie;
+        self.pcie = offsets.pcie;
+        self.aer = offsets.aer;
         self.msi = msi;
         self.slot = Slot::default();
         let Some(device) = device else {

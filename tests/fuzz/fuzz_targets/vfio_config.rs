@@ -3,7 +3,7 @@
 //! over the fake NVMe-like VFIO backend.
 //!
 //! Invariants checked after every step: the guest never changes the host device's BARs, ROM,
-//! emulated capabilities (MSI, MSI-X), hidden capabilities (AF, SR-IOV, ARI, Resizable BAR),
+//! emulated capabilities (MSI, MSI-X, AER), hidden capabilities (AF, SR-IOV, ARI, Resizable BAR),
 //! capability headers or the protected PCIe control bits (initiate FLR, MPS, link disable,
 //! retrain, ASPM, ARI forwarding); the identity and BAR type bits it reads never change, unimplemented BARs stay zero; the
 //! capability lists it walks end and never show a hidden capability; registers past the config
@@ -22,8 +22,9 @@ const DEVICE_ID: u32 = 0x10ca_8086;
 /// Byte ranges of the host's config space the guest must never change (see
 /// `FakeDevice::nvme_like` for the layout): IDs, class, header type, BARs, subsystem, ROM,
 /// capability pointer, interrupt line and pin; each capability header; MSI; PCIe Device Capabilities;
-/// MSI-X; AF; the extended headers; SR-IOV, ARI, Resizable BAR.
-const PROTECTED: [Range<usize>; 13] = [
+/// MSI-X; AF; the extended headers; the AER registers (emulated: the guest's are its own);
+/// SR-IOV, ARI, Resizable BAR.
+const PROTECTED: [Range<usize>; 14] = [
     0x00..0x04,
     0x08..0x0c,
     0x0e..0x40,
@@ -34,6 +35,7 @@ const PROTECTED: [Range<usize>; 13] = [
     0xb0..0xbc,
     0xc0..0xc8,
     0x100..0x104,
+    0x104..0x140,
     0x140..0x188,
     0x1c0..0x1f4,
     0x200..0x204,

@@ -50,8 +50,8 @@ pub use events::{EventBus, EventSink, Received, Subscription};
 pub use queue::{ApiRequestQueue, PendingRequest, QueueTimeouts, QueuedHandler, Responder};
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use types::{
-    ConsoleInfo, ConsoleKind, DeviceInfo, Event, EventKind, RemovalReason, RemoveDeviceRequest,
-    RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VmInfo,
+    ConsoleInfo, ConsoleKind, DeviceErrorOutcome, DeviceInfo, Event, EventKind, RemovalReason,
+    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, VfInfo, VmInfo,
 };
 pub use values::ValueError;
 

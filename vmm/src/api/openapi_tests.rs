@@ -9,9 +9,9 @@ use serde_json::Value;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::server::ROUTES;
 use crate::api::types::{
-    ConsoleInfo, ConsoleKind, DeviceInfo, Event, EventKind, PowerButtonRequest, RemovalReason,
-    RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason, ShutdownRequest,
-    VfInfo, VmInfo,
+    ConsoleInfo, ConsoleKind, DeviceErrorOutcome, DeviceInfo, Event, EventKind, PowerButtonRequest,
+    RemovalReason, RemoveDeviceRequest, RemoveDeviceResponse, RootPortUsage, ShutdownReason,
+    ShutdownRequest, VfInfo, VmInfo,
 };
 use crate::device::DeviceId;
 use crate::device::{DeviceSpec, DeviceState};
@@ -255,6 +255,12 @@ fn events() -> Vec<Event> {
             bdf: d.bdf,
             host_bdf: d.host_bdf,
             surprise: false,
+        }),
+        Event::now(EventKind::DeviceError {
+            id: d.id.clone(),
+            bdf: d.bdf,
+            host_bdf: d.host_bdf,
+            outcome: DeviceErrorOutcome::Recovered,
         }),
         Event::now(EventKind::DeviceRemoved {
             id: d.id,

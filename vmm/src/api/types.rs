@@ -286,6 +286,18 @@ pub enum RemovalReason {
     Reboot,
 }
 
+/// How a device error that rvmm forwarded to the guest ended (`device-error` event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceErrorOutcome {
+    /// The guest's AER recovery finished and the device works: it stays.
+    Recovered,
+    /// The device is gone, the host reset it, the guest could not be told, or the guest did not
+    /// recover it in time: it was surprise-removed (a `device-removed` event, reason
+    /// `device-error`, came first).
+    Removed,
+}
+
 /// `PUT /v1/vm/remove-device` answer: the device is released from the VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveDeviceResponse {
@@ -472,6 +484,18 @@ pub enum EventKind {
         host_bdf: Bdf,
         /// Why it left.
         reason: RemovalReason,
+    },
+    /// The host reported an error on the device (the VFIO error interrupt) and it was handled:
+    /// recovered by the guest after rvmm forwarded it as an AER error, or removed.
+    DeviceError {
+        /// The device.
+        id: DeviceId,
+        /// Its guest address.
+        bdf: Bdf,
+        /// Its host address.
+        host_bdf: Bdf,
+        /// How it ended.
+        outcome: DeviceErrorOutcome,
     },
     /// Every vCPU is parked (`PUT /v1/vm/pause`).
     VmPaused,

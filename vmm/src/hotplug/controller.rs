@@ -1,6 +1,8 @@
 //! The VM controller: the event-loop subscriber that changes the device tree. It answers the
 //! control API, drives hotplug through the root-port slots (waiting for the guest's pciehp at every
-//! step) and removes a device at once when the host takes it back or reports it failed.
+//! step) and removes a device at once when the host takes it back. A device error the host
+//! reports is forwarded to the guest's AER recovery first (`controller_errors.rs`); removal is
+//! the fallback.
 //!
 //! It also pauses and resumes the VM ([`VmPause`]); while paused, hotplug requests are refused
 //! (the guest takes part in every hotplug), but a device the host takes back is still
@@ -110,6 +112,8 @@ struct Removal {
 enum VfioIrq {
     Request,
     Error,
+    /// The guest cleared uncorrectable error status in the device's AER capability.
+    AerCleared,
 }
 
 /// The event-loop subscriber that owns the passthrough devices.
@@ -138,11 +142,17 @@ pub struct Controller {
     pause: Option<VmPause>,
     /// ACPI hotplug (`--hotplug acpi`); `None`: native PCIe hotplug.
     acpi: Option<AcpiSlots>,
+    /// Device errors forwarded to the guest, waiting for its recovery.
+    recoveries: errors::Recoveries,
 }
 
 #[path = "controller_acpi.rs"]
 mod acpi;
 use acpi::{AcpiAdd, AcpiSlots};
+
+#[path = "controller_errors.rs"]
+mod errors;
+pub use errors::ERROR_RECOVERY_TIMEOUT;
 
 #[path = "controller_reboot.rs"]
 mod reboot;
@@ -197,6 +207,7 @@ impl Controller {
             counters: None,
             pause: None,
             acpi: None,
+            recoveries: errors::Recoveries::new(),
         }
     }
 
@@ -550,6 +561,7 @@ impl Controller {
         self.unwatch_vfio(id, ops);
         let d = self.passthrough.detach(id)?;
         self.ops.remove(id);
+        self.recoveries.remove(id);
         let bdf = d.guest_bdf;
         let host = d.host.bdf;
         self.add_started.remove(id);
@@ -585,6 +597,7 @@ impl Controller {
             }
         }
         self.acpi_renotify(now);
+        self.check_recoveries(now, ops);
         self.arm_timer();
     }
 
@@ -808,7 +821,7 @@ impl Controller {
     fn host_event(&mut self, id: &DeviceId, kind: VfioIrq, ops: &mut EventOps) {
         let reason = match kind {
             VfioIrq::Request => RemovalReason::HostRequest,
-            VfioIrq::Error => RemovalReason::DeviceError,
+            VfioIrq::Error | VfioIrq::AerCleared => RemovalReason::DeviceError,
         };
         log::warn!("device {id}: {reason:?}, surprise-removing it from the guest");
         let pending = self.ops.remove(id);
@@ -848,6 +861,10 @@ impl Controller {
                 d.device.error_event().map(|e| e.as_raw_fd()),
                 VfioIrq::Error,
             ),
+            (
+                d.device.aer_cleared_event().map(|e| e.as_raw_fd()),
+                VfioIrq::AerCleared,
+            ),
         ];
         for (fd, kind) in fds {
             let Some(fd) = fd else { continue };
@@ -886,7 +903,10 @@ impl Controller {
             Op::WaitingForSlot { deadline, .. } | Op::WaitingForGuest { deadline, .. } => *deadline,
             Op::Removing(r) => r.deadline,
         });
-        deadlines.chain(self.acpi_next_wake()).min()
+        deadlines
+            .chain(self.acpi_next_wake())
+            .chain(self.next_recovery_deadline())
+            .min()
     }
 
     /// Arms the timer for [`Controller::next_wake`] (one shot), or disarms it. Guest actions
@@ -945,7 +965,11 @@ impl MutEventSubscriber for Controller {
                 let mut buf = [0u8; 8];
                 // SAFETY: reading 8 bytes from an eventfd we registered into a stack buffer.
                 unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                self.host_event(&id, kind, ops);
+                match kind {
+                    VfioIrq::Request => self.host_event(&id, kind, ops),
+                    VfioIrq::Error => self.device_error(&id, ops),
+                    VfioIrq::AerCleared => self.advance(ops),
+                }
             }
         }
     }

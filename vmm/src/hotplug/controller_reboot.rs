@@ -63,6 +63,7 @@ impl Controller {
             }
         }
         self.add_started.clear();
+        self.end_recoveries_at_reboot();
         self.arm_timer();
         for index in 0..self.segment.ports().len() {
             let Some(port) = self.segment.port(index) else {
