@@ -5,7 +5,9 @@
 //! NIC through its I/O BAR in the root port's I/O window, and pings the test host, with the NIC
 //! cold-plugged and hot-added (and hot-removed). And guest-initiated resets: the guest resets
 //! a passed-through NVMe drive through sysfs while its driver runs (an FLR, which rvmm
-//! advertises and carries out with `VFIO_DEVICE_RESET`), and I/O works after it.
+//! advertises and carries out with `VFIO_DEVICE_RESET`), and I/O works after it; then its
+//! driver is rebound twice, first with MSI forbidden (it runs on INTx), then with MSI allowed
+//! again (MSI-X): the interrupt mode switches at run time, with I/O on each.
 //!
 //! One test host run, three rvmm runs: `cold` (`--device` at boot), `hot` (`add-device` and
 //! `remove-device` through the API while the guest waits for it) and `reset` (the NVMe).
@@ -297,12 +299,47 @@ fn guest_resets_the_nvme_through_sysfs_with_an_flr() {
 fn nvme_io_works_after_the_guest_reset_it() {
     let run = run("reset");
     run.expect_guest("nvme_reset");
+    // The first two: before and after the reset (the interrupt switches follow).
     let patterns = run.guest_all("nvme_pattern");
     run.check(
-        patterns.len() == 2 && patterns.iter().all(|p| p.word(1) == Some("ok")),
+        patterns.len() >= 2 && patterns.iter().take(2).all(|p| p.word(1) == Some("ok")),
         &format!(
             "the pattern before and after the reset were not both read back: {:?}",
             patterns.iter().map(|p| p.value).collect::<Vec<_>>()
+        ),
+    );
+}
+
+#[test]
+fn nvme_driver_switches_from_msix_to_intx_and_back_at_run_time_with_io_on_each() {
+    let run = run("reset");
+    let switches = run.guest_all("irq_switch");
+    let values: Vec<&str> = switches.iter().map(|m| m.value).collect();
+    run.check(
+        switches.len() == 2,
+        &format!("the guest did not switch the drive's interrupts twice: {values:?}"),
+    );
+    let fired = |m: &Marker<'_>| m.field("fired").and_then(|f| f.parse::<u64>().ok());
+    let intx = &switches[0];
+    run.check(
+        intx.field("msi_bus") == Some("0")
+            && intx.field("mode") == Some("intx")
+            && fired(intx).is_some_and(|n| n > 0)
+            && intx.field("io") == Some("ok"),
+        &format!(
+            "without MSI the driver did not run its I/O on the INTx line: {}",
+            intx.value
+        ),
+    );
+    let msix = &switches[1];
+    run.check(
+        msix.field("msi_bus") == Some("1")
+            && msix.field("mode") == Some("msix")
+            && fired(msix).is_some_and(|n| n > 0)
+            && msix.field("io") == Some("ok"),
+        &format!(
+            "back on MSI-X the driver did not run its I/O: {}",
+            msix.value
         ),
     );
 }
