@@ -11,6 +11,9 @@
 //! - `unrecovered`: the same error, but the guest has no driver for the drive, so its AER
 //!   recovery fails and leaves the error set: after rvmm's deadline the drive is
 //!   surprise-removed (`device-error` `removed`) and the VM keeps running.
+//! - `paused`: the non-fatal error arrives while the VM is paused and stays paused past rvmm's
+//!   recovery deadline: the deadline waits for the guest, which recovers the drive after the
+//!   resume (`recovered`, no removal).
 //! - `fatal`: a fatal error; the test host's recovery resets the link below the port, so the
 //!   drive lost what the guest set up: surprise removal (`device-error` `removed`).
 //!
@@ -37,6 +40,11 @@ static RUN: SharedRun = SharedRun::new();
 /// The lines of one rvmm run: the drive cold-plugged, the events followed, the error injected
 /// on the drive's root port once the guest is ready, the run waited for.
 fn guest_run(name: &str, params: &[&str], status: &str) -> String {
+    guest_run_with(name, params, &format!("aer_inject \"$PORT\" {status}"))
+}
+
+/// [`guest_run`] with `inject`, the lines that inject the error.
+fn guest_run_with(name: &str, params: &[&str], inject: &str) -> String {
     let args = GuestRun::new(name)
         .cpus(2)
         .memory("size=512M")
@@ -53,7 +61,7 @@ fn guest_run(name: &str, params: &[&str], status: &str) -> String {
          ctl_events {name}\n\
          if rvmm_wait_output {name} 'GUEST aer_ready' 120; then\n\
          sleep 1\n\
-         aer_inject \"$PORT\" {status}\n\
+         {inject}\n\
          fi\n\
          rvmm_wait_lines {name}\n"
     )
@@ -77,6 +85,17 @@ fn scenario() -> String {
             "rvmm.aer_until=removed",
         ],
         NON_FATAL,
+    );
+    // Paused longer than rvmm's 10 s recovery deadline.
+    s += &guest_run_with(
+        "paused",
+        &["rvmm.hold=90", &pattern],
+        &format!(
+            "rvmm_ctl paused pause pause\n\
+             aer_inject \"$PORT\" {NON_FATAL}\n\
+             sleep 14\n\
+             rvmm_ctl paused resume resume"
+        ),
     );
     s += &guest_run(
         "fatal",
@@ -287,4 +306,36 @@ fn a_fatal_error_ends_in_surprise_removal() {
     );
     assert_error_event(&run, "removed");
     assert_clean_poweroff(&run, run.rvmm_exit(), &["aer_end", "done"], POWERED_OFF);
+}
+
+// --- paused: the error arrives while the VM is paused ----------------------------------------
+
+#[test]
+fn an_error_while_paused_waits_for_the_guest_and_is_recovered_after_the_resume() {
+    let run = run("paused");
+    assert_injected(&run);
+    for label in ["pause", "resume"] {
+        let call = run
+            .host_all("ctl")
+            .into_iter()
+            .find(|m| m.word(0) == Some(label));
+        run.check(
+            call.is_some_and(|m| m.field("rc") == Some("0")),
+            &format!("rvmm ctl {label} failed: {:?}", call.map(|m| m.value)),
+        );
+    }
+    let end = aer_end(&run);
+    run.check(
+        end.word(0) == Some("recovered"),
+        &format!(
+            "the guest did not recover the drive after the resume: aer_end {}",
+            end.value
+        ),
+    );
+    assert_error_event(&run, "recovered");
+    let removed = events(&run, "device-removed");
+    run.check(
+        removed.is_empty(),
+        &format!("the drive was removed while the VM was paused: {removed:?}"),
+    );
 }

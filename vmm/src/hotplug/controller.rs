@@ -304,6 +304,11 @@ impl Controller {
         }
     }
 
+    /// Whether the VM is paused (never without pause support).
+    fn vm_paused(&self) -> bool {
+        self.pause.as_ref().is_some_and(|p| p.is_paused())
+    }
+
     /// Refuses hotplug request `what` while the VM is paused.
     fn refuse_while_paused(&self, what: &str) -> Result<(), ApiError> {
         self.pause

@@ -90,6 +90,11 @@ enum Step {
     Failed(Failure),
 }
 
+/// The deadline of a recovery whose deadline passed while the VM was paused.
+fn paused_deadline(now: Instant) -> Instant {
+    now + ERROR_RECOVERY_TIMEOUT
+}
+
 /// Where a recovery stands: the guest's uncorrectable status (`None`: the device lost its AER
 /// capability, i.e. it was released), the device's health (asked only once the guest cleared
 /// the error) and the time.
@@ -170,13 +175,22 @@ impl Controller {
         })
     }
 
-    /// Looks at every recovery in progress: recovered, removed, or still waiting.
+    /// Looks at every recovery in progress: recovered, removed, or still waiting. While the VM
+    /// is paused the guest cannot recover anything: a deadline that passes then is moved to a
+    /// full [`ERROR_RECOVERY_TIMEOUT`] later.
     pub(super) fn check_recoveries(&mut self, now: Instant, ops: &mut EventOps) {
+        let paused = self.vm_paused();
         let ids: Vec<DeviceId> = self.recoveries.keys().cloned().collect();
         for id in ids {
-            let Some(recovery) = self.recoveries.get(&id).copied() else {
+            let Some(recovery) = self.recoveries.get_mut(&id) else {
                 continue;
             };
+            if paused && now >= recovery.deadline {
+                recovery.deadline = paused_deadline(now);
+                log::info!("device {id}: the VM is paused: its error recovery deadline moves on");
+                continue;
+            }
+            let recovery = *recovery;
             let Some(d) = self.passthrough.get(&id) else {
                 self.recoveries.remove(&id);
                 continue;
@@ -333,5 +347,17 @@ mod tests {
         let step = recovery_step(&r, Some(0), || DeviceHealth::Usable, r.deadline);
 
         assert_eq!(step, Step::Recovered);
+    }
+
+    #[test]
+    fn a_deadline_passed_while_paused_gives_the_guest_a_full_period_more() {
+        let now = Instant::now();
+        let r = Recovery {
+            deadline: paused_deadline(now),
+            ..recovery(now)
+        };
+        assert_eq!(r.deadline, now + ERROR_RECOVERY_TIMEOUT);
+        let step = recovery_step(&r, Some(BIT), unused, now + Duration::from_secs(1));
+        assert_eq!(step, Step::Waiting);
     }
 }

@@ -148,6 +148,11 @@ impl VmPause {
         Ok(())
     }
 
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
+    }
+
     /// Refuses `what` (a hotplug request) while the VM is paused.
     pub fn refuse_while_paused(&self, what: &str) -> Result<(), ApiError> {
         if self.vcpus.is_paused() {
