@@ -10,7 +10,7 @@
 #
 # Environment: CARGO_TARGET_DIR (default <workspace>/target), RVMM_BIN (default
 # <target>/release/rvmm), RVMM_BUILD_DIR (default <workspace>/build), FUZZ_SECONDS (seconds per
-# fuzz target, default 20 here; 0 skips fuzzing).
+# fuzz target, default 10 here; 0 skips fuzzing).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -27,7 +27,7 @@ bash resources/prepare-images.sh
 status=0
 cargo test --workspace --exclude rvmm-tests --no-fail-fast || status=1
 # A short run of every fuzz target (tests/fuzz, docs/fuzzing.md); FUZZ_SECONDS=0 skips it.
-export FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+export FUZZ_SECONDS="${FUZZ_SECONDS:-10}"
 if [ "$FUZZ_SECONDS" != 0 ]; then
   bash resources/fuzz.sh || status=1
 fi
