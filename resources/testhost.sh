@@ -22,12 +22,11 @@
 #   --initramfs FILE   test host initramfs (default build/images/host-initramfs.cpio)
 #   --kernel FILE      test host kernel (default build/kernel/current/vmlinuz)
 #   --append STR       more test host kernel parameters
-#   --cpus N           test host vCPUs (default 1). All of them run on one TCG thread
-#                      (thread=single): with multi-threaded TCG, QEMU 10.0 running nested SVM
-#                      guests has, once in a few runs, aborted on an iotlb_to_section assertion,
-#                      stopped a CPU's timer interrupts, triple-faulted rvmm's guests and
-#                      corrupted the test host kernel's memory. Give 2 only where two host CPUs
-#                      are the point (--numa, parallel prefault).
+#   --cpus N           test host vCPUs (default 1). With two, QEMU 10.0's multi-threaded TCG
+#                      running nested SVM guests has, once in a few runs, aborted on an
+#                      iotlb_to_section assertion and stopped a CPU's timer interrupts; one
+#                      vCPU (one TCG thread) has not. Give 2 only where two host CPUs are the
+#                      point (--numa, parallel prefault).
 #   --numa             two host NUMA nodes (needs --cpus 2: one CPU and half the RAM each) and
 #                      one more NVMe drive (serial nvme-node1) on a root port behind a PCIe
 #                      expander bus (pxb-pcie, buses 0x80..) on node 1. QEMU emulates the nodes
@@ -103,7 +102,7 @@ fi
 # below 64 GiB they work.
 # shellcheck disable=SC2054 # the commas belong to QEMU option values
 args=(
-  -machine q35 -accel tcg,thread=single -cpu EPYC-Milan,+svm,phys-bits=36 -smp "$cpus" -m "$memory"
+  -machine q35,accel=tcg -cpu EPYC-Milan,+svm,phys-bits=36 -smp "$cpus" -m "$memory"
   -nodefaults -nographic -serial mon:stdio -no-reboot
   -device intel-iommu,intremap=on,caching-mode=on
 )

@@ -45,8 +45,6 @@ pub const CPUS_ENV: &str = "RVMM_TESTHOST_CPUS";
 /// `iotlb_to_section` assertions, stopped a test host CPU's timer interrupts (RCU stalls),
 /// triple-faulted rvmm's guests at boot and corrupted the test host kernel's memory; one vCPU
 /// (one TCG thread) has not, and the guests still get their 2 vCPUs (threads of the test host).
-/// Test hosts that need two CPUs (`two_numa_nodes`) get them on one TCG thread as well
-/// (`resources/testhost.sh` runs QEMU with `-accel tcg,thread=single`).
 pub fn default_cpus() -> u32 {
     std::env::var(CPUS_ENV)
         .ok()
