@@ -454,21 +454,7 @@ impl Passthrough {
         id: &DeviceId,
         segment: &PciSegment,
     ) -> Result<(), PassthroughError> {
-        let d = self
-            .get(id)
-            .ok_or_else(|| PassthroughError::UnknownId(id.clone()))?;
-        let port = segment
-            .port(d.port)
-            .ok_or(PassthroughError::NoSuchPort(d.port))?;
-        let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
-        let r = port
-            .locked()
-            .insert_device(slot_device)
-            .map_err(|source| PassthroughError::Slot {
-                port: d.port,
-                source,
-            });
-        r
+        self.put_in_slot(id, segment, false)
     }
 
     /// Puts device `id` in its slot for ACPI hotplug: present, powered and link up at once,
@@ -478,6 +464,16 @@ impl Passthrough {
         id: &DeviceId,
         segment: &PciSegment,
     ) -> Result<(), PassthroughError> {
+        self.put_in_slot(id, segment, true)
+    }
+
+    /// Puts device `id` in its port's slot: as at boot (no hot-plug event) or hot-plugged.
+    fn put_in_slot(
+        &self,
+        id: &DeviceId,
+        segment: &PciSegment,
+        as_at_boot: bool,
+    ) -> Result<(), PassthroughError> {
         let d = self
             .get(id)
             .ok_or_else(|| PassthroughError::UnknownId(id.clone()))?;
@@ -485,14 +481,16 @@ impl Passthrough {
             .port(d.port)
             .ok_or(PassthroughError::NoSuchPort(d.port))?;
         let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
-        let r = port
-            .locked()
-            .insert_device_at_boot(slot_device)
-            .map_err(|source| PassthroughError::Slot {
-                port: d.port,
-                source,
-            });
-        r
+        let mut port = port.locked();
+        let inserted = if as_at_boot {
+            port.insert_device_at_boot(slot_device)
+        } else {
+            port.insert_device(slot_device)
+        };
+        inserted.map_err(|source| PassthroughError::Slot {
+            port: d.port,
+            source,
+        })
     }
 
     /// The device with id `id`.
