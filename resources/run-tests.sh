@@ -3,8 +3,8 @@
 # as root: installs the packages (and Debian's Rust toolchain when there is no rustup one, see
 # use_cargo in lib.sh), builds rvmm in release mode, prepares the kernel and the images (cached;
 # rebuilt when their inputs change), runs the unit tests of every crate and a short fuzzing run,
-# then the integration tests, which boot the test host under QEMU/TCG one at a time (one vCPU
-# each, tests/README.md says why).
+# then the integration tests, which boot test hosts under QEMU/TCG (one vCPU each,
+# tests/README.md says why), one per core at a time (resources/run-integration-tests.sh).
 # Exits non-zero if anything failed. Extra arguments go to the integration test binaries (a test
 # name filter, --nocapture, ...).
 #
@@ -31,7 +31,7 @@ export FUZZ_SECONDS="${FUZZ_SECONDS:-10}"
 if [ "$FUZZ_SECONDS" != 0 ]; then
   bash resources/fuzz.sh || status=1
 fi
-cargo test -p rvmm-tests --no-fail-fast -- --test-threads=1 "$@" || status=1
+bash resources/run-integration-tests.sh "$@" || status=1
 if [ "$status" -ne 0 ]; then
   echo "run-tests.sh: FAILED (test host console logs: ${RVMM_BUILD_DIR:-$root/build}/logs/)" >&2
 fi

@@ -40,6 +40,21 @@ pub struct TestHost {
 /// Environment variable that sets the test hosts' default vCPU count.
 pub const CPUS_ENV: &str = "RVMM_TESTHOST_CPUS";
 
+/// Environment variable that sets how many test host vCPUs may run at once on this machine,
+/// across the processes that share a build directory (default 1: one test host at a time). Each
+/// test host vCPU is a TCG thread that keeps one core of the machine busy, so the number of cores
+/// is the most that makes sense; `resources/run-tests.sh` sets it for its parallel lanes.
+pub const SLOTS_ENV: &str = "RVMM_TESTHOST_SLOTS";
+
+/// How many test host vCPUs may run at once: `$RVMM_TESTHOST_SLOTS`, else 1.
+pub fn slots() -> u32 {
+    std::env::var(SLOTS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 /// The test hosts' vCPU count unless a test sets one: `$RVMM_TESTHOST_CPUS`, else 1. With two,
 /// QEMU 10.0's multi-threaded TCG running nested SVM guests has, once in a few runs, hit
 /// `iotlb_to_section` assertions, stopped a test host CPU's timer interrupts (RCU stalls),
@@ -192,7 +207,7 @@ impl TestHost {
         write_file(&scenario, &self.scenario)?;
         let log_path = paths::logs_dir().join(format!("{}.log", self.name));
 
-        let _lock = lock_test_hosts()?;
+        let _slots = lock_slots(&paths::build_dir(), self.cpus, slots())?;
         let output = self.execute(&workdir, &scenario, &log_path, timeout)?;
         eprintln!("{}", output.summary());
         self.check_ready(&output)?;
@@ -379,10 +394,47 @@ fn kill_group(child: &mut Child) {
     let _ = child.kill();
 }
 
-/// Serializes test host runs across threads and processes: each uses both cores of the machine.
-/// The lock is released when the returned file is closed.
-fn lock_test_hosts() -> Result<File> {
-    let path = paths::build_dir().join("testhost.lock");
+/// Waits until `cpus` of the machine's `slots` test host slots are this run's (all of them when
+/// `cpus >= slots`), across threads and processes that share the build directory `dir`: slot `i`
+/// is an flock(2) on `<dir>/testhost.lock` (slot 0) or `<dir>/testhost.lock.<i>`. A run that needs every
+/// slot takes them in order and waits on each; one that needs fewer takes whichever are free,
+/// looking again every 200 ms. The slots are released when the returned files are closed.
+fn lock_slots(dir: &Path, cpus: u32, slots: u32) -> Result<Vec<File>> {
+    let slots = slots.max(1);
+    let needed = cpus.clamp(1, slots) as usize;
+    if needed == slots as usize {
+        let mut held = Vec::new();
+        for slot in 0..slots {
+            let (file, path) = open_slot(dir, slot)?;
+            flock(&file, &path, libc::LOCK_EX)?;
+            held.push(file);
+        }
+        return Ok(held);
+    }
+    loop {
+        // Locks taken in a round that does not get enough are released by dropping the files.
+        let mut held = Vec::new();
+        for slot in 0..slots {
+            let (file, path) = open_slot(dir, slot)?;
+            if flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB)? {
+                held.push(file);
+                if held.len() == needed {
+                    return Ok(held);
+                }
+            }
+        }
+        drop(held);
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The lock file of slot `slot` and its path.
+fn open_slot(dir: &Path, slot: u32) -> Result<(File, PathBuf)> {
+    let name = match slot {
+        0 => "testhost.lock".to_string(),
+        n => format!("testhost.lock.{n}"),
+    };
+    let path = dir.join(name);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -393,19 +445,29 @@ fn lock_test_hosts() -> Result<File> {
             path: path.clone(),
             source,
         })?;
+    Ok((file, path))
+}
+
+/// flock(2) with `operation`, retried when a signal interrupts it. Returns false when
+/// `LOCK_NB` was given and another process holds the lock.
+fn flock(file: &File, path: &Path, operation: i32) -> Result<bool> {
     loop {
-        // SAFETY: flock(2) on a file descriptor this function owns for the call's duration.
-        let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        // SAFETY: flock(2) on a file descriptor the caller owns for the call's duration.
+        let result = unsafe { libc::flock(file.as_raw_fd(), operation) };
         if result == 0 {
-            return Ok(file);
+            return Ok(true);
         }
         let source = std::io::Error::last_os_error();
-        if source.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::Io {
-                action: "lock",
-                path,
-                source,
-            });
+        match source.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(false),
+            _ => {
+                return Err(Error::Io {
+                    action: "lock",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -470,6 +532,76 @@ mod tests {
         assert!(joined.contains("--cpus 1"));
         assert!(joined.contains("--timeout 90"));
         assert!(joined.ends_with("-- -d guest_errors"));
+    }
+
+    /// A fresh directory for lock files, unique to the test.
+    fn lock_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rvmm-slots-{}-{test}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Whether slot `slot` of `dir` is free (taken and released again at once).
+    fn slot_is_free(dir: &Path, slot: u32) -> bool {
+        let (file, path) = open_slot(dir, slot).unwrap();
+        flock(&file, &path, libc::LOCK_EX | libc::LOCK_NB).unwrap()
+    }
+
+    #[test]
+    fn one_slot_serializes_as_before() {
+        let dir = lock_dir("one");
+
+        let held = lock_slots(&dir, 2, 1).unwrap();
+
+        assert_eq!(held.len(), 1);
+        assert!(dir.join("testhost.lock").is_file());
+        assert!(!slot_is_free(&dir, 0));
+        drop(held);
+        assert!(slot_is_free(&dir, 0));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_cpu_runs_take_different_slots() {
+        let dir = lock_dir("two");
+
+        let first = lock_slots(&dir, 1, 2).unwrap();
+        let second = lock_slots(&dir, 1, 2).unwrap();
+
+        assert_eq!((first.len(), second.len()), (1, 1));
+        assert!(!slot_is_free(&dir, 0));
+        assert!(!slot_is_free(&dir, 1));
+        drop(first);
+        assert!(slot_is_free(&dir, 0));
+        assert!(!slot_is_free(&dir, 1));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_run_needing_every_slot_waits_for_all() {
+        let dir = lock_dir("all");
+        let (_, path) = open_slot(&dir, 1).unwrap();
+        let other = File::open(&path).unwrap();
+        assert!(flock(&other, &path, libc::LOCK_EX).unwrap());
+
+        let (sender, receiver) = mpsc::channel();
+        let waiter_dir = dir.clone();
+        let waiter = thread::spawn(move || {
+            let held = lock_slots(&waiter_dir, 2, 2).unwrap();
+            sender.send(held.len()).unwrap();
+            held
+        });
+
+        assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
+        drop(other);
+        assert_eq!(receiver.recv_timeout(Duration::from_secs(10)), Ok(2));
+        let held = waiter.join().unwrap();
+        assert!(!slot_is_free(&dir, 0));
+        assert!(!slot_is_free(&dir, 1));
+        drop(held);
+        assert!(slot_is_free(&dir, 1));
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
