@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds rvmm's libFuzzer targets (tests/fuzz, a cargo-fuzz project) and runs each for
-# FUZZ_SECONDS seconds (default 30), one after the other. Fails (non-zero) if a target does not
+# FUZZ_SECONDS seconds (default 30), one per core at a time. Fails (non-zero) if a target does not
 # build or any input crashes one; the crashing input is saved and its path printed.
 #
 # Usage: resources/fuzz.sh [TARGET...]   (default: every target)
@@ -10,6 +10,7 @@
 #   FUZZ_SANITIZER    address (default) or none; `none` builds and runs faster but only catches
 #                     panics, not memory errors in unsafe code. The default is none with a Rust
 #                     toolchain that has no AddressSanitizer runtime (Debian's rustc-web)
+#   FUZZ_JOBS         targets fuzzed at once (default: the number of cores)
 #   FUZZ_TARGET_DIR   cargo target directory of the fuzz build (default <target>/fuzz, where
 #                     <target> is CARGO_TARGET_DIR or <workspace>/target)
 #   RVMM_BUILD_DIR    the git-ignored build directory (default <workspace>/build): corpora are kept
@@ -71,18 +72,42 @@ log "built in $(($(date +%s) - started)) s"
 # What cargo fuzz run would set: ASan's ODR check trips over Rust's duplicate symbols.
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}"
 mkdir -p "$build/logs"
-failed=()
-for t in "${targets[@]}"; do
-  corpus="$build/corpus/$t"
-  artifacts="$build/artifacts/$t"
+
+# run_target T: runs target T for $seconds seconds; its verdict goes to $build/logs/T.status.
+run_target() {
+  local t="$1" corpus="$build/corpus/$1" artifacts="$build/artifacts/$1" args
   mkdir -p "$corpus" "$artifacts"
   # Seeds (hand-written valid inputs) join the corpus; libFuzzer keeps what adds coverage.
   if [ -d "$fuzz_dir/seeds/$t" ]; then cp -n "$fuzz_dir/seeds/$t"/* "$corpus"/ 2>/dev/null || true; fi
   args=(-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
     -artifact_prefix="$artifacts/")
   [ -f "$fuzz_dir/dict/$t.dict" ] && args+=(-dict="$fuzz_dir/dict/$t.dict")
-  log "running $t for ${seconds} s (corpus $corpus)"
   if "$target_dir/$triple/release/$t" "${args[@]}" "$corpus" >"$build/logs/$t.log" 2>&1; then
+    echo ok >"$build/logs/$t.status"
+  else
+    echo crash >"$build/logs/$t.status"
+  fi
+}
+
+# Each target is one libFuzzer process on one core: as many at once as the machine has cores.
+jobs="${FUZZ_JOBS:-$(nproc)}"
+case "$jobs" in '' | *[!0-9]* | 0) die "FUZZ_JOBS must be a positive number" ;; esac
+log "running ${#targets[@]} targets for ${seconds} s each, $jobs at a time (corpora in $build/corpus)"
+running=0
+for t in "${targets[@]}"; do
+  rm -f "$build/logs/$t.status"
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  run_target "$t" &
+  running=$((running + 1))
+done
+wait
+
+failed=()
+for t in "${targets[@]}"; do
+  if [ "$(cat "$build/logs/$t.status" 2>/dev/null)" = ok ]; then
     log "$t: $(grep -E '^stat::number_of_executed_units' "$build/logs/$t.log" | awk '{print $2}') inputs, no crash"
   else
     failed+=("$t")
