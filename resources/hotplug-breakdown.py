@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Where the time of each hotplug step goes: the breakdown of a resources/bench-hotplug.sh run.
+
+Reads the bench's console log (default build/logs/bench-hotplug.log): its "HOST stamped MODE MS
+LINE" lines are every console line of the guest and every log line of rvmm (RUST_LOG debug for
+hotplug) with the test host's uptime when they arrived, and the bench's own "bench STEP" notes
+(when it started a step, when the command returned). The guest's kernel log (GUEST klog, from
+rvmm.klog=1) is put on the same clock through the "rvmm klog_clock" line the guest wrote into it
+and the GUEST klog_clock marker's arrival; rvmm's log through its own timestamps and their
+lines' arrival.
+
+Prints, per mode and kind of step, the median time from the bench's command to each milestone
+(and how many of the step's samples had it) as Markdown tables, milestones in the order they
+happen. Resolution: 10 ms (the test host's /proc/uptime).
+
+Usage: hotplug-breakdown.py [LOG]
+"""
+
+import re
+import statistics
+import sys
+from datetime import datetime
+
+STAMPED = re.compile(r"^HOST stamped (\S+) (\d+) (.*)$")
+RVMM_LOG = re.compile(r"^rvmm_log \[(\S+) +\S+ +.*? \S+\] (.*)$")
+SLOT_CONTROL = re.compile(r"guest slot control (0x[0-9a-f]+) -> (0x[0-9a-f]+)")
+# Slot Control: Power Controller Control (1: off), Power Indicator Control (1 on, 2 blink, 3 off).
+PCC = 0x400
+PIC_SHIFT = 8
+KLOG = re.compile(r"^GUEST klog \[ *(\d+\.\d+)\] (.*)$")
+KLOG_CLOCK_LINE = re.compile(r"rvmm klog_clock (\d+\.\d+)")
+KLOG_CLOCK = re.compile(r"^GUEST klog_clock (\d+\.\d+)")
+STEP = re.compile(r"^bench (\S+)$")
+
+# (milestone, source, pattern): the first line of the step that matches names the milestone.
+# Sources: rvmm (its log), klog (guest kernel), guest (the guest's console markers), bench.
+MILESTONES = [
+    ("rvmm: request taken by the controller", "rvmm", r"hot-add of .* asked|removal of .* asked"),
+    ("rvmm: device opened and mapped (VFIO, DMA)", "rvmm", r"attached, waiting for its slot"),
+    ("rvmm: device in its slot, guest notified", "rvmm", r"in slot \d+$"),
+    ("rvmm: GED interrupt raised", "rvmm", r"raising the GED"),
+    ("guest: GED _EVT read the event", "rvmm", r"ged: the guest read events"),
+    ("guest: PCNT read the slot notifications", "rvmm", r"the guest read notifications"),
+    ("guest: first slot control write", "rvmm", r"guest slot control"),
+    ("guest kernel: pciehp slot event", "klog",
+     r"pciehp: Slot\(\d+\): (Card present|Link Up|Attention button pressed|Link Down|Card not present)"),
+    ("guest kernel: pciehp powering off (after 5 s)", "klog", r"Powering off due to button press"),
+    ("guest kernel: PCI device found", "klog", r"pci 0000:01:00\.0: \[1b36:0010\]"),
+    ("guest kernel: nvme probe", "klog", r"nvme nvme\d+: pci function"),
+    ("guest: _OST", "rvmm", r"guest Ost"),
+    ("guest kernel: nvme queues up", "klog", r"nvme nvme\d+: \d+/\d+/\d+ default/read/poll queues"),
+    ("guest: slot power on", "slot", r"^power on$"),
+    ("guest: power indicator on", "slot", r"^indicator on$"),
+    ("guest: slot power off", "slot", r"^power off$"),
+    ("guest: power indicator off", "slot", r"^indicator off$"),
+    ("guest: _EJ0", "rvmm", r"guest Ejected"),
+    ("rvmm: done (device added / released)", "rvmm", r"device \S+ added at|removed: "),
+    ("bench: command returned", "bench", r"^answered$"),
+    ("guest monitor: block device present", "guest", r"^GUEST block-added "),
+    ("guest monitor: block device gone", "guest", r"^GUEST block-removed "),
+]
+
+
+def parse(path):
+    """Events per mode: (host ms, source, text), and the klog clock ties."""
+    modes = {}
+    for raw in open(path, encoding="utf-8", errors="replace"):
+        m = STAMPED.match(raw.rstrip("\n").rstrip("\r"))
+        if not m:
+            continue
+        mode, ms, line = m.group(1), int(m.group(2)), m.group(3)
+        modes.setdefault(mode, []).append((ms, line))
+    return modes
+
+
+def slot_changes(text):
+    """What a guest Slot Control write of rvmm's log changed: power on/off, indicator on/off."""
+    m = SLOT_CONTROL.search(text)
+    if not m:
+        return []
+    old, new = int(m.group(1), 16), int(m.group(2), 16)
+    out = []
+    if old & PCC and not new & PCC:
+        out.append("power on")
+    if new & PCC and not old & PCC:
+        out.append("power off")
+    names = {1: "indicator on", 3: "indicator off"}
+    pic_old, pic_new = (old >> PIC_SHIFT) & 3, (new >> PIC_SHIFT) & 3
+    if pic_new != pic_old and pic_new in names:
+        out.append(names[pic_new])
+    return out
+
+
+def timeline(lines):
+    """The mode's events on the test host's clock, sorted: (ms, source, text)."""
+    events = []
+    rvmm_offsets = []
+    klog = []
+    kmsg_tie = None
+    clock_tie = None
+    for ms, line in lines:
+        m = RVMM_LOG.match(line)
+        if m:
+            try:
+                wall = datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            rvmm_offsets.append(ms - wall * 1000)
+            events.append((wall * 1000, "rvmm", m.group(2)))
+            for change in slot_changes(m.group(2)):
+                events.append((wall * 1000, "slot", change))
+            continue
+        m = KLOG.match(line)
+        if m:
+            tie = KLOG_CLOCK_LINE.search(m.group(2))
+            if tie:
+                kmsg_tie = (float(m.group(1)), float(tie.group(1)))
+            klog.append((float(m.group(1)), m.group(2)))
+            continue
+        m = KLOG_CLOCK.match(line)
+        if m:
+            clock_tie = (float(m.group(1)), ms)
+            continue
+        m = STEP.match(line)
+        if m:
+            events.append((ms, "bench", m.group(1)))
+            continue
+        if line.startswith("GUEST "):
+            events.append((ms, "guest", line))
+    # rvmm's wall clock onto the uptime clock: a line arrives at most a stamp's rounding late.
+    if rvmm_offsets:
+        off = min(rvmm_offsets)
+        events = [(t + off, s, x) if s in ("rvmm", "slot") else (t, s, x) for t, s, x in events]
+    else:
+        events = [e for e in events if e[1] not in ("rvmm", "slot")]
+    if kmsg_tie and clock_tie:
+        # kernel time -> guest uptime -> test host uptime (ms)
+        k_to_up = kmsg_tie[1] - kmsg_tie[0]
+        up_to_host = clock_tie[1] - clock_tie[0] * 1000
+        events += [((k + k_to_up) * 1000 + up_to_host, "klog", text) for k, text in klog]
+    events.sort(key=lambda e: e[0])
+    return events
+
+
+def steps(events):
+    """Splits the timeline at each bench step: (kind, start ms, events of the step)."""
+    out = []
+    current = None
+    for t, source, text in events:
+        if source == "bench" and text != "answered":
+            current = (text, t, [])
+            out.append(current)
+        elif current is not None:
+            current[2].append((t, source, text))
+    return out
+
+
+def milestones(start, events):
+    """The first time (ms after start) of each milestone within one step."""
+    found = {}
+    for name, source, pattern in MILESTONES:
+        rx = re.compile(pattern)
+        for t, s, text in events:
+            if s == source and rx.search(text):
+                found[name] = t - start
+                break
+    return found
+
+
+def main():
+    path = sys.argv[1] if len(sys.argv) > 1 else "build/logs/bench-hotplug.log"
+    modes = parse(path)
+    if not modes:
+        sys.exit(f"{path}: no 'HOST stamped' lines (a bench-hotplug.sh run with stamped output)")
+    for mode, lines in modes.items():
+        by_kind = {}
+        for kind, start, events in steps(timeline(lines)):
+            by_kind.setdefault(kind, []).append(milestones(start, events))
+        for kind, samples in by_kind.items():
+            print(f"\n{mode}, {kind} ({len(samples)} samples): ms after the bench's command\n")
+            print("| milestone | median ms | samples |")
+            print("|---|---|---|")
+            rows = []
+            for name, _, _ in MILESTONES:
+                values = [s[name] for s in samples if name in s]
+                if values:
+                    rows.append((statistics.median(values), name, len(values)))
+            for median, name, n in sorted(rows):
+                print(f"| {name} | {median:.0f} | {n} |")
+
+
+if __name__ == "__main__":
+    main()
