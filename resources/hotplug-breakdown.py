@@ -6,12 +6,13 @@ LINE" lines are every console line of the guest and every log line of rvmm (RUST
 hotplug) with the test host's uptime when they arrived, and the bench's own "bench STEP" notes
 (when it started a step, when the command returned). The guest's kernel log (GUEST klog, from
 rvmm.klog=1) is put on the same clock through the "rvmm klog_clock" line the guest wrote into it
-and the GUEST klog_clock marker's arrival; rvmm's log through its own timestamps and their
-lines' arrival.
+and the arrival of the guest's markers that carry its uptime (GUEST klog_clock, monitor done,
+up: the earliest-arriving); rvmm's log through its own timestamps and their lines' arrival.
 
-Prints, per mode and kind of step, the median time from the bench's command to each milestone
-(and how many of the step's samples had it) as Markdown tables, milestones in the order they
-happen. Resolution: 10 ms (the test host's /proc/uptime).
+Prints, per kind of step and mode, the median time from the bench's command to each milestone
+(and how many of the step's samples had it, when not all) as a Markdown table, milestones in the
+order they happen. Resolution: 10 ms (the test host's /proc/uptime); rvmm's own lines
+are placed to the millisecond.
 
 Usage: hotplug-breakdown.py [LOG]
 """
@@ -29,7 +30,9 @@ PCC = 0x400
 PIC_SHIFT = 8
 KLOG = re.compile(r"^GUEST klog \[ *(\d+\.\d+)\] (.*)$")
 KLOG_CLOCK_LINE = re.compile(r"rvmm klog_clock (\d+\.\d+)")
-KLOG_CLOCK = re.compile(r"^GUEST klog_clock (\d+\.\d+)")
+# Guest markers that carry the guest's uptime when printed: their arrival ties the two clocks
+# (the earliest-arriving one best: a marker behind a burst of console output arrives late).
+CLOCK_MARKER = re.compile(r"^GUEST (?:klog_clock|monitor done|up) (\d+\.\d+)$")
 STEP = re.compile(r"^bench (\S+)$")
 
 # (milestone, source, pattern): the first line of the step that matches names the milestone.
@@ -41,7 +44,6 @@ MILESTONES = [
     ("rvmm: GED interrupt raised", "rvmm", r"raising the GED"),
     ("guest: GED _EVT read the event", "rvmm", r"ged: the guest read events"),
     ("guest: PCNT read the slot notifications", "rvmm", r"the guest read notifications"),
-    ("guest: first slot control write", "rvmm", r"guest slot control"),
     ("guest kernel: pciehp slot event", "klog",
      r"pciehp: Slot\(\d+\): (Card present|Link Up|Attention button pressed|Link Down|Card not present)"),
     ("guest kernel: pciehp powering off (after 5 s)", "klog", r"Powering off due to button press"),
@@ -49,10 +51,11 @@ MILESTONES = [
     ("guest kernel: nvme probe", "klog", r"nvme nvme\d+: pci function"),
     ("guest: _OST", "rvmm", r"guest Ost"),
     ("guest kernel: nvme queues up", "klog", r"nvme nvme\d+: \d+/\d+/\d+ default/read/poll queues"),
+    ("guest: power indicator blinks (pciehp took the event)", "slot", r"^indicator blinks$"),
     ("guest: slot power on", "slot", r"^power on$"),
     ("guest: power indicator on", "slot", r"^indicator on$"),
     ("guest: slot power off", "slot", r"^power off$"),
-    ("guest: power indicator off", "slot", r"^indicator off$"),
+    ("guest: power indicator off (a removal's end, 1 s after power off)", "slot", r"^indicator off$"),
     ("guest: _EJ0", "rvmm", r"guest Ejected"),
     ("rvmm: done (device added / released)", "rvmm", r"device \S+ added at|removed: "),
     ("bench: command returned", "bench", r"^answered$"),
@@ -74,7 +77,7 @@ def parse(path):
 
 
 def slot_changes(text):
-    """What a guest Slot Control write of rvmm's log changed: power on/off, indicator on/off."""
+    """What a guest Slot Control write of rvmm's log changed: power on/off, power indicator."""
     m = SLOT_CONTROL.search(text)
     if not m:
         return []
@@ -84,7 +87,7 @@ def slot_changes(text):
         out.append("power on")
     if new & PCC and not old & PCC:
         out.append("power off")
-    names = {1: "indicator on", 3: "indicator off"}
+    names = {1: "indicator on", 2: "indicator blinks", 3: "indicator off"}
     pic_old, pic_new = (old >> PIC_SHIFT) & 3, (new >> PIC_SHIFT) & 3
     if pic_new != pic_old and pic_new in names:
         out.append(names[pic_new])
@@ -97,7 +100,7 @@ def timeline(lines):
     rvmm_offsets = []
     klog = []
     kmsg_tie = None
-    clock_tie = None
+    clock_offsets = []
     for ms, line in lines:
         m = RVMM_LOG.match(line)
         if m:
@@ -117,9 +120,9 @@ def timeline(lines):
                 kmsg_tie = (float(m.group(1)), float(tie.group(1)))
             klog.append((float(m.group(1)), m.group(2)))
             continue
-        m = KLOG_CLOCK.match(line)
+        m = CLOCK_MARKER.match(line)
         if m:
-            clock_tie = (float(m.group(1)), ms)
+            clock_offsets.append(ms - float(m.group(1)) * 1000)
             continue
         m = STEP.match(line)
         if m:
@@ -133,10 +136,10 @@ def timeline(lines):
         events = [(t + off, s, x) if s in ("rvmm", "slot") else (t, s, x) for t, s, x in events]
     else:
         events = [e for e in events if e[1] not in ("rvmm", "slot")]
-    if kmsg_tie and clock_tie:
+    if kmsg_tie and clock_offsets:
         # kernel time -> guest uptime -> test host uptime (ms)
         k_to_up = kmsg_tie[1] - kmsg_tie[0]
-        up_to_host = clock_tie[1] - clock_tie[0] * 1000
+        up_to_host = min(clock_offsets)
         events += [((k + k_to_up) * 1000 + up_to_host, "klog", text) for k, text in klog]
     events.sort(key=lambda e: e[0])
     return events
@@ -167,26 +170,43 @@ def milestones(start, events):
     return found
 
 
+def medians(samples):
+    """Milestone -> (median ms, samples that had it)."""
+    out = {}
+    for name, _, _ in MILESTONES:
+        values = [s[name] for s in samples if name in s]
+        if values:
+            out[name] = (statistics.median(values), len(values))
+    return out
+
+
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else "build/logs/bench-hotplug.log"
     modes = parse(path)
     if not modes:
         sys.exit(f"{path}: no 'HOST stamped' lines (a bench-hotplug.sh run with stamped output)")
+    # kind -> mode -> milestone -> (median, n)
+    table = {}
+    counts = {}
     for mode, lines in modes.items():
         by_kind = {}
         for kind, start, events in steps(timeline(lines)):
             by_kind.setdefault(kind, []).append(milestones(start, events))
         for kind, samples in by_kind.items():
-            print(f"\n{mode}, {kind} ({len(samples)} samples): ms after the bench's command\n")
-            print("| milestone | median ms | samples |")
-            print("|---|---|---|")
-            rows = []
-            for name, _, _ in MILESTONES:
-                values = [s[name] for s in samples if name in s]
-                if values:
-                    rows.append((statistics.median(values), name, len(values)))
-            for median, name, n in sorted(rows):
-                print(f"| {name} | {median:.0f} | {n} |")
+            table.setdefault(kind, {})[mode] = medians(samples)
+            counts.setdefault(kind, {})[mode] = len(samples)
+    for kind, by_mode in table.items():
+        for mode in modes:
+            if mode not in by_mode:
+                continue
+            total = counts[kind][mode]
+            print(f"\n{mode}, {kind} ({total} samples): median ms after the bench's command\n")
+            print("| milestone | median ms |")
+            print("|---|---|")
+            rows = sorted(by_mode[mode].items(), key=lambda item: item[1][0])
+            for name, (median, n) in rows:
+                note = "" if n == total else f" ({n} of {total} samples)"
+                print(f"| {name} | {median:.0f}{note} |")
 
 
 if __name__ == "__main__":
