@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Hotplug latencies in the QEMU/TCG test host (compare ratios, not seconds), in both hotplug modes
 # in one test host boot: one rvmm VM per mode (`--hotplug native`, then `--hotplug acpi`; 2 vCPUs,
-# 512 MiB, 4 root ports) runs the guest's monitor scenario polling every 50 ms, and the test host
-# drives its emulated NVMe drive through `rvmm ctl`, RUNS times each:
+# 512 MiB, 4 root ports) runs the guest's monitor scenario (woken by the guest kernel's uevents,
+# polling every 0.5 s besides), and the test host drives its emulated NVMe drive through
+# `rvmm ctl`, RUNS times each:
+#   - `rvmm ctl info`: what the client itself costs (part of every answer figure);
 #   - hot-add: until add-device answers, and until the guest has the namespace (GUEST block-added);
 #   - graceful removal: until remove-device answers (guest-ejected), until the namespace is gone;
 #   - surprise removal (API): until remove-device answers (the host has the device back), until
 #     the namespace is gone in the guest;
 #   - host-initiated removal: `echo 1 > /sys/bus/pci/devices/BDF/remove` in the test host, until
 #     that command returns (rvmm released the device), until the namespace is gone in the guest.
-# Times are taken in the test host from just before the command (10 ms resolution, plus the
-# monitor's 50 ms poll for the guest's view). Prints each sample as it is taken, then the medians
-# of both modes side by side as a Markdown table and a plot of every sample (one row of marks per
-# figure and mode on a common millisecond scale); with --update-doc also writes both with the
-# command into the Hotplug section of docs/performance.md (between its bench-hotplug markers).
+# Times are taken in the test host from just before the command (10 ms resolution); the guest's
+# view is when its marker reached the test host (rvmm_arrival_ms), not when a wait polled for it.
+# Prints each sample as it is taken, then the medians of both modes side by side as a Markdown
+# table and a plot of every sample (one row of marks per figure and mode on a common millisecond
+# scale); with --update-doc also writes both with the command into the Hotplug section of
+# docs/performance.md (between its bench-hotplug markers). The console log keeps rvmm's debug log
+# of every hotplug step and the guest kernel's log (rvmm.klog=1), all on the test host's clock:
+# resources/hotplug-breakdown.py turns them into a breakdown of each step.
 #
 # Usage: bench-hotplug.sh [--runs N] [--update-doc]     (default 5 runs; builds rvmm and the images)
 set -euo pipefail
@@ -55,10 +60,27 @@ ADD="path=/sys/bus/pci/devices/$NVME,id=disk0"
 # medians).
 sample() { hmark bench_sample "${MODE}_$1" "${2:-missing}"; }
 
+# step WHAT MS: notes the start or the answer of a step among the VM's stamped console and log
+# lines, for resources/hotplug-breakdown.py.
+step() { echo "$2 bench $1" >>"/tmp/rvmm-$VM.stamped"; }
+
 # guest_waits TEXT COUNT START_MS: waits until the guest printed more than COUNT lines with TEXT;
-# prints the milliseconds since START_MS, or nothing if it never did.
+# prints the milliseconds from START_MS to when line COUNT+1 arrived (rvmm_arrival_ms: not
+# rounded up to the wait's polling), or nothing if it never did.
 guest_waits() {
-  rvmm_wait_more "$VM" "$1" "$2" 60 >/dev/null && echo $(($(uptime_ms) - $3))
+  local at
+  rvmm_wait_more "$VM" "$1" "$2" 60 >/dev/null || return 0
+  at=$(rvmm_arrival_ms "$VM" "$1" $(($2 + 1)))
+  [ -n "$at" ] && echo $((at - $3))
+}
+
+# ctl_once: what one `rvmm ctl info` costs from the test host's shell (the client's start and
+# the API's round trip: part of every answer figure).
+ctl_once() {
+  local t0
+  t0=$(uptime_ms)
+  "$RVMM" ctl --api-socket "$(api_socket "$VM")" info >/dev/null || return 1
+  sample ctl_info $(($(uptime_ms) - t0))
 }
 
 # add_once: hot-add, recording add_answer and add_visible.
@@ -66,7 +88,9 @@ add_once() {
   local blocks t0
   blocks=$(rvmm_count "$VM" 'GUEST block-added')
   t0=$(uptime_ms)
+  step add "$t0"
   "$RVMM" ctl --api-socket "$(api_socket "$VM")" add-device "$ADD" >/dev/null || return 1
+  step answered "$(uptime_ms)"
   sample add_answer $(($(uptime_ms) - t0))
   sample add_visible "$(guest_waits 'GUEST block-added' "$blocks" "$t0")"
 }
@@ -77,7 +101,9 @@ remove_once() {
   shift
   gone=$(rvmm_count "$VM" 'GUEST block-removed')
   t0=$(uptime_ms)
+  step "$kind" "$t0"
   "$RVMM" ctl --api-socket "$(api_socket "$VM")" remove-device disk0 "$@" >/dev/null || return 1
+  step answered "$(uptime_ms)"
   sample "${kind}_answer" $(($(uptime_ms) - t0))
   sample "${kind}_gone" "$(guest_waits 'GUEST block-removed' "$gone" "$t0")"
 }
@@ -87,20 +113,25 @@ host_remove_once() {
   local gone t0
   gone=$(rvmm_count "$VM" 'GUEST block-removed')
   t0=$(uptime_ms)
+  step host_remove "$t0"
   echo 1 >"/sys/bus/pci/devices/$NVME/remove" || return 1
+  step answered "$(uptime_ms)"
   sample host_remove_done $(($(uptime_ms) - t0))
   sample host_remove_gone "$(guest_waits 'GUEST block-removed' "$gone" "$t0")"
   pci_rescan "$NVME" >/dev/null && vfio_bind "$NVME" >/dev/null
 }
 
+# rvmm's log of each hotplug step (milliseconds), for the breakdown.
+export RUST_LOG=rvmm::hotplug=debug,rvmm_devices::ged=debug,rvmm_devices::pci_hotplug=debug,rvmm_pci::root_port=debug
 for MODE in native acpi; do
 VM=bench_$MODE
 rvmm_start_lines "$VM" run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \
-  --cmdline "$(guest_cmdline monitor rvmm.hold=800 rvmm.poll=0.05)" --cpus 2 --memory size=512M \
+  --cmdline "$(guest_cmdline monitor rvmm.hold=800 rvmm.poll=0.5 rvmm.klog=1)" --cpus 2 --memory size=512M \
   --root-ports 4 --hotplug "$MODE" --serial stdio --api-socket "$(api_socket "$VM")" >/dev/null
 if rvmm_wait_output "$VM" 'GUEST monitor ready' 120 >/dev/null; then
   i=1
   while [ "$i" -le "$RUNS" ]; do
+    ctl_once
     add_once && remove_once graceful
     add_once && remove_once surprise --surprise
     i=$((i + 1))
@@ -113,8 +144,10 @@ if rvmm_wait_output "$VM" 'GUEST monitor ready' 120 >/dev/null; then
     i=$((i + 1))
   done
 fi
-"$RVMM" ctl --api-socket "$(api_socket "$VM")" shutdown
-rvmm_wait_lines "$VM" >/dev/null
+# The monitor's end prints the guest's kernel log (rvmm.klog=1); then every console and log line
+# with the test host's uptime when it arrived, for resources/hotplug-breakdown.py.
+rvmm_stop_monitor "$VM" >/dev/null
+sed "s/^/HOST stamped $MODE /" "/tmp/rvmm-$VM.stamped"
 done
 SCENARIO
 
@@ -150,11 +183,12 @@ row() {
   echo "| $1 | $2 | $native | $acpi | $ratio |"
 }
 
-FIGURES="add_answer add_visible graceful_answer graceful_gone surprise_answer surprise_gone host_remove_done host_remove_gone"
+FIGURES="ctl_info add_answer add_visible graceful_answer graceful_gone surprise_answer surprise_gone host_remove_done host_remove_gone"
 
 table() {
   echo "| step | until | native (pciehp) median | acpi (acpiphp) median | acpi / native |"
   echo "|---|---|---|---|---|"
+  row "\`rvmm ctl info\`" "it returns (the client's own cost, in every answer below)" ctl_info
   row "hot-add" "add-device answers (the guest has the device)" add_answer
   row "hot-add" "the namespace is a block device in the guest" add_visible
   row "graceful removal" "remove-device answers guest-ejected" graceful_answer

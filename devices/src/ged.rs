@@ -89,6 +89,9 @@ impl BusDevice for Ged {
         }
         if let Some(byte) = data.first_mut() {
             *byte = std::mem::take(&mut self.pending);
+            if *byte != 0 {
+                debug!("ged: the guest read events {:#04x}", *byte);
+            }
         }
     }
 

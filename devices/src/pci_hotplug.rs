@@ -235,6 +235,7 @@ impl BusDevice for PciHotplug {
         };
         data.copy_from_slice(&value.to_le_bytes());
         if value != 0 && offset < PRESENT_OFFSET {
+            log::debug!("pci hotplug: the guest read notifications {value:#x} at {offset:#04x}");
             // The guest took notifications: a slot waiting for them to be read may be free.
             self.wake_vmm();
         }

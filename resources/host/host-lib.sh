@@ -442,6 +442,7 @@ rvmm_capture() {
 #   ctl_events NAME                     follows run NAME's events: HOST event <json>
 #   rvmm_count NAME TEXT, rvmm_wait_more NAME TEXT COUNT [SECS]
 #                                       lines of run NAME's console with TEXT / waits for more
+#   rvmm_arrival_ms NAME TEXT N         when the Nth console line with TEXT arrived (uptime ms)
 #   rvmm_fds NAME LABEL                 open fds of run NAME's rvmm process
 #   guest_input LINE                    types LINE on the running guest's console (rvmm's stdin)
 #   guest_type_lines PREFIX FIRST LAST  types numbered lines on it in one burst
@@ -496,7 +497,10 @@ api_socket() { echo "/tmp/rvmm-$1.sock"; }
 # /tmp/rvmm-NAME.out) one whole line at a time, and rvmm's stderr comes as HOST rvmm_log lines.
 # End the run with rvmm_wait_lines. RVMM_AS_USER=USER runs rvmm as USER (a control plane that
 # drops privileges); RVMM_FD5=PATH opens PATH read-write as rvmm's descriptor 5 first (as root:
-# the way such a control plane hands over a VFIO group).
+# the way such a control plane hands over a VFIO group). Every line of both also goes to
+# /tmp/rvmm-NAME.stamped after the test host's uptime in milliseconds when it arrived (10 ms
+# resolution; rvmm's stderr lines after "rvmm_log"): when the guest saw something, without the
+# granularity of a wait's polling (rvmm_arrival_ms).
 rvmm_start_lines() {
   local name="$1" run="/tmp/rvmm-$1"
   shift
@@ -505,10 +509,13 @@ rvmm_start_lines() {
   hmark rvmm_args "$*"
   rm -f "$run.fifo" "$run.errfifo" "$run.events.pid" "$(api_socket "$name")"
   : >"$run.out"
+  : >"$run.stamped"
   mkfifo "$run.fifo" "$run.errfifo"
-  awk -v out="$run.out" '{ print; fflush(); print >>out; fflush(out) }' <"$run.fifo" &
+  awk -v out="$run.out" -v stamped="$run.stamped" "$AWK_UPTIME_MS"'
+    { print; fflush(); print >>out; fflush(out); print uptime_ms() " " $0 >>stamped; fflush(stamped) }' <"$run.fifo" &
   echo $! >"$run.tee"
-  awk '{ print "HOST rvmm_log " $0; fflush() }' <"$run.errfifo" &
+  awk -v stamped="$run.stamped" "$AWK_UPTIME_MS"'
+    { print "HOST rvmm_log " $0; fflush(); print uptime_ms() " rvmm_log " $0 >>stamped; fflush(stamped) }' <"$run.errfifo" &
   echo $! >"$run.errtee"
   if [ -n "${RVMM_AS_USER:-}" ]; then
     hmark rvmm_user "$RVMM_AS_USER" "memlock_kb=$(ulimit -l)"
@@ -581,6 +588,19 @@ ctl_events() {
 
 # rvmm_count NAME TEXT: how many lines of run NAME's console contain TEXT (fixed string).
 rvmm_count() { grep -cF -- "$2" "/tmp/rvmm-$1.out" 2>/dev/null || true; }
+
+# AWK_UPTIME_MS: an awk function uptime_ms(), the test host's uptime in milliseconds (10 ms
+# resolution), as uptime_ms does it.
+AWK_UPTIME_MS='function uptime_ms(  line, f) {
+  getline line <"/proc/uptime"; close("/proc/uptime"); split(line, f, " ")
+  return int(f[1] * 100 + 0.5) * 10
+}'
+
+# rvmm_arrival_ms NAME TEXT N: when (test host uptime, ms) the Nth line of run NAME's console
+# output with TEXT arrived (see rvmm_start_lines), or nothing.
+rvmm_arrival_ms() {
+  grep -F -- "$2" "/tmp/rvmm-$1.stamped" 2>/dev/null | sed -n "${3}p" | cut -d' ' -f1
+}
 
 # rvmm_wait_more NAME TEXT COUNT [SECS]: waits until more than COUNT lines of run NAME's console
 # contain TEXT, at most SECS seconds (default 60) or until rvmm exits: HOST wait_more ok

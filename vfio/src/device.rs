@@ -235,8 +235,8 @@ fn bar_map(
 }
 
 impl VfioPciDevice {
-    /// Opens `host` (checked by [`Sysfs::prepare`]) through the VM's `container`, resets it and
-    /// builds the device model. `group` is the device's VFIO group descriptor when the caller
+    /// Opens `host` (checked by [`Sysfs::prepare`]) through the VM's `container` (vfio-pci
+    /// resets a device when its first descriptor opens) and builds the device model. `group` is the device's VFIO group descriptor when the caller
     /// opened it (an unprivileged VMM); `None` opens `/dev/vfio/<group>`. Errors with a known
     /// host-side cause come back as [`DeviceError::Host`].
     pub fn open(
@@ -262,9 +262,11 @@ impl VfioPciDevice {
         Self::with_backend(name, Box::new(backend), config, router, mmio)
     }
 
-    /// Builds the device model over any backend (the VFIO one, or a fake in tests): resets the
-    /// device, reads its config space, clears decode and bus master, mmaps what can be mapped,
-    /// wires INTx and the request/error interrupts.
+    /// Builds the device model over any backend (the VFIO one, or a fake in tests): reads the
+    /// device's config space, clears decode and bus master, mmaps what can be mapped, wires INTx
+    /// and the request/error interrupts. No reset of its own: vfio-pci has reset the device as
+    /// its descriptor opened (a function reset costs 100 ms and more: the PCIe spec's wait
+    /// after an FLR), and one through `VFIO_DEVICE_RESET` could only repeat it.
     pub fn with_backend(
         name: String,
         backend: Box<dyn DeviceBackend>,
@@ -273,7 +275,6 @@ impl VfioPciDevice {
         mmio: Arc<dyn GuestMmio>,
     ) -> Result<Self> {
         let name: Arc<str> = name.into();
-        backend.reset();
         let (bar_sizes, rom_size) = region_sizes(&*backend);
         let interrupts_err = |source| DeviceError::Interrupts {
             name: name.to_string(),
@@ -406,8 +407,10 @@ impl VfioPciDevice {
     }
 
     /// Releases the device: removes its BARs from the guest, tears down irqfds, routes and VFIO
-    /// interrupts, clears bus master and decode, resets it and closes its fds. Idempotent; also
-    /// done when the last handle is dropped. Config reads afterwards return all ones.
+    /// interrupts, clears bus master and decode and closes its fds (vfio-pci resets the device
+    /// as its last descriptor closes; a reset through `VFIO_DEVICE_RESET` before would only
+    /// repeat it, 100 ms and more each). Idempotent; also done when the last handle is dropped.
+    /// Config reads afterwards return all ones.
     pub fn release(&self) {
         self.lock().release();
     }
@@ -637,7 +640,6 @@ impl Inner {
             }
         }
         quiesce(&*backend, &self.name);
-        backend.reset();
         // Unmap the BARs from our address space before the device fd closes.
         self.maps.clear();
         drop(backend);

@@ -181,6 +181,12 @@ impl FakeDevice {
         self.0.lock().unwrap().resets
     }
 
+    /// How many handles to the device are open, this one included: a device model that closed
+    /// its backend (released the device) holds none.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
+
     /// Lets vectors be added to index `index` while it is enabled (VFIO without
     /// `VFIO_IRQ_INFO_NORESIZE`).
     pub fn set_irq_resizable(&self, index: u32) {

@@ -14,9 +14,12 @@
 //!
 //! Graceful removal is the attention button ([`RootPort::press_attention_button`]): pciehp
 //! blinks the power indicator, waits 5 s, unbinds the driver, powers the slot off (the link
-//! goes down: DLLSC) and turns the indicator off. The slot then reports
-//! [`RootPort::guest_powered_off`] and the manager collects the device with
-//! [`RootPort::take_device`]. [`RootPort::surprise_remove`] pulls the device at once.
+//! goes down: DLLSC), sleeps 1 s ("wait at least 1 second" after power-off) and turns the
+//! indicator off. The power-off is the guest letting the device go: from then on the slot
+//! reports [`RootPort::guest_powered_off`] and the manager may collect the device with
+//! [`RootPort::take_device`] without waiting for that second. The slot takes a new device
+//! only once the indicator is off too ([`RootPort::check_insert_ready`]): pciehp drops the
+//! events that come during its sleep. [`RootPort::surprise_remove`] pulls the device at once.
 //!
 //! While a device is present the link follows the power controller: the guest powering the
 //! slot off takes the link down, powering it on brings it back up.
@@ -153,7 +156,7 @@ pub(crate) struct Slot {
     pub(crate) state: SlotState,
     /// Data Link Layer Link Active (mirrored in Link Status).
     pub(crate) link_up: bool,
-    /// The guest turned power and power indicator off since the device was inserted.
+    /// The guest turned the slot's power off since the device was inserted.
     pub(crate) guest_powered_off: bool,
 }
 
@@ -185,8 +188,10 @@ fn guest_enabled(control: u16) -> bool {
     powered_on(control) && Indicator::power(control) == Indicator::On
 }
 
+/// The guest has let the device go: it powered the slot off (pciehp does so once the driver
+/// is unbound, and turns the power indicator off a second later).
 fn guest_off(control: u16) -> bool {
-    !powered_on(control) && Indicator::power(control) == Indicator::Off
+    !powered_on(control)
 }
 
 impl RootPort {
@@ -221,8 +226,8 @@ impl RootPort {
         self.slot.device.is_some() && guest_enabled(self.slot_control())
     }
 
-    /// Whether the guest turned the slot's power and power indicator off while the current
-    /// device was present: the device can be taken out with [`RootPort::take_device`].
+    /// Whether the guest turned the slot's power off while the current device was present:
+    /// the device can be taken out with [`RootPort::take_device`].
     pub fn guest_powered_off(&self) -> bool {
         self.slot.device.is_some() && self.slot.guest_powered_off
     }

@@ -447,7 +447,39 @@ fn guest_power_off_takes_the_link_down() {
     h.command(SLTCTL_PCC, SLTCTL_PCC);
     assert!(!h.port.link_active());
     assert!(h.status_has(SLTSTA_DLLSC | SLTSTA_PDS));
-    assert!(!h.port.guest_powered_off());
+}
+
+#[test]
+fn guest_power_off_with_the_indicator_still_blinking_releases_the_device() {
+    // pciehp powers the slot off once the driver is unbound and only turns the indicator off a
+    // second later: the device is the VMM's from the power-off on.
+    let mut h = Harness::present();
+    h.port.press_attention_button().unwrap();
+    h.handle_interrupt();
+    h.command(PIC_BLINK | AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+    h.handle_interrupt();
+    h.command(SLTCTL_PCC, SLTCTL_PCC);
+    assert!(h.port.guest_powered_off());
+    assert_eq!(h.port.slot_state(), SlotState::Removing);
+    assert!(h.port.take_device().is_ok());
+}
+
+#[test]
+fn slot_takes_no_device_until_the_indicator_is_off_after_a_power_off() {
+    // During pciehp's second after the power-off it drops link and presence events: a device
+    // inserted then would never be seen.
+    let mut h = Harness::present();
+    h.port.press_attention_button().unwrap();
+    h.handle_interrupt();
+    h.command(PIC_BLINK | AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+    h.handle_interrupt();
+    h.command(SLTCTL_PCC, SLTCTL_PCC);
+    h.handle_interrupt();
+    h.port.take_device().unwrap();
+    assert!(matches!(h.insert(), Err(SlotError::NotPoweredDown { .. })));
+    h.command(PIC_OFF, SLTCTL_PIC);
+    h.handle_interrupt();
+    assert_eq!(h.insert(), Ok(()));
 }
 
 #[test]

@@ -439,8 +439,10 @@ impl Controller {
         let asked = Instant::now()
             .checked_sub(reply.elapsed())
             .unwrap_or_else(Instant::now);
+        log::debug!("hot-add of {spec} asked");
         match self.passthrough.attach(&spec, &self.segment) {
             Ok(id) => {
+                log::debug!("device {id} attached, waiting for its slot");
                 self.watch_vfio(&id, ops);
                 self.add_started.insert(id.clone(), asked);
                 self.ops.insert(
@@ -480,6 +482,7 @@ impl Controller {
             return;
         }
         let port = d.port;
+        log::debug!("removal of {id} asked (surprise: {})", req.surprise);
         self.publish(EventKind::DeviceRemoving {
             id: req.id.clone(),
             bdf: d.guest_bdf,
@@ -671,10 +674,13 @@ impl Controller {
             self.passthrough.insert_into_slot(id, &self.segment)
         };
         match inserted {
-            Ok(()) => Some(Op::WaitingForGuest {
-                deadline: (now + ADD_GUEST_TIMEOUT).min(end),
-                reply,
-            }),
+            Ok(()) => {
+                log::debug!("device {id} in slot {}", port_index + 1);
+                Some(Op::WaitingForGuest {
+                    deadline: (now + ADD_GUEST_TIMEOUT).min(end),
+                    reply,
+                })
+            }
             Err(PassthroughError::Slot { source, .. })
                 if now < deadline && source.is_retryable() =>
             {

@@ -105,6 +105,7 @@ impl Controller {
             return;
         };
         acpi.last_signal = Some(Instant::now());
+        log::debug!("acpi hotplug: raising the GED's PCI hotplug event");
         if let Some(ged) = &self.power_button {
             if let Err(e) = ged.locked().notify(EVENT_PCI_HOTPLUG) {
                 log::warn!("acpi hotplug: cannot raise the GED interrupt: {e}");
