@@ -236,9 +236,10 @@ fn bar_map(
 
 impl VfioPciDevice {
     /// Opens `host` (checked by [`Sysfs::prepare`]) through the VM's `container` (vfio-pci
-    /// resets a device when its first descriptor opens) and builds the device model. `group` is the device's VFIO group descriptor when the caller
-    /// opened it (an unprivileged VMM); `None` opens `/dev/vfio/<group>`. Errors with a known
-    /// host-side cause come back as [`DeviceError::Host`].
+    /// resets a device when its first descriptor opens) and builds the device model. `group` is
+    /// the device's VFIO group descriptor when the caller opened it (an unprivileged VMM); `None`
+    /// opens `/dev/vfio/<group>`. Errors with a known host-side cause come back as
+    /// [`DeviceError::Host`].
     pub fn open(
         container: &Arc<Container>,
         sysfs: &Sysfs,
