@@ -449,16 +449,23 @@ fn guest_power_off_takes_the_link_down() {
     assert!(h.status_has(SLTSTA_DLLSC | SLTSTA_PDS));
 }
 
-#[test]
-fn guest_power_off_with_the_indicator_still_blinking_releases_the_device() {
-    // pciehp powers the slot off once the driver is unbound and only turns the indicator off a
-    // second later: the device is the VMM's from the power-off on.
+/// A present device after an attention button press that pciehp has answered as far as the
+/// slot power-off: its power indicator still blinks (pciehp turns it off a second later).
+fn powered_off_with_the_indicator_blinking() -> Harness {
     let mut h = Harness::present();
     h.port.press_attention_button().unwrap();
     h.handle_interrupt();
     h.command(PIC_BLINK | AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
     h.handle_interrupt();
     h.command(SLTCTL_PCC, SLTCTL_PCC);
+    h
+}
+
+#[test]
+fn guest_power_off_with_the_indicator_still_blinking_releases_the_device() {
+    // pciehp powers the slot off once the driver is unbound and only turns the indicator off a
+    // second later: the device is the VMM's from the power-off on.
+    let mut h = powered_off_with_the_indicator_blinking();
     assert!(h.port.guest_powered_off());
     assert_eq!(h.port.slot_state(), SlotState::Removing);
     assert!(h.port.take_device().is_ok());
@@ -468,12 +475,7 @@ fn guest_power_off_with_the_indicator_still_blinking_releases_the_device() {
 fn slot_takes_no_device_until_the_indicator_is_off_after_a_power_off() {
     // During pciehp's second after the power-off it drops link and presence events: a device
     // inserted then would never be seen.
-    let mut h = Harness::present();
-    h.port.press_attention_button().unwrap();
-    h.handle_interrupt();
-    h.command(PIC_BLINK | AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
-    h.handle_interrupt();
-    h.command(SLTCTL_PCC, SLTCTL_PCC);
+    let mut h = powered_off_with_the_indicator_blinking();
     h.handle_interrupt();
     h.port.take_device().unwrap();
     assert!(matches!(h.insert(), Err(SlotError::NotPoweredDown { .. })));
