@@ -150,7 +150,10 @@ impl TestHost {
 
     /// Two host NUMA nodes, one CPU and half the RAM each (so two test host vCPUs), and one
     /// more NVMe drive (serial `nvme-node1`, its `numa_node` 1) on a root port behind a PCIe
-    /// expander bus on node 1 (`resources/testhost.sh --numa`).
+    /// expander bus on node 1 (`resources/testhost.sh --numa`). Such a test host runs with
+    /// `idle=poll` (two vCPUs) and `numa_balancing=disable`: without them its kernel died or
+    /// stalled in about half the runs under QEMU's multi-threaded TCG (see `testhost.sh`); it
+    /// takes both of the machine's test host slots.
     pub fn two_numa_nodes(mut self) -> Self {
         self.numa = true;
         self.cpus = 2;
