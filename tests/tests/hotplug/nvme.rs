@@ -238,12 +238,24 @@ fn each_hot_add_is_reported_as_a_device_added_event() {
             added.len()
         ),
     );
-    for event in &added {
+    // The first add goes to the first root port. The re-add follows a removal at once, when
+    // the guest's pciehp still ignores the slot it just powered off (for a second): it goes to
+    // the next free root port, which can take it at once.
+    let port_bdfs: Vec<String> = (1..=ROOT_PORTS)
+        .map(|bus| format!("0000:{bus:02x}:00.0"))
+        .collect();
+    for (i, event) in added.iter().enumerate() {
+        let bdf = json_value(event, "bdf").unwrap_or_default();
+        let where_ok = if i == 0 {
+            bdf == GUEST_BDF
+        } else {
+            port_bdfs.iter().any(|b| b == bdf)
+        };
         run.check(
-            json_value(event, "state") == Some("present")
-                && json_value(event, "bdf") == Some(GUEST_BDF),
+            json_value(event, "state") == Some("present") && where_ok,
             &format!(
-                "a device-added event does not show the device present at {GUEST_BDF}: {event}"
+                "device-added event {i} does not show the device present behind a root port \
+                 (the first at {GUEST_BDF}): {event}"
             ),
         );
     }

@@ -575,9 +575,12 @@ impl Passthrough {
     }
 
     /// The root port for `host`: with a guest NUMA topology, the first free port whose guest
-    /// node sits on the device's host node (sysfs `numa_node`), else the first free port.
+    /// node sits on the device's host node (sysfs `numa_node`), else the first free port; free
+    /// ports whose slot can take a device now come first ([`Passthrough::free_ports`]).
     fn port_for(&self, segment: &PciSegment, host: &HostDevice) -> Result<usize, PassthroughError> {
-        let first = self.free_port(segment)?;
+        let first_in_order = self.free_port(segment)?;
+        let free = self.free_ports(segment);
+        let first = free.first().copied().unwrap_or(first_in_order);
         if self.port_host_nodes.iter().all(Option::is_none) {
             return Ok(first);
         }
@@ -592,7 +595,6 @@ impl Passthrough {
             );
             return Ok(first);
         };
-        let free = self.free_ports(segment);
         match pick_port(&free, &self.port_host_nodes, node) {
             Some(port) => Ok(port),
             None => {
@@ -606,19 +608,28 @@ impl Passthrough {
         }
     }
 
-    /// Every root port whose slot is empty and not promised to another device, in order.
+    /// Every root port whose slot is empty and not promised to another device: first those
+    /// whose slot can take a device now, then the others, each in port order. A slot the guest
+    /// has just let go of is not ready for a while (Linux's pciehp ignores a slot for a second
+    /// after it powered it off); another free port takes a new device at once.
     fn free_ports(&self, segment: &PciSegment) -> Vec<usize> {
-        segment
+        let free: Vec<(usize, bool)> = segment
             .ports()
             .iter()
             .map(|info| info.index)
-            .filter(|&index| {
-                let occupied = segment
-                    .port(index)
-                    .is_some_and(|port| port.locked().slot_state() != SlotState::Empty);
-                !occupied && !self.devices.values().any(|d| d.port == index)
+            .filter_map(|index| {
+                let (occupied, ready) = segment.port(index).map_or((false, false), |port| {
+                    let port = port.locked();
+                    (
+                        port.slot_state() != SlotState::Empty,
+                        port.check_insert_ready().is_ok(),
+                    )
+                });
+                let free = !occupied && !self.devices.values().any(|d| d.port == index);
+                free.then_some((index, ready))
             })
-            .collect()
+            .collect();
+        ready_first(&free)
     }
 
     /// The first root port whose slot is empty and not promised to another device.
@@ -629,6 +640,14 @@ impl Passthrough {
             total: usage.total,
         })
     }
+}
+
+/// The ports of `ports` (index, whether its slot can take a device now): the ready ones first,
+/// then the others, each in the given order.
+pub fn ready_first(ports: &[(usize, bool)]) -> Vec<usize> {
+    let ready = ports.iter().filter(|(_, ready)| *ready);
+    let waiting = ports.iter().filter(|(_, ready)| !*ready);
+    ready.chain(waiting).map(|&(index, _)| index).collect()
 }
 
 /// The first of the `free` ports whose guest node is on host node `node` (`port_nodes`: the host
@@ -749,7 +768,18 @@ fn allocator(range: AddressRange) -> Option<AddressAllocator> {
 
 #[cfg(test)]
 mod port_tests {
-    use super::pick_port;
+    use super::{pick_port, ready_first};
+
+    #[test]
+    fn ports_that_can_take_a_device_now_come_first() {
+        assert_eq!(
+            ready_first(&[(0, false), (1, true), (2, true), (3, false)]),
+            vec![1, 2, 0, 3]
+        );
+        // Before the guest runs no slot is ready: the port order stays.
+        assert_eq!(ready_first(&[(0, false), (2, false)]), vec![0, 2]);
+        assert_eq!(ready_first(&[]), Vec::<usize>::new());
+    }
 
     #[test]
     fn a_free_port_on_the_device_node_is_picked() {
