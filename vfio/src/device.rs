@@ -412,8 +412,16 @@ impl VfioPciDevice {
     /// as its last descriptor closes; a reset through `VFIO_DEVICE_RESET` before would only
     /// repeat it, 100 ms and more each). Idempotent; also done when the last handle is dropped.
     /// Config reads afterwards return all ones.
+    ///
+    /// The slow part (closing the descriptor: vfio-pci's reset, the group leaving the container
+    /// and guest RAM unpinned with the last one) runs after the device's lock is let go: a vCPU
+    /// that touches the device meanwhile (a guest driver tearing down a device it just lost)
+    /// finds it gone at once instead of waiting for the host.
     pub fn release(&self) {
-        self.lock().release();
+        let detached = self.lock().detach();
+        if let Some(detached) = detached {
+            detached.close();
+        }
     }
 
     /// Whether [`VfioPciDevice::release`] ran.
@@ -627,10 +635,10 @@ impl Inner {
             .is_some_and(|end| end <= self.host_size(bar))
     }
 
-    fn release(&mut self) {
-        let Some(backend) = self.backend.take() else {
-            return;
-        };
+    /// Takes the device out of the guest (BARs, interrupts) and hands back what still has to be
+    /// closed; `None` when it is released already.
+    fn detach(&mut self) -> Option<Detached> {
+        let backend = self.backend.take()?;
         for map in &mut self.maps {
             map.unplace(&*self.mmio);
         }
@@ -640,10 +648,35 @@ impl Inner {
                 log::warn!("{}: cannot disable VFIO IRQ index {index}: {e}", self.name);
             }
         }
-        quiesce(&*backend, &self.name);
-        // Unmap the BARs from our address space before the device fd closes.
-        self.maps.clear();
-        drop(backend);
+        Some(Detached {
+            name: self.name.clone(),
+            maps: std::mem::take(&mut self.maps),
+            backend,
+        })
+    }
+
+    fn release(&mut self) {
+        if let Some(detached) = self.detach() {
+            detached.close();
+        }
+    }
+}
+
+/// A device out of the guest whose descriptors are still open ([`Inner::detach`]).
+struct Detached {
+    name: Arc<str>,
+    maps: Vec<BarMap>,
+    backend: Box<dyn DeviceBackend>,
+}
+
+impl Detached {
+    /// Clears bus master and decode, unmaps the BARs from our address space and then closes the
+    /// device (vfio-pci resets it; the last device of a group takes the group out of the
+    /// container).
+    fn close(self) {
+        quiesce(&*self.backend, &self.name);
+        drop(self.maps);
+        drop(self.backend);
         log::info!("{}: released", self.name);
     }
 }

@@ -336,6 +336,39 @@ fn release_tears_everything_down() {
 }
 
 #[test]
+fn the_device_is_gone_for_the_guest_while_the_host_still_closes_it() {
+    let mut r = rig();
+    r.place_bars();
+    r.enable_memory();
+    let gate = r.dev.hold_close();
+    // Should the release wait for the close under the device's lock, the checks below would
+    // wait too: the gate opens by itself after a while, and the test fails instead of hanging.
+    let _watchdog = {
+        let gate = gate.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            gate.open();
+        })
+    };
+    let releaser = {
+        let vfio = r.vfio.clone();
+        std::thread::spawn(move || vfio.release())
+    };
+    // The close is held back; the guest's accesses must not wait for it.
+    let started = std::time::Instant::now();
+    while !r.vfio.is_released() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(4));
+        std::thread::yield_now();
+    }
+    assert_eq!(r.cfg_read(0), u32::MAX);
+    assert!(r.mmio.live_slots().is_empty());
+    assert!(!releaser.is_finished(), "the close is still held back");
+    gate.open();
+    releaser.join().unwrap();
+    assert_eq!(r.dev.handles(), 1);
+}
+
+#[test]
 fn release_is_idempotent() {
     let r = rig();
     r.vfio.release();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rvmm_devices::{Bus, SharedBusDevice};
 use rvmm_pci::MsiMessage;
@@ -31,6 +31,30 @@ struct DeviceState {
     enables: HashMap<u32, u32>,
     resizable: std::collections::HashSet<u32>,
     resets: u32,
+    /// When set, closing a handle waits until the gate opens (a host close that takes time).
+    close_gate: Option<Arc<CloseGate>>,
+}
+
+/// Holds back the close of a [`FakeDevice`] handle until opened ([`FakeDevice::hold_close`]).
+#[derive(Default)]
+pub struct CloseGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl CloseGate {
+    /// Lets every held close (and every later one) go on.
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
 }
 
 /// A fake VFIO PCI device: config space and BARs are plain memory.
@@ -181,6 +205,13 @@ impl FakeDevice {
         self.0.lock().unwrap().resets
     }
 
+    /// Makes every close of a handle of this device wait until the returned gate opens.
+    pub fn hold_close(&self) -> Arc<CloseGate> {
+        let gate = Arc::new(CloseGate::default());
+        self.0.lock().unwrap().close_gate = Some(gate.clone());
+        gate
+    }
+
     /// How many handles to the device are open, this one included: a device model that closed
     /// its backend (released the device) holds none.
     pub fn handles(&self) -> usize {
@@ -225,6 +256,15 @@ fn range(len: usize, offset: u64, n: usize) -> io::Result<std::ops::Range<usize>
     let end = start.checked_add(n).filter(|&e| e <= len);
     end.map(|end| start..end)
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+impl Drop for FakeDevice {
+    fn drop(&mut self) {
+        let gate = self.0.lock().map(|s| s.close_gate.clone()).ok().flatten();
+        if let Some(gate) = gate {
+            gate.wait();
+        }
+    }
 }
 
 impl DeviceBackend for FakeDevice {
