@@ -10,6 +10,7 @@
 //!   segment 0, routed by bus number, behind 0xCF8/0xCFC and ECAM front-ends.
 //! - [`aer`]: Advanced Error Reporting registers (root ports, and an endpoint model for
 //!   passthrough devices).
+//! - [`pending`]: a hot-added device announced in its slot while the VMM still opens it.
 //! - [`allocator`]: address ranges and an aligned allocator for BARs inside a port window.
 
 pub mod aer;
@@ -22,6 +23,7 @@ pub mod header;
 pub mod host_bridge;
 pub mod msi;
 pub mod pcie_cap;
+pub mod pending;
 pub mod root_port;
 pub mod segment;
 
@@ -30,6 +32,7 @@ pub use bdf::{Bdf, BdfError, SYSFS_PCI_DEVICES};
 pub use config_access::{EcamAccess, PioConfigAccess, PIO_CONFIG_BASE, PIO_CONFIG_LEN};
 pub use device::{MsiMessage, MsiSender, PciDevice};
 pub use pcie_cap::{LinkSpeed, LinkWidth};
+pub use pending::{pending_device, PendingDevice, PendingHandle};
 pub use root_port::slot::{SlotDevice, SlotError, SlotEvents, SlotState};
 pub use root_port::{AerSignal, PortWindows, RootPort, SharedRootPort};
 pub use segment::{PciSegment, PortInfo, SegmentConfig};

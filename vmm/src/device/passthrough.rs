@@ -210,13 +210,25 @@ pub struct Passthrough {
     port_host_nodes: Vec<Option<u32>>,
 }
 
-/// What [`Passthrough::prepare`] opened and placed.
-struct Prepared {
+/// A device checked and given a port, not opened yet ([`Passthrough::reserve`]).
+pub struct Reservation {
     id: DeviceId,
     host: HostDevice,
     port: usize,
-    device: VfioPciDevice,
     vf: Option<VfLease>,
+    group: Option<OwnedFd>,
+}
+
+impl Reservation {
+    /// The root port (index) the device will be in.
+    pub fn port(&self) -> usize {
+        self.port
+    }
+
+    /// The device's id.
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
 }
 
 impl Passthrough {
@@ -300,14 +312,15 @@ impl Passthrough {
         Ok(container)
     }
 
-    /// Checks the host device and the VM's limits (for a VF: takes one from the PF's pool),
-    /// opens the device, places its BARs in a free root port's windows and returns it with its
-    /// port; the caller puts it in the slot.
-    fn prepare(
+    /// Checks the host device and the VM's limits (for a VF: takes one from the PF's pool) and
+    /// picks a free root port: everything of an attach that is quick and can be refused. The
+    /// device is opened by [`Passthrough::open_reserved`]; dropping the reservation gives a VF
+    /// back.
+    pub fn reserve(
         &mut self,
         spec: &DeviceSpec,
         segment: &PciSegment,
-    ) -> Result<Prepared, PassthroughError> {
+    ) -> Result<Reservation, PassthroughError> {
         check_passthrough_limit(self.devices.len())?;
         let group = held_group(spec)?;
         let id = match &spec.id {
@@ -341,13 +354,46 @@ impl Passthrough {
         }
         self.check_dma_memlock()?;
         let port = self.port_for(segment, &host)?;
-        let container = self.container()?;
         // The vfio layer owns the group descriptor while the group is attached; the request
         // keeps its own.
         let group = match group {
             Some(fd) => Some(fd.try_clone().map_err(PassthroughError::GroupDup)?),
             None => None,
         };
+        Ok(Reservation {
+            id,
+            host,
+            port,
+            vf,
+            group,
+        })
+    }
+
+    /// Bytes of guest RAM that opening a device now pins for DMA first: all of it when no device
+    /// is attached (the host kernel drops the IOMMU domain with the last one), else none.
+    pub fn dma_map_on_open(&self) -> u64 {
+        match &self.container {
+            Some(c) if c.attached_devices() > 0 => 0,
+            _ => self.memory_size(),
+        }
+    }
+
+    /// Opens the reserved device (the host kernel resets it as its VFIO descriptor opens; the
+    /// first device also maps guest RAM for DMA), places its BARs in its port's windows and adds
+    /// it to the VM. Returns its id; the caller puts it in the slot.
+    pub fn open_reserved(
+        &mut self,
+        reservation: Reservation,
+        segment: &PciSegment,
+    ) -> Result<DeviceId, PassthroughError> {
+        let Reservation {
+            id,
+            host,
+            port,
+            vf,
+            group,
+        } = reservation;
+        let container = self.container()?;
         let device = VfioPciDevice::open(
             &container,
             &self.sysfs,
@@ -360,13 +406,32 @@ impl Passthrough {
             self.guest_mmio.clone(),
         )?;
         place_bars(&device, &host, port, segment)?;
-        Ok(Prepared {
-            id,
-            host,
-            port,
-            device,
-            vf,
-        })
+        let info = segment.ports()[port];
+        log::info!(
+            "passthrough {id}: host {} for guest 0000:{:02x}:00.0 (slot {})",
+            host.bdf,
+            info.secondary_bus,
+            info.slot_number
+        );
+        self.devices.insert(
+            id.clone(),
+            AttachedDevice {
+                id: id.clone(),
+                host,
+                port,
+                slot: info.slot_number,
+                guest_bdf: Bdf {
+                    domain: 0,
+                    bus: info.secondary_bus,
+                    device: 0,
+                    function: 0,
+                },
+                device,
+                state: DeviceState::Adding,
+                vf,
+            },
+        );
+        Ok(id)
     }
 
     /// Attaches a device before the guest starts: it is present and powered in its slot.
@@ -406,91 +471,21 @@ impl Passthrough {
         Ok(d)
     }
 
-    /// Opens a device for hot-add and reserves a port for it; the caller puts it into the slot
-    /// (see [`Passthrough::insert_into_slot`]) when the slot is ready. Returns its id.
+    /// Opens a device and gives it a port ([`Passthrough::reserve`], then
+    /// [`Passthrough::open_reserved`]); the caller puts it into the slot. Returns its id.
     pub fn attach(
         &mut self,
         spec: &DeviceSpec,
         segment: &PciSegment,
     ) -> Result<DeviceId, PassthroughError> {
-        let Prepared {
-            id,
-            host,
-            port,
-            device,
-            vf,
-        } = self.prepare(spec, segment)?;
-        let info = segment.ports()[port];
-        log::info!(
-            "passthrough {id}: host {} for guest 0000:{:02x}:00.0 (slot {})",
-            host.bdf,
-            info.secondary_bus,
-            info.slot_number
-        );
-        self.devices.insert(
-            id.clone(),
-            AttachedDevice {
-                id: id.clone(),
-                host,
-                port,
-                slot: info.slot_number,
-                guest_bdf: Bdf {
-                    domain: 0,
-                    bus: info.secondary_bus,
-                    device: 0,
-                    function: 0,
-                },
-                device,
-                state: DeviceState::Adding,
-                vf,
-            },
-        );
-        Ok(id)
+        let reservation = self.reserve(spec, segment)?;
+        self.open_reserved(reservation, segment)
     }
 
-    /// Tells the guest about device `id` (presence detect + link up on its slot).
-    pub fn insert_into_slot(
-        &self,
-        id: &DeviceId,
-        segment: &PciSegment,
-    ) -> Result<(), PassthroughError> {
-        self.put_in_slot(id, segment, false)
-    }
-
-    /// Puts device `id` in its slot for ACPI hotplug: present, powered and link up at once,
-    /// without a PCIe hot-plug event (the guest learns of it through ACPI).
-    pub fn insert_into_slot_acpi(
-        &self,
-        id: &DeviceId,
-        segment: &PciSegment,
-    ) -> Result<(), PassthroughError> {
-        self.put_in_slot(id, segment, true)
-    }
-
-    /// Puts device `id` in its port's slot: as at boot (no hot-plug event) or hot-plugged.
-    fn put_in_slot(
-        &self,
-        id: &DeviceId,
-        segment: &PciSegment,
-        as_at_boot: bool,
-    ) -> Result<(), PassthroughError> {
-        let d = self
-            .get(id)
-            .ok_or_else(|| PassthroughError::UnknownId(id.clone()))?;
-        let port = segment
-            .port(d.port)
-            .ok_or(PassthroughError::NoSuchPort(d.port))?;
-        let slot_device: SlotDevice = Arc::new(Mutex::new(d.device.clone()));
-        let mut port = port.locked();
-        let inserted = if as_at_boot {
-            port.insert_device_at_boot(slot_device)
-        } else {
-            port.insert_device(slot_device)
-        };
-        inserted.map_err(|source| PassthroughError::Slot {
-            port: d.port,
-            source,
-        })
+    /// Device `id` as its slot holds it.
+    pub fn slot_device(&self, id: &DeviceId) -> Option<SlotDevice> {
+        self.get(id)
+            .map(|d| Arc::new(Mutex::new(d.device.clone())) as SlotDevice)
     }
 
     /// The device with id `id`.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use rvmm_devices::ged::Ged;
-use rvmm_pci::{PciSegment, SlotState};
+use rvmm_pci::{pending_device, PciSegment, PendingHandle, SlotDevice, SlotState};
 use rvmm_vfio::sriov::SriovError;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
@@ -46,6 +46,11 @@ use rvmm_devices::sync::MutexExt;
 pub const ADD_GUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most vCPUs a VM may have for hotplug (as in vSphere).
 pub const MAX_HOTPLUG_CPUS: u8 = 128;
+/// How long a guest config access waits for a device announced while it opens, at most.
+const PENDING_ACCESS_WAIT: Duration = Duration::from_secs(10);
+/// A hot-add is announced before the device is open only if the open pins at most this much
+/// guest RAM for DMA first: the guest's config accesses to the device wait for the open.
+const ANNOUNCE_EARLY_MAX_DMA_MAP: u64 = 4 << 30;
 /// Shortest timer expiry (a zero one would disarm it).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
@@ -440,23 +445,126 @@ impl Controller {
             .checked_sub(reply.elapsed())
             .unwrap_or_else(Instant::now);
         log::debug!("hot-add of {spec} asked");
-        match self.passthrough.attach(&spec, &self.segment) {
-            Ok(id) => {
-                log::debug!("device {id} attached, waiting for its slot");
-                self.watch_vfio(&id, ops);
-                self.add_started.insert(id.clone(), asked);
-                self.ops.insert(
-                    id,
-                    Op::WaitingForSlot {
-                        deadline: asked + ADD_SLOT_READY_TIMEOUT,
-                        end: asked + ADD_DEADLINE,
-                        reply: Some(reply),
-                    },
-                );
-            }
+        let reservation = match self.passthrough.reserve(&spec, &self.segment) {
+            Ok(r) => r,
             Err(e) => {
                 reply.reply(Err(api_error(&spec.to_string(), e)));
+                return;
             }
+        };
+        let port = reservation.port();
+        let announced = self.announce_early(port, reservation.id());
+        let id = match self.passthrough.open_reserved(reservation, &self.segment) {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(handle) = announced {
+                    handle.fail();
+                    self.withdraw_from_slot(port);
+                }
+                reply.reply(Err(api_error(&spec.to_string(), e)));
+                return;
+            }
+        };
+        self.watch_vfio(&id, ops);
+        self.add_started.insert(id.clone(), asked);
+        let end = asked + ADD_DEADLINE;
+        let Some(handle) = announced else {
+            log::debug!("device {id} attached, waiting for its slot");
+            self.ops.insert(
+                id,
+                Op::WaitingForSlot {
+                    deadline: asked + ADD_SLOT_READY_TIMEOUT,
+                    end,
+                    reply: Some(reply),
+                },
+            );
+            return;
+        };
+        if !self
+            .passthrough
+            .slot_device(&id)
+            .is_some_and(|d| handle.ready(d))
+        {
+            let step = format!(
+                "opening the device: the guest looked for it in slot {} and gave up after {} ms",
+                port + 1,
+                PENDING_ACCESS_WAIT.as_millis()
+            );
+            self.fail_add(&id, Some(reply), step, PENDING_ACCESS_WAIT, ops);
+            return;
+        }
+        log::debug!(
+            "device {id} open, in slot {} since its announcement",
+            port + 1
+        );
+        self.ops.insert(
+            id,
+            Op::WaitingForGuest {
+                deadline: (Instant::now() + ADD_GUEST_TIMEOUT).min(end),
+                reply: Some(reply),
+            },
+        );
+    }
+
+    /// Announces a device to the guest in slot `port` before it is open, when the slot can take
+    /// it now and the open is short (it pins little or no guest RAM): the guest's own waits
+    /// after the announcement (pciehp's 120 ms for the link) overlap the open, and its config
+    /// accesses wait for the device meanwhile. Returns the handle that completes the device;
+    /// `None`: the device goes into its slot once open, as any other.
+    fn announce_early(&mut self, port: usize, id: &DeviceId) -> Option<PendingHandle> {
+        let to_map = self.passthrough.dma_map_on_open();
+        if to_map > ANNOUNCE_EARLY_MAX_DMA_MAP {
+            log::debug!(
+                "device {id}: opening it maps {} MiB of guest RAM for DMA first; announced once open",
+                to_map >> 20
+            );
+            return None;
+        }
+        let (pending, handle) = pending_device(PENDING_ACCESS_WAIT);
+        match self.insert_in_slot(port, pending.into_slot_device()) {
+            Ok(()) => {
+                log::debug!("device {id} announced in slot {} while it opens", port + 1);
+                Some(handle)
+            }
+            Err(e) => {
+                log::debug!("device {id}: slot {} cannot take it yet: {e}", port + 1);
+                None
+            }
+        }
+    }
+
+    /// Puts `device` into slot `port` and tells the guest: a hot-plug event (native) or a
+    /// Device Check (ACPI). A retryable slot error when the guest is not ready for it.
+    fn insert_in_slot(&mut self, port: usize, device: SlotDevice) -> Result<(), PassthroughError> {
+        if self.acpi.is_some() {
+            return match self.acpi_insert(port, device) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(PassthroughError::Slot {
+                    port,
+                    source: rvmm_pci::SlotError::EventPending {
+                        slot: self.segment.ports().get(port).map_or(0, |p| p.slot_number),
+                        status: 0,
+                    },
+                }),
+                Err(e) => Err(e),
+            };
+        }
+        self.segment
+            .port(port)
+            .ok_or(PassthroughError::NoSuchPort(port))?
+            .locked()
+            .insert_device(device)
+            .map_err(|source| PassthroughError::Slot { port, source })
+    }
+
+    /// Takes whatever is in slot `port` out without the guest's consent (the guest is told).
+    fn withdraw_from_slot(&mut self, port: usize) {
+        let removed = self.segment.port(port).is_some_and(|p| {
+            let mut p = p.locked();
+            p.slot_state() != SlotState::Empty && p.surprise_remove().is_ok()
+        });
+        if removed {
+            self.acpi_slot_left(port, true);
         }
     }
 
@@ -654,24 +762,9 @@ impl Controller {
         now: Instant,
         ops: &mut EventOps,
     ) -> Option<Op> {
-        let inserted = if self.acpi.is_some() {
-            match self.acpi_insert(id, port_index) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(PassthroughError::Slot {
-                    port: port_index,
-                    source: rvmm_pci::SlotError::EventPending {
-                        slot: self
-                            .segment
-                            .ports()
-                            .get(port_index)
-                            .map_or(0, |p| p.slot_number),
-                        status: 0,
-                    },
-                }),
-                Err(e) => Err(e),
-            }
-        } else {
-            self.passthrough.insert_into_slot(id, &self.segment)
+        let inserted = match self.passthrough.slot_device(id) {
+            Some(device) => self.insert_in_slot(port_index, device),
+            None => Err(PassthroughError::UnknownId(id.clone())),
         };
         match inserted {
             Ok(()) => {
@@ -814,15 +907,8 @@ impl Controller {
         if let Some(asked) = self.add_started.remove(id) {
             self.stats.record(HotplugOpKind::AddFailed, asked.elapsed());
         }
-        if let Some(d) = self.passthrough.get(id) {
-            let index = d.port;
-            let removed = self.segment.port(index).is_some_and(|port| {
-                let mut port = port.locked();
-                port.slot_state() != SlotState::Empty && port.surprise_remove().is_ok()
-            });
-            if removed {
-                self.acpi_slot_left(index, true);
-            }
+        if let Some(port) = self.passthrough.get(id).map(|d| d.port) {
+            self.withdraw_from_slot(port);
         }
         self.unwatch_vfio(id, ops);
         self.passthrough.detach(id);

@@ -23,7 +23,7 @@ use rvmm_devices::pci_hotplug::{
     GuestAction, OstReport, PciHotplug, NOTIFY_DEVICE_CHECK, OST_SUCCESS,
 };
 use rvmm_devices::sync::MutexExt;
-use rvmm_pci::{PciDevice, SlotState};
+use rvmm_pci::{PciDevice, SlotDevice, SlotState};
 
 use super::{Controller, Op};
 use crate::device::passthrough::PassthroughError;
@@ -115,12 +115,12 @@ impl Controller {
         }
     }
 
-    /// Puts device `id` into its slot when no notification of the slot is still unread:
+    /// Puts `device` into slot `port_index` when no notification of the slot is still unread:
     /// present and link up, Device Check signalled. `Ok(false)`: not yet.
     pub(super) fn acpi_insert(
         &mut self,
-        id: &DeviceId,
         port_index: usize,
+        device: SlotDevice,
     ) -> Result<bool, PassthroughError> {
         let Some(acpi) = self.acpi.as_mut() else {
             return Ok(false);
@@ -128,7 +128,15 @@ impl Controller {
         if acpi.registers.locked().pending(port_index) {
             return Ok(false);
         }
-        self.passthrough.insert_into_slot_acpi(id, &self.segment)?;
+        self.segment
+            .port(port_index)
+            .ok_or(PassthroughError::NoSuchPort(port_index))?
+            .locked()
+            .insert_device_at_boot(device)
+            .map_err(|source| PassthroughError::Slot {
+                port: port_index,
+                source,
+            })?;
         if let Some(acpi) = self.acpi.as_mut() {
             acpi.ejected.remove(&port_index);
             acpi.device_checked.remove(&port_index);
