@@ -11,6 +11,7 @@
 #     the namespace is gone in the guest;
 #   - host-initiated removal: `echo 1 > /sys/bus/pci/devices/BDF/remove` in the test host, until
 #     that command returns (rvmm released the device), until the namespace is gone in the guest.
+# Each step starts 1 s after the one before ended (the test host's one CPU is the guest's too).
 # Times are taken in the test host from just before the command (10 ms resolution); the guest's
 # view is when its marker reached the test host (rvmm_arrival_ms), not when a wait polled for it.
 # Prints each sample as it is taken, then the medians of both modes side by side as a Markdown
@@ -74,10 +75,15 @@ guest_waits() {
   [ -n "$at" ] && echo $((at - $3))
 }
 
+# settle: the pause before each step. The test host has one CPU: a step started while the guest
+# still finishes the one before (its monitor's output, the driver's last work) would share it.
+settle() { sleep 1; }
+
 # ctl_once: what one `rvmm ctl info` costs from the test host's shell (the client's start and
 # the API's round trip: part of every answer figure).
 ctl_once() {
   local t0
+  settle
   t0=$(uptime_ms)
   "$RVMM" ctl --api-socket "$(api_socket "$VM")" info >/dev/null || return 1
   sample ctl_info $(($(uptime_ms) - t0))
@@ -87,6 +93,7 @@ ctl_once() {
 add_once() {
   local blocks t0
   blocks=$(rvmm_count "$VM" 'GUEST block-added')
+  settle
   t0=$(uptime_ms)
   step add "$t0"
   "$RVMM" ctl --api-socket "$(api_socket "$VM")" add-device "$ADD" >/dev/null || return 1
@@ -100,6 +107,7 @@ remove_once() {
   local kind="$1" gone t0
   shift
   gone=$(rvmm_count "$VM" 'GUEST block-removed')
+  settle
   t0=$(uptime_ms)
   step "$kind" "$t0"
   "$RVMM" ctl --api-socket "$(api_socket "$VM")" remove-device disk0 "$@" >/dev/null || return 1
@@ -112,6 +120,7 @@ remove_once() {
 host_remove_once() {
   local gone t0
   gone=$(rvmm_count "$VM" 'GUEST block-removed')
+  settle
   t0=$(uptime_ms)
   step host_remove "$t0"
   echo 1 >"/sys/bus/pci/devices/$NVME/remove" || return 1
@@ -122,7 +131,7 @@ host_remove_once() {
 }
 
 # rvmm's log of each hotplug step (milliseconds), for the breakdown.
-export RUST_LOG=rvmm::hotplug=debug,rvmm_devices::ged=debug,rvmm_devices::pci_hotplug=debug,rvmm_pci::root_port=debug
+export RUST_LOG=rvmm::hotplug=debug,rvmm_vfio=info,rvmm_devices::ged=debug,rvmm_devices::pci_hotplug=debug,rvmm_pci::root_port=debug
 for MODE in native acpi; do
 VM=bench_$MODE
 rvmm_start_lines "$VM" run --kernel "$GUEST_BZIMAGE" --initramfs "$GUEST_INITRAMFS" \

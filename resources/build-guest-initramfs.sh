@@ -23,11 +23,12 @@ if ! command -v gcc >/dev/null || [ ! -f "$(gcc -print-file-name=libc.a)" ]; the
 fi
 hostile_src="$RESOURCES_DIR/guest/hostile.c"
 pio_src="$RESOURCES_DIR/guest/pio.c"
+uwake_src="$RESOURCES_DIR/guest/uwake.c"
 
 rel="$(kernel_release)"
 hash="$(inputs_hash "$0" "$RESOURCES_DIR/lib.sh" "$RESOURCES_DIR/guest/init" \
   "$RESOURCES_DIR/guest/console.sh" "$busybox" \
-  "$KERNEL_DIR/vmlinuz" "=$rel" "=${GUEST_MODULES[*]}" "$hostile_src" "$pio_src" "=$(gcc --version | head -n1)")"
+  "$KERNEL_DIR/vmlinuz" "=$rel" "=${GUEST_MODULES[*]}" "$hostile_src" "$pio_src" "$uwake_src" "=$(gcc --version | head -n1)")"
 if stamp_is_current guest-initramfs "$hash" "$output"; then exit 0; fi
 
 log "building $output"
@@ -43,6 +44,7 @@ install -D -m 0644 "$RESOURCES_DIR/guest/console.sh" "$staging/lib/rvmm/console.
 copy_modules "$staging" "${GUEST_MODULES[@]}"
 gcc -static -O2 -Wall -Wextra -Werror -o "$staging/bin/hostile" "$hostile_src"
 gcc -static -O2 -Wall -Wextra -Werror -o "$staging/bin/pio" "$pio_src"
+gcc -static -O2 -Wall -Wextra -Werror -o "$staging/bin/uwake" "$uwake_src"
 
 mkdir -p "$IMAGES_DIR"
 (cd "$staging" && find . -print0 | LC_ALL=C sort -z |

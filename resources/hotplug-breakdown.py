@@ -39,7 +39,9 @@ STEP = re.compile(r"^bench (\S+)$")
 # Sources: rvmm (its log), klog (guest kernel), guest (the guest's console markers), bench.
 MILESTONES = [
     ("rvmm: request taken by the controller", "rvmm", r"hot-add of .* asked|removal of .* asked"),
-    ("rvmm: device opened and mapped (VFIO, DMA)", "rvmm", r"attached, waiting for its slot"),
+    ("rvmm: device announced in its slot while it opens", "rvmm", r"announced in slot \d+ while"),
+    ("rvmm: device opened and mapped (VFIO, DMA)", "rvmm",
+     r"attached, waiting for its slot|open, in slot \d+ since"),
     ("rvmm: device in its slot, guest notified", "rvmm", r"in slot \d+$"),
     ("rvmm: GED interrupt raised", "rvmm", r"raising the GED"),
     ("guest: GED _EVT read the event", "rvmm", r"ged: the guest read events"),
@@ -47,7 +49,7 @@ MILESTONES = [
     ("guest kernel: pciehp slot event", "klog",
      r"pciehp: Slot\(\d+\): (Card present|Link Up|Attention button pressed|Link Down|Card not present)"),
     ("guest kernel: pciehp powering off (after 5 s)", "klog", r"Powering off due to button press"),
-    ("guest kernel: PCI device found", "klog", r"pci 0000:01:00\.0: \[1b36:0010\]"),
+    ("guest kernel: PCI device found", "klog", r"pci 0000:0\d:00\.0: \[1b36:0010\]"),
     ("guest kernel: nvme probe", "klog", r"nvme nvme\d+: pci function"),
     ("guest: _OST", "rvmm", r"guest Ost"),
     ("guest kernel: nvme queues up", "klog", r"nvme nvme\d+: \d+/\d+/\d+ default/read/poll queues"),
@@ -59,6 +61,7 @@ MILESTONES = [
     ("guest: _EJ0", "rvmm", r"guest Ejected"),
     ("rvmm: done (device added / released)", "rvmm", r"device \S+ added at|removed: "),
     ("bench: command returned", "bench", r"^answered$"),
+    ("guest kernel: the disk's uevent reached user space", "klog", r"rvmm uwake block:(add|remove) "),
     ("guest monitor: block device present", "guest", r"^GUEST block-added "),
     ("guest monitor: block device gone", "guest", r"^GUEST block-removed "),
 ]
