@@ -370,8 +370,12 @@ timeout -s KILL 300 "$RVMM" {args} >/tmp/stall.fifo 2>/tmp/stall.err </dev/null 
 STALL_PID=$!
 deadline=$(($(uptime_ms) + 60000))
 until [ -S /tmp/rvmm-stall.sock ] || [ "$(uptime_ms)" -gt "$deadline" ]; do sleep 0.2; done
-# The guest boots and starts its flood (its console filled the pipe long before).
-sleep 25
+# Read the console only until the guest starts its flood: how long a boot takes varies (a fixed
+# wait was once too short, and nothing had been dropped when the VM ended). Then nobody reads:
+# the flood (about 23 KB a second) fills the pipe in seconds and rvmm's buffer after it.
+timeout -s KILL 300 grep -a -m 1 -q 'GUEST flood begin' <&8
+hmark stall_flooding "rc=$?"
+sleep 10
 rvmm_ctl stall info info
 rvmm_ctl stall add add-device "path=/sys/bus/pci/devices/$NVME,id=disk0"
 rvmm_ctl stall info_added info
@@ -450,6 +454,14 @@ fn shutdown_ends_rvmm_while_nobody_reads_the_console() {
 #[test]
 fn dropped_console_output_is_reported() {
     let run = stall_run().section("stall");
+    let flooding = run.expect_host("stall_flooding");
+    run.check(
+        flooding.field("rc") == Some("0"),
+        &format!(
+            "the guest never started its flood (GUEST flood begin not seen): {}",
+            flooding.value
+        ),
+    );
     let stderr: Vec<&str> = run
         .host_all("stderr")
         .into_iter()
