@@ -370,12 +370,22 @@ timeout -s KILL 300 "$RVMM" {args} >/tmp/stall.fifo 2>/tmp/stall.err </dev/null 
 STALL_PID=$!
 deadline=$(($(uptime_ms) + 60000))
 until [ -S /tmp/rvmm-stall.sock ] || [ "$(uptime_ms)" -gt "$deadline" ]; do sleep 0.2; done
-# Read the console only until the guest starts its flood: how long a boot takes varies (a fixed
-# wait was once too short, and nothing had been dropped when the VM ended). Then nobody reads:
-# the flood (about 23 KB a second) fills the pipe in seconds and rvmm's buffer after it.
+# Read the console only until the guest starts its flood, then nobody reads. The serial console
+# of a nested guest under TCG is slow: a fixed wait (25 s, or 10 s after the flood began) was
+# sometimes over before the pipe was full, and nothing was stalled or dropped when the VM ended.
+# So wait until rvmm's console writer thread sleeps in a write to the full pipe.
 timeout -s KILL 300 grep -a -m 1 -q 'GUEST flood begin' <&8
 hmark stall_flooding "rc=$?"
-sleep 10
+stalled=no
+deadline=$(($(uptime_ms) + 180000))
+while [ "$stalled" = no ] && [ "$(uptime_ms)" -lt "$deadline" ]; do
+  for t in /proc/[0-9]*/task/*; do
+    [ "$(cat "$t/comm" 2>/dev/null)" = rvmm-console ] || continue
+    case "$(cat "$t/wchan" 2>/dev/null)" in *pipe_write) stalled=yes ;; esac
+  done
+  [ "$stalled" = yes ] || sleep 0.5
+done
+hmark stall_blocked "$stalled"
 rvmm_ctl stall info info
 rvmm_ctl stall add add-device "path=/sys/bus/pci/devices/$NVME,id=disk0"
 rvmm_ctl stall info_added info
@@ -461,6 +471,11 @@ fn dropped_console_output_is_reported() {
             "the guest never started its flood (GUEST flood begin not seen): {}",
             flooding.value
         ),
+    );
+    let blocked = run.expect_host("stall_blocked");
+    run.check(
+        blocked.value == "yes",
+        "rvmm's console writer never blocked on the unread pipe within 180 s of the flood",
     );
     let stderr: Vec<&str> = run
         .host_all("stderr")
