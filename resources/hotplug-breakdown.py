@@ -41,7 +41,7 @@ MILESTONES = [
     ("rvmm: request taken by the controller", "rvmm", r"hot-add of .* asked|removal of .* asked"),
     ("rvmm: device announced in its slot while it opens", "rvmm", r"announced in slot \d+ while"),
     ("rvmm: device opened and mapped (VFIO, DMA)", "rvmm",
-     r"attached, waiting for its slot|open, in slot \d+ since"),
+     r"open in \d+ ms, (waiting for its slot|in slot \d+ since)"),
     ("rvmm: device in its slot, guest notified", "rvmm", r"in slot \d+$"),
     ("rvmm: GED interrupt raised", "rvmm", r"raising the GED"),
     ("guest: GED _EVT read the event", "rvmm", r"ged: the guest read events"),

@@ -454,6 +454,7 @@ impl Controller {
         };
         let port = reservation.port();
         let announced = self.announce_early(port, reservation.id());
+        let opening = Instant::now();
         let id = match self.passthrough.open_reserved(reservation, &self.segment) {
             Ok(id) => id,
             Err(e) => {
@@ -469,7 +470,10 @@ impl Controller {
         self.add_started.insert(id.clone(), asked);
         let end = asked + ADD_DEADLINE;
         let Some(handle) = announced else {
-            log::debug!("device {id} attached, waiting for its slot");
+            log::debug!(
+                "device {id} open in {} ms, waiting for its slot",
+                opening.elapsed().as_millis()
+            );
             self.ops.insert(
                 id,
                 Op::WaitingForSlot {
@@ -493,8 +497,11 @@ impl Controller {
             self.fail_add(&id, Some(reply), step, PENDING_ACCESS_WAIT, ops);
             return;
         }
+        // The open's time is mostly the host's: vfio-pci resets the function as its descriptor
+        // opens (an FLR waits 100 ms), and the guest RAM is mapped for DMA.
         log::debug!(
-            "device {id} open, in slot {} since its announcement",
+            "device {id} open in {} ms, in slot {} since its announcement",
+            opening.elapsed().as_millis(),
             port + 1
         );
         self.ops.insert(
