@@ -75,10 +75,11 @@ step() { echo "$2 bench $1" >>"/tmp/rvmm-$VM.stamped"; }
 
 # guest_waits TEXT COUNT START_MS: waits until the guest printed more than COUNT lines with TEXT;
 # prints the milliseconds from START_MS to when line COUNT+1 arrived (rvmm_arrival_ms: not
-# rounded up to the wait's polling), or nothing if it never did.
+# rounded up to the wait's polling, so the wait looks only every 0.5 s: its forks would take the
+# test host's one CPU from the guest it measures), or nothing if it never did.
 guest_waits() {
   local at
-  rvmm_wait_more "$VM" "$1" "$2" 60 >/dev/null || return 0
+  rvmm_wait_more "$VM" "$1" "$2" 60 0.5 >/dev/null || return 0
   at=$(rvmm_arrival_ms "$VM" "$1" $(($2 + 1)))
   [ -n "$at" ] && echo $((at - $3))
 }

@@ -602,9 +602,11 @@ rvmm_arrival_ms() {
   grep -F -- "$2" "/tmp/rvmm-$1.stamped" 2>/dev/null | sed -n "${3}p" | cut -d' ' -f1
 }
 
-# rvmm_wait_more NAME TEXT COUNT [SECS]: waits until more than COUNT lines of run NAME's console
-# contain TEXT, at most SECS seconds (default 60) or until rvmm exits: HOST wait_more ok
-# ms=<waited> <TEXT>, or HOST wait_more timeout <TEXT>.
+# rvmm_wait_more NAME TEXT COUNT [SECS [POLL]]: waits until more than COUNT lines of run NAME's
+# console contain TEXT, at most SECS seconds (default 60) or until rvmm exits, looking every POLL
+# seconds (default 0.05; each look forks, and the test host's one CPU is the guest's too: a
+# caller that takes the line's arrival from rvmm_arrival_ms can look less often): HOST wait_more
+# ok ms=<waited> <TEXT>, or HOST wait_more timeout <TEXT>.
 rvmm_wait_more() {
   local name="$1" text="$2" count="$3" start deadline pid
   pid=$(cat "/tmp/rvmm-$name.pid")
@@ -615,7 +617,7 @@ rvmm_wait_more() {
       hmark wait_more timeout "$text"
       return 1
     fi
-    sleep 0.05
+    sleep "${5:-0.05}"
   done
   hmark wait_more ok "ms=$(($(uptime_ms) - start))" "$text"
 }
