@@ -176,14 +176,17 @@ mod tests {
         }
     }
 
+    /// Reads register `reg` of `slot` on another thread (a vCPU's config access).
+    fn read_in_thread(slot: &SlotDevice, reg: usize) -> thread::JoinHandle<u32> {
+        let slot = slot.clone();
+        thread::spawn(move || slot.locked().read_config_register(reg))
+    }
+
     #[test]
     fn an_access_waits_until_the_device_is_ready_and_then_reaches_it() {
         let (pending, handle) = pending_device(Duration::from_secs(10));
         let slot = pending.into_slot_device();
-        let reader = {
-            let slot = slot.clone();
-            thread::spawn(move || slot.locked().read_config_register(3))
-        };
+        let reader = read_in_thread(&slot, 3);
         thread::sleep(Duration::from_millis(50));
         assert!(!reader.is_finished(), "the read must wait for the device");
         let echo = Arc::new(Mutex::new(Echo::default()));
@@ -200,10 +203,7 @@ mod tests {
     fn a_failed_open_reads_as_no_device_and_drops_writes() {
         let (pending, handle) = pending_device(Duration::from_secs(10));
         let slot = pending.into_slot_device();
-        let reader = {
-            let slot = slot.clone();
-            thread::spawn(move || slot.locked().read_config_register(0))
-        };
+        let reader = read_in_thread(&slot, 0);
         handle.fail();
         assert_eq!(reader.join().unwrap(), ABSENT);
         slot.locked().write_config_register(1, 0, &[1]);

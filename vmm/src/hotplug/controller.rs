@@ -556,12 +556,29 @@ impl Controller {
                 Err(e) => Err(e),
             };
         }
-        self.segment
+        self.port_insert(port, device, false)
+    }
+
+    /// Puts `device` into the slot of root port `port`: hot-plugged (presence and link change,
+    /// the port's hot-plug interrupt) or `as_at_boot` (present and powered, no event: the guest
+    /// learns of it through ACPI).
+    pub(super) fn port_insert(
+        &self,
+        port: usize,
+        device: SlotDevice,
+        as_at_boot: bool,
+    ) -> Result<(), PassthroughError> {
+        let root_port = self
+            .segment
             .port(port)
-            .ok_or(PassthroughError::NoSuchPort(port))?
-            .locked()
-            .insert_device(device)
-            .map_err(|source| PassthroughError::Slot { port, source })
+            .ok_or(PassthroughError::NoSuchPort(port))?;
+        let mut root_port = root_port.locked();
+        let inserted = if as_at_boot {
+            root_port.insert_device_at_boot(device)
+        } else {
+            root_port.insert_device(device)
+        };
+        inserted.map_err(|source| PassthroughError::Slot { port, source })
     }
 
     /// Takes whatever is in slot `port` out without the guest's consent (the guest is told).

@@ -128,15 +128,7 @@ impl Controller {
         if acpi.registers.locked().pending(port_index) {
             return Ok(false);
         }
-        self.segment
-            .port(port_index)
-            .ok_or(PassthroughError::NoSuchPort(port_index))?
-            .locked()
-            .insert_device_at_boot(device)
-            .map_err(|source| PassthroughError::Slot {
-                port: port_index,
-                source,
-            })?;
+        self.port_insert(port_index, device, true)?;
         if let Some(acpi) = self.acpi.as_mut() {
             acpi.ejected.remove(&port_index);
             acpi.device_checked.remove(&port_index);
