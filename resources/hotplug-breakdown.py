@@ -62,6 +62,8 @@ MILESTONES = [
     ("rvmm: done (device added / released)", "rvmm", r"device \S+ added at|removed: "),
     ("bench: command returned", "bench", r"^answered$"),
     ("guest kernel: the disk's uevent reached user space", "klog", r"rvmm uwake block:(add|remove) "),
+    ("guest monitor: printing its block device marker", "klog",
+     r"rvmm monitor block-(added|removed) "),
     ("guest monitor: block device present", "guest", r"^GUEST block-added "),
     ("guest monitor: block device gone", "guest", r"^GUEST block-removed "),
 ]
