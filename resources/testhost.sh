@@ -37,7 +37,8 @@
 #                      one more NVMe drive (serial nvme-node1) on a root port behind a PCIe
 #                      expander bus (pxb-pcie, buses 0x80..) on node 1. QEMU emulates the nodes
 #                      without any distance between them.
-# Exit status: QEMU's (0 after the test host powered off), 124 on timeout.
+# Exit status: QEMU's (0 after the test host powered off), 124 on timeout, 125 when the test
+#              host froze (its CPU took no interrupt for 20 s; see resources/testhost-watch.py).
 set -euo pipefail
 # shellcheck source=resources/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -170,62 +171,31 @@ fi
 args+=(-kernel "$kernel" -initrd "$initrd"
   -append "console=ttyS0 quiet intel_iommu=on no_timer_check panic=-1 $idle $numa_args $append" "${extra[@]}")
 
-# A monitor socket that only the hang report below uses.
+# A monitor socket that only the watcher below uses.
 monitor="$workdir/monitor.sock"
 rm -f "$monitor"
 args+=(-monitor "unix:$monitor,server=on,wait=off")
 
-# hang_report: what the test host's CPUs are doing, twice a second apart (spinning or stopped,
-# in which code), from QEMU's monitor; printed on stderr shortly before the timeout kills QEMU,
-# so that a test host that hung says where.
-hang_report() {
-  python3 - "$monitor" <<'PY' >&2 || true
-import socket, sys, time
-out = b""
-try:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(2)
-    s.connect(sys.argv[1])
-    s.settimeout(0.3)
-    for round in range(2):
-        for cmd in ["info cpus", "info registers -a", "x/6i $pc"]:
-            s.sendall(cmd.encode() + b"\n")
-            end = time.time() + 2
-            while time.time() < end:
-                try:
-                    data = s.recv(65536)
-                except socket.timeout:
-                    break
-                if not data:
-                    break
-                out += data
-        time.sleep(1)
-except OSError as e:
-    out += f"\n(monitor: {e})\n".encode()
-# The monitor echoes each command with terminal escapes on its prompt line: drop those lines.
-lines = out.decode(errors="replace").replace("\r", "").split("\n")
-print("--- testhost.sh: test host state before the timeout (QEMU monitor)")
-skip = ("(qemu)", "FPR", "XMM", "YMM", "ZMM", "DR", "FCW")
-print("\n".join(l for l in lines if not l.startswith(skip)))
-print("--- end of test host state")
-PY
-}
-
 log "qemu-system-x86_64 ${args[*]}"
 report_at=$((timeout_s > 30 ? timeout_s - 15 : timeout_s))
-# The sleep holds none of our output: a run that ends early must not wait for it.
-(
-  sleep "$report_at" >/dev/null 2>&1 &
-  sleeper=$!
-  trap 'kill "$sleeper" 2>/dev/null' TERM
-  wait "$sleeper" && hang_report
-) &
-reporter=$!
+# The watcher (resources/testhost-watch.py) ends a test host whose CPU takes no more interrupts
+# (QEMU's nested SVM emulation sometimes freezes it) after 20 s of that instead of at the
+# timeout, and prints where the CPU stood, also for a run that nears its timeout. It ends with
+# QEMU; it holds none of our output beyond that.
+froze="$workdir/froze"
+rm -f "$froze"
+python3 "$(dirname "${BASH_SOURCE[0]}")/testhost-watch.py" "$monitor" "$report_at" 20 "$froze" &
+watcher=$!
 # --foreground: QEMU keeps the terminal when run interactively (resources/demo.sh).
 status=0
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 "${args[@]}" || status=$?
-kill "$reporter" 2>/dev/null || true
-wait "$reporter" 2>/dev/null || true
+kill "$watcher" 2>/dev/null || true
+wait "$watcher" 2>/dev/null || true
+if [ -e "$froze" ]; then
+  echo "testhost.sh: $(cat "$froze")" >&2
+  rm -f "$froze"
+  status=125
+fi
 rm -f "$monitor"
 # The combined initrd is a copy of the big archive: do not keep one per test.
 rm -f "$initrd" "$workdir/scenario.cpio"

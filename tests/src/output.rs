@@ -27,6 +27,8 @@ pub enum RunEnd {
     Exited(i32),
     /// The run outlived its timeout and was killed.
     TimedOut,
+    /// The test host's CPU stopped taking interrupts and `resources/testhost-watch.py` ended it.
+    Froze,
     /// The test host script was killed by a signal.
     Killed,
 }
@@ -269,6 +271,7 @@ impl TestHostOutput {
             RunEnd::Exited(0) => "QEMU exited normally".to_string(),
             RunEnd::Exited(code) => format!("QEMU exited with status {code}"),
             RunEnd::TimedOut => "TIMED OUT".to_string(),
+            RunEnd::Froze => "FROZE (its CPU took no more interrupts; ended early)".to_string(),
             RunEnd::Killed => "killed by a signal".to_string(),
         };
         let at = |key: &str| {
@@ -481,6 +484,13 @@ impl TestHostOutput {
         let all = self.all();
         if self.end == RunEnd::TimedOut {
             hints.push("the run hit its timeout: the last lines show where it hung".to_string());
+        }
+        if self.end == RunEnd::Froze {
+            hints.push(
+                "the test host froze: QEMU's nested SVM emulation left its CPU taking no \
+                 interrupt (docs/performance.md); the state printed says where it stood"
+                    .to_string(),
+            );
         }
         if all.contains("Kernel panic") {
             hints.push(

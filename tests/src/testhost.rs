@@ -16,6 +16,8 @@ use crate::{paths, prepare};
 
 /// Status of `resources/testhost.sh` when its own timeout killed QEMU (GNU timeout).
 const TIMEOUT_STATUS: i32 = 124;
+/// Status of `resources/testhost.sh` when its watcher ended a test host that froze.
+const FROZE_STATUS: i32 = 125;
 /// Extra time the harness grants the script beyond its own timeout before killing it.
 const KILL_GRACE: Duration = Duration::from_secs(30);
 
@@ -284,6 +286,7 @@ impl TestHost {
         } else {
             match status.code() {
                 Some(TIMEOUT_STATUS) => RunEnd::TimedOut,
+                Some(FROZE_STATUS) => RunEnd::Froze,
                 Some(code) => RunEnd::Exited(code),
                 None => RunEnd::Killed,
             }
