@@ -5,11 +5,12 @@ Usage: testhost-watch.py MONITOR_SOCKET REPORT_AT_S FREEZE_S FROZE_FILE
 
 Two jobs, both printing on stderr:
 
-- A frozen test host ends early. QEMU's emulation of nested SVM sometimes leaves the test host's
-  CPU taking no interrupt at all, for good: its local APIC holds a vector in IRR that the CPU never
-  takes (docs/performance.md, "The bench's test host sometimes freezes"). A CPU that takes
-  interrupts leaves a vector in IRR for microseconds, so one that stays pending across every
-  sample for FREEZE_S seconds means the test host runs no more. So does a CPU that is not halted
+- A frozen test host ends early. QEMU 10.0's emulation of nested SVM now and then loses a CPU's
+  interrupt request, and its local APIC then holds a vector in IRR that the CPU never takes
+  (docs/performance.md, "The bench's test host sometimes froze"). testhost.sh's periodic timer
+  tick raises the request again at the next tick; the watcher is there for a freeze that gets
+  past it. A CPU that takes interrupts leaves a vector in IRR for microseconds, so one that
+  stays pending across every sample for FREEZE_S seconds means the test host runs no more. So does a CPU that is not halted
   and whose registers have not changed for FREEZE_S seconds while its host thread did not run
   (a polling CPU's registers can look the same at every sample, but its thread runs). The watcher
   then prints the CPU state, writes FROZE_FILE and ends QEMU, instead of letting the run sit out

@@ -30,9 +30,11 @@
 #                      runs with idle=poll: with two, an idle test host CPU (halted, waiting for
 #                      its timer) has stopped taking timer interrupts for good (RCU: "timer
 #                      wakeup didn't happen ... on cpu=N", that CPU idle) in 2 of 7 --numa
-#                      runs; polling CPUs never halt. It keeps a core of the machine busy per
-#                      vCPU. One TCG thread for all vCPUs (-accel tcg,thread=single) is no way
-#                      out: rvmm's guests then hang early in their boot.
+#                      runs; polling CPUs never halt. (That is the lost interrupt request the
+#                      periodic tick below makes good; idle=poll has stayed.) It keeps a core
+#                      of the machine busy per vCPU. One TCG thread for all vCPUs
+#                      (-accel tcg,thread=single) is no way out: rvmm's guests then hang early
+#                      in their boot.
 #   --numa             two host NUMA nodes (needs --cpus 2: one CPU and half the RAM each) and
 #                      one more NVMe drive (serial nvme-node1) on a root port behind a PCIe
 #                      expander bus (pxb-pcie, buses 0x80..) on node 1. QEMU emulates the nodes
@@ -107,6 +109,16 @@ fi
 # Test host CPUs poll when idle if there are several (see --cpus).
 idle=""
 [ "$cpus" -eq 1 ] || idle="idle=poll"
+# A periodic timer tick (no dynamic ticks, no high-resolution timers: the local APIC timer in
+# periodic mode, 250 Hz). QEMU 10.0's nested SVM emulation sets a CPU's interrupt requests in
+# helper_vmrun (`cs->interrupt_request |= CPU_INTERRUPT_VIRQ`, target/i386/tcg/system/
+# svm_helper.c) on the CPU's thread without the lock under which QEMU's main thread raises the
+# APIC timer's request: once in a long while the request is lost. The vector then waits in the
+# APIC for good; with a one-shot timer nothing raises it again and the test host freezes (its
+# CPU halted, or spinning in a nested guest). A periodic timer delivers again at the next tick,
+# and each delivery raises the request anew: a lost one costs 4 ms, not the run. Nested guests'
+# timers fire on the test host's ticks then (4 ms granularity).
+tick="nohz=off highres=off"
 numa_args=""
 
 # phys-bits=36: with QEMU's default of 40, the kernel places the igb VF BARs at 0xc000000000 and
@@ -169,7 +181,7 @@ if [ "$numa" = 1 ]; then
     -device nvme,serial=nvme-node1,drive=nvnode1,bus=rpnode1)
 fi
 args+=(-kernel "$kernel" -initrd "$initrd"
-  -append "console=ttyS0 quiet intel_iommu=on no_timer_check panic=-1 $idle $numa_args $append" "${extra[@]}")
+  -append "console=ttyS0 quiet intel_iommu=on no_timer_check panic=-1 $tick $idle $numa_args $append" "${extra[@]}")
 
 # A monitor socket that only the watcher below uses.
 monitor="$workdir/monitor.sock"
@@ -179,7 +191,7 @@ args+=(-monitor "unix:$monitor,server=on,wait=off")
 log "qemu-system-x86_64 ${args[*]}"
 report_at=$((timeout_s > 30 ? timeout_s - 15 : timeout_s))
 # The watcher (resources/testhost-watch.py) ends a test host whose CPU takes no more interrupts
-# (QEMU's nested SVM emulation sometimes freezes it) after 20 s of that instead of at the
+# (a freeze that gets past the periodic tick above) after 20 s of that instead of at the
 # timeout, and prints where the CPU stood, also for a run that nears its timeout. It ends with
 # QEMU; it holds none of our output beyond that.
 froze="$workdir/froze"
