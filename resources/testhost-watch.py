@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
-"""Watches a running test host through QEMU's monitor and says where it hung.
+"""Watches a running test host through its heartbeat and QEMU's monitor; says where it hung.
 
-Usage: testhost-watch.py MONITOR_SOCKET REPORT_AT_S FREEZE_S FROZE_FILE
+Usage: testhost-watch.py MONITOR_SOCKET HEARTBEAT_FILE REPORT_AT_S FREEZE_S FROZE_FILE
 
 Two jobs, both printing on stderr:
 
-- A frozen test host ends early. QEMU 10.0's emulation of nested SVM now and then loses a CPU's
-  interrupt request, and its local APIC then holds a vector in IRR that the CPU never takes
-  (docs/performance.md, "The bench's test host sometimes froze"). testhost.sh's periodic timer
-  tick raises the request again at the next tick; the watcher is there for a freeze that gets
-  past it. A CPU that takes interrupts leaves a vector in IRR for microseconds, so one that
-  stays pending across every sample for FREEZE_S seconds means the test host runs no more. So does a CPU that is not halted
-  and whose registers have not changed for FREEZE_S seconds while its host thread did not run
-  (a polling CPU's registers can look the same at every sample, but its thread runs). The watcher
-  then prints the CPU state, writes FROZE_FILE and ends QEMU, instead of letting the run sit out
-  its whole timeout.
+- A frozen test host ends early. The test host's /init writes its uptime to its second serial
+  port once a second (`sleep 1`, so only while its timer interrupts come and its scheduler
+  runs), which QEMU appends to HEARTBEAT_FILE. A heartbeat that stops for FREEZE_S seconds (or
+  never starts within FIRST_BEAT_S) means the test host runs no more: QEMU 10.0's emulation of
+  nested SVM has lost a CPU's interrupt request in a way the periodic tick did not heal
+  (docs/performance.md, "The bench's test host sometimes froze"), or its kernel hangs. The
+  watcher then prints the CPU state, writes FROZE_FILE and ends QEMU, instead of letting the run
+  sit out its whole timeout. A test host that is only busy keeps beating: its scheduler runs the
+  heartbeat within a tick or two, however loaded it is. (A vector seen pending in the local
+  APIC at every sample is no sign of a freeze: with a 250 Hz tick and a CPU that spends long
+  stretches with interrupts off, a sample often finds one.)
 - A run that nears its timeout (REPORT_AT_S seconds after the start) prints the same state, so
   that a test host that hung in any other way says where.
 
@@ -28,7 +29,9 @@ import socket
 import sys
 import time
 
-SAMPLE_INTERVAL_S = 5
+SAMPLE_INTERVAL_S = 2
+# The test host boots in about 7 s; its first heartbeat may take this long on a loaded machine.
+FIRST_BEAT_S = 90
 # Lines of `info registers` too long and too constant to help.
 SKIPPED_PREFIXES = ("(qemu)", "FPR", "XMM", "YMM", "ZMM", "DR", "FCW")
 
@@ -88,16 +91,6 @@ def pending_vectors(monitor, cpu):
     m = re.search(r"^IRR\s+(.*)$", monitor.command(f"info lapic {cpu}"), re.M)
     value = m.group(1).strip() if m else ""
     return "" if value == "(none)" else value
-
-
-def registers(monitor):
-    """Each CPU's `info registers` text, by CPU index."""
-    out = {}
-    for block in re.split(r"^CPU#", monitor.command("info registers -a"), flags=re.M)[1:]:
-        index, _, text = block.partition("\n")
-        if index.strip().isdigit():
-            out[int(index.strip())] = text
-    return out
 
 
 def thread_cpu_s(tid):
@@ -161,78 +154,68 @@ def end_qemu(monitor):
             pass
 
 
-def frozen_by_interrupts(monitor, cpu, now, pending_since, freeze_s):
-    """Why CPU is frozen if an interrupt has stayed pending in its IRR for freeze_s, else None."""
-    vectors = pending_vectors(monitor, cpu)
-    if not vectors:
-        pending_since.pop(cpu, None)
-        return None
-    first, seen = pending_since.get(cpu, (now, None))
-    if seen != vectors:
-        first = now
-    pending_since[cpu] = (first, vectors)
-    if now - first < freeze_s:
-        return None
-    return (
-        f"its CPU {cpu} has had interrupt vector {vectors} pending for {now - first:.0f} s "
-        "and took no interrupt"
-    )
+def heartbeat(path):
+    """(size of the heartbeat file, its last complete line), (0, "") before it exists."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0, ""
+    lines = data.decode(errors="replace").replace("\r", "").split("\n")
+    complete = [l for l in lines[:-1] if l.strip()]
+    return len(data), complete[-1].strip() if complete else ""
 
 
-def frozen_in_place(cpu, tid, regs, now, still_since, freeze_s):
-    """Why CPU is frozen if it is not halted, has not moved and its thread has not run, else None."""
-    if regs is None or "HLT=0" not in regs:
-        still_since.pop(cpu, None)
-        return None
-    cpu_s = thread_cpu_s(tid)
-    first, seen, first_cpu_s = still_since.get(cpu, (now, None, cpu_s))
-    if seen != regs:
-        first, first_cpu_s = now, cpu_s
-    still_since[cpu] = (first, regs, first_cpu_s)
-    if now - first < freeze_s or cpu_s is None or first_cpu_s is None:
-        return None
-    if cpu_s - first_cpu_s > 0.5:
-        return None
-    return (
-        f"its CPU {cpu}, not halted, has not moved for {now - first:.0f} s and its host thread "
-        f"ran {cpu_s - first_cpu_s:.2f} s of it"
-    )
+def pending_summary(monitor):
+    """Each CPU's pending interrupt vectors, for the freeze report's title."""
+    parts = []
+    for cpu, _ in vcpu_threads(monitor):
+        parts.append(f"CPU {cpu}: {pending_vectors(monitor, cpu) or 'none'} pending")
+    return ", ".join(parts)
 
 
-def watch(monitor, start, report_at_s, freeze_s, froze_file):
-    """Samples every CPU until QEMU ends, it freezes or the report time comes."""
-    pending_since = {}
-    still_since = {}
+def watch(monitor, heartbeat_path, start, report_at_s, freeze_s, froze_file):
+    """Follows the heartbeat until QEMU ends, the test host freezes or the report time comes."""
+    size, last_line = 0, ""
+    last_beat = None
     while True:
         now = time.time()
         if now - start >= report_at_s:
             report(monitor, "test host state before the timeout")
             return
-        regs = registers(monitor)
-        for cpu, tid in vcpu_threads(monitor):
-            why = frozen_by_interrupts(monitor, cpu, now, pending_since, freeze_s)
-            why = why or frozen_in_place(cpu, tid, regs.get(cpu), now, still_since, freeze_s)
-            if why:
-                title = (
-                    f"the test host froze: {why} (QEMU's nested SVM emulation; "
-                    f"{now - start:.0f} s into the run)"
-                )
-                report(monitor, title)
-                with open(froze_file, "w") as f:
-                    f.write(title + "\n")
-                end_qemu(monitor)
-                return
+        new_size, line = heartbeat(heartbeat_path)
+        if new_size != size:
+            size, last_line, last_beat = new_size, line, now
+        if last_beat is None:
+            stalled = now - start >= max(freeze_s, FIRST_BEAT_S)
+            why = f"no heartbeat came in the first {now - start:.0f} s"
+        else:
+            stalled = now - last_beat >= freeze_s
+            why = (
+                f"its heartbeat stopped {now - last_beat:.0f} s ago "
+                f"(the last said test host uptime {last_line or '?'} s)"
+            )
+        if stalled:
+            title = (
+                f"the test host froze: {why}; {pending_summary(monitor)} "
+                f"({now - start:.0f} s into the run)"
+            )
+            report(monitor, title)
+            with open(froze_file, "w") as f:
+                f.write(title + "\n")
+            end_qemu(monitor)
+            return
         time.sleep(SAMPLE_INTERVAL_S)
 
 
 def main():
-    if len(sys.argv) != 5:
+    if len(sys.argv) != 6:
         sys.exit(__doc__.split("\n\n")[1])
-    path, report_at_s, freeze_s, froze_file = sys.argv[1:]
+    path, heartbeat_path, report_at_s, freeze_s, froze_file = sys.argv[1:]
     start = time.time()
     try:
         monitor = Monitor(path)
-        watch(monitor, start, float(report_at_s), float(freeze_s), froze_file)
+        watch(monitor, heartbeat_path, start, float(report_at_s), float(freeze_s), froze_file)
     except MonitorGone:
         pass
 

@@ -40,7 +40,7 @@
 #                      expander bus (pxb-pcie, buses 0x80..) on node 1. QEMU emulates the nodes
 #                      without any distance between them.
 # Exit status: QEMU's (0 after the test host powered off), 124 on timeout, 125 when the test
-#              host froze (its CPU took no interrupt for 20 s; see resources/testhost-watch.py).
+#              host froze (its heartbeat stopped for 30 s; see resources/testhost-watch.py).
 set -euo pipefail
 # shellcheck source=resources/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -183,20 +183,24 @@ fi
 args+=(-kernel "$kernel" -initrd "$initrd"
   -append "console=ttyS0 quiet intel_iommu=on no_timer_check panic=-1 $tick $idle $numa_args $append" "${extra[@]}")
 
-# A monitor socket that only the watcher below uses.
+# A monitor socket that only the watcher below uses, and the test host's heartbeat: its /init
+# writes its uptime to its second serial port (ttyS1) once a second, into this file.
 monitor="$workdir/monitor.sock"
-rm -f "$monitor"
-args+=(-monitor "unix:$monitor,server=on,wait=off")
+heartbeat="$workdir/heartbeat"
+rm -f "$monitor" "$heartbeat"
+# shellcheck disable=SC2054
+args+=(-monitor "unix:$monitor,server=on,wait=off"
+  -chardev "file,id=heartbeat,path=$heartbeat" -device isa-serial,chardev=heartbeat)
 
 log "qemu-system-x86_64 ${args[*]}"
 report_at=$((timeout_s > 30 ? timeout_s - 15 : timeout_s))
-# The watcher (resources/testhost-watch.py) ends a test host whose CPU takes no more interrupts
-# (a freeze that gets past the periodic tick above) after 20 s of that instead of at the
-# timeout, and prints where the CPU stood, also for a run that nears its timeout. It ends with
-# QEMU; it holds none of our output beyond that.
+# The watcher (resources/testhost-watch.py) ends a test host whose heartbeat stopped for 30 s (a
+# freeze that got past the periodic tick above, or a hung kernel) instead of at the timeout, and
+# prints where the CPU stood, also for a run that nears its timeout. It ends with QEMU; it holds
+# none of our output beyond that.
 froze="$workdir/froze"
 rm -f "$froze"
-python3 "$(dirname "${BASH_SOURCE[0]}")/testhost-watch.py" "$monitor" "$report_at" 20 "$froze" &
+python3 "$(dirname "${BASH_SOURCE[0]}")/testhost-watch.py" "$monitor" "$heartbeat" "$report_at" 30 "$froze" &
 watcher=$!
 # --foreground: QEMU keeps the terminal when run interactively (resources/demo.sh).
 status=0
@@ -208,7 +212,7 @@ if [ -e "$froze" ]; then
   rm -f "$froze"
   status=125
 fi
-rm -f "$monitor"
+rm -f "$monitor" "$heartbeat"
 # The combined initrd is a copy of the big archive: do not keep one per test.
 rm -f "$initrd" "$workdir/scenario.cpio"
 exit "$status"

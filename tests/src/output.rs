@@ -27,7 +27,7 @@ pub enum RunEnd {
     Exited(i32),
     /// The run outlived its timeout and was killed.
     TimedOut,
-    /// The test host's CPU stopped taking interrupts and `resources/testhost-watch.py` ended it.
+    /// The test host's heartbeat stopped (it froze) and `resources/testhost-watch.py` ended it.
     Froze,
     /// The test host script was killed by a signal.
     Killed,
@@ -271,7 +271,7 @@ impl TestHostOutput {
             RunEnd::Exited(0) => "QEMU exited normally".to_string(),
             RunEnd::Exited(code) => format!("QEMU exited with status {code}"),
             RunEnd::TimedOut => "TIMED OUT".to_string(),
-            RunEnd::Froze => "FROZE (its CPU took no more interrupts; ended early)".to_string(),
+            RunEnd::Froze => "FROZE (its heartbeat stopped; ended early)".to_string(),
             RunEnd::Killed => "killed by a signal".to_string(),
         };
         let at = |key: &str| {
@@ -487,8 +487,8 @@ impl TestHostOutput {
         }
         if self.end == RunEnd::Froze {
             hints.push(
-                "the test host froze: QEMU's nested SVM emulation left its CPU taking no \
-                 interrupt (docs/performance.md); the state printed says where it stood"
+                "the test host froze (its heartbeat stopped: no timer interrupt or no \
+                 scheduling; docs/performance.md); the state printed says where it stood"
                     .to_string(),
             );
         }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rvmm_tests::{Marker, SharedRun, TestHost, TestHostOutput};
+use rvmm_tests::{Marker, RunEnd, SharedRun, TestHost, TestHostOutput};
 
 const NVME_ID: &str = "1b36:0010";
 const IGB_PF_ID: &str = "8086:10c9";
@@ -214,4 +214,43 @@ fn vfs_bind_to_vfio_pci() {
         all.check(bound, &format!("VF {} did not bind to vfio-pci", vf.value));
     }
     all.check(!all.host_all("vf").is_empty(), "no VFs to bind");
+}
+
+/// Stops the heartbeat (the process writing to the second serial port) as a frozen test host's
+/// would stop, then waits far beyond the watcher's 30 s.
+const STALLED_HEARTBEAT: &str = r#"
+for proc in /proc/[0-9]*; do
+  [ "$(readlink "$proc/fd/1" 2>/dev/null)" = /dev/ttyS1 ] && kill -STOP "${proc#/proc/}"
+done
+hmark heartbeat stopped
+sleep 200
+hmark heartbeat outlived
+"#;
+
+#[test]
+fn a_test_host_whose_heartbeat_stops_is_ended_early_as_frozen_with_its_state() {
+    let output = TestHost::new("testhost_stalled")
+        .nvme_drives(0)
+        .igb(false)
+        .needs_rvmm(false)
+        .scenario(STALLED_HEARTBEAT)
+        .run(Duration::from_secs(300));
+    let all = output.all();
+
+    all.check(
+        output.end() == RunEnd::Froze,
+        "the watcher did not end the test host as frozen",
+    );
+    all.check(
+        all.host("heartbeat").is_some_and(|m| m.value == "stopped"),
+        "the scenario did not stop the heartbeat",
+    );
+    all.check(
+        !all.contains("HOST heartbeat outlived"),
+        "the test host ran on past its stopped heartbeat",
+    );
+    all.check(
+        all.contains("its heartbeat stopped") && all.contains("dumping local APIC state"),
+        "the console log lacks the watcher's report (why, the CPU state)",
+    );
 }
