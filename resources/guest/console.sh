@@ -33,3 +33,14 @@ console_wait() {
   # shellcheck disable=SC3045 # busybox read has -t and -u
   read -r -t "$1" -u "$2" _ || true
 }
+
+# console_drain WAKE_FIFO_FD: takes the wake-up lines already waiting on the wake FIFO (at most
+# 64), without waiting for more: what a look about to start covers anyway. Shell builtins only.
+# busybox's `read -t 0` waits forever; a millisecond returns at once when nothing is there.
+console_drain() {
+  local n=0
+  # shellcheck disable=SC3045 # busybox read has -t and -u
+  while [ "$n" -lt 64 ] && read -r -t 0.001 -u "$1" _; do
+    n=$((n + 1))
+  done
+}
