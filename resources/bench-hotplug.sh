@@ -88,9 +88,8 @@ guest_waits() {
 # test host's one CPU to the guest for half a second: right after rvmm answers, the guest is
 # still at the step (its driver, its monitor), and the bench's own forks would slow it.
 answered_at() {
-  local up
-  read -r up _ </proc/uptime
-  ANSWERED=$((${up%.*} * 1000 + (1${up#*.} - 100) * 10))
+  read_uptime_ms
+  ANSWERED=$UPTIME_MS
   sleep 0.5
 }
 

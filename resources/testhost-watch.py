@@ -154,16 +154,24 @@ def end_qemu(monitor):
             pass
 
 
-def heartbeat(path):
-    """(size of the heartbeat file, its last complete line), (0, "") before it exists."""
+def heartbeat_size(path):
+    """Size of the heartbeat file, 0 before it exists."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def last_heartbeat(path):
+    """The last complete line of the heartbeat file (the test host's uptime), or "?"."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            f.seek(max(0, os.stat(path).st_size - 256))
+            tail = f.read().decode(errors="replace").replace("\r", "")
     except OSError:
-        return 0, ""
-    lines = data.decode(errors="replace").replace("\r", "").split("\n")
-    complete = [l for l in lines[:-1] if l.strip()]
-    return len(data), complete[-1].strip() if complete else ""
+        return "?"
+    lines = [l.strip() for l in tail.split("\n")[:-1] if l.strip()]
+    return lines[-1] if lines else "?"
 
 
 def pending_summary(monitor):
@@ -176,16 +184,16 @@ def pending_summary(monitor):
 
 def watch(monitor, heartbeat_path, start, report_at_s, freeze_s, froze_file):
     """Follows the heartbeat until QEMU ends, the test host freezes or the report time comes."""
-    size, last_line = 0, ""
+    size = 0
     last_beat = None
     while True:
         now = time.time()
         if now - start >= report_at_s:
             report(monitor, "test host state before the timeout")
             return
-        new_size, line = heartbeat(heartbeat_path)
+        new_size = heartbeat_size(heartbeat_path)
         if new_size != size:
-            size, last_line, last_beat = new_size, line, now
+            size, last_beat = new_size, now
         if last_beat is None:
             stalled = now - start >= max(freeze_s, FIRST_BEAT_S)
             why = f"no heartbeat came in the first {now - start:.0f} s"
@@ -193,7 +201,7 @@ def watch(monitor, heartbeat_path, start, report_at_s, freeze_s, froze_file):
             stalled = now - last_beat >= freeze_s
             why = (
                 f"its heartbeat stopped {now - last_beat:.0f} s ago "
-                f"(the last said test host uptime {last_line or '?'} s)"
+                f"(the last said test host uptime {last_heartbeat(heartbeat_path)} s)"
             )
         if stalled:
             title = (

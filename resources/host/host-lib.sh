@@ -447,16 +447,24 @@ rvmm_capture() {
 #   guest_input LINE                    types LINE on the running guest's console (rvmm's stdin)
 #   guest_type_lines PREFIX FIRST LAST  types numbered lines on it in one burst
 #   rvmm_stop_monitor NAME              types "stop" for the monitor scenario, waits for the end
-#   uptime_ms, timed LABEL COMMAND      wall time of a command (10 ms resolution)
+#   uptime_ms, read_uptime_ms, timed LABEL COMMAND
+#                                       uptime (ms) printed / in UPTIME_MS; wall time of a command
 #   pci_rescan BDF                      brings a removed host device back
 #   console_attach NAME N, console_type LINE, console_wait N TEXT [SECS], console_detach N,
 #   console_report N                    `rvmm ctl console` on run NAME's socket console
 
-# uptime_ms: the test host's uptime in milliseconds (10 ms resolution; shell builtins only).
-uptime_ms() {
+# read_uptime_ms: sets UPTIME_MS to the test host's uptime in milliseconds (10 ms resolution;
+# shell builtins only, and no command substitution: no process at all).
+read_uptime_ms() {
   local up
   read -r up _ </proc/uptime
-  echo $((${up%.*} * 1000 + (1${up#*.} - 100) * 10))
+  UPTIME_MS=$((${up%.*} * 1000 + (1${up#*.} - 100) * 10))
+}
+
+# uptime_ms: prints the test host's uptime in milliseconds (read_uptime_ms).
+uptime_ms() {
+  read_uptime_ms
+  echo "$UPTIME_MS"
 }
 
 # msix_table_size BDF: the MSI-X table size of device BDF, read from its config space by walking
